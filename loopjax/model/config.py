@@ -1,0 +1,108 @@
+"""Architecture description of the looped denoiser, validated before anything compiles.
+
+`ModelConfig` is a frozen dataclass so Flax modules can hold it as a static attribute. It is built
+from the `model` section of an ml_collections experiment config with `ModelConfig.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
+MLP_TYPES = ("gelu", "swiglu")
+ATTENTION_IMPLS = ("xla", "cudnn")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static description of the denoiser.
+
+  Layers are split into head `[0, loop_start)`, looped block `[loop_start, loop_end)` and tail
+  `[loop_end, num_layers)`. `loop_start == loop_end` means no looped block (a plain MDM).
+  The input vocabulary has `vocab_size + 1` ids; id `vocab_size` is `[MASK]`. The head outputs
+  `vocab_size` logits, so the mask is never predicted.
+  """
+
+  vocab_size: int = 256
+  max_length: int = 128
+  width: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  mlp_ratio: float = 4.0
+  mlp_type: str = "gelu"
+  dropout: float = 0.0
+  time_conditioning: bool = False
+  cond_dim: int = 128
+  loop_start: int = 0
+  loop_end: int = 0
+  max_loops: int = 1  # S_max: static length of the loop scan; S <= max_loops at run time.
+  grad_last_k: int = 0  # >0: gradient only through the last k loop iterations.
+  loop_inject: bool = False  # add the head output back at the start of every loop iteration.
+  loop_embedding: bool = False  # learned per-iteration embedding added before each iteration.
+  dtype: str = "float32"  # compute dtype; parameters stay float32.
+  remat: str = "none"
+  attention_impl: str = "xla"
+  rope_base: float = 10000.0
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"model: unknown config field(s) {unknown}; known fields: {sorted(names)}")
+    cfg = cls(**dict(d))
+    cfg.validate()
+    return cfg
+
+  @property
+  def mask_id(self) -> int:
+    return self.vocab_size
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+  @property
+  def mlp_dim(self) -> int:
+    return int(round(self.width * self.mlp_ratio))
+
+  @property
+  def looped(self) -> bool:
+    return self.loop_end > self.loop_start
+
+  @property
+  def block_layers(self) -> int:
+    return self.loop_end - self.loop_start
+
+  def executed_depth(self, loops: int) -> int:
+    """Number of transformer layers executed for `loops` iterations of the block."""
+    return self.num_layers + self.block_layers * (loops - 1) if self.looped else self.num_layers
+
+  def validate(self) -> None:
+    def bad(field, msg):
+      raise ValueError(f"model.{field}: {msg}")
+
+    for field in ("vocab_size", "max_length", "width", "num_layers", "num_heads", "cond_dim"):
+      if int(getattr(self, field)) < 1:
+        bad(field, f"must be >= 1, got {getattr(self, field)}")
+    if self.width % self.num_heads:
+      bad("num_heads", f"{self.num_heads} heads do not divide width {self.width}")
+    if self.head_dim % 2:
+      bad("num_heads", f"head dim {self.head_dim} must be even for RoPE")
+    if not 0 <= self.loop_start <= self.loop_end <= self.num_layers:
+      bad("loop_start", f"looped block [{self.loop_start}, {self.loop_end}) must lie inside "
+          f"[0, {self.num_layers}] with loop_start <= loop_end")
+    if self.max_loops < 1:
+      bad("max_loops", f"S_max must be >= 1, got {self.max_loops}")
+    if self.grad_last_k < 0:
+      bad("grad_last_k", f"must be >= 0, got {self.grad_last_k}")
+    if not 0.0 <= self.dropout < 1.0:
+      bad("dropout", f"must be in [0, 1), got {self.dropout}")
+    if self.mlp_ratio <= 0:
+      bad("mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+    for field, allowed in (("mlp_type", MLP_TYPES), ("remat", REMAT_POLICIES),
+                           ("attention_impl", ATTENTION_IMPLS), ("dtype", DTYPES)):
+      if getattr(self, field) not in allowed:
+        bad(field, f"{getattr(self, field)!r} is not one of {allowed}")

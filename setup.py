@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="loopjax",
+    version="0.1.0",
+    description="Looped masked diffusion language models (LoopMDM) in JAX/Flax",
+    python_requires=">=3.11",
+    packages=find_packages(include=["loopjax", "loopjax.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "tensorflow-datasets>=4.9",
+        "importlib_resources",
+        "ml-collections>=1.0",
+        "tensorboardX>=2.6",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "pyarrow",
+        "matplotlib",
+        "numpy",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["loopjax=loopjax.cli:main"]},
+)
