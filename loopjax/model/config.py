@@ -45,6 +45,7 @@ class ModelConfig:
   remat: str = "none"
   attention_impl: str = "xla"
   rope_base: float = 10000.0
+  scan_unroll: bool = False  # unroll layer/loop scans (exact XLA cost analysis; slower compile).
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":

@@ -1,0 +1,255 @@
+"""The looped MDLM denoiser: head stack, weight-shared looped block, tail stack, output head.
+
+    h = head(embed(x_t));  h = block(h) repeated S times (one set of weights);  logits = tail(h)
+
+`S` (`loops`) may be a traced integer: the loop is an `nn.scan` of static length `max_loops` whose
+body runs the block under `nn.cond(i < S)`, so one compiled program serves every S <= S_max and
+its cost follows S. The plain MDM, the deeper MDM and uniform looping are configurations of this
+one module (no looped block; more layers; block = every layer).
+
+The same code returns, on request, the hidden state after every loop iteration and the attention
+probabilities of every layer (`collect=True`), used by adaptive loops and the attention analysis.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from loopjax.model.config import ModelConfig
+from loopjax.model.layers import Block, adaln_modulation, compute_dtype, dense_init, layer_norm
+
+Array = jax.Array
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+}
+
+
+def _block_class(cfg: ModelConfig):
+  if cfg.remat == "none":
+    return Block
+  # Block(x, c, mask, train, return_probs): train and return_probs are Python flags.
+  return nn.remat(Block, policy=_REMAT[cfg.remat], prevent_cse=False, static_argnums=(4, 5))
+
+
+class _ScanLayer(nn.Module):
+  """Block with the (carry, *broadcast) -> (carry, ys) signature nn.scan wants."""
+
+  cfg: ModelConfig
+  train: bool
+  collect: bool
+
+  @nn.compact
+  def __call__(self, x_BxLxD, c_BxC, mask_Bx1xLxL):
+    return _block_class(self.cfg)(self.cfg, name="layer")(
+        x_BxLxD, c_BxC, mask_Bx1xLxL, self.train, self.collect)
+
+
+class Stack(nn.Module):
+  """`num` distinct layers with parameters stacked on a leading `layers` axis (one nn.scan)."""
+
+  cfg: ModelConfig
+  num: int
+
+  @nn.compact
+  def __call__(self, x_BxLxD, c_BxC, mask_Bx1xLxL, train: bool = False, collect: bool = False):
+    scan = nn.scan(_ScanLayer, variable_axes={"params": 0},
+                   split_rngs={"params": True, "dropout": True},
+                   in_axes=(nn.broadcast, nn.broadcast), length=self.num,
+                   metadata_params={nn.PARTITION_NAME: "layers"},
+                   unroll=self.num if self.cfg.scan_unroll else 1)
+    return scan(self.cfg, train, collect, name="scan")(x_BxLxD, c_BxC, mask_Bx1xLxL)
+
+
+class _LoopIteration(nn.Module):
+  """One loop iteration: the shared block when i < S, else h passes through unchanged."""
+
+  cfg: ModelConfig
+  train: bool
+  collect: bool
+  static_full: bool  # S == number of iterations is known statically: no conditional needed.
+
+  @nn.compact
+  def __call__(self, carry, i, c_BxC, mask_Bx1xLxL):
+    cfg = self.cfg
+    h_BxLxD, h0_BxLxD, loops = carry
+    h_in = h_BxLxD
+    if cfg.grad_last_k > 0:
+      # Iterations before S - k get no gradient: cut the graph where iteration S - k starts
+      # (never at iteration 0, whose input is the head's output).
+      h_in = jnp.where((i > 0) & (i == loops - cfg.grad_last_k), jax.lax.stop_gradient(h_in), h_in)
+    if cfg.loop_inject:
+      h_in = h_in + h0_BxLxD
+    if cfg.loop_embedding:
+      table = self.param("loop_embedding", nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), ("loops", "embed")), (cfg.max_loops, cfg.width))
+      h_in = h_in + table[jnp.minimum(i, cfg.max_loops - 1)][None, None, :]
+
+    def run(mdl, h):
+      return Stack(cfg, cfg.block_layers, name="block")(h, c_BxC, mask_Bx1xLxL, self.train,
+                                                        self.collect)
+
+    def skip(mdl, h):
+      probs = None
+      if self.collect:
+        b, length = h.shape[:2]
+        probs = jnp.zeros((cfg.block_layers, b, cfg.num_heads, length, length), jnp.float32)
+      return h_BxLxD, probs
+
+    if self.is_initializing() or self.static_full:
+      h_out, probs = run(self, h_in)
+    else:
+      h_out, probs = nn.cond(i < loops, run, skip, self, h_in)
+    return (h_out, h0_BxLxD, loops), ((h_out, probs) if self.collect else None)
+
+
+class Loop(nn.Module):
+  """The looped block: one copy of its weights, applied `loops` times (traced or static)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BxLxD, c_BxC, mask_Bx1xLxL, loops, train: bool = False,
+               collect: bool = False, start: Any = 0, length: int | None = None,
+               h0_BxLxD: Array | None = None):
+    """Runs iterations start .. start+length-1 (default all S_max), the first `loops` of them.
+
+    Returns (h, ys); ys = (hidden after each iteration, attention probs) when `collect`.
+    `h0` is the head output re-injected by `loop_inject` (default: the input h).
+    """
+    cfg = self.cfg
+    length = cfg.max_loops if length is None else length
+    static_full = isinstance(loops, int) and isinstance(start, int) and loops >= start + length
+    scan = nn.scan(_LoopIteration, variable_broadcast="params",
+                   split_rngs={"params": False, "dropout": True},
+                   in_axes=(0, nn.broadcast, nn.broadcast), length=length,
+                   unroll=length if cfg.scan_unroll else 1)
+    iters = jnp.asarray(start, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
+    h0_BxLxD = h_BxLxD if h0_BxLxD is None else h0_BxLxD
+    carry = (h_BxLxD, h0_BxLxD, jnp.asarray(loops, jnp.int32))
+    (h_BxLxD, _, _), ys = scan(cfg, train, collect, static_full, name="scan")(
+        carry, iters, c_BxC, mask_Bx1xLxL)
+    return h_BxLxD, ys
+
+
+class TimeEmbedding(nn.Module):
+  """Sinusoidal features of t -> MLP -> SiLU, as MDLM's TimestepEmbedder."""
+
+  cond_dim: int
+  freq_dim: int = 256
+
+  @nn.compact
+  def __call__(self, t_B):
+    half = self.freq_dim // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t_B.astype(jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    init = lambda axes: nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
+    emb = nn.Dense(self.cond_dim, kernel_init=init((None, "cond")), name="fc1")(emb)
+    emb = nn.Dense(self.cond_dim, kernel_init=init(("cond", "cond")), name="fc2")(nn.silu(emb))
+    return nn.silu(emb)
+
+
+class OutputLayer(nn.Module):
+  """Final adaLN-modulated norm and the untied head producing V logits (no [MASK] output)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BxLxD, c_BxC):
+    cfg, dt = self.cfg, compute_dtype(self.cfg)
+    shift, scale = adaln_modulation(c_BxC, 2, cfg.width, "adaln")
+    h = layer_norm(dt, "norm")(h_BxLxD) * (1 + scale) + shift
+    logits = nn.Dense(cfg.vocab_size, dtype=dt, name="proj",
+                      kernel_init=dense_init(("embed", "vocab")),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))(
+                          h.astype(dt))
+    return logits.astype(jnp.float32)
+
+
+class LoopedTransformer(nn.Module):
+  """MDLM-style bidirectional denoiser with an optional weight-shared looped block."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = nn.Embed(cfg.vocab_size + 1, cfg.width, embedding_init=nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), ("vocab", "embed")))
+    self.time_embed = TimeEmbedding(cfg.cond_dim)
+    head_n = cfg.loop_start if cfg.looped else cfg.num_layers
+    tail_n = cfg.num_layers - cfg.loop_end if cfg.looped else 0
+    self.head = Stack(cfg, head_n) if head_n else None
+    self.loop = Loop(cfg) if cfg.looped else None
+    self.tail = Stack(cfg, tail_n) if tail_n else None
+    self.output = OutputLayer(cfg)
+
+  def __call__(self, tokens_BxL: Array, loops: Any = 1, t_B: Array | None = None,
+               segment_ids_BxL: Array | None = None, *, train: bool = False,
+               collect: bool = False):
+    """Logits B x L x V (float32), or (logits, aux) when `collect`.
+
+    `loops` is S: a Python int or a traced int32 scalar, 1 <= S (S <= max_loops at training;
+    `apply_loops` runs any S). aux: `loop_hiddens_SxBxLxD` (hidden state after each of the S_max
+    iterations; iterations >= S repeat the last one) and `attn` with layers x B x H x L x L
+    probabilities per stack (`head`, `loop` with a leading S_max axis, zeros for iterations >= S,
+    `tail`).
+    """
+    h, c, mask, head_probs = self.encode(tokens_BxL, t_B, segment_ids_BxL, train=train,
+                                         collect=collect)
+    aux = {"attn": {"head": head_probs, "loop": None, "tail": None}}
+    if self.loop is not None:
+      h, ys = self.loop(h, c, mask, loops, train, collect)
+      if collect:
+        aux["loop_hiddens_SxBxLxD"], aux["attn"]["loop"] = ys
+    logits, aux["attn"]["tail"] = self.decode(h, c, mask, train=train, collect=collect)
+    return (logits, aux) if collect else logits
+
+  # encode / loop_chunk / decode are the same pieces `__call__` uses, callable on their own
+  # through `model.apply(params, ..., method=...)` by samplers that drive the loop themselves.
+
+  def encode(self, tokens_BxL, t_B=None, segment_ids_BxL=None, *, train=False, collect=False):
+    """Embedding + head layers. Returns (h, c, attention mask, head attention probs)."""
+    cfg = self.cfg
+    if tokens_BxL.shape[1] > cfg.max_length:
+      raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds model.max_length "
+                       f"{cfg.max_length}")
+    b, length = tokens_BxL.shape
+    if not cfg.time_conditioning or t_B is None:
+      t_B = jnp.zeros((b,), jnp.float32)  # MDLM feeds a constant when conditioning is off.
+    c_BxC = self.time_embed(t_B)
+    if segment_ids_BxL is None:
+      mask_Bx1xLxL = jnp.ones((b, 1, length, length), bool)
+    else:
+      same = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+      # Padding (segment 0) attends only to itself, so no softmax row is empty.
+      eye = jnp.eye(length, dtype=bool)[None]
+      mask_Bx1xLxL = ((same & (segment_ids_BxL[:, None, :] > 0)) | eye)[:, None]
+    h = self.embed(tokens_BxL).astype(jnp.float32)
+    probs = None
+    if self.head is not None:
+      h, probs = self.head(h, c_BxC, mask_Bx1xLxL, train, collect)
+    return h, c_BxC, mask_Bx1xLxL, probs
+
+  def loop_chunk(self, h_BxLxD, h0_BxLxD, c_BxC, mask_Bx1xLxL, start, length: int):
+    """Iterations start .. start+length-1 of the looped block, all executed (inference)."""
+    if self.loop is None:
+      return h_BxLxD
+    h, _ = self.loop(h_BxLxD, c_BxC, mask_Bx1xLxL, 1 << 30, False, False, start, length,
+                     h0_BxLxD)
+    return h
+
+  def decode(self, h_BxLxD, c_BxC, mask_Bx1xLxL, *, train=False, collect=False):
+    """Tail layers, final norm and output head. Returns (logits, tail attention probs)."""
+    probs = None
+    if self.tail is not None:
+      h_BxLxD, probs = self.tail(h_BxLxD, c_BxC, mask_Bx1xLxL, train, collect)
+    return self.output(h_BxLxD, c_BxC), probs

@@ -1,0 +1,159 @@
+"""The looped denoiser: loops equal repeated layers, one compile for every S, shapes, errors."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from loopjax.model import LoopedTransformer, ModelConfig, count_params
+
+TINY = dict(vocab_size=11, max_length=16, width=32, num_layers=4, num_heads=4, cond_dim=16)
+
+
+def _loop_cfg(**kw):
+  return ModelConfig(**{**TINY, "loop_start": 1, "loop_end": 3, "max_loops": 5, **kw})
+
+
+def _init(cfg, seed=0, batch=2, length=16):
+  model = LoopedTransformer(cfg)
+  x = jax.random.randint(jax.random.PRNGKey(seed + 1), (batch, length), 0, cfg.vocab_size + 1)
+  params = nn.unbox(model.init(jax.random.PRNGKey(seed), x, 1)["params"])
+  # adaLN gates start at zero (blocks are the identity at init); randomise every parameter so
+  # the comparisons below are not between identity maps.
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 7), len(leaves))
+  leaves = [l + 0.2 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]
+  return model, jax.tree_util.tree_unflatten(tree, leaves), x
+
+
+def _unrolled_params(params, loops):
+  """Parameters of a plain MDM with head + block*S + tail layers stacked in execution order."""
+  stacks = [params["head"]["scan"]["layer"]]
+  stacks += [params["loop"]["scan"]["block"]["scan"]["layer"]] * loops
+  stacks += [params["tail"]["scan"]["layer"]]
+  layers = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, 0), *stacks)
+  rest = {k: v for k, v in params.items() if k not in ("head", "loop", "tail")}
+  return {**rest, "head": {"scan": {"layer": layers}}}
+
+
+@pytest.mark.parametrize("loops", [1, 2, 5])
+def test_looped_equals_block_applied_by_hand(loops):
+  cfg = _loop_cfg()
+  model, params, x = _init(cfg)
+  got = jax.jit(lambda p, x, s: model.apply({"params": p}, x, s))(params, x, loops)
+  plain = ModelConfig(**{**TINY, "num_layers": cfg.executed_depth(loops)})
+  want = LoopedTransformer(plain).apply({"params": _unrolled_params(params, loops)}, x)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_loop_hiddens_follow_iterations():
+  cfg = _loop_cfg()
+  model, params, x = _init(cfg)
+  _, aux = model.apply({"params": params}, x, 3, collect=True)
+  hid = aux["loop_hiddens_SxBxLxD"]
+  assert hid.shape == (5, 2, 16, 32)
+  # Iterations beyond S leave the state unchanged; each executed one changes it.
+  np.testing.assert_array_equal(hid[2], hid[3])
+  np.testing.assert_array_equal(hid[2], hid[4])
+  assert float(jnp.abs(hid[1] - hid[0]).max()) > 1e-3
+  probs = aux["attn"]["loop"]
+  assert probs.shape == (5, 2, 2, 4, 16, 16)
+  np.testing.assert_allclose(probs[:3].sum(-1), 1.0, rtol=1e-5)
+  assert float(jnp.abs(probs[3:]).max()) == 0.0
+  # Driving the loop chunk by chunk (as adaptive samplers do) gives the same state.
+  h, c, mask, _ = model.apply({"params": params}, x, method="encode")
+  h1 = model.apply({"params": params}, h, h, c, mask, 0, 2, method="loop_chunk")
+  h1 = model.apply({"params": params}, h1, h, c, mask, 2, 1, method="loop_chunk")
+  np.testing.assert_allclose(h1, hid[2], rtol=1e-5, atol=1e-5)
+
+
+def test_param_counts_and_no_loop_axis():
+  def n_params(**kw):
+    cfg = ModelConfig(**{**TINY, **kw})
+    x = jnp.zeros((1, 8), jnp.int32)
+    return count_params(LoopedTransformer(cfg).init(jax.random.PRNGKey(0), x, 1)["params"])
+
+  mdm = n_params()
+  loop = n_params(loop_start=1, loop_end=3, max_loops=12)
+  uniform = n_params(loop_start=0, loop_end=4, max_loops=12)
+  deeper = n_params(num_layers=6)
+  assert loop == mdm == uniform
+  assert deeper > mdm
+  _, params, _ = _init(_loop_cfg(max_loops=12))
+  for leaf in jax.tree_util.tree_leaves(params["loop"]):
+    assert leaf.shape[0] == 2, "the looped block's weights are stacked per layer, never per loop"
+
+
+def test_one_compilation_for_every_loop_count():
+  cfg = _loop_cfg(max_loops=6)
+  model, params, x = _init(cfg)
+  f = jax.jit(lambda p, x, s: model.apply({"params": p}, x, s))
+  outs = [f(params, x, jnp.int32(s)) for s in range(1, 7)]
+  assert f._cache_size() == 1
+  assert not np.allclose(outs[0], outs[-1])
+
+
+def test_mask_is_never_predicted_and_segments_isolate():
+  cfg = _loop_cfg()
+  model, params, x = _init(cfg)
+  logits = model.apply({"params": params}, x, 2)
+  assert logits.shape == (2, 16, cfg.vocab_size)  # V outputs; mask id V has no logit.
+  seg = jnp.array([[1] * 8 + [2] * 8] * 2)
+  a = model.apply({"params": params}, x, 2, segment_ids_BxL=seg)
+  x2 = x.at[:, 8:].set((x[:, 8:] + 1) % cfg.vocab_size)  # change document 2 only
+  b = model.apply({"params": params}, x2, 2, segment_ids_BxL=seg)
+  np.testing.assert_allclose(a[:, :8], b[:, :8], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(a[:, 8:], b[:, 8:])
+
+
+@pytest.mark.parametrize("extra", [dict(loop_inject=True), dict(loop_embedding=True),
+                                   dict(grad_last_k=2), dict(remat="full"),
+                                   dict(mlp_type="swiglu", dtype="bfloat16"),
+                                   dict(time_conditioning=True, dropout=0.1)])
+def test_options_run_and_differentiate(extra):
+  cfg = _loop_cfg(**extra)
+  model, params, x = _init(cfg)
+
+  def loss(p, s):
+    out = model.apply({"params": p}, x, s, jnp.full((2,), 0.5), train=True,
+                      rngs={"dropout": jax.random.PRNGKey(3)})
+    return jnp.mean(out ** 2)
+
+  g = jax.jit(jax.grad(loss))(params, jnp.int32(4))
+  gb = g["loop"]["scan"]["block"]["scan"]["layer"]["mlp"]
+  assert all(np.isfinite(v).all() for v in jax.tree_util.tree_leaves(g))
+  assert float(jnp.abs(jax.tree_util.tree_leaves(gb)[0]).max()) > 0
+
+
+def test_grad_last_k_cuts_early_iterations():
+  # With k = 1 the gradient reaching the head comes only through the skip path of... nothing:
+  # the head output enters iteration 0, which is cut when S > 1, so head params get no gradient.
+  cfg = _loop_cfg(grad_last_k=1)
+  model, params, x = _init(cfg)
+  loss = lambda p, s: jnp.mean(model.apply({"params": p}, x, s) ** 2)
+  g = jax.grad(loss)(params, jnp.int32(3))
+  assert float(jnp.abs(g["head"]["scan"]["layer"]["mlp"]["wi"]["kernel"]).max()) == 0.0
+  g1 = jax.grad(loss)(params, jnp.int32(1))
+  assert float(jnp.abs(g1["head"]["scan"]["layer"]["mlp"]["wi"]["kernel"]).max()) > 0.0
+
+
+@pytest.mark.parametrize("field,kw", [
+    ("loop_start", dict(loop_start=3, loop_end=9)),
+    ("max_loops", dict(max_loops=0)),
+    ("num_heads", dict(num_heads=5)),
+    ("mlp_type", dict(mlp_type="relu6")),
+])
+def test_bad_config_names_the_field(field, kw):
+  with pytest.raises(ValueError, match=f"model.{field}"):
+    ModelConfig.from_dict({**TINY, **kw})
+
+
+def test_unknown_field_and_too_long_input():
+  with pytest.raises(ValueError, match="unknown config field"):
+    ModelConfig.from_dict({**TINY, "widht": 3})
+  cfg = ModelConfig(**TINY)
+  with pytest.raises(ValueError, match="max_length"):
+    LoopedTransformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 17), jnp.int32))
