@@ -154,7 +154,7 @@ class TimeEmbedding(nn.Module):
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     init = lambda axes: nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
     emb = nn.Dense(self.cond_dim, kernel_init=init((None, "cond")), name="fc1")(emb)
-    emb = nn.Dense(self.cond_dim, kernel_init=init(("cond", "cond")), name="fc2")(nn.silu(emb))
+    emb = nn.Dense(self.cond_dim, kernel_init=init((None, "cond")), name="fc2")(nn.silu(emb))
     return nn.silu(emb)
 
 

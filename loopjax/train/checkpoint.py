@@ -1,0 +1,95 @@
+"""Orbax checkpoints of a run: train state (params, EMA, optimizer, step, rng) and the grain
+data-iterator state, in one atomic step directory `WORKDIR/checkpoints/<step>/`.
+
+Orbax writes into a temporary directory and renames it when complete, so a step directory that
+exists is complete; one whose files were damaged later is detected at restore, reported, and the
+previous step is used instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger("loopjax")
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        handler_registry=_registry())
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state, data_iter) -> None:
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=grain.checkpoint.CheckpointSave(data_iter))
+    self.manager.save(step, args=args, force=True)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def restore_latest(self, abstract_state, data_iter) -> tuple[Any, int] | None:
+    """Restores the newest readable checkpoint; skips damaged ones with a warning.
+
+    Returns (state, step) or None when there is no checkpoint. `abstract_state` holds
+    jax.ShapeDtypeStruct leaves with shardings (the restore target layout, any mesh).
+    """
+    steps = self.steps()
+    errors = []
+    for step in reversed(steps):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(data_iter)))
+        if errors:
+          log.warning("using checkpoint %d instead", step)
+        return restored["state"], step
+      except Exception as e:  # damaged files surface as many different exception types
+        if _is_incompatible(e):
+          raise ValueError(
+              f"checkpoint {step} in {self.directory} does not match this model/optimizer "
+              f"(another architecture?): {_first_line(e)}. Use a new --workdir or the "
+              "config the run was started with.") from e
+        log.warning("checkpoint %d in %s is unreadable, skipping it: %s", step, self.directory,
+                    _first_line(e))
+        errors.append((step, e))
+    if errors:
+      raise RuntimeError(f"no readable checkpoint in {self.directory}: tried steps "
+                         f"{[s for s, _ in errors]}") from errors[0][1]
+    return None
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _registry():
+  reg = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  reg.add("state", ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+  reg.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+  reg.add("data", grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointHandler)
+  reg.add("data", grain.checkpoint.CheckpointRestore, grain.checkpoint.CheckpointHandler)
+  return reg
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _is_incompatible(e: Exception) -> bool:
+  text = str(e).lower()
+  return any(s in text for s in ("shape", "tree structure", "dict key mismatch",
+                                 "missing key", "do not match", "mismatch"))

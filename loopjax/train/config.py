@@ -1,0 +1,83 @@
+"""The experiment config: every section and key with its default, and its validation.
+
+Experiment files in `experiments/` start from `base_config()` and change what they need; a key
+that is not here is an error (ml_collections refuses unknown override keys), so typos fail fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from loopjax.data import data_vocab_size, default_data_config
+from loopjax.diffusion import make_schedule
+from loopjax.model import LoopDistribution, ModelConfig
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  model = dataclasses.asdict(ModelConfig())
+  model.pop("max_loops")  # derived from loops.train (S_max)
+  c.model = model
+  c.loops = dict(
+      train="fixed:1",  # S per step: fixed:S | uniform:LO:HI | table:p1,p2,...
+      eval=0,           # S for held-out NELBO during training; 0 = S_max
+  )
+  c.diffusion = dict(schedule="linear", exponent=1.0, eps=1e-3, antithetic=True)
+  c.data = default_data_config()
+  c.train = dict(
+      steps=1000, batch_size=32, seed=0,
+      lr=1e-3, lr_schedule="cosine", warmup_steps=100, min_lr_ratio=0.1,
+      weight_decay=0.01, b1=0.9, b2=0.98, adam_eps=1e-8, clip_norm=1.0,
+      ema_decay=0.999, grad_accum=1,
+      log_every=50, checkpoint_every=500, keep_checkpoints=3, async_checkpoints=True,
+      eval_every=500, eval_batches=4, eval_time_points=8, eval_params="ema",
+      on_nonfinite="error",  # error: stop with a message | skip: leave the state unchanged
+  )
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.eval = dict(  # end-of-run task evaluation (built-in tasks)
+      examples=64, steps=0, loops=0,  # steps 0: one token per step; loops 0: S_max
+  )
+  return c
+
+
+def model_config(config) -> ModelConfig:
+  """ModelConfig of an experiment (S_max from loops.train), validated."""
+  dist = LoopDistribution.parse(config.loops.train)
+  fields = dict(config.model)
+  return ModelConfig.from_dict({**fields, "max_loops": dist.max_loops})
+
+
+def validate(config) -> None:
+  """Checks everything that can be checked without devices or data files; raises ValueError."""
+  model = model_config(config)
+  make_schedule(config.diffusion)
+  t = config.train
+  positive = ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+              "eval_every", "grad_accum", "eval_time_points")
+  for key in positive:
+    if int(t[key]) < 1:
+      raise ValueError(f"train.{key} must be >= 1, got {t[key]}")
+  if t.batch_size % t.grad_accum:
+    raise ValueError(f"train.batch_size {t.batch_size} is not divisible by train.grad_accum "
+                     f"{t.grad_accum}")
+  if t.lr_schedule not in ("constant", "cosine"):
+    raise ValueError(f"train.lr_schedule must be 'constant' or 'cosine', got {t.lr_schedule!r}")
+  if t.on_nonfinite not in ("error", "skip"):
+    raise ValueError(f"train.on_nonfinite must be 'error' or 'skip', got {t.on_nonfinite!r}")
+  if t.eval_params not in ("ema", "raw"):
+    raise ValueError(f"train.eval_params must be 'ema' or 'raw', got {t.eval_params!r}")
+  if not 0.0 <= t.ema_decay < 1.0:
+    raise ValueError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+  if config.data.seq_len > model.max_length:
+    raise ValueError(f"data.seq_len {config.data.seq_len} exceeds model.max_length "
+                     f"{model.max_length}")
+  need = data_vocab_size(config.data)
+  if need > model.vocab_size:
+    raise ValueError(f"the data's token ids go up to {need - 1} but model.vocab_size is "
+                     f"{model.vocab_size}: set model.vocab_size >= {need}")
+  if config.loops.eval < 0:
+    raise ValueError(f"loops.eval must be >= 0 (0 = S_max), got {config.loops.eval}")
+  if model.looped and config.loops.eval > model.max_loops:
+    raise ValueError(f"loops.eval {config.loops.eval} exceeds S_max {model.max_loops}")

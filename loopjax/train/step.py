@@ -1,0 +1,102 @@
+"""The jitted train and eval steps.
+
+Per step, from `fold_in(state.rng, step)`: the loop count S (one for the whole global batch),
+antithetic times, the forward masking and dropout. The update is skipped (state unchanged but
+the step counter) when the loss or gradient is not finite; the trainer decides whether that is
+an error.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from loopjax.diffusion import (Schedule, diffusion_loss, mask_tokens, nelbo_on_grid,
+                               sample_times)
+from loopjax.model import LoopDistribution, LoopedTransformer
+from loopjax.train.state import TrainState
+
+
+def _tree_where(pred, a, b):
+  return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def make_train_step(model: LoopedTransformer, tx: optax.GradientTransformation,
+                    schedule: Schedule, loop_dist: LoopDistribution, *, antithetic: bool,
+                    ema_decay: float, grad_accum: int, lr_fn):
+  mask_id = model.cfg.mask_id
+
+  def micro_grads(params, batch, rngs, loops):
+    r_t, r_mask, r_drop = rngs
+    tokens = batch["tokens"]
+    t_B = sample_times(r_t, tokens.shape[0], antithetic=antithetic, eps=schedule.eps)
+    x_t, masked = mask_tokens(r_mask, tokens, schedule.alpha(t_B), mask_id, batch["fixed"])
+
+    def nelbo_sum(p):
+      logits = model.apply({"params": p}, x_t, loops, t_B, batch["segment_ids"], train=True,
+                           rngs={"dropout": r_drop})
+      out = diffusion_loss(logits, tokens, masked, t_B, schedule, batch["loss_mask"])
+      return out["nelbo_sum"], out
+
+    return jax.grad(nelbo_sum, has_aux=True)(params)
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    r_loops, r_t, r_mask, r_drop = jax.random.split(rng, 4)
+    loops = loop_dist.sample(r_loops)
+    if grad_accum == 1:
+      grads, out = micro_grads(state.params, batch, (r_t, r_mask, r_drop), loops)
+      nelbo, tokens, masked_frac = out["nelbo_sum"], out["num_tokens"], out["masked_fraction"]
+    else:
+      micro = jax.tree_util.tree_map(
+          lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
+
+      def body(acc, i_batch):
+        i, mb = i_batch
+        rngs = tuple(jax.random.fold_in(r, i) for r in (r_t, r_mask, r_drop))
+        g, out = micro_grads(state.params, mb, rngs, loops)
+        acc = jax.tree_util.tree_map(jnp.add, acc, (g, out["nelbo_sum"], out["num_tokens"],
+                                                    out["masked_fraction"]))
+        return acc, None
+
+      zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.params), 0.0, 0.0, 0.0)
+      (grads, nelbo, tokens, masked_frac), _ = jax.lax.scan(
+          body, zeros, (jnp.arange(grad_accum), micro))
+      masked_frac = masked_frac / grad_accum
+    # The loss is NELBO nats per scored token over the whole global batch.
+    denom = jnp.maximum(tokens, 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+    loss = nelbo / denom
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                                 state.ema_params, params)
+    new = state.replace(step=state.step + 1,
+                        params=_tree_where(finite, params, state.params),
+                        ema_params=_tree_where(finite, ema, state.ema_params),
+                        opt_state=_tree_where(finite, opt_state, state.opt_state))
+    metrics = dict(loss=loss, bits_per_token=loss / jnp.log(2.0), loops=loops,
+                   grad_norm=grad_norm, lr=lr_fn(state.step), finite=finite,
+                   masked_fraction=masked_frac, scored_tokens=tokens)
+    return new, metrics
+
+  return train_step
+
+
+def make_eval_step(model: LoopedTransformer, schedule: Schedule, grid):
+  """Held-out NELBO sums on a fixed time grid (low variance), at a given S."""
+  mask_id = model.cfg.mask_id
+
+  def eval_step(params, batch, loops, rng):
+    logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, loops, t_B,
+                                             batch["segment_ids"])
+    out = nelbo_on_grid(logits_fn, rng, batch["tokens"], schedule, mask_id, grid,
+                        fixed=batch["fixed"], loss_mask=batch["loss_mask"])
+    return {"nelbo_sum": out["nelbo_sum"], "num_tokens": out["num_tokens"]}
+
+  return eval_step
