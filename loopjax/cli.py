@@ -18,14 +18,21 @@ USAGE = __doc__.split("\n\n")[1]
 
 def load_config(spec: str, overrides=()):
   """Loads `path.py[:variant]` and applies `--config.a.b=value` overrides (unknown key: error)."""
+  import os
+
   from absl import flags
   from ml_collections import config_flags
 
+  path = spec.split(":", 1)[0]
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} not found (expected path.py[:variant])")
   fv = flags.FlagValues()
+  argv = ["loopjax", f"--config={spec}", *overrides]
+  # ml_collections defines one override flag per `--config.x` it finds in sys_argv.
   config_flags.DEFINE_config_file("config", None, "experiment file", flag_values=fv,
-                                  lock_config=True)
+                                  lock_config=True, sys_argv=argv)
   try:
-    fv(["loopjax", f"--config={spec}", *overrides])
+    fv(argv)
   except flags.Error as e:
     raise ValueError(f"bad config or override: {e}") from None
   except (KeyError, AttributeError) as e:
@@ -76,8 +83,8 @@ def _train(argv) -> int:
 
 
 def _flops(argv) -> int:
-  from loopjax import flops
-  return flops.flops_main(argv)
+  from loopjax.flops_cli import flops_main
+  return flops_main(argv)
 
 
 def _spm_train(argv) -> int:

@@ -44,7 +44,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       # arithmetic
       max_digits=3, ops="+",    # ops: any of "+", "+-", "+-*"
       # text (local files)
-      paths=[],                 # .txt / .jsonl / .parquet
+      paths="",                 # comma-separated .txt / .jsonl / .parquet files (or a list)
       text_field="text",        # jsonl field / parquet column / TFDS feature
       txt_split="paragraph",    # .txt documents: "paragraph" (blank-line separated) | "line"
       tokenizer="byte",         # byte | sentencepiece:PATH.model | hf:PATH/tokenizer.json
@@ -127,7 +127,8 @@ def _documents(c: SimpleNamespace, *, train: bool):
     src = tfds_source.open_tfds_source(c.name, split=split, data_dir=c.data_dir,
                                        download=c.download)
     return tfds_source.TfdsDocuments(src, c.text_field, name=c.name)
-  docs = text.read_documents(list(c.paths), text_field=c.text_field, txt_split=c.txt_split)
+  paths = [p for p in c.paths.split(",") if p] if isinstance(c.paths, str) else list(c.paths)
+  docs = text.read_documents(paths, text_field=c.text_field, txt_split=c.txt_split)
   train_idx, heldout_idx = heldout.split_documents(len(docs), c.eval_examples)
   return [docs[i] for i in (train_idx if train else heldout_idx)]
 

@@ -11,6 +11,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from loopjax.model.config import ModelConfig
 
@@ -64,6 +65,8 @@ class Attention(nn.Module):
         cfg.width, axis=(-2, -1), use_bias=False, dtype=dt,
         kernel_init=dense_init(("heads", "kv", "embed")), name="out")(out_BxLxHxK)
     out_BxLxD = nn.Dropout(cfg.dropout)(out_BxLxD, deterministic=not train)
+    # The remat policy "save_attn_out" keeps this and recomputes the rest.
+    out_BxLxD = checkpoint_name(out_BxLxD, "attn_out")
     return out_BxLxD, (probs if return_probs else None)
 
 

@@ -70,6 +70,13 @@ class Checkpointer:
                          f"{[s for s, _ in errors]}") from errors[0][1]
     return None
 
+  def restore_state(self, abstract_state, step: int | None = None) -> tuple[Any, int]:
+    """Restores only the train state (no data iterator) of `step` (default: newest)."""
+    step = self.steps()[-1] if step is None else step
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    return restored["state"], step
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()

@@ -19,6 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   model = dataclasses.asdict(ModelConfig())
   model.pop("max_loops")  # derived from loops.train (S_max)
+  model["vocab_size"] = 0  # 0: the data's vocabulary (tokenizer or built-in task)
   c.model = model
   c.loops = dict(
       train="fixed:1",  # S per step: fixed:S | uniform:LO:HI | table:p1,p2,...
@@ -46,6 +47,8 @@ def model_config(config) -> ModelConfig:
   """ModelConfig of an experiment (S_max from loops.train), validated."""
   dist = LoopDistribution.parse(config.loops.train)
   fields = dict(config.model)
+  if fields.get("vocab_size", 0) == 0:
+    fields["vocab_size"] = data_vocab_size(config.data)
   return ModelConfig.from_dict({**fields, "max_loops": dist.max_loops})
 
 

@@ -23,7 +23,8 @@ from loopjax.parallel import mesh as mesh_lib
 from loopjax.train import config as config_lib
 from loopjax.train.checkpoint import Checkpointer
 from loopjax.train.metrics import MetricsWriter
-from loopjax.train.state import TrainState, create_state, learning_rate, make_optimizer
+from loopjax.train.state import (create_abstract_state, create_state, learning_rate,
+                                 make_optimizer)
 from loopjax.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger("loopjax")
@@ -123,20 +124,19 @@ def train(config, workdir: str) -> dict:
   example = jnp.zeros((1, config.data.seq_len), jnp.int32)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
                       async_save=t.async_checkpoints)
-  state, shardings = create_state(model, tx, example, t.seed, mesh)
   start = 0
   if ckpt.steps():
-    abstract = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-    # A fresh iterator: `first` was drawn from the old one and restore rewinds to the saved state.
+    abstract, shardings = create_abstract_state(model, tx, example, t.seed, mesh)
+    # A fresh iterator: `first` was drawn from the old one; restore rewinds to the saved state.
     data_iter.close()
     data_iter = make_train_iterator(config.data, global_batch_size=t.batch_size, seed=t.seed,
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count())
-    restored = ckpt.restore_latest(abstract, data_iter)
-    state, start = restored
+    state, start = ckpt.restore_latest(abstract, data_iter)
     first = None
     log.info("resumed %s at step %d", workdir, start)
+  else:
+    state, shardings = create_state(model, tx, example, t.seed, mesh)
 
   batch_sharding = mesh_lib.batch_sharding(mesh)
   lr_fn = learning_rate(t)

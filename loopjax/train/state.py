@@ -49,18 +49,30 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
                   weight_decay=t.weight_decay, mask=decay_mask))
 
 
-def create_state(model: nn.Module, tx: optax.GradientTransformation, example_tokens, seed: int,
-                 mesh) -> tuple[TrainState, Any]:
-  """Initialises the state directly into its shardings; returns (state, state shardings)."""
-
+def _init_fn(model, tx, example_tokens):
   def init(rng):
     params = model.init(rng, example_tokens, 1)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                       opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
+  return init
 
-  rng = jax.random.PRNGKey(seed)
-  abstract = jax.eval_shape(init, rng)
-  shardings = mesh_lib.tree_shardings(mesh, abstract)
-  state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+
+def create_abstract_state(model: nn.Module, tx: optax.GradientTransformation, example_tokens,
+                          seed: int, mesh) -> tuple[TrainState, Any]:
+  """(state of jax.ShapeDtypeStruct with shardings, state shardings): a restore target."""
+  boxed = jax.eval_shape(_init_fn(model, tx, example_tokens), jax.random.PRNGKey(seed))
+  shardings = mesh_lib.tree_shardings(mesh, boxed)
+  abstract = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
+      shardings)
+  return abstract, shardings
+
+
+def create_state(model: nn.Module, tx: optax.GradientTransformation, example_tokens, seed: int,
+                 mesh) -> tuple[TrainState, Any]:
+  """Initialises the state directly into its shardings; returns (state, state shardings)."""
+  init = _init_fn(model, tx, example_tokens)
+  _, shardings = create_abstract_state(model, tx, example_tokens, seed, mesh)
+  state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(jax.random.PRNGKey(seed))
   return state, shardings

@@ -1,0 +1,145 @@
+"""`loopjax flops --config A [--match B] [--json]`: parameters, FLOPs and FLOP matching of
+experiment configs (the numbers come from loopjax.flops)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from loopjax.flops import (_depth, as_loop_distribution, executed_depth_params_for,
+                           expected_train_flops_per_step, forward_flops_per_token,
+                           layer_flops_per_seq, matched_depth, matched_steps, param_counts,
+                           train_flops_per_step)
+
+
+def load_experiment(spec: str):
+  """`path.py[:variant]` -> the experiment's ConfigDict (same loader as `loopjax train`)."""
+  from loopjax.cli import load_config
+  return load_config(spec)
+
+
+def _get(cfg, dotted: str, default: Any = None):
+  node = cfg
+  for key in dotted.split("."):
+    try:
+      node = node[key]
+    except (KeyError, TypeError, AttributeError):
+      return default
+  return node
+
+
+def experiment_summary(config) -> dict[str, Any]:
+  """The FLOP/parameter numbers of one experiment config (sections model, loops, data, train)."""
+  from loopjax.train.config import model_config
+  if _get(config, "model") is None:
+    raise ValueError("config has no 'model' section")
+  cfg = model_config(config)  # S_max from loops.train, vocabulary from the data if 0
+  spec = _get(config, "loops.train") or "fixed:1"
+  dist = as_loop_distribution(spec)
+  length = int(_get(config, "data.seq_len", cfg.max_length))
+  batch = int(_get(config, "train.batch_size", 1))
+  steps = _get(config, "train.steps")
+  exp_s = dist.expected if cfg.looped else 1.0
+  s_max = cfg.max_loops if cfg.looped else 1
+  per_step = expected_train_flops_per_step(cfg, length, batch, dist)
+  out = {
+      "params": param_counts(cfg)["total"],
+      "loops_spec": spec,
+      "expected_loops": exp_s,
+      "max_loops": s_max,
+      "seq_len": length,
+      "batch_size": batch,
+      "steps": None if steps is None else int(steps),
+      "executed_depth_expected": _depth(cfg, exp_s),
+      "executed_depth_max": cfg.executed_depth(s_max),
+      "executed_depth_params_max": executed_depth_params_for(cfg, s_max),
+      "layer_flops_per_seq": layer_flops_per_seq(cfg, length),
+      "forward_flops_per_token": forward_flops_per_token(cfg, length, exp_s),
+      "train_flops_per_token": per_step / (batch * length),
+      "flops_per_step": per_step,
+      "flops_per_step_max_loops": train_flops_per_step(cfg, length, batch, s_max),
+      "total_train_flops": None if steps is None else per_step * int(steps),
+  }
+  out["_cfg"], out["_dist"] = cfg, dist
+  return out
+
+
+def _fmt(x: float | None) -> str:
+  if x is None:
+    return "-"
+  if float(x).is_integer() and abs(x) < 1e10:  # counts: params, steps
+    return f"{int(x):,}"
+  return f"{x:.4g}"
+
+
+def flops_main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="loopjax flops",
+      description="Parameters, FLOPs per token/step and FLOP matching of experiment configs.")
+  parser.add_argument("--config", required=True, help="experiment file path.py[:variant]")
+  parser.add_argument("--match", help="path.py[:variant] whose total training FLOPs A must match")
+  parser.add_argument("--json", action="store_true", help="print one JSON object")
+  args = parser.parse_args(argv)
+
+  a = experiment_summary(load_experiment(args.config))
+  result = {k: v for k, v in a.items() if not k.startswith("_")}
+  result["config"] = args.config
+  md, md_int = matched_depth(a["_cfg"], a["_dist"], a["seq_len"])
+  result["matched_depth"], result["matched_depth_rounded"] = md, md_int
+  if args.match:
+    b = experiment_summary(load_experiment(args.match))
+    if b["seq_len"] != a["seq_len"]:
+      raise ValueError(f"--match: sequence lengths differ ({a['seq_len']} vs {b['seq_len']})")
+    if b["steps"] is None:
+      raise ValueError("--match: the matched config has no train.steps")
+    steps_a = matched_steps(a["_cfg"], a["_dist"], b["_cfg"], b["_dist"], b["steps"],
+                            a["seq_len"], a["batch_size"], b["batch_size"])
+    result["match"] = {
+        "config": args.match,
+        "params": b["params"],
+        "flops_per_step": b["flops_per_step"],
+        "steps": b["steps"],
+        "total_train_flops": b["total_train_flops"],
+        "per_step_ratio": a["flops_per_step"] / b["flops_per_step"],
+        "steps_to_match": steps_a,
+        "steps_to_match_rounded": int(round(steps_a)),
+    }
+
+  if args.json:
+    print(json.dumps(result, sort_keys=True))
+    return 0
+  rows = [
+      ("config", args.config),
+      ("parameters (unique)", _fmt(result["params"])),
+      ("params of a plain model at S_max depth", _fmt(result["executed_depth_params_max"])),
+      ("loops (train)", f"{result['loops_spec']}  E[S]={result['expected_loops']:.3g}  "
+                        f"S_max={result['max_loops']}"),
+      ("executed depth at E[S] / S_max",
+       f"{result['executed_depth_expected']:.3g} / {result['executed_depth_max']}"),
+      ("seq_len x batch", f"{result['seq_len']} x {result['batch_size']}"),
+      ("forward FLOPs / token  (E[S])", _fmt(result["forward_flops_per_token"])),
+      ("train FLOPs / token    (E[S], 3x fwd)", _fmt(result["train_flops_per_token"])),
+      ("train FLOPs / step     (E[S])", _fmt(result["flops_per_step"])),
+      ("train FLOPs / step     (S_max)", _fmt(result["flops_per_step_max_loops"])),
+      ("steps / total train FLOPs", f"{_fmt(result['steps'])} / "
+                                    f"{_fmt(result['total_train_flops'])}"),
+      ("compute-matched plain depth", f"{md:.2f} (~{md_int} layers)"),
+  ]
+  if args.match:
+    m = result["match"]
+    rows += [
+        ("match: config", m["config"]),
+        ("match: FLOPs / step, steps", f"{_fmt(m['flops_per_step'])}, {_fmt(m['steps'])}"),
+        ("match: per-step ratio A/B", f"{m['per_step_ratio']:.4f}"),
+        ("match: steps A needs", f"{m['steps_to_match']:.1f} (~{m['steps_to_match_rounded']:,})"),
+    ]
+  width = max(len(k) for k, _ in rows)
+  for k, v in rows:
+    print(f"{k:<{width}}  {v}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(flops_main(sys.argv[1:]))

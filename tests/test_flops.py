@@ -1,0 +1,220 @@
+"""FLOP accounting: analytic counts against what JAX/XLA compile, FLOP matching, params, CLI.
+
+Two independent references for the analytic count:
+* `jaxpr_dot_flops` sums every dot_general JAX emits: it must equal the analytic matmul count
+  exactly for the forward pass (and 3x it, up to the tiny work JAX's AD skips, for a train step).
+* XLA's `cost_analysis` counts all ops, elementwise ones too; on these width-64 configs norms,
+  softmax, GELU and RoPE add about 3-5 % on top of the matmuls, so it must lie in [1, 1.05) x.
+"""
+
+import json
+import math
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from loopjax import flops as F
+from loopjax.flops_cli import flops_main
+from loopjax.model import LoopDistribution, LoopedTransformer, ModelConfig, count_params
+
+TINY = dict(vocab_size=64, max_length=32, width=64, num_layers=4, num_heads=4, cond_dim=32,
+            scan_unroll=True)
+PLAIN = ModelConfig(**TINY)
+LOOPED = ModelConfig(**TINY, loop_start=1, loop_end=3, max_loops=3)
+SWIGLU = ModelConfig(**{**TINY, "vocab_size": 300}, mlp_type="swiglu", time_conditioning=True)
+PAPER = dict(vocab_size=50257, max_length=1024, width=768, num_layers=12, num_heads=12,
+             cond_dim=128)
+
+
+def _abstract(cfg, batch=2, length=32):
+  """Model, abstract params and tokens: cost analysis needs shapes only, nothing is run."""
+  model = LoopedTransformer(cfg)
+  x = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+  params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, 1), x)["params"]
+  return model, nn.unbox(params), x
+
+
+def _forward(model, loops):
+  return lambda p, x: model.apply({"params": p}, x, loops)
+
+
+def _train(model, loops):
+  loss = lambda p, x: jnp.mean(model.apply({"params": p}, x, loops) ** 2)
+  return lambda p, x: jax.value_and_grad(loss)(p, x)
+
+
+@pytest.mark.parametrize("cfg,loops", [(PLAIN, 1), (LOOPED, 3), (SWIGLU, 1)],
+                         ids=["mdm", "looped_S3", "swiglu_v300"])
+def test_forward_matches_jaxpr_and_xla(cfg, loops):
+  model, params, x = _abstract(cfg)
+  want = 2 * F.forward_flops_per_seq(cfg, 32, loops)
+  dots = F.jaxpr_dot_flops(_forward(model, loops), params, x)
+  assert dots == pytest.approx(want, rel=1e-9), "analytic matmul count != dot_generals in the jaxpr"
+  ratio = F.xla_flops(_forward(model, loops), params, x) / want
+  assert 1.0 <= ratio < 1.05, f"XLA/analytic = {ratio:.4f} (elementwise ops should add 0-5 %)"
+
+
+def test_train_step_is_three_forwards():
+  model, params, x = _abstract(LOOPED)
+  fwd = 2 * F.forward_flops_per_seq(LOOPED, 32, 3)
+  want = 2 * F.train_flops_per_step(LOOPED, 32, 1, 3)
+  assert want == 3 * fwd
+  # JAX's AD skips the time-MLP input gradient and hoists the loop-invariant adaLN projection
+  # out of the loop: about 0.1 % less than 3x; anything else would show here.
+  dots = F.jaxpr_dot_flops(_train(model, 3), params, x)
+  assert dots == pytest.approx(want, rel=3e-3)
+  # XLA: within the 5 % the issue asks (measured +4.7 %, all of it elementwise work), and the
+  # elementwise share the same as the forward's, so backward = 2 forwards in XLA's count too.
+  xla_train = F.xla_flops(_train(model, 3), params, x)
+  assert xla_train / want == pytest.approx(1.0, abs=0.05)
+  xla_fwd = F.xla_flops(_forward(model, 3), params, x)
+  assert xla_train / xla_fwd == pytest.approx(3.0, rel=0.01)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+def test_remat_overhead_is_the_recomputed_matmuls(remat):
+  cfg = ModelConfig(**{**TINY, "remat": remat}, loop_start=1, loop_end=3, max_loops=3)
+  model, params, x = _abstract(cfg)
+  useful = 2 * F.train_flops_per_step(cfg, 32, 1, 3)
+  extra = 2 * F.remat_overhead_flops_per_seq(cfg, 32, 3)
+  assert (extra > 0) == (remat != "dots")
+  dots = F.jaxpr_dot_flops(_train(model, 3), params, x)
+  assert dots == pytest.approx(useful + extra, rel=3e-3)
+
+
+def test_xla_needs_unrolled_scans_and_static_full_loops():
+  """Why the cross-checks use scan_unroll=True and S == max_loops (a Python int)."""
+  rolled = ModelConfig(**{**TINY, "scan_unroll": False})
+  model, params, x = _abstract(rolled)
+  want = 2 * F.forward_flops_per_seq(rolled, 32, 1)
+  # A rolled scan is a while loop; XLA counts its body once, not 4 times.
+  assert F.xla_flops(_forward(model, 1), params, x) < 0.5 * want
+  # S < max_loops keeps nn.cond in every iteration; XLA (like the jaxpr count) charges the
+  # executed branch for all 3 iterations, so a static count is only right for S == max_loops.
+  model, params, x = _abstract(LOOPED)
+  s2 = F.xla_flops(_forward(model, 2), params, x)
+  s3 = F.xla_flops(_forward(model, 3), params, x)
+  assert s2 == pytest.approx(s3, rel=0.01)
+  assert s2 > 1.2 * 2 * F.forward_flops_per_seq(LOOPED, 32, 2)
+
+
+def test_flops_linear_in_loops_with_slope_of_the_block():
+  cfg = ModelConfig(**TINY, loop_start=1, loop_end=3, max_loops=12)
+  slope = cfg.block_layers * F.layer_flops_per_seq(cfg, 32)
+  f = [F.forward_flops_per_seq(cfg, 32, s) for s in range(1, 16)]
+  assert all(b - a == slope for a, b in zip(f, f[1:]))
+  assert F.forward_flops_per_seq(cfg, 32, 1) == F.forward_flops_per_seq(
+      ModelConfig(**{**TINY, "num_layers": 4}), 32, 1)
+  # The slope as JAX sees it: compiled forwards at S = 1, 2, 3 (static, S == max_loops).
+  counts = []
+  for s in (1, 2, 3):
+    c = ModelConfig(**TINY, loop_start=1, loop_end=3, max_loops=s)
+    model, params, x = _abstract(c, batch=1)
+    counts.append(F.jaxpr_dot_flops(_forward(model, s), params, x))
+  assert counts[1] - counts[0] == counts[2] - counts[1] == slope
+  # Expectation over a distribution: honest sum == value at E[S] (linearity).
+  for spec in ("uniform:1:12", "table:1,0,3,0,0,2", "fixed:5"):
+    dist = LoopDistribution.parse(spec)
+    got = F.expected_train_flops_per_step(cfg, 32, 8, spec)
+    assert got == pytest.approx(F.train_flops_per_step(cfg, 32, 8, dist.expected), rel=1e-12)
+  with pytest.raises(ValueError, match="max_loops"):
+    F.expected_train_flops_per_step(cfg, 32, 8, "uniform:1:13")
+  assert F.inference_flops_per_sample(cfg, 32, 24, 64) == 64 * F.forward_flops_per_seq(cfg, 32, 24)
+
+
+def test_paper_flop_matching():
+  """DESIGN.md §1: F_loop = F_base + (E[S]-1) n_m F_layer; matched deeper MDM ~ 23 layers."""
+  base = ModelConfig(**PAPER)
+  loop = ModelConfig(**PAPER, loop_start=1, loop_end=3, max_loops=12)
+  L, D, F_, C, V = 1024, 768, 3072, 128, 50257
+  f_layer = 8 * L * D * D + 4 * L * L * D + 4 * L * D * F_ + 12 * C * D  # written out by hand
+  f_base = 12 * f_layer + 2 * L * D * V + 2 * 256 * C + 2 * C * C + 4 * C * D
+  f_loop = f_base + (6.5 - 1) * 2 * f_layer
+  assert F.layer_flops_per_seq(loop, L) == f_layer
+  assert 3 * 512 * f_loop == pytest.approx(
+      F.expected_train_flops_per_step(loop, L, 512, "uniform:1:12"), rel=1e-12)
+  steps = F.matched_steps(loop, "uniform:1:12", base, None, 1_000_000, L, 512, 512)
+  assert steps == pytest.approx(1_000_000 * f_base / f_loop, rel=1e-12)
+  # Golden: LoopMDM costs 1.668x the baseline per step -> ~599.5k steps for the 1M-step budget.
+  # Only legitimate to update if the architecture (and so F_layer / head share) changes.
+  assert f_loop / f_base == pytest.approx(1.6683, abs=2e-4)
+  assert F.matched_steps(loop, "uniform:1:12", base, None, 1000, L, 256, 512) == pytest.approx(
+      2 * F.matched_steps(loop, "uniform:1:12", base, None, 1000, L, 512, 512))
+  depth, rounded = F.matched_depth(loop, "uniform:1:12", L)
+  assert depth == pytest.approx(23.0) and rounded == 23
+  assert F.matched_depth(base, None, L) == (pytest.approx(12.0), 12)
+  # Same unique params as the 12-layer MDM (~170M with GPT-2 vocab).
+  assert F.param_report(loop)["unique_params"] == F.param_report(base)["unique_params"]
+  assert 165e6 < F.param_report(base)["unique_params"] < 175e6
+
+
+@pytest.mark.parametrize("kw", [
+    {}, dict(loop_start=1, loop_end=3, max_loops=4, loop_embedding=True),
+    dict(mlp_type="swiglu", mlp_ratio=2.5, time_conditioning=True, vocab_size=300)],
+    ids=["mdm", "looped_loop_emb", "swiglu"])
+def test_param_report_equals_count_params(kw):
+  cfg = ModelConfig(**{**TINY, **kw})
+  report = F.param_report(cfg)
+  assert report["unique_params"] == count_params(_abstract(cfg)[1])
+  s = cfg.max_loops
+  plain = ModelConfig(**{**TINY, **kw, "num_layers": cfg.executed_depth(s), "loop_start": 0,
+                         "loop_end": 0, "max_loops": 1, "loop_embedding": False})
+  assert report["executed_depth_params"][s] == count_params(_abstract(plain)[1])
+
+
+CONFIG_FILE = textwrap.dedent("""
+    from loopjax.train.config import base_config
+
+    def get_config(arg="loop"):
+      c = base_config()
+      c.model.update(vocab_size=64, max_length=32, width=64, num_layers=4, num_heads=4,
+                     cond_dim=32)
+      if arg == "loop":
+        c.model.update(loop_start=1, loop_end=3)
+        c.loops.train = "uniform:1:6"
+      c.data.seq_len = 32
+      c.train.batch_size, c.train.steps = 8, 1000
+      return c
+""")
+
+
+def test_cli_json_and_table(tmp_path, capsys):
+  path = tmp_path / "tiny.py"
+  path.write_text(CONFIG_FILE)
+  assert flops_main(["--config", f"{path}:loop", "--match", f"{path}:base", "--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  loop = ModelConfig(**{**TINY, "scan_unroll": False}, loop_start=1, loop_end=3, max_loops=6)
+  base = ModelConfig(**{**TINY, "scan_unroll": False})
+  assert out["params"] == F.param_report(loop)["unique_params"]
+  assert out["expected_loops"] == pytest.approx(3.5)
+  assert out["flops_per_step"] == pytest.approx(F.expected_train_flops_per_step(
+      loop, 32, 8, "uniform:1:6"))
+  assert out["executed_depth_max"] == 14 and out["executed_depth_expected"] == pytest.approx(9.0)
+  assert out["matched_depth_rounded"] == 9
+  want = F.matched_steps(loop, "uniform:1:6", base, None, 1000, 32, 8, 8)
+  assert out["match"]["steps_to_match"] == pytest.approx(want)
+  assert out["match"]["steps_to_match_rounded"] == round(want) < 1000
+  assert flops_main(["--config", f"{path}:loop", "--match", f"{path}:base"]) == 0
+  table = capsys.readouterr().out
+  assert "steps A needs" in table and "parameters (unique)" in table
+  with pytest.raises(FileNotFoundError, match="path.py"):
+    flops_main(["--config", str(tmp_path / "missing.py")])
+
+
+def test_peak_flops_table_and_cpu_measurement():
+  assert F.peak_flops_per_device("TPU v4") == 275e12
+  assert F.peak_flops_per_device("TPU v5 lite") == 197e12
+  assert F.peak_flops_per_device("TPU v5") == 459e12  # v5p reports "TPU v5"
+  assert F.peak_flops_per_device("TPU v6 lite") == 918e12
+  assert F.peak_flops_per_device("NVIDIA A100-SXM4-80GB", "float32") == 19.5e12
+  assert F.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+  assert F.peak_flops_per_device("NVIDIA H200", "float32") == 67e12
+  assert F.peak_flops_per_device("Some NPU") is None
+  assert math.isnan(F.mfu(1e12, 1.0, 1, 0.0))  # unknown peak -> NaN, not a crash
+  assert F.mfu(1e12, 2.0, 4, 1e12) == pytest.approx(0.125)
+  if jax.devices()[0].platform == "cpu":
+    peak = F.peak_flops_per_device()
+    assert 1e8 < peak < 1e14 and F.peak_flops_per_device() == peak  # measured once, cached

@@ -1,0 +1,190 @@
+"""The trainer end to end through the `loopjax train` command: exact resume after SIGKILL,
+clean stop on SIGTERM, and bad inputs that fail clearly without touching existing checkpoints."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENT = os.path.join(ROOT, "experiments", "sudoku.py")
+TINY = ["--config.model.width=32", "--config.model.num_layers=3", "--config.model.num_heads=2",
+        "--config.model.cond_dim=16", "--config.model.vocab_size=257",
+        "--config.train.batch_size=4",
+        "--config.train.log_every=1", "--config.train.eval_every=1000",
+        "--config.train.eval_batches=1", "--config.train.eval_time_points=2",
+        "--config.eval.examples=4", "--config.loops.train=uniform:1:3",
+        "--config.train.async_checkpoints=False"]
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, "-m", "loopjax.cli", "train", "--config", EXPERIMENT,
+          "--workdir", str(workdir), *TINY, *extra]
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device, the same program in every run
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _run(workdir, *extra, timeout=300):
+  return subprocess.run(_cmd(workdir, *extra), capture_output=True, text=True, timeout=timeout,
+                        env=_env(), cwd=ROOT)
+
+
+def _losses(workdir):
+  """step -> loss, the last logged value for each step (a resumed run re-logs nothing twice)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      out[row["step"]] = row["loss"]
+  return out
+
+
+def _ckpt_steps(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+def _wait_for(predicate, proc, timeout=240):
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if predicate():
+      return True
+    if proc.poll() is not None:
+      return False
+    time.sleep(0.05)
+  return False
+
+
+def _digest(path):
+  h = hashlib.sha256()
+  for root, _, files in sorted(os.walk(path)):
+    for name in sorted(files):
+      with open(os.path.join(root, name), "rb") as f:
+        h.update(name.encode() + f.read())
+  return h.hexdigest()
+
+
+STEPS = ["--config.train.steps=60", "--config.train.checkpoint_every=5"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("reference")
+  proc = _run(workdir, *STEPS)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+def test_default_experiment_reports_accuracy(reference_run):
+  workdir, proc = reference_run
+  assert "held-out" in proc.stdout and "cell_accuracy" in proc.stdout
+  for name in ("config.json", "metrics.jsonl", "tb", "checkpoints"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  row = json.loads(open(os.path.join(workdir, "metrics.jsonl")).readline())
+  for key in ("step", "loss", "loops", "lr", "tokens_per_sec"):
+    assert key in row
+  acc = json.load(open(os.path.join(workdir, "eval", "final_task_accuracy.json")))
+  assert 0.0 <= acc["cell_accuracy"] <= 1.0
+
+
+def test_sigkill_then_resume_is_bitwise_identical(reference_run, tmp_path):
+  ref_dir, _ = reference_run
+  proc = subprocess.Popen(_cmd(tmp_path, *STEPS), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
+  try:
+    got_ckpt = _wait_for(lambda: any(s >= 10 for s in _ckpt_steps(tmp_path)), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert got_ckpt, "the run ended before it wrote checkpoint 10"
+  killed_at = max(_ckpt_steps(tmp_path))
+  assert proc.returncode == -signal.SIGKILL and killed_at < 60
+  resumed = _run(tmp_path, *STEPS)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed {tmp_path} at step {killed_at}" in resumed.stderr
+  want, got = _losses(ref_dir), _losses(tmp_path)
+  after = [s for s in want if s > killed_at]
+  assert after and all(got[s] == want[s] for s in after), (
+      "losses after the checkpoint differ from the uninterrupted run: the resumed run does not "
+      f"see the same batches/randomness: {[(s, got[s], want[s]) for s in after[:5]]}")
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+  proc = subprocess.Popen(_cmd(tmp_path, "--config.train.steps=100000",
+                               "--config.train.checkpoint_every=100000"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT,
+                          text=True)
+  metrics = os.path.join(tmp_path, "metrics.jsonl")
+  started = _wait_for(lambda: os.path.exists(metrics) and os.path.getsize(metrics) > 200, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert started, err[-2000:]
+  assert proc.returncode == 0, err[-2000:]
+  steps = _ckpt_steps(tmp_path)
+  assert steps and steps[-1] == max(_losses(tmp_path)), (steps, err[-1000:])
+  assert os.path.exists(os.path.join(tmp_path, "checkpoints", str(steps[-1]), "state"))
+
+
+def _bad(tmp_path, reference_run, *extra):
+  """Runs a bad command against a copy of a workdir with checkpoints; returns stderr."""
+  import shutil
+  ref_dir, _ = reference_run
+  workdir = tmp_path / "run"
+  shutil.copytree(ref_dir, workdir)
+  before = _digest(workdir / "checkpoints")
+  proc = _run(workdir, *STEPS, *extra, timeout=120)
+  assert proc.returncode != 0, proc.stdout[-1000:]
+  assert _digest(workdir / "checkpoints") == before, "a failed start changed the checkpoints"
+  return proc.stderr
+
+
+def test_unknown_config_key(tmp_path, reference_run):
+  err = _bad(tmp_path, reference_run, "--config.train.stepz=3")
+  assert "stepz" in err
+
+
+def test_incompatible_model_in_workdir(tmp_path, reference_run):
+  err = _bad(tmp_path, reference_run, "--config.model.width=64")
+  assert "incompatible" in err and "model.width" in err
+
+
+def test_sequence_longer_than_model(tmp_path, reference_run):
+  err = _bad(tmp_path, reference_run, "--config.model.max_length=40")
+  assert "max_length" in err
+
+
+@pytest.mark.parametrize("content,needle", [(b"", "empty"), (b"ok\n\xff\xfe bad", "UTF-8")])
+def test_bad_text_files(tmp_path, reference_run, content, needle):
+  path = tmp_path / "corpus.txt"
+  path.write_bytes(content)
+  err = _bad(tmp_path, reference_run, "--config.data.source=text", "--config.data.seq_len=32",
+             f"--config.data.paths={path}")
+  assert needle in err and "corpus.txt" in err
+
+
+def test_token_id_over_vocabulary(tmp_path, reference_run):
+  path = tmp_path / "corpus.txt"
+  path.write_text("hello world\n\nanother document\n")
+  err = _bad(tmp_path, reference_run, "--config.data.source=text", "--config.data.seq_len=32",
+             f"--config.data.paths={path}", "--config.model.vocab_size=200")
+  assert "vocab_size" in err and "256" in err
+
+
+def test_missing_tfds_data_fails_fast(tmp_path, reference_run):
+  t0 = time.time()
+  err = _bad(tmp_path, reference_run, "--config.data.source=tfds",
+             f"--config.data.data_dir={tmp_path / 'nodata'}", "--config.data.seq_len=64")
+  assert time.time() - t0 < 60
+  assert "lm1b" in err and ("download_and_prepare" in err or "tfds build" in err), err[-2000:]
