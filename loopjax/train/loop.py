@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from loopjax import flops
 from loopjax.data import make_eval_batches, make_train_iterator
 from loopjax.diffusion import eval_time_grid, make_schedule, metrics_from_nelbo
 from loopjax.model import LoopDistribution, LoopedTransformer
@@ -163,6 +164,13 @@ def train(config, workdir: str) -> dict:
 
   writer = MetricsWriter(workdir, total_steps=t.steps, enabled=is_main)
   tokens_per_step = t.batch_size * config.data.seq_len
+  # MFU: analytic FLOPs of the S each step really ran, over the peak of the devices in use (on
+  # CPU the measured matmul peak of the whole host, so fake devices count once).
+  step_flops = lambda s: flops.train_flops_per_step(cfg, config.data.seq_len, t.batch_size, s)
+  on_cpu = jax.devices()[0].platform == "cpu"
+  peak = flops.peak_flops_per_device(dtype=cfg.dtype) if is_main else None
+  peak_total = peak * (1 if on_cpu else jax.device_count()) if peak else None
+  window_flops = 0.0
   last = {}
   step = start
   saved_step = start if start else -1
@@ -176,7 +184,9 @@ def train(config, workdir: str) -> dict:
         state, metrics = step_fn(state, _global(batch, batch_sharding))
         step += 1
         window_steps += 1
-        if not bool(metrics["finite"]):
+        finite, loops = jax.device_get((metrics["finite"], metrics["loops"]))
+        window_flops += step_flops(int(loops))
+        if not bool(finite):
           msg = (f"non-finite loss or gradient at step {step} (loss {float(metrics['loss'])}, "
                  f"grad norm {float(metrics['grad_norm'])}); the update was not applied")
           if t.on_nonfinite == "error":
@@ -189,16 +199,20 @@ def train(config, workdir: str) -> dict:
           row["loops"] = int(row["loops"])
           row["tokens_per_sec"] = tokens_per_step * window_steps / max(elapsed, 1e-9)
           row["step_time"] = elapsed / max(window_steps, 1)
+          row["tflops_per_sec"] = window_flops / max(elapsed, 1e-9) / 1e12
+          if peak_total:
+            row["mfu"] = window_flops / max(elapsed, 1e-9) / peak_total
           if step % t.eval_every == 0 or step == t.steps:
             row |= evaluate(state)
           writer.write(step, row)
           writer.console(step, row)
           last = row
-          window_start, window_steps = time.perf_counter(), 0
+          window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
         if step % t.checkpoint_every == 0 or step == t.steps or stop.signal is not None:
           ckpt.save(step, state, data_iter)
           saved_step = step
-          window_start = time.perf_counter()  # keep checkpoint time out of the throughput
+          # Keep checkpoint time out of the throughput.
+          window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
         if stop.signal is not None:
           log.warning("signal %d: saved checkpoint %d, stopping", stop.signal, step)
           break

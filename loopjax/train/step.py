@@ -43,10 +43,12 @@ def make_train_step(model: LoopedTransformer, tx: optax.GradientTransformation,
 
     return jax.grad(nelbo_sum, has_aux=True)(params)
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, loops=None):
+    """One optimizer step; `loops` (int32 scalar) overrides the drawn S (benchmarks, tests)."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     r_loops, r_t, r_mask, r_drop = jax.random.split(rng, 4)
-    loops = loop_dist.sample(r_loops)
+    if loops is None:
+      loops = loop_dist.sample(r_loops)
     if grad_accum == 1:
       grads, out = micro_grads(state.params, batch, (r_t, r_mask, r_drop), loops)
       nelbo, tokens, masked_frac = out["nelbo_sum"], out["num_tokens"], out["masked_fraction"]

@@ -1,0 +1,80 @@
+"""Shared helpers for the benchmark scripts: build a config's train step and time it."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from loopjax.diffusion import make_schedule
+from loopjax.model import LoopDistribution, LoopedTransformer
+from loopjax.parallel import mesh as mesh_lib
+from loopjax.train.config import base_config, model_config
+from loopjax.train.state import create_state, learning_rate, make_optimizer
+from loopjax.train.step import make_train_step
+
+
+def machine() -> str:
+  d = jax.devices()[0]
+  return (f"{d.device_kind} x{jax.device_count()} ({d.platform}), {os.cpu_count()} host cores, "
+          f"{platform.python_version()}, jax {jax.__version__}")
+
+
+def lm_config(*, width, layers, heads, vocab, length, batch, loop=(0, 0), loops="fixed:1",
+              dtype="float32", remat="none", **model_kw):
+  c = base_config()
+  c.model.update(vocab_size=vocab, max_length=length, width=width, num_layers=layers,
+                 num_heads=heads, loop_start=loop[0], loop_end=loop[1], dtype=dtype,
+                 remat=remat, **model_kw)
+  c.loops.train = loops
+  c.data.seq_len = length
+  c.train.batch_size = batch
+  c.mesh.update(data=1, fsdp=1, tensor=1)
+  return c
+
+
+def build_step(config):
+  """(jitted step(state, batch, loops), state, batch, model config) on one device."""
+  cfg = model_config(config)
+  model = LoopedTransformer(cfg)
+  tx = make_optimizer(config.train)
+  mesh = mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
+  b, length = config.train.batch_size, config.data.seq_len
+  state, shardings = create_state(model, tx, jnp.zeros((1, length), jnp.int32), 0, mesh)
+  rng = np.random.default_rng(0)
+  batch = {"tokens": jnp.asarray(rng.integers(0, cfg.vocab_size, (b, length)), jnp.int32),
+           "fixed": jnp.zeros((b, length), bool), "loss_mask": jnp.ones((b, length), bool),
+           "segment_ids": jnp.ones((b, length), jnp.int32)}
+  step = make_train_step(model, tx, make_schedule(config.diffusion),
+                         LoopDistribution.parse(config.loops.train), antithetic=True,
+                         ema_decay=0.999, grad_accum=1, lr_fn=learning_rate(config.train))
+  return jax.jit(step, donate_argnums=0), state, batch, cfg
+
+
+def time_step(step, state, batch, loops, *, repeats=5, warmup=1):
+  """Median seconds of `repeats` steps at S = loops (state threaded through; donated)."""
+  s = jnp.int32(loops)
+  for _ in range(warmup):
+    state, m = step(state, batch, s)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    state, m = step(state, batch, s)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), times, state
+
+
+def write_json(name: str, payload: dict) -> str:
+  os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+  path = os.path.join(os.path.dirname(__file__), "results", name)
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=2)
+  return path
