@@ -197,12 +197,16 @@ class LoopedTransformer(nn.Module):
                collect: bool = False):
     """Logits B x L x V (float32), or (logits, aux) when `collect`.
 
-    `loops` is S: a Python int or a traced int32 scalar, 1 <= S (S <= max_loops at training;
-    `apply_loops` runs any S). aux: `loop_hiddens_SxBxLxD` (hidden state after each of the S_max
+    `loops` is S: a Python int or a traced int32 scalar, 1 <= S <= max_loops (a traced S above
+    max_loops runs max_loops; for more loops rebuild the model with a larger max_loops, which
+    leaves the parameters unchanged, or drive `loop_chunk`). aux: `loop_hiddens_SxBxLxD` (hidden state after each of the S_max
     iterations; iterations >= S repeat the last one) and `attn` with layers x B x H x L x L
     probabilities per stack (`head`, `loop` with a leading S_max axis, zeros for iterations >= S,
     `tail`).
     """
+    if isinstance(loops, int) and self.cfg.looped and not 1 <= loops <= self.cfg.max_loops:
+      raise ValueError(f"loops={loops} is outside [1, model.max_loops={self.cfg.max_loops}]; "
+                       "rebuild the model with max_loops >= loops to run more")
     h, c, mask, head_probs = self.encode(tokens_BxL, t_B, segment_ids_BxL, train=train,
                                          collect=collect)
     aux = {"attn": {"head": head_probs, "loop": None, "tail": None}}
