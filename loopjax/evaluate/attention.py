@@ -1,0 +1,199 @@
+"""Attention among masked positions, per layer and loop iteration, as a function of S.
+
+Definition. For one model call on a noised input x_t, layer l (in execution order) and head h,
+let P[q, k] be the attention probabilities. The *masked-to-masked share* of that layer is
+
+    share = mean over heads h, over masked query positions q of  sum_{k masked} P_h[q, k]
+
+i.e. the fraction of its attention that a masked position spends on other masked positions
+(itself included). It is averaged over held-out sequences and a fixed grid of noise levels t
+(each t masks every free position with probability 1 - alpha(t); fixed/given positions never).
+`chance` is the share a uniform attention would give: the mean fraction of masked keys seen by a
+masked query. The paper reports this share rising with the loop count and saturating near S_max.
+
+`loopjax analyze attention --workdir DIR [--loops 1,2,4,...]` writes eval/attention.json,
+plots/attention_heatmap.png (executed layer x S) and plots/attention_vs_loops.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from loopjax.diffusion import eval_time_grid, make_schedule, mask_tokens
+from loopjax.model import LoopedTransformer
+
+
+def masked_share(probs_NxBxHxLxL, masked_BxL):
+  """Per layer N: mean over heads and masked queries of the attention mass on masked keys.
+
+  Returns (share_N, weight) with weight = number of masked queries (for averaging batches)."""
+  m = masked_BxL.astype(jnp.float32)
+  to_masked_NxBxHxL = jnp.einsum("nbhqk,bk->nbhq", probs_NxBxHxLxL, m)
+  per_query_NxBxL = to_masked_NxBxHxL.mean(axis=2)
+  total = jnp.maximum(m.sum(), 1.0)
+  return (per_query_NxBxL * m[None]).sum(axis=(1, 2)) / total, m.sum()
+
+
+def _execution_order(aux, loops: int):
+  """Attention probs of every executed layer, in order: head, S block iterations, tail."""
+  attn = aux["attn"]
+  parts = [attn["head"]] if attn["head"] is not None else []
+  if attn["loop"] is not None:
+    parts += [attn["loop"][it] for it in range(loops)]
+  if attn["tail"] is not None:
+    parts.append(attn["tail"])
+  return jnp.concatenate(parts, axis=0)
+
+
+def layer_labels(cfg, loops: int) -> list[str]:
+  if not cfg.looped:
+    return [f"layer {i}" for i in range(cfg.num_layers)]
+  labels = [f"head {i}" for i in range(cfg.loop_start)]
+  labels += [f"loop {it + 1} / layer {cfg.loop_start + j}" for it in range(loops)
+             for j in range(cfg.block_layers)]
+  return labels + [f"tail {i}" for i in range(cfg.loop_end, cfg.num_layers)]
+
+
+def attention_profile(model, params, batches, *, loops_list, time_points: int = 4,
+                      schedule=None, seed: int = 0) -> dict:
+  """Masked-to-masked attention share for every executed layer, for each S in `loops_list`."""
+  cfg = model.cfg
+  schedule = schedule or make_schedule({"schedule": "linear"})
+  grid = np.asarray(eval_time_grid(time_points, schedule.eps))
+  out = {"definition": __doc__.split("\n\n")[1], "time_grid": grid.tolist(), "per_loops": []}
+  for loops in loops_list:
+    loops = int(loops)
+    if cfg.looped and cfg.loop_embedding and loops > cfg.max_loops:
+      raise ValueError(f"S={loops} exceeds the loop-embedding table (S_max={cfg.max_loops})")
+    run_cfg = dataclasses.replace(cfg, max_loops=loops) if cfg.looped else cfg
+    m = LoopedTransformer(run_cfg)
+
+    @jax.jit
+    def one(params, x_t, t_B, seg, masked):
+      _, aux = m.apply({"params": params}, x_t, loops, t_B, seg, collect=True)
+      probs = _execution_order(aux, loops if cfg.looped else 0)
+      share, w = masked_share(probs, masked)
+      chance = (masked.sum(-1) * masked.sum(-1)).sum() / jnp.maximum(
+          masked.sum(-1).sum() * masked.shape[1], 1)
+      return share, w, chance
+
+    total, weight, chance_sum = 0.0, 0.0, 0.0
+    labels = layer_labels(cfg, loops)
+    for bi, b in enumerate(batches):
+      for ti, t in enumerate(grid):
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), bi * 1000 + ti)
+        tokens = jnp.asarray(b["tokens"])
+        t_B = jnp.full((tokens.shape[0],), t, jnp.float32)
+        x_t, masked = mask_tokens(rng, tokens, schedule.alpha(t_B), cfg.mask_id,
+                                  jnp.asarray(b["fixed"]))
+        share, w, chance = one(params, x_t, t_B, jnp.asarray(b["segment_ids"]), masked)
+        total = total + np.asarray(share) * float(w)
+        weight += float(w)
+        chance_sum += float(chance) * float(w)
+    share = (total / max(weight, 1.0)).tolist()
+    n_head = cfg.loop_start if cfg.looped else cfg.num_layers
+    loop_iters = []
+    if cfg.looped:
+      for it in range(loops):
+        lo = n_head + it * cfg.block_layers
+        loop_iters.append(float(np.mean(share[lo:lo + cfg.block_layers])))
+    out["per_loops"].append(dict(loops=loops, layers=labels, share=share,
+                                 loop_iteration_share=loop_iters,
+                                 final_iteration_share=loop_iters[-1] if loop_iters else None,
+                                 mean_share=float(np.mean(share)),
+                                 chance=chance_sum / max(weight, 1.0)))
+  return out
+
+
+def plot_attention(result: dict, plots_dir: str) -> list[str]:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  os.makedirs(plots_dir, exist_ok=True)
+  rows = result["per_loops"]
+  depth = max(len(r["share"]) for r in rows)
+  grid = np.full((depth, len(rows)), np.nan)
+  for j, r in enumerate(rows):
+    grid[:len(r["share"]), j] = r["share"]
+  fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(rows), 1.5 + 0.18 * depth))
+  im = ax.imshow(grid, aspect="auto", origin="upper", cmap="viridis")
+  ax.set_xticks(range(len(rows)), [str(r["loops"]) for r in rows])
+  ax.set_xlabel("loops S")
+  ax.set_ylabel("executed layer (head, loop iterations, tail)")
+  ax.set_title("masked-to-masked attention share")
+  fig.colorbar(im, ax=ax)
+  fig.tight_layout()
+  heat = os.path.join(plots_dir, "attention_heatmap.png")
+  fig.savefig(heat, dpi=110)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for r in rows:
+    if r["loop_iteration_share"]:
+      its = range(1, len(r["loop_iteration_share"]) + 1)
+      ax.plot(its, r["loop_iteration_share"], "o-", markersize=3, label=f"S={r['loops']}")
+  finals = [(r["loops"], r["final_iteration_share"]) for r in rows
+            if r["final_iteration_share"] is not None]
+  if finals:
+    ax.plot(*zip(*finals), "k--", label="last iteration, by S")
+  ax.axhline(rows[0]["chance"], color="gray", lw=0.8, label="uniform attention")
+  ax.set_xlabel("loop iteration (or S for the dashed line)")
+  ax.set_ylabel("masked-to-masked share (looped block)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  line = os.path.join(plots_dir, "attention_vs_loops.png")
+  fig.savefig(line, dpi=110)
+  plt.close(fig)
+  return [heat, line]
+
+
+def analyze_main(argv) -> int:
+  p = argparse.ArgumentParser(prog="loopjax analyze",
+                              description="attention among masked positions vs loops")
+  p.add_argument("what", choices=["attention"])
+  p.add_argument("--workdir", required=True, help="a run's workdir or an exported folder")
+  p.add_argument("--loops", default="", help="comma-separated S (default 1..S_max and 2*S_max)")
+  p.add_argument("--examples", type=int, default=16)
+  p.add_argument("--time-points", type=int, default=4)
+  p.add_argument("--params", default=None, choices=["ema", "raw"])
+  args = p.parse_args(argv)
+  from loopjax.data import make_eval_batches
+  from loopjax.export import load_model_dir
+
+  config, model, params = load_model_dir(args.workdir, params=args.params)
+  cfg = model.cfg
+  if args.loops:
+    loops_list = [int(s) for s in args.loops.split(",")]
+  else:
+    loops_list = sorted(set(range(1, cfg.max_loops + 1)) | {2 * cfg.max_loops}) \
+        if cfg.looped else [1]
+  if config.data.get("source") is None:
+    raise ValueError(f"{args.workdir} carries no data config to draw held-out examples from")
+  batch = min(args.examples, 8)
+  batches = make_eval_batches(config.data, batch_size=batch,
+                              num_batches=max(args.examples // batch, 1),
+                              seed=int(config.get("train", {}).get("seed", 0)) + 2)
+  result = attention_profile(model, params, batches, loops_list=loops_list,
+                             time_points=args.time_points,
+                             schedule=make_schedule(config.diffusion))
+  outdir = args.workdir
+  os.makedirs(os.path.join(outdir, "eval"), exist_ok=True)
+  path = os.path.join(outdir, "eval", "attention.json")
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  plots = plot_attention(result, os.path.join(outdir, "plots"))
+  for r in result["per_loops"]:
+    fin = r["final_iteration_share"]
+    print(f"S={r['loops']:>3}  mean share {r['mean_share']:.3f}  last loop iteration "
+          f"{'-' if fin is None else f'{fin:.3f}'}  (uniform {r['chance']:.3f})")
+  print(f"wrote {path}, {', '.join(plots)}")
+  return 0
