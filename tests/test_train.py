@@ -188,3 +188,43 @@ def test_missing_tfds_data_fails_fast(tmp_path, reference_run):
              f"--config.data.data_dir={tmp_path / 'nodata'}", "--config.data.seq_len=64")
   assert time.time() - t0 < 60
   assert "lm1b" in err and ("download_and_prepare" in err or "tfds build" in err), err[-2000:]
+
+
+def test_damaged_latest_checkpoint_is_skipped(tmp_path, reference_run):
+  import shutil
+  ref_dir, _ = reference_run
+  workdir = tmp_path / "run"
+  shutil.copytree(ref_dir, workdir)
+  steps = _ckpt_steps(workdir)
+  latest = workdir / "checkpoints" / str(steps[-1]) / "state"
+  damaged = 0
+  for root, _, files in os.walk(latest):
+    for name in files:
+      if "ocdbt" in root and os.sep + "d" in root:
+        path = os.path.join(root, name)
+        with open(path, "r+b") as f:
+          size = os.path.getsize(path)
+          f.truncate(size // 2)
+        damaged += 1
+  assert damaged, "found no array data files to damage: has the Orbax layout changed?"
+  proc = _run(workdir, "--config.train.steps=65", "--config.train.checkpoint_every=5")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"checkpoint {steps[-1]}" in proc.stderr and "unreadable" in proc.stderr
+  assert f"resumed {workdir} at step {steps[-2]}" in proc.stderr
+
+
+def test_nonfinite_loss_stops_without_a_bad_checkpoint(tmp_path):
+  proc = _run(tmp_path, "--config.train.steps=30", "--config.train.checkpoint_every=2",
+              "--config.train.lr=1e30", "--config.train.warmup_steps=0",
+              "--config.train.clip_norm=0")
+  assert proc.returncode != 0
+  assert "non-finite" in proc.stderr and "on_nonfinite=skip" in proc.stderr
+  import re
+  bad_step = int(re.search(r"non-finite loss or gradient at step (\d+)", proc.stderr).group(1))
+  assert all(s < bad_step for s in _ckpt_steps(tmp_path)), "a checkpoint was written at or "\
+      "after the non-finite step"
+  skip = _run(tmp_path / "skip", "--config.train.steps=6", "--config.train.checkpoint_every=3",
+              "--config.train.lr=1e30", "--config.train.warmup_steps=0",
+              "--config.train.clip_norm=0", "--config.train.on_nonfinite=skip")
+  assert skip.returncode == 0, skip.stderr[-2000:]
+  assert "the update was not applied" in skip.stderr

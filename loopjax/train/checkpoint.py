@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import grain
@@ -50,25 +51,43 @@ class Checkpointer:
     errors = []
     for step in reversed(steps):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iter)))
-        if errors:
-          log.warning("using checkpoint %d instead", step)
-        return restored["state"], step
-      except Exception as e:  # damaged files surface as many different exception types
-        if _is_incompatible(e):
-          raise ValueError(
-              f"checkpoint {step} in {self.directory} does not match this model/optimizer "
-              f"(another architecture?): {_first_line(e)}. Use a new --workdir or the "
-              "config the run was started with.") from e
+        meta = self.manager.item_metadata(step)["state"]["params"]
+      except Exception as e:  # unreadable metadata: a damaged checkpoint
         log.warning("checkpoint %d in %s is unreadable, skipping it: %s", step, self.directory,
                     _first_line(e))
         errors.append((step, e))
+        continue
+      _check_same_params(meta, abstract_state.params, step, self.directory)
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(data_iter)))
+      except Exception as e:  # damaged array files surface as many exception types
+        log.warning("checkpoint %d in %s is unreadable, skipping it: %s", step, self.directory,
+                    _first_line(e))
+        errors.append((step, e))
+        continue
+      if errors:
+        log.warning("using checkpoint %d instead", step)
+        self._set_aside([s for s, _ in errors])
+      return restored["state"], step
     if errors:
       raise RuntimeError(f"no readable checkpoint in {self.directory}: tried steps "
                          f"{[s for s, _ in errors]}") from errors[0][1]
     return None
+
+  def _set_aside(self, steps) -> None:
+    """Renames damaged step directories (kept for inspection) so their steps can be re-saved."""
+    if jax.process_index() == 0:
+      for step in steps:
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.damaged-{int(time.time())}"
+        os.rename(src, dst)
+        log.warning("moved damaged checkpoint %d to %s", step, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("loopjax_set_aside_damaged_checkpoints")
+    self.manager.reload()
 
   def restore_state(self, abstract_state, step: int | None = None) -> tuple[Any, int]:
     """Restores only the train state (no data iterator) of `step` (default: newest)."""
@@ -96,7 +115,16 @@ def _first_line(e: Exception) -> str:
   return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _is_incompatible(e: Exception) -> bool:
-  text = str(e).lower()
-  return any(s in text for s in ("shape", "tree structure", "dict key mismatch",
-                                 "missing key", "do not match", "mismatch"))
+def _check_same_params(meta, abstract_params, step: int, directory: str) -> None:
+  """Refuses a checkpoint whose parameter names or shapes differ from the model's."""
+  def shapes(tree):
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in flat}
+
+  saved, want = shapes(meta), shapes(abstract_params)
+  if saved != want:
+    diff = sorted(set(saved.items()) ^ set(want.items()))[:4]
+    raise ValueError(
+        f"checkpoint {step} in {directory} does not match this model (another architecture?): "
+        f"parameters differ, e.g. {diff}. Use a new --workdir or the config the run was "
+        "started with.")

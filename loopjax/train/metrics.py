@@ -62,7 +62,9 @@ class MetricsWriter:
                    ("loops", "S {}"), ("lr", "lr {:.2e}"), ("tokens_per_sec", "{:,.0f} tok/s"),
                    ("mfu", "MFU {:.1%}")):
       if k in metrics:
-        parts.append(fmt.format(_jsonable(metrics[k])))
+        v = metrics[k]
+        v = v.item() if hasattr(v, "item") else v
+        parts.append(fmt.format(v) if isinstance(v, (int, float)) else f"{k} {v}")
     if done > 0:
       parts.append(f"ETA {format_duration(eta) if math.isfinite(eta) else '?'}")
     print(" | ".join(parts), file=sys.stderr, flush=True)
