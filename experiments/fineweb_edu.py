@@ -10,7 +10,7 @@ Variants: mdm, loopmdm, deep_mdm, uniform_loop, mdm_matched (loopjax/train/varia
 """
 
 from loopjax.train.config import base_config
-from loopjax.train.variants import apply_variant
+from loopjax.train.variants import apply_variant, paper_backbone
 
 BASELINE_STEPS = 1_000_000
 
@@ -18,11 +18,7 @@ BASELINE_STEPS = 1_000_000
 def get_config(variant: str = "loopmdm"):
   c = base_config()
   c.data.update(source="text", paths="fineweb-edu/000.parquet", text_field="text",
-                seq_len=1024, packing=True, eval_examples=10_000,
+                packing=True, eval_examples=10_000,
                 tokenizer="hf:gpt2/tokenizer.json")
-  c.model.update(vocab_size=50258, max_length=1024, width=768, num_layers=12, num_heads=12,
-                 cond_dim=128, dtype="bfloat16", remat="dots_no_batch")
-  c.train.update(batch_size=512, lr=3e-4, warmup_steps=2500, lr_schedule="constant",
-                 weight_decay=0.0, ema_decay=0.9999, log_every=100, checkpoint_every=10_000,
-                 eval_every=10_000, eval_batches=8)
+  paper_backbone(c, vocab_size=50258, length=1024)
   return apply_variant(c, variant or "loopmdm", baseline_steps=BASELINE_STEPS)

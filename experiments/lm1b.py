@@ -15,7 +15,7 @@ mdm_matched (see loopjax/train/variants.py; step counts are FLOP-matched by loop
 """
 
 from loopjax.train.config import base_config
-from loopjax.train.variants import apply_variant
+from loopjax.train.variants import apply_variant, paper_backbone
 
 BASELINE_STEPS = 1_000_000
 
@@ -23,10 +23,6 @@ BASELINE_STEPS = 1_000_000
 def get_config(variant: str = "loopmdm"):
   c = base_config()
   c.data.update(source="tfds", name="lm1b", split="train", eval_split="test", text_field="text",
-                seq_len=128, packing=True, tokenizer="hf:bert-base-uncased/tokenizer.json")
-  c.model.update(vocab_size=30522, max_length=128, width=768, num_layers=12, num_heads=12,
-                 cond_dim=128, dropout=0.1, dtype="bfloat16", remat="dots_no_batch")
-  c.train.update(batch_size=512, lr=3e-4, warmup_steps=2500, lr_schedule="constant",
-                 weight_decay=0.0, ema_decay=0.9999, log_every=100, checkpoint_every=10_000,
-                 eval_every=10_000, eval_batches=8)
+                packing=True, tokenizer="hf:bert-base-uncased/tokenizer.json")
+  paper_backbone(c, vocab_size=30522, length=128, dropout=0.1)
   return apply_variant(c, variant or "loopmdm", baseline_steps=BASELINE_STEPS)

@@ -21,6 +21,18 @@ from loopjax.train.config import model_config
 VARIANTS = ("mdm", "loopmdm", "deep_mdm", "uniform_loop", "mdm_matched")
 
 
+def paper_backbone(c, *, vocab_size: int, length: int, dropout: float = 0.0):
+  """The paper's MDLM backbone and optimiser (12 x 768, 12 heads, batch 512) on config `c`."""
+  c.data.seq_len = length
+  c.model.update(vocab_size=vocab_size, max_length=length, width=768, num_layers=12,
+                 num_heads=12, cond_dim=128, dropout=dropout, dtype="bfloat16",
+                 remat="dots_no_batch")
+  c.train.update(batch_size=512, lr=3e-4, warmup_steps=2500, lr_schedule="constant",
+                 weight_decay=0.0, ema_decay=0.9999, log_every=100, checkpoint_every=10_000,
+                 eval_every=10_000, eval_batches=8)
+  return c
+
+
 def _loop_variant(c, block, s_max):
   c.model.loop_start, c.model.loop_end = block
   c.loops.train = f"uniform:1:{s_max}"
