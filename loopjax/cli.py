@@ -3,6 +3,11 @@
   loopjax train --config experiments/NAME.py[:VARIANT] --workdir DIR [--config.a.b=VALUE ...]
   loopjax flops --config A [--match B] [--json]
   loopjax spm-train --input FILE [FILE ...] --prefix OUT --vocab-size N
+  loopjax sample --workdir DIR [--loops N|adaptive:TAU] [--steps T] [--prompt TEXT] ...
+  loopjax eval --workdir DIR [--loops 1,2,4,8,12,24] [--steps 0,8] [--gsm8k F] [--corpus F] ...
+  loopjax study --workdir DIR [--task sudoku|arithmetic] [--scale small|tiny]
+  loopjax analyze attention --workdir DIR [--loops 1,2,4,...] [--examples N]
+  loopjax export --workdir DIR --out OUT [--params ema|raw] [--dtype float32|bfloat16] [--step N]
 
 Each subcommand imports only what it needs, so `loopjax --help` is instant.
 """
@@ -102,7 +107,43 @@ def _spm_train(argv) -> int:
   return 0
 
 
+def _sample(argv) -> int:
+  from loopjax.evaluate.sample_cli import sample_main
+  return sample_main(argv)
+
+
+def _eval(argv) -> int:
+  from loopjax.evaluate.sweep import eval_main
+  return eval_main(argv)
+
+
 COMMANDS = {"train": _train, "flops": _flops, "spm-train": _spm_train}
+COMMANDS.update({"sample": _sample, "eval": _eval})
+COMMANDS["memory"] = lambda argv: __import__("loopjax.train.memory", fromlist=["main"]).main(argv)
+
+
+def _export(argv) -> int:
+  from loopjax.export import export_main
+  return export_main(argv)
+
+
+COMMANDS["export"] = _export
+
+
+def _analyze(argv) -> int:
+  from loopjax.evaluate.attention import analyze_main
+  return analyze_main(argv)
+
+
+COMMANDS["analyze"] = _analyze
+
+
+def _study(argv) -> int:
+  from loopjax.evaluate.study import study_main
+  return study_main(argv)
+
+
+COMMANDS["study"] = _study
 
 
 def main(argv=None) -> int:

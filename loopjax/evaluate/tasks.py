@@ -1,4 +1,10 @@
-"""Built-in task accuracy: Sudoku cells and boards, arithmetic exact match."""
+"""Built-in task accuracy: Sudoku cells and boards, arithmetic exact match.
+
+Every scored position of the held-out batches is masked and decoded by a sampler (default:
+greedy confidence decoding, as the trainer's end-of-run report), then scored. Besides accuracy
+the result holds the loops actually executed, the model calls, the inference FLOPs per sample
+and the sampling time (after compilation), so quality can be put beside compute.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +13,61 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopjax.data import arithmetic_exact_match, sudoku_accuracy
-from loopjax.diffusion.sampling import confidence_decode
+from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler,
+                                       resolve_policy, timed)
 
 
-def task_accuracy(model, params, batches, *, source: str, loops, steps: int = 0) -> dict:
+def score(source: str, pred, tokens, fixed, scored) -> dict:
+  """Task metrics of decoded rows (all arrays [N, L])."""
+  if source == "sudoku":
+    return {k: float(v) for k, v in sudoku_accuracy(pred, tokens, fixed).items()}
+  if source == "arithmetic":
+    return {"exact_match": float(np.mean(arithmetic_exact_match(pred, tokens, scored)))}
+  return {"token_accuracy": float((pred == tokens)[scored].mean())}
+
+
+def primary_metric(source: str) -> str:
+  return {"sudoku": "board_accuracy", "arithmetic": "exact_match"}.get(source, "token_accuracy")
+
+
+def default_steps(batches) -> int:
+  """One committed token per step: as many steps as the longest answer."""
+  return max(int(np.asarray(b["loss_mask"]).sum(-1).max()) for b in batches)
+
+
+def task_accuracy(model, params, batches, *, source: str, loops, steps: int = 0,
+                  method: str = "confidence", schedule=None, temperature=None, top_k: int = 0,
+                  top_p: float = 1.0, block_len: int = 0, seed: int = 0,
+                  sampler_fn=None) -> dict:
   """Decodes every scored position of the held-out batches and scores the result.
 
-  steps = 0 commits one token per step (as many steps as the longest answer).
+  loops: S (int), or a `--loops` spec ("adaptive:0.01", "time:2:8", ...). steps = 0 commits one
+  token per step. `sampler_fn` reuses a compiled `make_sampler` (same model, policy, steps).
+  Returns the task metrics plus loops_mean / loops_max / nfe / flops_per_sample / seconds.
   """
-  mask_id = model.cfg.mask_id
-
-  @jax.jit
-  def decode(x, segment_ids, loops):
-    fn = lambda x_t, t_B: model.apply({"params": params}, x_t, loops, t_B, segment_ids)
-    return confidence_decode(fn, x, mask_id, n_steps)
-
-  preds, tokens, fixed, scored = [], [], [], []
-  n_steps = steps or max(int(np.asarray(b["loss_mask"]).sum(-1).max()) for b in batches)
-  for b in batches:
-    x = np.where(np.asarray(b["loss_mask"], bool), mask_id, b["tokens"])
-    preds.append(np.asarray(decode(jnp.asarray(x), jnp.asarray(b["segment_ids"]),
-                                   jnp.int32(loops))))
-    tokens.append(b["tokens"])
-    fixed.append(b["fixed"])
-    scored.append(np.asarray(b["loss_mask"], bool))
-  pred, tok, fix, sc = (np.concatenate(a) for a in (preds, tokens, fixed, scored))
-  if source == "sudoku":
-    return {k: float(v) for k, v in sudoku_accuracy(pred, tok, fix).items()}
-  if source == "arithmetic":
-    return {"exact_match": float(np.mean(arithmetic_exact_match(pred, tok, sc)))}
-  return {"token_accuracy": float((pred == tok)[sc].mean())}
+  cfg = model.cfg
+  policy = resolve_policy(cfg, loops)
+  n_steps = steps or default_steps(batches)
+  fn = sampler_fn or make_sampler(model, policy, steps=n_steps, method=method,
+                                  schedule=schedule, block_len=block_len,
+                                  temperature=temperature, top_k=top_k, top_p=top_p)
+  preds, stats, seconds = [], [], 0.0
+  for k, b in enumerate(batches):
+    x = np.where(np.asarray(b["loss_mask"], bool), cfg.mask_id, b["tokens"])
+    args = (params, jax.random.PRNGKey(seed + k), jnp.asarray(x, jnp.int32),
+            jnp.asarray(b["segment_ids"]), loop_args(policy))
+    out, secs, _ = timed(fn, *args)
+    seconds += secs
+    preds.append(np.asarray(out["tokens"]))
+    stats.append(generation_stats(cfg, x.shape[1], out))
+  cat = lambda key: np.concatenate([np.asarray(b[key]) for b in batches])
+  result = score(source, np.concatenate(preds), cat("tokens"), cat("fixed").astype(bool),
+                 cat("loss_mask").astype(bool))
+  weights = [len(b["tokens"]) for b in batches]
+  avg = lambda key: (None if any(s[key] is None for s in stats) else
+                     float(np.average([s[key] for s in stats], weights=weights)))
+  result.update(loops=policy.label, steps=n_steps, method=method,
+                loops_mean=avg("loops_mean"), loops_max=max(s["loops_max"] for s in stats),
+                nfe=avg("nfe"), flops_per_sample=avg("flops_per_sample"), seconds=seconds,
+                examples=int(sum(weights)))
+  return result

@@ -1,0 +1,184 @@
+"""How many loops S the looped block runs at each denoising step: fixed, scheduled, adaptive.
+
+Loops are an inference-time knob (DESIGN.md §1): any S >= 1 works, S > S_max included. A policy
+is parsed from one spec string (the `--loops` flag):
+
+  "8"                     fixed S = 8 at every step.
+  "adaptive:TAU[:MIN[:MAX]]"  per sequence, stop once the relative change of the looped block's
+                          hidden state on masked positions, ||h_i - h_{i-1}|| / ||h_{i-1}||,
+                          falls below TAU; at least MIN (default 1) and at most MAX (default
+                          S_max of the model) iterations.
+  "time:A:B"              S ramps linearly with the diffusion time t: S = round(A + (B - A) t),
+                          so A loops near the clean end (t = 0), B near all-masked (t = 1).
+  "mask:A:B"              the same with r = the fraction of the initially masked positions that
+                          are still masked (1 at the first step, -> 0 at the last).
+  "time:S1,S2,...,Sk"     a table: [0, 1] cut into k equal bins, bin j (in t or r) runs S_{j+1}.
+
+`run_loops` is the executor every policy shares: a `lax.while_loop` over single iterations that
+continues while any sequence is active, with finished sequences frozen by `jnp.where`. So the work
+follows the loops actually executed (the largest of the batch), never a fixed maximum, and one
+compiled program serves every S. It is a pure function of a per-iteration step callback: the
+diffusion package stays independent of the model (the binding lives in loopjax.evaluate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+KINDS = ("fixed", "adaptive", "time", "mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopPolicy:
+  """A parsed `--loops` spec (frozen: hashable, usable as a static jit argument).
+
+  Attributes:
+    kind: one of KINDS.
+    loops: S for "fixed".
+    tau, min_loops, max_loops: the adaptive rule (max_loops 0 = S_max of the model).
+    table: S values of a "time"/"mask" schedule; `ramp` True = linear between table[0], table[1].
+  """
+
+  kind: str = "fixed"
+  loops: int = 1
+  tau: float = 0.0
+  min_loops: int = 1
+  max_loops: int = 0
+  table: tuple[int, ...] = ()
+  ramp: bool = False
+  spec: str = ""
+
+  @classmethod
+  def parse(cls, spec, s_max: int | None = None) -> "LoopPolicy":
+    """Parses a spec (see the module docstring). `s_max` fills the adaptive default maximum."""
+    s = str(spec).strip()
+    bad = lambda msg: ValueError(f"--loops {s!r}: {msg} (forms: N | adaptive:TAU[:MIN[:MAX]] | "
+                                 "time:A:B | mask:A:B | time:S1,S2,...)")
+    parts = s.split(":")
+    try:
+      if len(parts) == 1:
+        pol = cls(kind="fixed", loops=int(parts[0]), spec=s)
+      elif parts[0] == "adaptive":
+        if not 2 <= len(parts) <= 4:
+          raise bad("adaptive takes TAU, optionally MIN and MAX")
+        lo = int(parts[2]) if len(parts) > 2 else 1
+        hi = int(parts[3]) if len(parts) > 3 else int(s_max or 0)
+        pol = cls(kind="adaptive", tau=float(parts[1]), min_loops=lo, max_loops=hi, spec=s)
+      elif parts[0] in ("time", "mask"):
+        if len(parts) == 3:
+          pol = cls(kind=parts[0], table=(int(parts[1]), int(parts[2])), ramp=True, spec=s)
+        elif len(parts) == 2:
+          pol = cls(kind=parts[0], table=tuple(int(v) for v in parts[1].split(",")), spec=s)
+        else:
+          raise bad("a schedule is time:A:B or time:S1,S2,...")
+      else:
+        raise bad(f"unknown kind {parts[0]!r}")
+    except ValueError as e:
+      if str(e).startswith("--loops"):
+        raise
+      raise bad(f"not a number ({e})") from None
+    pol.validate()
+    return pol
+
+  def validate(self) -> None:
+    if self.kind not in KINDS:
+      raise ValueError(f"loop policy kind must be one of {KINDS}, got {self.kind!r}")
+    if self.kind == "fixed" and self.loops < 1:
+      raise ValueError(f"--loops: S must be >= 1, got {self.loops}")
+    if self.kind == "adaptive":
+      if not self.tau >= 0:
+        raise ValueError(f"--loops adaptive: TAU must be >= 0, got {self.tau}")
+      if self.min_loops < 1 or (self.max_loops and self.max_loops < self.min_loops):
+        raise ValueError(f"--loops adaptive: need 1 <= MIN <= MAX, got MIN {self.min_loops}, "
+                         f"MAX {self.max_loops}")
+    if self.kind in ("time", "mask") and (not self.table or min(self.table) < 1):
+      raise ValueError(f"--loops {self.kind}: every S must be >= 1, got {self.table}")
+
+  def with_s_max(self, s_max: int) -> "LoopPolicy":
+    """Fills the adaptive maximum from the model's S_max when the spec left it open."""
+    if self.kind == "adaptive" and not self.max_loops:
+      return dataclasses.replace(self, max_loops=int(s_max))
+    return self
+
+  @property
+  def label(self):
+    """S (int) for a fixed policy, else the spec string: the `loops` field of result rows."""
+    return self.loops if self.kind == "fixed" else (self.spec or self.kind)
+
+  @property
+  def largest(self) -> int:
+    """The most iterations this policy can ask for (checked against loop-embedding tables)."""
+    if self.kind == "fixed":
+      return self.loops
+    if self.kind == "adaptive":
+      return self.max_loops
+    return max(self.table)
+
+  @property
+  def time_dependent(self) -> bool:
+    """True if S depends on t: then logits at an unchanged x_t may differ between steps."""
+    return self.kind == "time"
+
+  def bounds(self, t_B, r_B):
+    """(min_B, max_B, tau) of `run_loops` for sequences at time t_B and masked fraction r_B."""
+    if self.kind == "fixed":
+      s_B = jnp.full(jnp.shape(t_B), self.loops, jnp.int32)
+      return s_B, s_B, 0.0
+    if self.kind == "adaptive":
+      if self.max_loops < 1:
+        raise ValueError("adaptive loop policy without a maximum: call with_s_max(S_max)")
+      shape = jnp.shape(t_B)
+      return (jnp.full(shape, self.min_loops, jnp.int32),
+              jnp.full(shape, self.max_loops, jnp.int32), float(self.tau))
+    key_B = jnp.clip(jnp.asarray(t_B if self.kind == "time" else r_B, jnp.float32), 0.0, 1.0)
+    table = jnp.asarray(self.table, jnp.float32)
+    if self.ramp:
+      s_B = jnp.round(table[0] + (table[1] - table[0]) * key_B)
+    else:
+      k = len(self.table)
+      s_B = table[jnp.minimum((key_B * k).astype(jnp.int32), k - 1)]
+    s_B = jnp.maximum(s_B, 1.0).astype(jnp.int32)
+    return s_B, s_B, 0.0
+
+
+def relative_change(new_BxLxD, old_BxLxD, where_BxL):
+  """||new - old|| / ||old|| per sequence over the positions `where` (0 when there are none)."""
+  w = where_BxL.astype(jnp.float32)[..., None]
+  num_B = jnp.sum(w * jnp.square(new_BxLxD - old_BxLxD), axis=(1, 2))
+  den_B = jnp.sum(w * jnp.square(old_BxLxD), axis=(1, 2))
+  return jnp.where(den_B > 0, jnp.sqrt(num_B / jnp.maximum(den_B, 1e-30)), 0.0)
+
+
+def run_loops(step_fn, h_BxLxD, watch_BxL, min_B, max_B, tau):
+  """Applies `step_fn(h, i) -> h` iteration by iteration, per sequence between min_B and max_B.
+
+  A sequence stays active while i < max_B and (i < min_B or the relative change of its hidden
+  state on the `watch` positions (the masked ones) is still >= tau). tau = 0 therefore runs
+  exactly max_B iterations; a huge tau runs exactly min_B. Inactive sequences keep their state
+  (`jnp.where`); the loop ends when none is active, so compute follows the executed loops.
+
+  Returns (h_BxLxD, loops_B): the final state and the iterations executed per sequence (int32).
+  """
+  min_B = jnp.asarray(min_B, jnp.int32)
+  max_B = jnp.asarray(max_B, jnp.int32)
+  tau = jnp.asarray(tau, jnp.float32)
+
+  def cond(carry):
+    return jnp.any(carry[2])
+
+  def body(carry):
+    i, h, active_B, loops_B = carry
+    new = step_fn(h, i)
+    change_B = relative_change(new, h, watch_BxL)
+    h = jnp.where(active_B[:, None, None], new, h)
+    loops_B = loops_B + active_B.astype(jnp.int32)
+    i = i + 1
+    active_B = active_B & (i < max_B) & ((i < min_B) | (change_B >= tau))
+    return i, h, active_B, loops_B
+
+  init = (jnp.int32(0), h_BxLxD, max_B >= 1, jnp.zeros_like(max_B))
+  _, h, _, loops_B = jax.lax.while_loop(cond, body, init)
+  return h, loops_B

@@ -1,0 +1,161 @@
+"""Binds a trained LoopedTransformer to the samplers: loops per policy, timing, FLOPs.
+
+The model's own `__call__` scans exactly S_max iterations; inference instead drives the looped
+block itself (encode -> `run_loops` over `loop_chunk(..., length=1)` -> decode), so any S works
+(S > S_max included: the block's weights have no loop axis), adaptive stopping is per sequence,
+and compute follows the loops executed. The only refusal: a model with a learned loop-embedding
+table (`loop_embedding`) has no row for iterations beyond S_max.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from loopjax.diffusion.loop_policy import LoopPolicy, run_loops
+from loopjax.diffusion.samplers import sample
+from loopjax.flops import inference_flops_per_sample
+
+
+def resolve_policy(cfg, loops) -> LoopPolicy:
+  """A LoopPolicy for this model from an int, a spec string or a policy; validated against cfg."""
+  policy = loops if isinstance(loops, LoopPolicy) else LoopPolicy.parse(str(loops), cfg.max_loops)
+  policy = policy.with_s_max(cfg.max_loops)
+  if cfg.looped and cfg.loop_embedding and policy.largest > cfg.max_loops:
+    raise ValueError(f"loops {policy.spec or policy.largest}: this model has a learned loop "
+                     f"embedding with {cfg.max_loops} rows (S_max), so it cannot run S > "
+                     f"{cfg.max_loops} iterations")
+  return policy
+
+
+def cache_valid(cfg, policy: LoopPolicy) -> bool:
+  """The MDLM cache is exact iff logits depend on x_t alone (see samplers.py)."""
+  return not cfg.time_conditioning and not policy.time_dependent
+
+
+_RUNTIME = LoopPolicy(kind="adaptive", max_loops=1, spec="runtime")  # compile-time stand-in
+
+
+def loop_args(policy: LoopPolicy):
+  """(min, max, tau) of a fixed or adaptive policy as arrays: passed at run time, so one
+  compiled program serves every S and every adaptive rule. Schedules ignore them."""
+  if policy.kind == "fixed":
+    return jnp.int32(policy.loops), jnp.int32(policy.loops), jnp.float32(0.0)
+  if policy.kind == "adaptive":
+    return jnp.int32(policy.min_loops), jnp.int32(policy.max_loops), jnp.float32(policy.tau)
+  return jnp.int32(1), jnp.int32(1), jnp.float32(0.0)
+
+
+def compiled_policy(policy: LoopPolicy) -> LoopPolicy:
+  """The static part of a policy: fixed and adaptive ones all compile to `_RUNTIME`."""
+  return _RUNTIME if policy.kind in ("fixed", "adaptive") else policy
+
+
+def make_denoiser(model, params, policy: LoopPolicy, segment_ids_BxL=None, loop_arr=None):
+  """denoise(x, t_B, r_B) -> (logits, loops_B) for the samplers and the NELBO.
+
+  `loop_arr` = `loop_args(...)` (possibly traced) gives the bounds of fixed / adaptive policies
+  at run time; without it they come from `policy`. A model without a looped block reports 1
+  loop per call.
+  """
+  cfg = model.cfg
+  variables = {"params": params}
+  if loop_arr is None and policy.kind in ("fixed", "adaptive"):
+    loop_arr = loop_args(policy)
+
+  def denoise(x_BxL, t_B, r_B):
+    h0, c, mask, _ = model.apply(variables, x_BxL, t_B, segment_ids_BxL, method="encode")
+    b = x_BxL.shape[0]
+    if not cfg.looped:
+      h, loops_B = h0, jnp.ones((b,), jnp.int32)
+    else:
+      if policy.kind in ("fixed", "adaptive"):
+        lo, hi, tau = loop_arr
+        lo_B, hi_B = jnp.full((b,), lo, jnp.int32), jnp.full((b,), hi, jnp.int32)
+      else:
+        lo_B, hi_B, tau = policy.bounds(t_B, r_B)
+      step = lambda h, i: model.apply(variables, h, h0, c, mask, i, 1, method="loop_chunk")
+      h, loops_B = run_loops(step, h0, x_BxL == cfg.mask_id, lo_B, hi_B, tau)
+    logits, _ = model.apply(variables, h, c, mask, method="decode")
+    return logits, loops_B
+
+  return denoise
+
+
+def make_sampler(model, policy: LoopPolicy, *, steps: int, method: str = "ancestral",
+                 schedule=None, block_len: int = 0, temperature=None, top_k: int = 0,
+                 top_p: float = 1.0, cache: bool | None = None):
+  """Jitted fn(params, rng, x_BxL, segment_ids_BxL, loop_args(policy)) -> sampler output.
+
+  Fixed and adaptive policies share one program (their numbers are arguments). cache None: on
+  whenever it is exact (`cache_valid`); True where it is not exact is an error.
+  """
+  exact = cache_valid(model.cfg, policy)
+  if cache and not exact:
+    raise ValueError("the sampling cache is exact only with time conditioning off and a loop "
+                     "policy that does not depend on t")
+  use_cache = exact if cache is None else bool(cache)
+  policy = compiled_policy(policy)
+  key = ("sampler", id(model), policy, steps, method, schedule, block_len, temperature, top_k,
+         top_p, use_cache)
+  return memo(key, model, lambda: _build_sampler(model, policy, steps, method, schedule,
+                                                 block_len, temperature, top_k, top_p,
+                                                 use_cache))
+
+
+_MEMO: dict = {}
+
+
+def memo(key, owner, build):
+  """Reuses jitted programs across calls (one compilation per model and static setting).
+  `owner` is kept alive with the entry so that its id in the key stays unique."""
+  if key not in _MEMO:
+    _MEMO[key] = (owner, build())
+  return _MEMO[key][1]
+
+
+def _build_sampler(model, policy, steps, method, schedule, block_len, temperature, top_k, top_p,
+                   use_cache):
+  @jax.jit
+  def fn(params, rng, x_BxL, segment_ids_BxL, loop_arr):
+    denoise = make_denoiser(model, params, policy, segment_ids_BxL, loop_arr)
+    return sample(denoise, rng, x_BxL, model.cfg.mask_id, steps, method=method,
+                  schedule=schedule, block_len=block_len, temperature=temperature,
+                  top_k=top_k, top_p=top_p, cache=use_cache)
+
+  return fn
+
+
+_COMPILED: dict = {}
+
+
+def timed(fn, *args):
+  """(output, run seconds, compile seconds) of a jitted fn. Compiles ahead (once per fn and
+  argument shapes) so the run time is the sampler's alone."""
+  leaves, tree = jax.tree_util.tree_flatten(args)
+  key = (id(fn), tree, tuple((np.shape(a), str(getattr(a, "dtype", type(a)))) for a in leaves))
+  t0 = time.perf_counter()
+  if key not in _COMPILED:
+    _COMPILED[key] = (fn, fn.lower(*args).compile())  # fn kept alive: its id stays unique
+  compiled = _COMPILED[key][1]
+  t1 = time.perf_counter()
+  out = jax.block_until_ready(compiled(*args))
+  return out, time.perf_counter() - t1, t1 - t0
+
+
+def generation_stats(cfg, length: int, out: dict) -> dict:
+  """Loops and compute of one sampler output: executed loops per model call (mean over
+  sequences), model calls (nfe) and inference FLOPs per sample following the executed loops
+  (FLOPs are linear in S, so calls x F(mean loops per call) is exact per sequence)."""
+  loops_TxB = np.asarray(out["loops_TxB"], np.float64)
+  nfe = int(out["nfe"])
+  per_call_B = loops_TxB.sum(0) / max(nfe, 1)
+  flops = None
+  if nfe > 0:
+    flops = float(np.mean([inference_flops_per_sample(cfg, length, max(float(s), 1.0), nfe)
+                           for s in per_call_B]))
+  return {"loops_mean": float(per_call_B.mean()), "loops_max": int(loops_TxB.max(initial=0)),
+          "nfe": nfe, "flops_per_sample": flops}

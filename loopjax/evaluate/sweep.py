@@ -1,0 +1,226 @@
+"""`loopjax eval`: the loop-scaling sweep of a trained run, written to WORKDIR/eval and plots.
+
+For every loop policy (fixed S, including S > S_max; adaptive; schedules):
+  likelihood.json  held-out NELBO, bits/token, perplexity bound, forward FLOPs per sequence
+  tasks.json       built-in task accuracy (Sudoku cells/boards, arithmetic exact match) for
+                   every number of denoising steps, with executed loops, model calls, inference
+                   FLOPs per sample and sampling time
+  gsm8k.json       GSM8K-format JSONL exact match (--gsm8k FILE)
+  zero_shot.json   perplexity bound on local corpora (--corpus FILE)
+  summary.json     all of the above plus the checkpoint, the command and the machine
+and PNGs in WORKDIR/plots: quality vs S and quality vs compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+
+from loopjax.evaluate import plots
+from loopjax.evaluate.denoiser import resolve_policy
+
+DEFAULT_LOOPS = "1,2,4,8,12,24"
+
+
+def parse_loops(specs) -> list[str]:
+  """`--loops` values: comma lists of S or policies ("1,2,4,adaptive:0.01"); a schedule table
+  ("time:8,4,2") is taken whole."""
+  out = []
+  for spec in specs:
+    if spec.startswith(("time:", "mask:")):
+      out.append(spec)
+    else:
+      out.extend(s.strip() for s in spec.split(",") if s.strip())
+  return out
+
+
+def machine() -> str:
+  d = jax.devices()[0]
+  return (f"{d.platform} {getattr(d, 'device_kind', '')} x{jax.device_count()}, "
+          f"{os.cpu_count()} host cores, {platform.machine()}, jax {jax.__version__}")
+
+
+def _write(workdir: str, name: str, obj) -> str:
+  path = os.path.join(workdir, "eval", name)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2)
+  return path
+
+
+def _log(msg: str) -> None:
+  print(msg, flush=True)
+
+
+def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = "confidence",
+             examples: int = 128, batch_size: int = 64, nelbo_batches: int = 2,
+             time_points: int = 8, do_nelbo: bool = True, do_tasks: bool = True,
+             gsm8k: str | None = None, gsm8k_limit: int = 0, answer_len: int = 64,
+             corpus=(), corpus_rows: int = 64, params: str | None = None, step: int | None = None,
+             seed: int = 0, sampler_kw: dict | None = None, command: str = "") -> dict:
+  """Runs the sweep and writes eval/*.json and plots/*.png; returns the summary dict."""
+  from loopjax.data import make_eval_batches, tokenizer_for
+  from loopjax.diffusion import make_schedule
+  from loopjax.export import load_model_dir
+
+  t_start = time.time()
+  # A training workdir or a `loopjax export` folder.
+  config, model, weights = load_model_dir(workdir, step=step, params=params)
+  ckpt = config.source.get("step") or 0
+  cfg = model.cfg
+  specs = parse_loops(loops)
+  for s in specs:  # fail before any work on a policy this model cannot run
+    resolve_policy(cfg, s)
+  source = config.data.source
+  sampler_kw = dict(sampler_kw or {})
+  summary = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(ckpt),
+             "params": config.source.get("params"), "s_max": cfg.max_loops, "source": source, "loops": specs,
+             "machine": machine(), "command": command}
+  eval_seed = int(config.get("train", {}).get("seed", 0)) + 1
+  plot_paths = []
+
+  if do_nelbo:
+    from loopjax.evaluate.likelihood import heldout_nelbo
+    schedule = make_schedule(config.diffusion)
+    batches = make_eval_batches(config.data, batch_size=batch_size, num_batches=nelbo_batches,
+                                seed=eval_seed)
+    rows = []
+    for s in specs:
+      row = heldout_nelbo(model, weights, batches, schedule=schedule, loops=s,
+                          time_points=time_points, seed=seed)
+      rows.append(row)
+      _log(f"nelbo  S={s:<14} bits/token {row['bits_per_token']:.4f}  "
+           f"ppl<= {row['ppl_bound']:.3f}")
+    summary["likelihood"] = rows
+    _write(workdir, "likelihood.json", {**summary, "rows": rows})
+    plot_paths.append(plots.plot_quality_vs_loops(
+        rows, metric="bits_per_token", group="none", path=os.path.join(
+            workdir, "plots", "eval_bits_vs_loops.png"), title="held-out NELBO vs loops"))
+
+  if do_tasks and source in ("sudoku", "arithmetic"):
+    from loopjax.evaluate.tasks import task_accuracy
+    bs = min(examples, batch_size)
+    batches = make_eval_batches(config.data, batch_size=bs, num_batches=max(examples // bs, 1),
+                                seed=eval_seed)
+    rows = []
+    for n_steps in steps:
+      for s in specs:
+        row = task_accuracy(model, weights, batches, source=source, loops=s, steps=n_steps,
+                            method=method, seed=seed, **sampler_kw)
+        rows.append(row)
+        accs = "  ".join(f"{k} {v:.4f}" for k, v in row.items()
+                         if k.endswith(("accuracy", "exact_match")))
+        _log(f"task   S={s:<14} steps {row['steps']:<3} {accs}  loops {row['loops_mean']:.2f}"
+             f"  {row['seconds']:.2f}s")
+    summary["tasks"] = rows
+    _write(workdir, "tasks.json", {**summary, "rows": rows})
+    plot_paths += plot_task_rows(rows, workdir)
+
+  if gsm8k:
+    from loopjax.evaluate.gsm8k import gsm8k_accuracy, read_gsm8k
+    exs = read_gsm8k(gsm8k, gsm8k_limit)
+    tok = tokenizer_for(config.data)
+    rows = []
+    for n_steps in steps:
+      for s in specs:
+        row = gsm8k_accuracy(model, weights, tok, exs, seq_len=config.data.seq_len, loops=s,
+                             answer_len=answer_len, steps=n_steps or answer_len, method=method,
+                             batch_size=min(batch_size, len(exs)), seed=seed, **sampler_kw)
+        rows.append(row)
+        _log(f"gsm8k  S={s:<14} exact match {row['exact_match']:.4f}")
+    summary["gsm8k"] = rows
+    _write(workdir, "gsm8k.json", {**summary, "file": gsm8k, "rows": rows})
+    plot_paths.append(plots.plot_quality_vs_compute(
+        rows, metric="exact_match", path=os.path.join(workdir, "plots", "eval_gsm8k_vs_flops.png")))
+
+  if corpus:
+    from loopjax.evaluate.likelihood import corpus_batches, heldout_nelbo
+    schedule = make_schedule(config.diffusion)
+    tok = tokenizer_for(config.data)
+    rows = []
+    for path in corpus:
+      batches = corpus_batches([path], tok, seq_len=config.data.seq_len,
+                               batch_size=batch_size, max_rows=corpus_rows)
+      for s in specs:
+        row = {"corpus": path, **heldout_nelbo(model, weights, batches, schedule=schedule,
+                                               loops=s, time_points=time_points, seed=seed)}
+        rows.append(row)
+        _log(f"corpus {os.path.basename(path)} S={s:<10} ppl<= {row['ppl_bound']:.3f}")
+    summary["zero_shot"] = rows
+    _write(workdir, "zero_shot.json", {**summary, "rows": rows})
+    plot_paths.append(plots.plot_quality_vs_loops(
+        rows, metric="ppl_bound", group="corpus", path=os.path.join(
+            workdir, "plots", "eval_zero_shot_ppl_vs_loops.png")))
+
+  summary["plots"] = plot_paths
+  summary["seconds"] = time.time() - t_start
+  _write(workdir, "summary.json", summary)
+  return summary
+
+
+def plot_task_rows(rows, workdir: str) -> list[str]:
+  """Every accuracy metric of the task rows vs loops and vs inference FLOPs per sample."""
+  metrics = [k for k in rows[0] if k.endswith(("accuracy", "exact_match"))]
+  out = []
+  for m in metrics:
+    out.append(plots.plot_quality_vs_loops(
+        rows, metric=m, path=os.path.join(workdir, "plots", f"eval_{m}_vs_loops.png")))
+    out.append(plots.plot_quality_vs_compute(
+        rows, metric=m, path=os.path.join(workdir, "plots", f"eval_{m}_vs_flops.png")))
+  return out
+
+
+def _ints(s: str) -> list[int]:
+  return [int(v) for v in s.split(",") if v.strip()]
+
+
+def eval_main(argv) -> int:
+  p = argparse.ArgumentParser(prog="loopjax eval", description=__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--loops", action="append", default=None,
+                 help=f"comma list of S or policies (repeatable); default {DEFAULT_LOOPS}")
+  p.add_argument("--steps", default="0", help="comma list of denoising steps (0: one token "
+                 "per step for built-in tasks, answer length for GSM8K)")
+  p.add_argument("--sampler", default="confidence", choices=("confidence", "ancestral"))
+  p.add_argument("--temperature", type=float, default=None)
+  p.add_argument("--top-k", type=int, default=0)
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--block-len", type=int, default=0, help="semi-autoregressive block size")
+  p.add_argument("--examples", type=int, default=128, help="built-in task examples")
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--nelbo-batches", type=int, default=2)
+  p.add_argument("--time-points", type=int, default=8)
+  p.add_argument("--no-nelbo", action="store_true")
+  p.add_argument("--no-tasks", action="store_true")
+  p.add_argument("--gsm8k", default=None, help="GSM8K-format JSONL file")
+  p.add_argument("--gsm8k-limit", type=int, default=0)
+  p.add_argument("--answer-len", type=int, default=64)
+  p.add_argument("--corpus", action="append", default=[], help="local corpus for zero-shot "
+                 "perplexity (.txt/.jsonl/.parquet, repeatable)")
+  p.add_argument("--corpus-rows", type=int, default=64)
+  p.add_argument("--params", default=None, choices=("ema", "raw"),
+                 help="workdir: which weights (default ema); an export holds one kind")
+  p.add_argument("--step", type=int, default=None)
+  p.add_argument("--seed", type=int, default=0)
+  a = p.parse_args(argv)
+  kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, block_len=a.block_len)
+  summary = run_eval(
+      a.workdir, loops=a.loops or [DEFAULT_LOOPS], steps=_ints(a.steps), method=a.sampler,
+      examples=a.examples, batch_size=a.batch_size, nelbo_batches=a.nelbo_batches,
+      time_points=a.time_points, do_nelbo=not a.no_nelbo, do_tasks=not a.no_tasks,
+      gsm8k=a.gsm8k, gsm8k_limit=a.gsm8k_limit, answer_len=a.answer_len, corpus=a.corpus,
+      corpus_rows=a.corpus_rows, params=a.params, step=a.step, seed=a.seed, sampler_kw=kw,
+      command="loopjax eval " + " ".join(argv))
+  print(json.dumps({"eval": os.path.join(a.workdir, "eval"), "plots": summary["plots"],
+                    "seconds": round(summary["seconds"], 1)}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(eval_main(sys.argv[1:]))

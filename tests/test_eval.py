@@ -1,0 +1,202 @@
+"""Evaluation: GSM8K answer extraction, the NELBO at S against the model's own forward, and
+`loopjax eval` / `loopjax sample` end to end on a short-trained default (Sudoku) run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from loopjax.data.tokenizers import ByteTokenizer
+from loopjax.evaluate.gsm8k import (build_rows, decode_answer, extract_answer, gsm8k_accuracy,
+                                    normalize_number, read_gsm8k)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.model.width=32", "--config.model.num_layers=3", "--config.model.num_heads=2",
+        "--config.model.cond_dim=16", "--config.train.batch_size=4", "--config.train.steps=2",
+        "--config.train.log_every=1", "--config.train.eval_every=1000",
+        "--config.train.eval_batches=1", "--config.train.eval_time_points=2",
+        "--config.eval.examples=2", "--config.loops.train=uniform:1:3",
+        "--config.train.checkpoint_every=2", "--config.train.async_checkpoints=False"]
+
+
+def random_params(model, length, scale=0.2, seed=0):
+  """Random weights of the model's shapes without compiling `init` (as in test_samplers.py)."""
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, length), jnp.int32),
+                          1)["params"]
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda a: jnp.asarray(scale * rng.standard_normal(a.shape), a.dtype), shapes)
+
+
+def _main(capsys, *args):
+  """`loopjax ARGS` in this process (through the CLI's command table); returns stdout."""
+  from loopjax.cli import main
+  capsys.readouterr()
+  rc = main(list(args))
+  out = capsys.readouterr()
+  assert rc == 0, out.err[-3000:]
+  return out.out
+
+
+def _cli(*args, timeout=400):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-m", "loopjax.cli", *args], capture_output=True,
+                        text=True, timeout=timeout, env=env, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+# ------------------------------------------------------------------ GSM8K format
+
+
+@pytest.mark.parametrize("text,want", [
+    ("She has 3 + 4 = 7 apples.\n#### 7", "7"), ("... #### 1,234", "1234"),
+    ("#### -5", "-5"), ("#### $18.50", "18.5"), ("#### 72.0", "72"),
+    ("no marker, the answer is 42.", "42"), ("12 then 13 and finally 14", "14"),
+    ("#### none", None), ("nothing here", None)])
+def test_extract_answer(text, want):
+  assert extract_answer(text) == want
+
+
+def test_normalize_and_read(tmp_path):
+  assert normalize_number("1,000.50") == "1000.5" and normalize_number("abc") is None
+  good = tmp_path / "g.jsonl"
+  good.write_text('{"question": "1+1?", "answer": "1+1=2\\n#### 2"}\n\n'
+                  '{"question": "2*3?", "answer": "#### 6"}\n')
+  exs = read_gsm8k(str(good))
+  assert [e["gold"] for e in exs] == ["2", "6"] and len(read_gsm8k(str(good), 1)) == 1
+  bad = tmp_path / "b.jsonl"
+  bad.write_text('{"question": "q", "answer": "no number"}\n')
+  with pytest.raises(ValueError, match="####"):
+    read_gsm8k(str(bad))
+
+
+def test_build_rows_masks_only_the_answer_field():
+  tok = ByteTokenizer()
+  x, seg, start = build_rows(tok, ["hi", "a much longer question " * 3], seq_len=32,
+                             answer_len=8, mask_id=257, template="Q: {question}\nA:")
+  assert start[0] == len("Q: hi\nA:") and np.all(x[0, start[0]:start[0] + 8] == 257)
+  assert np.all(seg[0, :start[0] + 8] == 1) and np.all(seg[0, start[0] + 8:] == 0)
+  assert start[1] == 24 and tok.decode(x[1, :24].tolist()).endswith("question \nA:")
+  assert (x == 257).sum() == 16
+  assert decode_answer(tok, tok.encode("12") + [256] + tok.encode("99")) == "12"
+
+
+def test_gsm8k_accuracy_runs_on_a_byte_model(tmp_path):
+  from loopjax.model import LoopedTransformer, ModelConfig
+  cfg = ModelConfig(vocab_size=257, max_length=24, width=32, num_layers=3, num_heads=2,
+                    cond_dim=16, loop_start=1, loop_end=2, max_loops=2)
+  model = LoopedTransformer(cfg)
+  params = random_params(model, 24)
+  exs = [{"question": "1+1", "gold": "2"}, {"question": "2+2", "gold": "4"},
+         {"question": "3+3", "gold": "6"}]
+  out = gsm8k_accuracy(model, params, ByteTokenizer(), exs, seq_len=24, loops="adaptive:0.5",
+                       answer_len=4, steps=4, batch_size=2, template="{question}=")
+  assert out["examples"] == 3 and 0.0 <= out["exact_match"] <= 1.0
+  assert 1.0 <= out["loops_mean"] <= 2.0 and out["nfe"] >= 1 and len(out["samples"]) == 3
+
+
+# ------------------------------------------------------------------ likelihood
+
+
+def test_heldout_nelbo_matches_the_model_forward():
+  """The inference loop driver gives the NELBO of the model's own __call__ at S <= S_max."""
+  from loopjax.data import make_eval_batches
+  from loopjax.data.pipeline import default_data_config
+  from loopjax.diffusion import Schedule, eval_time_grid, nelbo_on_grid
+  from loopjax.evaluate.likelihood import heldout_nelbo
+  from loopjax.model import LoopedTransformer, ModelConfig
+  cfg = ModelConfig(vocab_size=9, max_length=81, width=32, num_layers=3, num_heads=2,
+                    cond_dim=16, loop_start=1, loop_end=2, max_loops=3)
+  model = LoopedTransformer(cfg)
+  params = random_params(model, 81)
+  batch = make_eval_batches(default_data_config(), batch_size=2, num_batches=1, seed=0)
+  sched = Schedule("linear")
+  got = heldout_nelbo(model, params, batch, schedule=sched, loops=2, time_points=2)
+  b = batch[0]
+  ref = jax.jit(lambda p: nelbo_on_grid(
+      lambda x, t: model.apply({"params": p}, x, 2, t), jax.random.PRNGKey(0),
+      jnp.asarray(b["tokens"]), sched, 9, eval_time_grid(2, sched.eps),
+      jnp.asarray(b["fixed"]), jnp.asarray(b["loss_mask"])))(params)
+  want = float(ref["nelbo_sum"]) / float(ref["num_tokens"])
+  assert got["nats_per_token"] == pytest.approx(want, rel=1e-4)
+  assert got["tokens"] == int(b["loss_mask"].sum()) and got["loops"] == 2
+
+
+# ------------------------------------------------------------------ the CLI end to end
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  _cli("train", "--config", os.path.join(ROOT, "experiments", "sudoku.py"), "--workdir",
+       str(workdir), *TINY)
+  return workdir
+
+
+def test_eval_writes_json_and_plots(trained, tmp_path, capsys):
+  corpus = tmp_path / "digits.txt"
+  corpus.write_text("123456789987654321\n\n" + "314159265358979" * 4 + "\n")
+  stdout = _main(capsys, "eval", "--workdir", str(trained), "--loops", "1,3,5", "--loops",
+              "adaptive:0.05:1:4", "--examples", "2", "--batch-size", "2", "--nelbo-batches",
+              "1", "--time-points", "2", "--steps", "0,4", "--corpus", str(corpus))
+  ev = trained / "eval"
+  for name in ("likelihood.json", "tasks.json", "zero_shot.json", "summary.json"):
+    assert (ev / name).exists(), (name, stdout)
+  like = json.loads((ev / "likelihood.json").read_text())["rows"]
+  assert [r["loops"] for r in like] == [1, 3, 5, "adaptive:0.05:1:4"]
+  assert all(np.isfinite(r["bits_per_token"]) and r["ppl_bound"] > 1 for r in like)
+  tasks = json.loads((ev / "tasks.json").read_text())["rows"]
+  assert len(tasks) == 8 and {r["steps"] for r in tasks} >= {4}
+  fixed = [r for r in tasks if r["steps"] == 4 and isinstance(r["loops"], int)]
+  assert [r["loops_mean"] for r in fixed] == [1.0, 3.0, 5.0]  # S > S_max = 3 really runs
+  flops = [r["flops_per_sample"] for r in fixed]
+  assert flops[0] < flops[1] < flops[2], "inference FLOPs must follow the executed loops"
+  for r in tasks:
+    assert 0 <= r["board_accuracy"] <= r["cell_accuracy"] + 1e-9 <= 1 + 1e-9
+    assert r["nfe"] <= r["steps"] and r["seconds"] > 0
+  adaptive = [r for r in tasks if r["loops"] == "adaptive:0.05:1:4"]
+  assert all(1 <= r["loops_mean"] <= 4 for r in adaptive)
+  zs = json.loads((ev / "zero_shot.json").read_text())["rows"]
+  assert len(zs) == 4 and all(r["tokens"] > 0 for r in zs)
+  plots = json.loads((ev / "summary.json").read_text())["plots"]
+  assert len(plots) >= 4
+  for path in plots:
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", path
+
+
+def test_sample_keeps_givens_and_fills_every_mask(trained, capsys):
+  stdout = _main(capsys, "sample", "--workdir", str(trained), "--heldout", "--num", "2", "--loops",
+              "adaptive:0.1", "--steps", "6", "--sampler", "confidence")
+  report = json.loads(stdout.strip().splitlines()[-1])
+  assert report["steps"] == 6 and 1 <= report["loops_mean"] <= 3
+  assert report["given_kept"] and report["masks_left"] == 0
+  saved = json.loads(open(report["file"]).read())
+  assert all(len(s) == 81 and set(s) <= set("123456789") for s in saved["samples"])
+  tmpl = "5" + "?" * 79 + "7"
+  stdout = _main(capsys, "sample", "--workdir", str(trained), "--template", tmpl, "--num", "2",
+              "--loops", "4", "--steps", "8")
+  report = json.loads(stdout.strip().splitlines()[-1])
+  for s in json.loads(open(report["file"]).read())["samples"]:
+    assert len(s) == 81 and s[0] == "5" and s[-1] == "7" and set(s) <= set("123456789")
+  assert report["loops_mean"] == 4.0 and report["given_kept"] and report["masks_left"] == 0
+
+
+def test_sample_and_eval_accept_an_exported_folder(trained, tmp_path, capsys):
+  out = tmp_path / "exported"
+  _main(capsys, "export", "--workdir", str(trained), "--out", str(out))
+  stdout = _main(capsys, "sample", "--workdir", str(out), "--heldout", "--num", "2",
+                 "--loops", "2", "--steps", "4", "--sampler", "confidence")
+  report = json.loads(stdout.strip().splitlines()[-1])
+  assert report["given_kept"] and report["masks_left"] == 0 and report["loops_mean"] == 2.0
+  _main(capsys, "eval", "--workdir", str(out), "--loops", "2", "--examples", "2",
+        "--batch-size", "2", "--nelbo-batches", "1", "--time-points", "2", "--steps", "4")
+  summary = json.loads((out / "eval" / "summary.json").read_text())
+  assert summary["params"] == "ema" and summary["tasks"][0]["loops"] == 2
