@@ -1,4 +1,19 @@
-"""Multi-host start-up through JAX's own multi-controller runtime."""
+"""Multi-host start-up through JAX's own multi-controller runtime.
+
+Every process runs the same `loopjax train` command. Processes find each other through
+`jax.distributed.initialize`, from explicit flags (`--coordinator host:port --num-processes N
+--process-id I`, as launch/local_multiprocess.py passes) or from the cluster environment that JAX
+detects itself (SLURM `srun`, Cloud TPU VMs and GKE, multi-slice TPU).
+
+Environment knobs (launch scripts set them):
+  LOOPJAX_DISTRIBUTED=auto|1|0   1: always initialise with JAX's cluster auto-detection (Cloud TPU
+                                 VMs created with gcloud carry no environment variable to detect
+                                 them by); 0: never; auto (default): when flags or SLURM / TPU
+                                 variables say this is a multi-process job.
+  LOOPJAX_LOCAL_DEVICE_IDS=0,1,..  the accelerators this process drives. JAX's SLURM detection
+                                 gives each task one GPU (its SLURM_LOCALID); one task per node
+                                 driving all of the node's GPUs must list them.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +25,36 @@ import jax
 log = logging.getLogger("loopjax")
 
 
+def _local_device_ids() -> list[int] | None:
+  ids = os.environ.get("LOOPJAX_LOCAL_DEVICE_IDS", "").strip()
+  return [int(x) for x in ids.split(",") if x.strip()] if ids else None
+
+
+def _cluster_detected() -> bool:
+  return (os.environ.get("SLURM_NTASKS", "1") != "1" or bool(os.environ.get("TPU_WORKER_HOSTNAMES"))
+          or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")))
+
+
 def maybe_initialize(coordinator: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None) -> None:
   """Calls jax.distributed.initialize when this is a multi-process run.
 
-  Explicit flags win; otherwise TPU pods and SLURM jobs are auto-detected by JAX itself.
+  Explicit flags win; otherwise SLURM jobs and TPU pods are auto-detected by JAX itself.
   A single process with none of these does nothing.
   """
+  mode = os.environ.get("LOOPJAX_DISTRIBUTED", "auto").strip().lower()
+  if mode not in ("auto", "1", "0"):
+    raise ValueError(f"LOOPJAX_DISTRIBUTED must be auto, 1 or 0, got {mode!r}")
+  local_ids = _local_device_ids()
   if coordinator is not None:
     if num_processes is None or process_id is None:
       raise ValueError("--coordinator needs --num-processes and --process-id")
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"--process-id {process_id} is not in [0, --num-processes {num_processes})")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
-  elif os.environ.get("SLURM_NTASKS", "1") != "1" or os.environ.get("TPU_WORKER_HOSTNAMES") or \
-      os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize()
+                               process_id=process_id, local_device_ids=local_ids)
+  elif mode == "1" or (mode == "auto" and _cluster_detected()):
+    jax.distributed.initialize(local_device_ids=local_ids)
   else:
     return
   log.info("process %d of %d, %d local / %d global devices", jax.process_index(),

@@ -6,6 +6,7 @@ Parameters carry logical names (`embed`, `heads`, `mlp`, ...); activations use `
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Mapping
 
@@ -14,7 +15,11 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+log = logging.getLogger("loopjax")
+
 MESH_AXES = ("data", "fsdp", "tensor")
+# How much of each axis crosses the slow network between TPU slices (or GPU hosts).
+DCN_KEYS = tuple(f"dcn_{a}" for a in MESH_AXES)
 
 # logical axis -> mesh axes. Batch splits over data and fsdp (FSDP is data parallel with sharded
 # weights); weights shard their embed dim over fsdp and heads/mlp/vocab over tensor.
@@ -34,6 +39,9 @@ LOGICAL_RULES = (
 
 def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
   """Resolves the configured sizes (-1 = fill) against the device count, or raises."""
+  unknown = sorted(set(mesh_cfg.keys()) - set(MESH_AXES) - set(DCN_KEYS))
+  if unknown:
+    raise ValueError(f"mesh: unknown key(s) {unknown}; known: {list(MESH_AXES + DCN_KEYS)}")
   sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
   fills = [i for i, s in enumerate(sizes) if s == -1]
   if len(fills) > 1:
@@ -53,19 +61,56 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int,
   return tuple(sizes)
 
 
+def dcn_shape(mesh_cfg: Mapping[str, int], shape, num_granules: int) -> tuple[int, int, int]:
+  """How many of each axis' devices lie across slices (DCN). Default: `data` spans the slices.
+
+  `data`/`fsdp`/`tensor` are the whole mesh; `dcn_*` says which part of each crosses the slow
+  network, so each slice (granule) holds an ICI mesh of shape `shape / dcn`.
+  """
+  dcn = [int(mesh_cfg.get(k, 1)) for k in DCN_KEYS]
+  if math.prod(dcn) == 1 and num_granules > 1:
+    dcn[0] = num_granules
+  if any(d < 1 or s % d for s, d in zip(shape, dcn)):
+    raise ValueError(f"mesh: dcn sizes {dict(zip(DCN_KEYS, dcn))} must be positive and divide the "
+                     f"mesh {dict(zip(MESH_AXES, shape))}")
+  if math.prod(dcn) != num_granules:
+    raise ValueError(f"mesh: dcn sizes {dict(zip(DCN_KEYS, dcn))} multiply to {math.prod(dcn)} "
+                     f"but the devices form {num_granules} slice(s) (or hosts, on GPU)")
+  return tuple(dcn)
+
+
 def make_mesh(mesh_cfg: Mapping[str, int], devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+  """The (data, fsdp, tensor) mesh over `devices` (default: all of them)."""
+  return Mesh(device_grid(mesh_cfg, jax.devices() if devices is None else devices), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def device_grid(mesh_cfg: Mapping[str, int], devices) -> np.ndarray:
+  """The devices as a (data, fsdp, tensor) array laid out on the topology.
+
+  Multi-slice TPU (devices with distinct `slice_index`): a hybrid mesh whose `dcn_*` parts cross
+  slices and the rest stays inside a slice's ICI. With `dcn_*` set and no slices (multi-node
+  GPU), hosts are the slow-network granules. Otherwise create_device_mesh's physical layout
+  (TPU/GPU), or device order (CPU, unknown backends).
+  """
+  from jax.experimental import mesh_utils
+  devices = list(devices)
   shape = mesh_shape(mesh_cfg, len(devices))
-  if devices is jax.devices() or len(devices) == jax.device_count():
-    try:
-      # Lays axes out over the physical topology (ICI inside a slice) where the backend knows it.
-      from jax.experimental import mesh_utils
-      dev_array = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # CPU / unknown topologies: plain order is as good as any.
-      dev_array = np.asarray(devices).reshape(shape)
-  else:
-    dev_array = np.asarray(devices).reshape(shape)
-  return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+  by_process = num_slices == 1 and any(int(mesh_cfg.get(k, 1)) > 1 for k in DCN_KEYS)
+  granules = len({d.process_index for d in devices}) if by_process else num_slices
+  dcn = dcn_shape(mesh_cfg, shape, granules)
+  if granules > 1:
+    ici = tuple(s // d for s, d in zip(shape, dcn))
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices,
+                                                process_is_granule=by_process)
+  try:
+    return mesh_utils.create_device_mesh(shape, devices=devices)
+  except Exception as e:  # CPU / unknown topologies: plain order is as good as any.
+    if devices[0].platform != "cpu":
+      log.warning("mesh: no topology-aware layout for %s on %s (%s); using device order",
+                  shape, devices[0].device_kind, e)
+    return np.asarray(devices).reshape(shape)
 
 
 def logical_sharding(mesh: Mesh, logical_spec) -> NamedSharding:
@@ -73,11 +118,28 @@ def logical_sharding(mesh: Mesh, logical_spec) -> NamedSharding:
 
 
 def tree_shardings(mesh: Mesh, abstract_tree):
-  """NamedShardings for a tree whose leaves may be nn.Partitioned boxes (unboxed result)."""
+  """NamedShardings for a tree whose leaves may be nn.Partitioned boxes (unboxed result).
+
+  A dimension whose size the mesh axes do not divide (a 9-token vocabulary over tensor=2, a
+  2-layer stack over an axis of 4) stays whole on that dimension instead of failing: jit
+  accepts only even shardings, and such tensors are small.
+  """
   specs = nn.get_partition_spec(abstract_tree)
+  shapes = nn.unbox(abstract_tree)
   return jax.tree_util.tree_map(
-      lambda s: NamedSharding(mesh, nn.logical_to_mesh_axes(s, LOGICAL_RULES)), specs,
-      is_leaf=lambda x: isinstance(x, P))
+      lambda s, x: NamedSharding(mesh, fit_spec(mesh, nn.logical_to_mesh_axes(s, LOGICAL_RULES),
+                                                getattr(x, "shape", ()))),
+      specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def fit_spec(mesh: Mesh, spec: P, shape) -> P:
+  """`spec` with the mesh axes of each dimension that they do not divide evenly dropped."""
+  out = []
+  for i, axes in enumerate(tuple(spec)[:len(shape)]):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[a] for a in names)
+    out.append(axes if size == 1 or shape[i] % size == 0 else None)
+  return P(*out)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -90,3 +152,32 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch_divisible(mesh: Mesh, batch_size: int, grad_accum: int = 1,
+                          name: str = "train.batch_size") -> None:
+  dp = data_parallel_size(mesh)
+  if batch_size % (dp * grad_accum):
+    raise ValueError(f"{name} {batch_size} must be divisible by the data-parallel size {dp} "
+                     f"(mesh data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']})"
+                     + (f" times train.grad_accum {grad_accum}" if grad_accum > 1 else ""))
+
+
+def process_batch_slice(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
+  """(shard index, shard count) of the global batch rows this process's devices hold.
+
+  The data pipeline gives shard i of n the rows [i*G/n, (i+1)*G/n). Usually n is the process
+  count and i the process index, but not when processes share rows (a tensor axis that spans
+  hosts: they must load the same rows) or when the topology orders processes differently along
+  the batch axes; this reads the truth off the batch sharding.
+  """
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size, 1))
+  rows = sorted({(s[0].start or 0, global_batch_size if s[0].stop is None else s[0].stop)
+                 for s in index_map.values()})
+  lo, hi = rows[0][0], rows[-1][1]
+  if any(a != b for (_, a), (b, _) in zip(rows, rows[1:])) or (hi - lo) == 0 or \
+      global_batch_size % (hi - lo) or lo % (hi - lo):
+    raise ValueError(f"process {jax.process_index()} holds batch rows {rows}, not one aligned "
+                     "contiguous block; reorder the mesh so each host's devices are adjacent on "
+                     "the data/fsdp axes")
+  return lo // (hi - lo), global_batch_size // (hi - lo)

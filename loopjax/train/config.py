@@ -36,7 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every=500, eval_batches=4, eval_time_points=8, eval_params="ema",
       on_nonfinite="error",  # error: stop with a message | skip: leave the state unchanged
   )
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Whole-mesh sizes (-1 = fill). dcn_*: the part of each axis that crosses TPU slices
+  # (multi-slice) or hosts (multi-node GPU); 1 everywhere = data spans the slices, if several.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
   c.eval = dict(  # end-of-run task evaluation (built-in tasks)
       examples=64, steps=0, loops=0,  # steps 0: one token per step; loops 0: S_max
   )

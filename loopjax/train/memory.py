@@ -1,0 +1,239 @@
+"""Per-device memory of a config's train step on a mesh, read off the compiled program.
+
+    loopjax memory --config A [--mesh data=1,fsdp=8,tensor=1] [--devices 8] [--topology v5e:2x4]
+
+The train step (the same jitted, donated, sharded step the trainer runs) is lowered with
+jax.ShapeDtypeStruct inputs and compiled ahead of time: nothing is allocated and no accelerator is
+needed. Devices are fake CPU devices (`--devices N`), or, with `--topology` and the `libtpu` wheel
+installed, compile-only TPU devices of that topology, so the TPU compiler itself does the buffer
+assignment. Parameters, EMA and optimizer state per device are exact (their shard shapes);
+activations/temp, arguments and outputs come from `compiled.memory_analysis()`.
+
+On fake CPU devices the temp figure is the CPU compiler's (it fuses and lays out differently and
+may keep bfloat16 math in float32): a guide, not a guarantee. Use `--topology` for TPU numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+GIB = 1024 ** 3
+
+# Memory per device in GiB by device_kind (prefix match); --device-memory-gib overrides.
+DEVICE_MEMORY_GIB = (
+    ("TPU v4", 32), ("TPU v5 lite", 16), ("TPU v5e", 16), ("TPU v5p", 95), ("TPU v5", 95),
+    ("TPU v6 lite", 32), ("TPU v6e", 32), ("TPU7x", 192),
+    ("NVIDIA H200", 141), ("NVIDIA H100", 80), ("NVIDIA A100-SXM4-40GB", 40),
+    ("NVIDIA A100", 80), ("NVIDIA B200", 180),
+)
+
+
+def device_memory_gib(device_kind: str) -> float | None:
+  for prefix, gib in DEVICE_MEMORY_GIB:
+    if device_kind.startswith(prefix):
+      return float(gib)
+  return None
+
+
+def tpu_topology_devices(name: str, num_slices: int = 1) -> list:
+  """Compile-only TPU devices of a topology such as `v5e:2x4` or `v4:2x2x2` (needs libtpu)."""
+  from jax.experimental import topologies
+  try:
+    kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+    return list(topologies.get_topology_desc(name, "tpu", **kwargs).devices)
+  except Exception as e:
+    raise ValueError(f"cannot build TPU topology {name!r}: {type(e).__name__}: "
+                     f"{str(e).strip().splitlines()[-1][:300]} (is the `libtpu` wheel that "
+                     "matches this jax installed? names look like v5e:2x4, v4:2x2x1)") from e
+
+
+def _shard_bytes(tree) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (worst device)."""
+  total = 0
+  for leaf in jax.tree_util.tree_leaves(tree):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _global_bytes(tree) -> int:
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+             for x in jax.tree_util.tree_leaves(tree))
+
+
+def compile_train_step(config, mesh):
+  """(compiled train step, abstract state, abstract batch), AOT for `mesh`'s devices."""
+  from loopjax.diffusion import make_schedule
+  from loopjax.model import LoopDistribution, LoopedTransformer
+  from loopjax.parallel import mesh as mesh_lib
+  from loopjax.train import config as config_lib
+  from loopjax.train.state import create_abstract_state, learning_rate, make_optimizer
+  from loopjax.train.step import make_train_step
+
+  cfg = config_lib.model_config(config)
+  t, seq_len = config.train, int(config.data.seq_len)
+  mesh_lib.check_batch_divisible(mesh, int(t.batch_size), int(t.grad_accum))
+  model, tx = LoopedTransformer(cfg), make_optimizer(t)
+  example = jnp.zeros((1, seq_len), jnp.int32)
+  abstract, shardings = create_abstract_state(model, tx, example, int(t.seed), mesh)
+  bsh = mesh_lib.batch_sharding(mesh)
+  shape = (int(t.batch_size), seq_len)
+  batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=bsh) for k, dt in (
+      ("tokens", jnp.int32), ("fixed", jnp.bool_), ("loss_mask", jnp.bool_),
+      ("segment_ids", jnp.int32))}
+  step = make_train_step(model, tx, make_schedule(config.diffusion),
+                         LoopDistribution.parse(config.loops.train),
+                         antithetic=config.diffusion.antithetic, ema_decay=t.ema_decay,
+                         grad_accum=t.grad_accum, lr_fn=learning_rate(t))
+  jitted = jax.jit(step, in_shardings=(shardings, bsh),
+                   out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+  return jitted.lower(abstract, batch).compile(), abstract, batch
+
+
+def memory_report(config, devices=None, mesh_cfg=None, memory_gib: float | None = None) -> dict:
+  """Bytes per device of the train step of `config` on a mesh over `devices` (default: all)."""
+  from loopjax.parallel import mesh as mesh_lib
+
+  devices = list(jax.devices() if devices is None else devices)
+  mesh = mesh_lib.make_mesh(dict(config.mesh) if mesh_cfg is None else mesh_cfg, devices)
+  try:
+    compiled, abstract, batch = compile_train_step(config, mesh)
+  except jax.errors.JaxRuntimeError as e:
+    # The TPU compiler refuses programs that cannot fit; that is an answer, not a failure.
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    msg = str(e).strip().splitlines()[0]
+    need = re.search(r"required for [\w ]+ \(([\d.]+\w?)\) exceeds available \w+ \(([\d.]+\w?)\)",
+                     msg)
+    return {"device_kind": devices[0].device_kind, "num_devices": len(devices),
+            "mesh": {k: int(v) for k, v in mesh.shape.items()}, "fits": False,
+            "compiler_error": msg[:500],
+            "compiler_needs": f"{need[1]} of {need[2]}" if need else None}
+  m = compiled.memory_analysis()
+  state_other = (_shard_bytes(abstract) - _shard_bytes(abstract.params)
+                 - _shard_bytes(abstract.ema_params) - _shard_bytes(abstract.opt_state))
+  out = {
+      "device_kind": devices[0].device_kind, "num_devices": len(devices),
+      "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "batch_size": int(config.train.batch_size), "seq_len": int(config.data.seq_len),
+      "param_count": sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract.params)),
+      "params_global": _global_bytes(abstract.params),
+      "params": _shard_bytes(abstract.params),
+      "ema_params": _shard_bytes(abstract.ema_params),
+      "opt_state": _shard_bytes(abstract.opt_state),
+      "state_other": state_other,
+      "batch": _shard_bytes(batch),
+      "arguments": int(m.argument_size_in_bytes),
+      "outputs": int(m.output_size_in_bytes),
+      "aliased": int(m.alias_size_in_bytes),
+      "temp": int(m.temp_size_in_bytes),
+      "code": int(m.generated_code_size_in_bytes),
+  }
+  # Donated state: outputs alias arguments, so they are counted once.
+  out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temp"] + out["code"]
+  # The compiler's own peak (live ranges of every buffer) where it is meaningful (TPU/GPU; the
+  # CPU backend reports near zero); else the sum above, which assumes everything lives at once.
+  peak = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
+  if peak and devices[0].platform != "cpu":
+    out["peak"] = peak
+  out["needed"] = out.get("peak", out["total"])
+  gib = memory_gib if memory_gib else device_memory_gib(out["device_kind"])
+  if gib:
+    out["device_memory"] = int(gib * GIB)
+    out["fits"] = out["needed"] <= out["device_memory"]
+  return out
+
+
+def format_report(r: dict) -> str:
+  if "compiler_error" in r:
+    mesh = ", ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    need = f"needs {r['compiler_needs']} per device" if r.get("compiler_needs") else \
+        f"says {r['compiler_error']}"
+    return (f"DOES NOT FIT on {r['num_devices']} x {r['device_kind']} (mesh {mesh}): "
+            f"the compiler {need}")
+  def g(b):
+    for unit, size in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+      if b >= size:
+        return f"{b / size:8.2f} {unit}"
+    return f"{b:8d} B  "
+
+  mesh = ", ".join(f"{k}={v}" for k, v in r["mesh"].items())
+  lines = [f"train step of {r['param_count'] / 1e6:.1f}M parameters, batch {r['batch_size']} x "
+           f"{r['seq_len']}, on {r['num_devices']} x {r['device_kind']} (mesh {mesh})",
+           "per device:",
+           f"  parameters        {g(r['params'])}   (all devices: {g(r['params_global']).strip()})",
+           f"  EMA parameters    {g(r['ema_params'])}",
+           f"  optimizer state   {g(r['opt_state'])}",
+           f"  batch             {g(r['batch'])}",
+           f"  activations/temp  {g(r['temp'])}",
+           f"  code              {g(r['code'])}",
+           f"  total             {g(r['total'])}   (arguments + outputs - donated + temp + code)"]
+  if "peak" in r:
+    lines.append(f"  XLA peak          {g(r['peak'])}   (buffer live ranges: what must fit)")
+  if "device_memory" in r:
+    verdict = "fits" if r["fits"] else "DOES NOT FIT"
+    lines.append(f"  device memory     {g(r['device_memory'])}   -> {verdict}")
+  if r["device_kind"] == "cpu":
+    lines.append("(fake CPU devices: temp is the CPU compiler's estimate; use --topology for TPU)")
+  return "\n".join(lines)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  out = {}
+  for part in filter(None, text.split(",")):
+    key, sep, val = part.partition("=")
+    if not sep:
+      raise ValueError(f"--mesh wants data=..,fsdp=..,tensor=.. (got {part!r})")
+    out[key.strip()] = int(val)
+  return out
+
+
+def main(argv) -> int:
+  from loopjax.cli import _split_config_args, load_config
+
+  spec, overrides, rest = _split_config_args(argv)
+  p = argparse.ArgumentParser(prog="loopjax memory", description=__doc__.split("\n\n")[0])
+  p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (default: config.mesh)")
+  p.add_argument("--devices", type=int, default=None,
+                 help="fake CPU devices to compile for (default: the mesh's size, else 8)")
+  p.add_argument("--topology", default=None,
+                 help="compile for this TPU topology instead, e.g. v5e:2x4 (needs libtpu)")
+  p.add_argument("--num-slices", type=int, default=1, help="TPU slices of --topology")
+  p.add_argument("--device-memory-gib", type=float, default=None,
+                 help="memory per device to compare with (default: known for TPU/GPU kinds)")
+  p.add_argument("--json", action="store_true")
+  args = p.parse_args(argv if spec is None else rest)
+  if spec is None:
+    p.error("--config experiments/NAME.py[:VARIANT] is required")
+  mesh_cfg = parse_mesh(args.mesh) if args.mesh else None
+  if args.topology:
+    jax.config.update("jax_platforms", "cpu")
+    devices = tpu_topology_devices(args.topology, args.num_slices)
+  else:
+    n = args.devices
+    if n is None:
+      sizes = list((mesh_cfg or {}).values())
+      n = math.prod(sizes) if sizes and all(s > 0 for s in sizes) else 8
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    if xla_bridge.backends_are_initialized():
+      if len(jax.devices("cpu")) != n:
+        raise ValueError(f"jax is already initialised with {len(jax.devices('cpu'))} CPU "
+                         f"devices; run `loopjax memory` in a fresh process for {n}")
+    else:
+      jax.config.update("jax_platforms", "cpu")
+      jax.config.update("jax_num_cpu_devices", n)
+    devices = jax.devices("cpu")[:n]
+  config = load_config(spec, overrides)
+  if mesh_cfg is not None:
+    mesh_cfg = {**{k: v for k, v in dict(config.mesh).items() if k.startswith("dcn_")},
+                "data": 1, "fsdp": 1, "tensor": 1, **mesh_cfg}
+  report = memory_report(config, devices, mesh_cfg, args.device_memory_gib)
+  print(json.dumps(report) if args.json else format_report(report), flush=True)
+  return 0

@@ -1,0 +1,275 @@
+"""Sharded and multi-process training: the same losses on every mesh and process layout, weights
+that really are sharded, checkpoints that move between meshes, clear errors for bad meshes, and
+the per-device memory report.
+
+Multi-device cases run in subprocesses with 8 fake CPU devices (the pytest process has one). The
+expensive runs start together in one module fixture (one 1-device reference, one 8-device driver
+that trains on several meshes in turn, one 2-process x 4-device job) and share a persistent
+compilation cache, so the file stays within a few minutes on 2 cores.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from loopjax.parallel import mesh as mesh_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENT = os.path.join(ROOT, "experiments", "sudoku.py")
+LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.py")
+STEPS, HALF = 6, 3
+# Constant LR after a 2-step warm-up, so a run stopped at HALF and resumed to STEPS follows the
+# same schedule as one that went straight to STEPS.
+# Layer 0, then layer 1 looped S ~ U{1, 2} times (the smallest model with every kind of stack).
+TINY = ["--config.model.width=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
+        "--config.model.cond_dim=16", "--config.train.batch_size=8",
+        "--config.loops.train=uniform:1:2", "--config.train.lr=2e-3",
+        "--config.train.lr_schedule=constant",
+        "--config.train.warmup_steps=2", "--config.train.log_every=1",
+        "--config.train.eval_every=1000", "--config.train.eval_batches=1",
+        "--config.train.eval_time_points=2", "--config.train.async_checkpoints=False",
+        f"--config.train.checkpoint_every={HALF}"]
+# Float32 sums in another order (sharded reductions): equal to ~1e-6; a wrong batch slice,
+# a dropped gradient shard or a mis-restored optimizer moves the loss by 1e-2 or more.
+RTOL = 1e-5
+
+
+def _mesh(d, f, t):
+  return [f"--config.mesh.data={d}", f"--config.mesh.fsdp={f}", f"--config.mesh.tensor={t}"]
+
+
+def _env(tmp, devices=None):
+  env = dict(os.environ)
+  # Cheaper LLVM code generation: these programs run a few tiny steps, compiling dominates.
+  flags = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+  if devices:
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  env["XLA_FLAGS"] = " ".join(flags)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["JAX_COMPILATION_CACHE_DIR"] = str(tmp / "jax_cache")
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  return env
+
+
+# Trains each (name, workdir, overrides) in turn in one process; prints the shardings it ended with.
+DRIVER = textwrap.dedent("""
+  import json, sys
+  import jax
+  from loopjax.cli import load_config
+  from loopjax.train.loop import train
+  spec = lambda x: [a if a is None or isinstance(a, str) else list(a) for a in x.sharding.spec]
+  out = {}
+  for name, workdir, overrides in json.loads(sys.argv[2]):
+    res = train(load_config(sys.argv[1], overrides), workdir)
+    st = res["state"]
+    flat = lambda tree: {jax.tree_util.keystr(p): x for p, x in
+                         jax.tree_util.tree_leaves_with_path(tree)}
+    mu = st.opt_state[1][0].mu
+    out[name] = {
+        "devices": jax.device_count(),
+        "params": {k: [spec(x), list(x.addressable_shards[0].data.shape), list(x.shape)]
+                   for k, x in flat(st.params).items()},
+        "mu": {k: spec(x) for k, x in flat(mu).items()},
+        "ema": {k: spec(x) for k, x in flat(st.ema_params).items()}}
+  print("RESULT " + json.dumps(out), flush=True)
+""")
+
+
+def _driver(tmp, name, runs, devices):
+  """Starts the driver; its output goes to a file (a pipe nobody reads yet could fill up)."""
+  log = open(tmp / f"{name}.log", "w+")
+  proc = subprocess.Popen([sys.executable, "-c", DRIVER, EXPERIMENT, json.dumps(runs)],
+                          env=_env(tmp, devices), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+  proc.log = log
+  return proc
+
+
+def _result(proc, timeout):
+  proc.wait(timeout=timeout)
+  proc.log.seek(0)
+  out = proc.log.read()
+  proc.log.close()
+  assert proc.returncode == 0, out[-4000:]
+  line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT "):])
+
+
+def _losses(workdir):
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      out[row["step"]] = row["loss"]
+  return [out[s] for s in sorted(out)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("parallel")
+  w = lambda name: str(tmp / name)
+  steps = lambda n: [f"--config.train.steps={n}"]
+  ref = _driver(tmp, "ref", [["ref", w("ref"), TINY + steps(STEPS) + _mesh(1, 1, 1)]], None)
+  eight = _driver(tmp, "eight", [
+      ["m811", w("m811"), TINY + steps(STEPS) + _mesh(8, 1, 1)],
+      ["m181", w("m181"), TINY + steps(STEPS) + _mesh(1, 8, 1)],
+      ["m222", w("m222"), TINY + steps(STEPS) + _mesh(2, 2, 2)],
+      # Saved under fsdp=8, resumed under data=fsdp=tensor=2 (programs already compiled above).
+      ["moved_first", w("moved"), TINY + steps(HALF) + _mesh(1, 8, 1)],
+      ["moved", w("moved"), TINY + steps(STEPS) + _mesh(2, 2, 2)],
+  ], 8)
+  # Two processes x 4 devices: train to HALF (checkpoint), then a new job resumes to STEPS.
+  train = lambda n: [sys.executable, LAUNCH, "--num-processes", "2", "--devices-per-process",
+                     "4", "--timeout", "400", "--", "loopjax", "train", "--config", EXPERIMENT,
+                     "--workdir", w("mp"), *TINY, *steps(n), *_mesh(2, 2, 2)]
+  mp, mp_log = None, ""
+  try:
+    out = {**_result(ref, 600), **_result(eight, 600)}
+    # Alone: gloo gives a process 30 s to reach a collective its peer has reached, which an
+    # oversubscribed 2-core machine can exceed.
+    for n in (HALF, STEPS):
+      mp = subprocess.Popen(train(n), env=_env(tmp), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+      log, _ = mp.communicate(timeout=450)
+      mp_log += log
+      assert mp.returncode == 0, log[-4000:]
+  finally:
+    for p in (ref, eight, mp):
+      if p is not None and p.poll() is None:
+        p.kill()
+  return SimpleNamespace(out=out, dir=w, mp_log=mp_log)
+
+
+def test_meshes_match_one_device_and_shard_weights(runs):
+  ref = _losses(runs.dir("ref"))
+  assert len(ref) == STEPS and runs.out["ref"]["devices"] == 1
+  for name in ("m811", "m181", "m222"):
+    assert runs.out[name]["devices"] == 8
+    np.testing.assert_allclose(_losses(runs.dir(name)), ref, rtol=RTOL,
+                               err_msg=f"mesh {name} trains differently from one device")
+  key = lambda part: next(k for k in runs.out["m222"]["params"] if part in k)
+  q, wi, emb = key("['attn']['query']['kernel']"), key("['mlp']['wi']['kernel']"), \
+      key("['embed']['embedding']")
+  # data=8: every weight whole on every device.
+  assert all(shard == shape for _, shard, shape in runs.out["m811"]["params"].values())
+  # fsdp=8: the embed dimension (32) is split 8 ways: layers x embed x heads x head_dim.
+  assert runs.out["m181"]["params"][q] == [[None, "fsdp", "tensor", None], [1, 4, 2, 16],
+                                           [1, 32, 2, 16]]
+  # 2x2x2: FSDP over embed and tensor parallelism over heads and the MLP.
+  assert runs.out["m222"]["params"][q][:2] == [[None, "fsdp", "tensor", None], [1, 16, 1, 16]]
+  assert runs.out["m222"]["params"][wi][:2] == [[None, "fsdp", "tensor"], [1, 16, 64]]
+  # The embedding (9 + [MASK] rows) splits its rows over tensor and its width over fsdp.
+  assert runs.out["m222"]["params"][emb] == [["tensor", "fsdp"], [5, 16], [10, 32]]
+  # Parameters of every kind of stack are sharded: plain layers and the weight-shared loop.
+  assert any("['loop']" in k for k in runs.out["m222"]["params"])
+  for k, (spec, shard, shape) in runs.out["m181"]["params"].items():
+    if k.endswith("['kernel']") and "time_embed" not in k:  # (256 x 16: tiny, replicated)
+      assert np.prod(shard) * 8 == np.prod(shape), (k, spec)
+  # Optimizer moments and EMA are sharded exactly like the parameters.
+  for name in ("m181", "m222"):
+    specs = {k: v[0] for k, v in runs.out[name]["params"].items()}
+    assert runs.out[name]["ema"] == specs
+    assert runs.out[name]["mu"] == specs
+
+
+def test_checkpoint_moves_between_meshes(runs):
+  assert sorted(os.listdir(os.path.join(runs.dir("moved"), "checkpoints"))) == [str(HALF),
+                                                                               str(STEPS)]
+  np.testing.assert_allclose(_losses(runs.dir("moved")), _losses(runs.dir("ref")), rtol=RTOL,
+                             err_msg="saved under fsdp=8 and resumed under 2x2x2")
+
+
+def test_two_processes_train_checkpoint_resume_like_one(runs):
+  wd = runs.dir("mp")
+  step_dir = os.path.join(wd, "checkpoints", str(HALF))
+  # Every process wrote its part: its data-iterator state and its shards of the arrays.
+  assert sorted(os.listdir(os.path.join(step_dir, "data"))) == [
+      "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(os.path.join(step_dir, "state")))
+  assert "resumed" in runs.mp_log and f"at step {HALF}" in runs.mp_log
+  # Only process 0 logs: one row per step, none duplicated.
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
+    assert [json.loads(l)["step"] for l in f] == list(range(1, STEPS + 1))
+  np.testing.assert_allclose(_losses(wd), _losses(runs.dir("m222")), rtol=RTOL,
+                             err_msg="2 processes x 4 devices vs 1 process x 8 devices")
+
+
+def _cli(tmp, *args, devices=8):
+  return subprocess.run([sys.executable, "-m", "loopjax.cli", *args], capture_output=True,
+                        text=True, timeout=300, env=_env(tmp, devices), cwd=ROOT)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (_mesh(3, 1, 1), "has 3 devices but 8 are available"),
+    (_mesh(-1, 3, 1), "do not divide the 8 available devices"),
+    (_mesh(4, 2, 1) + ["--config.train.batch_size=12"],
+     "train.batch_size 12 must be divisible by the data-parallel size 8"),
+])
+def test_bad_mesh_or_batch_fails_before_anything_runs(tmp_path, extra, message):
+  wd = tmp_path / "run"
+  r = _cli(tmp_path, "train", "--config", EXPERIMENT, "--workdir", str(wd), *TINY, *extra)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert message in r.stderr
+  assert not wd.exists()  # refused before the workdir, the data and any compilation
+
+
+def test_mesh_shape_and_spec_fitting():
+  assert mesh_lib.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 16) == (4, 2, 2)
+  with pytest.raises(ValueError, match="at most one axis may be -1"):
+    mesh_lib.mesh_shape({"data": -1, "fsdp": -1}, 8)
+  with pytest.raises(ValueError, match="unknown key"):
+    mesh_lib.mesh_shape({"dp": 8}, 8)
+  mesh = SimpleNamespace(shape={"data": 2, "fsdp": 4, "tensor": 2})
+  from jax.sharding import PartitionSpec as P
+  # A 9-token vocabulary cannot split over tensor=2: that dimension stays whole.
+  assert mesh_lib.fit_spec(mesh, P("tensor", "fsdp"), (9, 32)) == P(None, "fsdp")
+  assert mesh_lib.fit_spec(mesh, P(("data", "fsdp"), None), (16, 3)) == P(("data", "fsdp"), None)
+  assert mesh_lib.fit_spec(mesh, P(("data", "fsdp"), None), (12, 3)) == P(None, None)
+
+
+def test_hybrid_mesh_puts_dcn_axes_across_slices():
+  fake = lambda i, **kw: SimpleNamespace(id=i, platform="fake", device_kind="fake", **kw)
+  devs = [fake(i, slice_index=i // 4, process_index=i // 2) for i in range(8)]
+  # Default: data spans the two slices; fsdp (inside a slice) stays on ICI.
+  grid = mesh_lib.device_grid({"data": -1, "fsdp": 4, "tensor": 1}, devs)
+  assert grid.shape == (2, 4, 1)
+  assert [{d.slice_index for d in row.ravel()} for row in grid] == [{0}, {1}]
+  # dcn_fsdp=2: the fsdp axis crosses slices, data and tensor stay inside one.
+  grid = mesh_lib.device_grid({"data": 2, "fsdp": 2, "tensor": 2, "dcn_fsdp": 2}, devs)
+  assert [{d.slice_index for d in grid[:, f].ravel()} for f in range(2)] == [{0}, {1}]
+  with pytest.raises(ValueError, match="multiply to 4 but the devices form 2"):
+    mesh_lib.device_grid({"data": -1, "dcn_data": 4}, devs)
+  # Multi-node GPU: dcn_* set and no slices, hosts are the granules.
+  gpus = [fake(i, process_index=i // 4) for i in range(8)]
+  grid = mesh_lib.device_grid({"data": -1, "fsdp": 4, "dcn_data": 2}, gpus)
+  assert [{d.process_index for d in row.ravel()} for row in grid] == [{0}, {1}]
+
+
+def test_memory_report_shows_fsdp_sharding(tmp_path):
+  r = _cli(tmp_path, "memory", "--config", EXPERIMENT, *TINY, "--mesh", "fsdp=8", "--json")
+  assert r.returncode == 0, r.stderr[-3000:]
+  rep = json.loads(r.stdout.strip().splitlines()[-1])
+  assert rep["num_devices"] == 8 and rep["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert rep["params_global"] == 4 * rep["param_count"]  # float32
+  # FSDP: each device holds about 1/8 of the weights (small replicated biases aside).
+  assert rep["params_global"] / 8 <= rep["params"] < rep["params_global"] / 4
+  assert rep["ema_params"] == rep["params"]
+  assert 2 * rep["params"] <= rep["opt_state"] <= 2 * rep["params"] + 64  # Adam mu, nu (+count)
+  assert rep["temp"] > 0 and rep["total"] >= rep["params"] + rep["ema_params"] + rep["opt_state"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="TPU ahead-of-time compile needs the libtpu wheel")
+def test_memory_report_for_a_tpu_topology(tmp_path):
+  r = _cli(tmp_path, "memory", "--config", EXPERIMENT, *TINY, "--topology", "v5e:2x2",
+           "--mesh", "fsdp=4", "--json", devices=None)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rep = json.loads(r.stdout.strip().splitlines()[-1])
+  assert rep["device_kind"].startswith("TPU v5") and rep["num_devices"] == 4
+  assert rep["fits"] and rep["device_memory"] == 16 * 1024 ** 3
