@@ -54,7 +54,11 @@ def build_step(config):
   step = make_train_step(model, tx, make_schedule(config.diffusion),
                          LoopDistribution.parse(config.loops.train), antithetic=True,
                          ema_decay=0.999, grad_accum=1, lr_fn=learning_rate(config.train))
-  return jax.jit(step, donate_argnums=0), state, batch, cfg
+  # Shardings as in the trainer, so the donated output state re-enters the same program.
+  jitted = jax.jit(step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh),
+                                       mesh_lib.replicated(mesh)),
+                   out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+  return jitted, state, batch, cfg
 
 
 def time_step(step, state, batch, loops, *, repeats=5, warmup=1):

@@ -6,6 +6,7 @@ it is sharded. Compute happens in `cfg.dtype`; parameters are float32.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -38,6 +39,165 @@ def rope(x_BxLxHxK: Array, base: float) -> Array:
   return out.astype(x_BxLxHxK.dtype)
 
 
+def _on_cpu() -> bool:
+  return jax.default_backend() == "cpu"
+
+
+def _materialized_transpose(x, perm):
+  """x.transpose(perm), on CPU as a real copy: XLA would otherwise fold the transpose back into
+  the following dot as a transposed left operand, which XLA:CPU runs on a slow (non-YNNPACK)
+  path, about 3x slower than the row-major GEMM, for a copy that costs far less. GPU/TPU GEMMs
+  take transposed operands at full speed, so there the transpose is left to XLA."""
+  x = x.transpose(perm)
+  return jax.lax.optimization_barrier(x) if _on_cpu() else x
+
+
+def _pin(*xs):
+  """Low-precision matmul operands, pinned: with XLA's default excess-precision rewrites a
+  float32 -> bfloat16 -> float32 round trip is dropped, and the dot then runs in float32."""
+  if all(x.dtype == jnp.float32 for x in xs) or not _on_cpu():
+    return xs
+  return jax.lax.optimization_barrier(xs)
+
+
+def _dot(a, b, dims, precision, out_dtype):
+  # float32 accumulation, then the result dtype: XLA:CPU runs a bfloat16 x bfloat16 -> float32
+  # dot as a real bfloat16 GEMM (avx512_bf16), but upcasts a bfloat16 -> bfloat16 dot to float32.
+  a, b = _pin(a, b)
+  out = jax.lax.dot_general(a, b, (dims, ((), ())), precision=precision,
+                            preferred_element_type=jnp.float32)
+  return out.astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x_NxK, w_KxM, precision):
+  return _dot(x_NxK, w_KxM, ((1,), (0,)), precision, jnp.result_type(x_NxK, w_KxM))
+
+
+def _weight_grad_mode(w_KxM) -> str:
+  """How dw = x^T g is computed. It contracts N, the leading axis of both x and g; XLA:CPU's
+  fast GEMM wants the contracted axis last in the left operand, so one operand is transposed:
+  "xt": x (N x K) when K <= M, saved already transposed by the forward pass (a fresh array,
+  not a slice of the scan's residual stack); "gt": else g (N x M, the smaller), as (g^T x)^T.
+  Elsewhere GEMMs take transposed operands at full speed: "tn", plain x^T g."""
+  if not _on_cpu():
+    return "tn"
+  return "xt" if w_KxM.shape[0] <= w_KxM.shape[1] else "gt"
+
+
+def _matmul_fwd(x_NxK, w_KxM, precision):
+  x_res = x_NxK.T if _weight_grad_mode(w_KxM) == "xt" else x_NxK
+  # The dot itself, not a call of _matmul: remat policies ("dots") must see a dot_general here.
+  out = _dot(x_NxK, w_KxM, ((1,), (0,)), precision, jnp.result_type(x_NxK, w_KxM))
+  return out, (x_res, w_KxM)
+
+
+def _matmul_bwd(precision, res, g_NxM):
+  x_res, w_KxM = res
+  g_NxM = g_NxM.astype(jnp.result_type(x_res, w_KxM))
+  # dx = g w^T: an "NT" product, fast as it is.
+  dx = _dot(g_NxM, w_KxM, ((1,), (1,)), precision, x_res.dtype)
+  mode = _weight_grad_mode(w_KxM)
+  if mode == "xt":
+    dw = _dot(x_res, g_NxM, ((1,), (0,)), precision, w_KxM.dtype)
+  elif mode == "gt":
+    dw_t = _dot(_materialized_transpose(g_NxM, (1, 0)), x_res, ((1,), (0,)), precision,
+                w_KxM.dtype)
+    dw = _materialized_transpose(dw_t, (1, 0))
+  else:
+    dw = _dot(x_res, g_NxM, ((0,), (0,)), precision, w_KxM.dtype)
+  return dx, dw
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`lax.dot_general` for dense layers (trailing lhs axes against leading kernel axes, no batch
+  axes) as one 2-D matmul whose gradients are row-major GEMMs (see `_matmul_bwd`); any other
+  contraction goes to `lax.dot_general` unchanged. Same math and the same matmul count."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  n = len(lc)
+  if (lb or rb or preferred_element_type is not None or n == 0
+      or tuple(lc) != tuple(range(lhs.ndim - n, lhs.ndim)) or tuple(rc) != tuple(range(n))):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+  k = math.prod(rhs.shape[:n])
+  out = _matmul(lhs.reshape(-1, k), rhs.reshape(k, -1), precision)
+  return out.reshape(lhs.shape[:lhs.ndim - n] + rhs.shape[n:])
+
+
+def _masked_scores(q_BxHxLxK, k_BxHxLxK, mask_Bx1xLxL):
+  """Scaled-by-q dot products in float32, -1e30 where attention is not allowed."""
+  s_BxHxLxL = jnp.einsum("bhqk,bhtk->bhqt", *_pin(q_BxHxLxK, k_BxHxLxK),
+                         preferred_element_type=jnp.float32)
+  return jnp.where(mask_Bx1xLxL, s_BxHxLxL, -1e30)
+
+
+def _attend_fwd(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL):
+  dt = q_BxLxHxK.dtype
+  scale = 1.0 / math.sqrt(q_BxLxHxK.shape[-1])
+  # Heads-major layout for the batched matmuls; the 1/sqrt(K) scale rides on q (L*K, not L*L).
+  q = (q_BxLxHxK.astype(jnp.float32) * scale).astype(dt).transpose(0, 2, 1, 3)
+  k = k_BxLxHxK.transpose(0, 2, 1, 3)
+  v = v_BxLxHxK.transpose(0, 2, 1, 3)
+  s_BxHxLxL = _masked_scores(q, k, mask_Bx1xLxL)
+  # Unnormalised probabilities e = exp(s - max) and 1/sum(e): the normalisation is applied to
+  # the L x K output (and in the backward pass) instead of a pass over B x H x L x L.
+  e_BxHxLxL = jnp.exp(s_BxHxLxL - s_BxHxLxL.max(axis=-1, keepdims=True)).astype(dt)
+  inv_BxHxL = 1.0 / e_BxHxLxL.astype(jnp.float32).sum(axis=-1)
+  o_BxHxLxK = jnp.einsum("bhqt,bhtk->bhqk", *_pin(e_BxHxLxL, v),
+                         preferred_element_type=jnp.float32)
+  o_BxLxHxK = (o_BxHxLxK * inv_BxHxL[..., None]).astype(dt).transpose(0, 2, 1, 3)
+  return o_BxLxHxK, (q, k, v, e_BxHxLxL, inv_BxHxL, o_BxLxHxK, mask_Bx1xLxL)
+
+
+@jax.custom_vjp
+def attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL):
+  """softmax(q k^T / sqrt(K), masked) v for B x L x H x K inputs; returns B x L x H x K.
+
+  The same math as the textbook einsum/softmax/einsum, with a hand-written backward pass that
+  keeps one B x H x L x L residual per layer (the exponentials) instead of the two that autodiff
+  of `jax.nn.softmax` stores, and no extra pass over B x H x L x L for the normalisation. The
+  matmul count is the same as autodiff's (2 forward, 4 backward): nothing is recomputed.
+  Softmax statistics are float32; matmuls take the input dtype and accumulate in float32.
+  """
+  return _attend_fwd(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL)[0]
+
+
+def _attend_bwd(res, do_BxLxHxK):
+  q, k, v, e_BxHxLxL, inv_BxHxL, o_BxLxHxK, mask = res
+  dt = q.dtype
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  f32 = jnp.float32
+  # Every matmul below has its contracted axis last in the left operand (row-major "NN"/"NT"
+  # products); XLA:CPU's fast GEMM path does not take a transposed left operand, so the
+  # transposes are done explicitly on the small L x K arrays, never on the L x L ones.
+  do_BxHxLxK = do_BxLxHxK.astype(f32).transpose(0, 2, 1, 3)
+  # dv = p^T do with p = e / sum(e): 1/sum scales do's rows; computed as dv^T = (do/sum)^T e.
+  do_scaled_BxHxKxL = _materialized_transpose(
+      (do_BxHxLxK * inv_BxHxL[..., None]).astype(dt), (0, 1, 3, 2))
+  dv_BxHxKxL = jnp.einsum("bhkq,bhqt->bhkt", *_pin(do_scaled_BxHxKxL, e_BxHxLxL),
+                          preferred_element_type=f32)
+  dp_BxHxLxL = jnp.einsum("bhqk,bhtk->bhqt", *_pin(do_BxHxLxK.astype(dt), v),
+                          preferred_element_type=f32)
+  # Softmax backward: ds = p * (dp - sum_t p dp), and sum_t p dp = sum_k do * o.
+  delta_BxHxL = (do_BxLxHxK.astype(f32) * o_BxLxHxK.astype(f32)).sum(-1).transpose(0, 2, 1)
+  ds_BxHxLxL = (e_BxHxLxL.astype(f32) * inv_BxHxL[..., None]
+                * (dp_BxHxLxL - delta_BxHxL[..., None])).astype(dt)
+  dq_BxHxLxK = jnp.einsum("bhqt,bhtk->bhqk", *_pin(ds_BxHxLxL, k), preferred_element_type=f32)
+  dk_BxHxKxL = jnp.einsum("bhkq,bhqt->bhkt",
+                          *_pin(_materialized_transpose(q, (0, 1, 3, 2)), ds_BxHxLxL),
+                          preferred_element_type=f32)
+  dq = (dq_BxHxLxK * scale).transpose(0, 2, 1, 3)
+  dk = dk_BxHxKxL.transpose(0, 3, 1, 2)
+  dv = dv_BxHxKxL.transpose(0, 3, 1, 2)
+  return dq.astype(dt), dk.astype(dt), dv.astype(dt), None
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
+
+
 class Attention(nn.Module):
   """Bidirectional multi-head attention with RoPE; optionally returns the probabilities."""
 
@@ -48,21 +208,24 @@ class Attention(nn.Module):
     cfg, dt = self.cfg, compute_dtype(self.cfg)
     h, k = cfg.num_heads, cfg.head_dim
     proj = lambda name, axes: nn.DenseGeneral(
-        (h, k), axis=-1, use_bias=False, dtype=dt, kernel_init=dense_init(axes), name=name)
+        (h, k), axis=-1, use_bias=False, dtype=dt, kernel_init=dense_init(axes), name=name,
+        dot_general=dense_dot_general)
     q_BxLxHxK = rope(proj("query", ("embed", "heads", "kv"))(x_BxLxD), cfg.rope_base)
     k_BxLxHxK = rope(proj("key", ("embed", "heads", "kv"))(x_BxLxD), cfg.rope_base)
     v_BxLxHxK = proj("value", ("embed", "heads", "kv"))(x_BxLxD)
     probs = None
-    if cfg.attention_impl == "cudnn" and not return_probs:
-      out_BxLxHxK = jax.nn.dot_product_attention(
-          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_Bx1xLxL, implementation="cudnn")
-    else:
+    if return_probs:  # analysis path: materialise the probabilities
       logits_BxHxLxL = jnp.einsum("bqhk,bthk->bhqt", q_BxLxHxK, k_BxLxHxK) / math.sqrt(k)
       logits_BxHxLxL = jnp.where(mask_Bx1xLxL, logits_BxHxLxL.astype(jnp.float32), -1e30)
       probs = jax.nn.softmax(logits_BxHxLxL, axis=-1)
       out_BxLxHxK = jnp.einsum("bhqt,bthk->bqhk", probs.astype(dt), v_BxLxHxK)
+    elif cfg.attention_impl == "cudnn":
+      out_BxLxHxK = jax.nn.dot_product_attention(
+          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_Bx1xLxL, implementation="cudnn")
+    else:
+      out_BxLxHxK = attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL)
     out_BxLxD = nn.DenseGeneral(
-        cfg.width, axis=(-2, -1), use_bias=False, dtype=dt,
+        cfg.width, axis=(-2, -1), use_bias=False, dtype=dt, dot_general=dense_dot_general,
         kernel_init=dense_init(("heads", "kv", "embed")), name="out")(out_BxLxHxK)
     out_BxLxD = nn.Dropout(cfg.dropout)(out_BxLxD, deterministic=not train)
     # The remat policy "save_attn_out" keeps this and recomputes the rest.
@@ -77,7 +240,8 @@ class Mlp(nn.Module):
   def __call__(self, x_BxLxD, *, train: bool):
     cfg, dt = self.cfg, compute_dtype(self.cfg)
     dense = lambda n, name, axes: nn.Dense(n, use_bias=cfg.mlp_type == "gelu", dtype=dt,
-                                           kernel_init=dense_init(axes), name=name)
+                                           kernel_init=dense_init(axes), name=name,
+                                           dot_general=dense_dot_general)
     if cfg.mlp_type == "swiglu":
       gate = dense(cfg.mlp_dim, "wi_gate", ("embed", "mlp"))(x_BxLxD)
       h_BxLxF = nn.silu(gate) * dense(cfg.mlp_dim, "wi_up", ("embed", "mlp"))(x_BxLxD)

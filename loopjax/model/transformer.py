@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from loopjax.model.config import ModelConfig
-from loopjax.model.layers import Block, adaln_modulation, compute_dtype, dense_init, layer_norm
+from loopjax.model.layers import (Block, adaln_modulation, compute_dtype, dense_dot_general,
+                                  dense_init, layer_norm)
 
 Array = jax.Array
 
@@ -33,8 +34,8 @@ _REMAT = {
 }
 
 
-def _block_class(cfg: ModelConfig):
-  if cfg.remat == "none":
+def _block_class(cfg: ModelConfig, remat: bool = True):
+  if cfg.remat == "none" or not remat:
     return Block
   # Block(x, c, mask, train, return_probs): train and return_probs are Python flags.
   return nn.remat(Block, policy=_REMAT[cfg.remat], prevent_cse=False, static_argnums=(4, 5))
@@ -46,10 +47,11 @@ class _ScanLayer(nn.Module):
   cfg: ModelConfig
   train: bool
   collect: bool
+  remat: bool = True
 
   @nn.compact
   def __call__(self, x_BxLxD, c_BxC, mask_Bx1xLxL):
-    return _block_class(self.cfg)(self.cfg, name="layer")(
+    return _block_class(self.cfg, self.remat)(self.cfg, name="layer")(
         x_BxLxD, c_BxC, mask_Bx1xLxL, self.train, self.collect)
 
 
@@ -58,6 +60,7 @@ class Stack(nn.Module):
 
   cfg: ModelConfig
   num: int
+  remat: bool = True  # remat each layer per cfg.remat (False: the caller remats around it)
 
   @nn.compact
   def __call__(self, x_BxLxD, c_BxC, mask_Bx1xLxL, train: bool = False, collect: bool = False):
@@ -66,7 +69,7 @@ class Stack(nn.Module):
                    in_axes=(nn.broadcast, nn.broadcast), length=self.num,
                    metadata_params={nn.PARTITION_NAME: "layers"},
                    unroll=self.num if self.cfg.scan_unroll else 1)
-    return scan(self.cfg, train, collect, name="scan")(x_BxLxD, c_BxC, mask_Bx1xLxL)
+    return scan(self.cfg, train, collect, self.remat, name="scan")(x_BxLxD, c_BxC, mask_Bx1xLxL)
 
 
 class _LoopIteration(nn.Module):
@@ -94,8 +97,9 @@ class _LoopIteration(nn.Module):
       h_in = h_in + table[jnp.minimum(i, cfg.max_loops - 1)][None, None, :]
 
     def run(mdl, h):
-      return Stack(cfg, cfg.block_layers, name="block")(h, c_BxC, mask_Bx1xLxL, self.train,
-                                                        self.collect)
+      # Remat (if any) is applied around the whole iteration (see Loop), not per layer.
+      return Stack(cfg, cfg.block_layers, remat=False, name="block")(
+          h, c_BxC, mask_Bx1xLxL, self.train, self.collect)
 
     def skip(mdl, h):
       probs = None
@@ -128,7 +132,13 @@ class Loop(nn.Module):
     cfg = self.cfg
     length = cfg.max_loops if length is None else length
     static_full = isinstance(loops, int) and isinstance(start, int) and loops >= start + length
-    scan = nn.scan(_LoopIteration, variable_broadcast="params",
+    # Remat wraps the whole iteration (the nn.cond and the block): its saved inputs are then
+    # the carry and loop-invariant weights, which the scan keeps once. Remat per layer inside
+    # the cond would make the per-layer weight slices residuals of the cond, and the scan would
+    # stack a copy of the block's weights for every one of the S_max iterations.
+    body = _LoopIteration if cfg.remat == "none" else nn.remat(
+        _LoopIteration, policy=_REMAT[cfg.remat], prevent_cse=False)
+    scan = nn.scan(body, variable_broadcast="params",
                    split_rngs={"params": False, "dropout": True},
                    in_axes=(0, nn.broadcast, nn.broadcast), length=length,
                    unroll=length if cfg.scan_unroll else 1)
@@ -168,7 +178,7 @@ class OutputLayer(nn.Module):
     cfg, dt = self.cfg, compute_dtype(self.cfg)
     shift, scale = adaln_modulation(c_BxC, 2, cfg.width, "adaln")
     h = layer_norm(dt, "norm")(h_BxLxD) * (1 + scale) + shift
-    logits = nn.Dense(cfg.vocab_size, dtype=dt, name="proj",
+    logits = nn.Dense(cfg.vocab_size, dtype=dt, name="proj", dot_general=dense_dot_general,
                       kernel_init=dense_init(("embed", "vocab")),
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))(
                           h.astype(dt))

@@ -20,10 +20,6 @@ from loopjax.model import LoopDistribution, LoopedTransformer
 from loopjax.train.state import TrainState
 
 
-def _tree_where(pred, a, b):
-  return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
-
-
 def make_train_step(model: LoopedTransformer, tx: optax.GradientTransformation,
                     schedule: Schedule, loop_dist: LoopDistribution, *, antithetic: bool,
                     ema_decay: float, grad_accum: int, lr_fn):
@@ -53,8 +49,12 @@ def make_train_step(model: LoopedTransformer, tx: optax.GradientTransformation,
       grads, out = micro_grads(state.params, batch, (r_t, r_mask, r_drop), loops)
       nelbo, tokens, masked_frac = out["nelbo_sum"], out["num_tokens"], out["masked_fraction"]
     else:
+      # Micro-batch i is rows i, i + k, i + 2k, ... (k = grad_accum): every device's block of
+      # the data-sharded batch holds its share of every micro-batch, so each micro-step stays
+      # data-parallel (contiguous row blocks would put a micro-batch on 1/k of the devices).
       micro = jax.tree_util.tree_map(
-          lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
+          lambda x: x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1),
+          batch)
 
       def body(acc, i_batch):
         i, mb = i_batch
@@ -72,16 +72,21 @@ def make_train_step(model: LoopedTransformer, tx: optax.GradientTransformation,
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
     loss = nelbo / denom
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-                                 state.ema_params, params)
-    new = state.replace(step=state.step + 1,
-                        params=_tree_where(finite, params, state.params),
-                        ema_params=_tree_where(finite, ema, state.ema_params),
-                        opt_state=_tree_where(finite, opt_state, state.opt_state))
+
+    def update(_):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                                   state.ema_params, params)
+      return params, ema, opt_state
+
+    # A conditional, not a select over the whole state: a skipped update costs nothing and a
+    # normal one makes no extra pass over params, EMA and optimizer state.
+    params, ema, opt_state = jax.lax.cond(
+        finite, update, lambda _: (state.params, state.ema_params, state.opt_state), None)
+    new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
     metrics = dict(loss=loss, bits_per_token=loss / jnp.log(2.0), loops=loops,
                    grad_norm=grad_norm, lr=lr_fn(state.step), finite=finite,
                    masked_fraction=masked_frac, scored_tokens=tokens)

@@ -1,0 +1,86 @@
+"""Helpers shared by the issue-8 benchmarks: host set-up, an interleaved matmul peak, load.
+
+On a shared CPU host the achievable FLOP/s moves by 2x from one minute to the next, so every
+figure these scripts print is a ratio of measurements taken side by side in one process:
+variants are interleaved round by round and a burst of the reference float32 matmul (the peak of
+`loopjax.flops.measure_cpu_matmul_peak`) runs before every round. Medians, never single runs.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+# XLA:CPU allocates each step's temporaries afresh; glibc serves allocations over 32 MiB with a
+# fresh mmap, so every step page-faults its whole temp buffer in 4 KiB pages (about 460k minor
+# faults and ~1 s of kernel time per step of the reference config). Transparent huge pages for
+# malloc cut that ~350x. The variable must be set before the process starts: re-exec once.
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def ensure_hugepages(argv=None) -> bool:
+  """Re-executes this script with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 unless it is set or
+  `--no-hugepages` is in argv. Returns whether the setting is active."""
+  argv = sys.argv if argv is None else argv
+  if "--no-hugepages" in argv:
+    return HUGEPAGE_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
+  if HUGEPAGE_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
+    return True
+  env = dict(os.environ)
+  env["GLIBC_TUNABLES"] = ":".join(x for x in (env.get("GLIBC_TUNABLES"), HUGEPAGE_TUNABLE) if x)
+  os.execve(sys.executable, [sys.executable] + argv, env)
+  return True  # not reached
+
+
+def load_average() -> str:
+  try:
+    with open("/proc/loadavg") as f:
+      return " ".join(f.read().split()[:3])
+  except OSError:
+    return "n/a"
+
+
+class MatmulPeak:
+  """The reference float32 n x n matmul, measured in bursts between the timed runs."""
+
+  def __init__(self, n: int = 1024, burst: int = 8, dtype="float32"):
+    import jax
+    import jax.numpy as jnp
+    self.n, self.burst = n, burst
+    dt = jnp.dtype(dtype)
+    kw = {"preferred_element_type": jnp.float32} if dt != jnp.float32 else {}
+    self._dot = jax.jit(lambda a, b: jnp.dot(a, b, **kw))
+    self._a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dt)
+    self._b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dt)
+    self._dot(self._a, self._b).block_until_ready()
+    self.wall, self.cpu = [], []  # FLOP/s per burst (median of the burst), FLOP per CPU-second
+
+  def measure(self) -> float:
+    ts, c0 = [], time.process_time()
+    for _ in range(self.burst):
+      t = time.perf_counter()
+      self._dot(self._a, self._b).block_until_ready()
+      ts.append(time.perf_counter() - t)
+    flop = 2.0 * self.n ** 3
+    self.cpu.append(self.burst * flop / max(time.process_time() - c0, 1e-9))
+    self.wall.append(flop / statistics.median(ts))
+    return self.wall[-1]
+
+  @property
+  def median(self) -> float:
+    return statistics.median(self.wall)
+
+  @property
+  def median_cpu(self) -> float:
+    return statistics.median(self.cpu)
+
+
+def timed(fn, *args):
+  """(result, wall seconds, process CPU seconds) of fn(*args), blocking on the result."""
+  import jax
+  t, c = time.perf_counter(), time.process_time()
+  out = fn(*args)
+  jax.block_until_ready(out)
+  return out, time.perf_counter() - t, time.process_time() - c
