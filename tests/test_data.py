@@ -39,7 +39,7 @@ def _corpus(tmp_path, n=60, name="corpus.txt"):
 
 def _text_cfg(path, **kw):
   cfg = D.default_data_config()
-  cfg.update({**dict(source="text", paths=[path], seq_len=16, eval_examples=6), **kw})
+  cfg.update({**dict(source="text", paths=str(path), seq_len=16, eval_examples=6), **kw})
   return cfg
 
 
