@@ -34,7 +34,7 @@ SIZES = {  # name: (width, layers, heads, vocab, length, batch)
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--sizes", default="ref", help=f"comma list of {sorted(SIZES)}, each "
-                 "optionally NAME+unroll")
+                 "optionally with +unroll and/or +<remat policy>")
   p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--repeats", type=int, default=6)
   p.add_argument("--lr", type=float, default=1e-3)
@@ -53,12 +53,14 @@ def main(argv=None):
   variants = {}
   for size in args.sizes.split(","):
     # "NAME+unroll": the same size with model.scan_unroll=True (layer scans unrolled: no
-    # stacked per-layer activations to write and slice, longer compile).
-    base_size, _, extra = size.partition("+")
+    # stacked per-layer activations to write and slice, longer compile); "NAME+<policy>": with
+    # model.remat=<policy> (full, dots, ...). Suffixes combine: ref+unroll+dots.
+    base_size, *extras = size.split("+")
     w, n, h, v, length, b = SIZES[base_size]
+    remat = next((e for e in extras if e != "unroll"), "none")
     for dt in args.dtypes.split(","):
       config = lm_config(width=w, layers=n, heads=h, vocab=v, length=length, batch=b, dtype=dt,
-                         scan_unroll=extra == "unroll")
+                         scan_unroll="unroll" in extras, remat=remat)
       config.train.update(lr_schedule="constant", warmup_steps=0, lr=args.lr)
       step, state, batch, cfg = build_step(config)
       (state, _), compile_s, _ = timed(step, state, batch, jnp.int32(1))  # compile + step 1
@@ -87,20 +89,20 @@ def main(argv=None):
         f"(bursts {[round(x / 1e9) for x in peak32.wall]})")
   print(f"bfloat16 x bfloat16 -> float32 matmul: {peak16.median / 1e9:.1f} GFLOP/s wall "
         f"({peak16.median / peak32.median:.2f}x float32)")
-  hdr = (f"{'size':>5} {'dtype':>9} {'step s':>7} {'tokens/s':>9} {'GFLOP/s':>8} "
+  hdr = (f"{'size':>10} {'dtype':>9} {'step s':>7} {'tokens/s':>9} {'GFLOP/s':>8} "
          f"{'frac of f32 peak':>16} {'same, CPU time':>14}")
   print(hdr)
   rows = []
   for (size, dt), d in variants.items():
     med, cmed = statistics.median(d["times"]), statistics.median(d["cpu"])
-    row = dict(size=size, dtype=dt, config=SIZES[size.partition("+")[0]], step_s=med, steps_s=d["times"],
+    row = dict(size=size, dtype=dt, config=SIZES[size.split("+")[0]], step_s=med, steps_s=d["times"],
                cpu_s=d["cpu"], tokens_per_sec=d["tokens"] / med, flops_per_step=d["flops"],
                gflops_per_sec=d["flops"] / med / 1e9,
                frac_of_f32_peak=d["flops"] / med / peak32.median,
                frac_of_f32_peak_cpu_time=d["flops"] / cmed / peak32.median_cpu,
                losses=d["losses"], first_call_s=d["compile_s"])
     rows.append(row)
-    print(f"{size:>5} {dt:>9} {med:>7.3f} {row['tokens_per_sec']:>9.0f} "
+    print(f"{size:>10} {dt:>9} {med:>7.3f} {row['tokens_per_sec']:>9.0f} "
           f"{row['gflops_per_sec']:>8.1f} {row['frac_of_f32_peak']:>16.3f} "
           f"{row['frac_of_f32_peak_cpu_time']:>14.3f}")
   pairs = []
