@@ -1,0 +1,69 @@
+"""The performance rewrites of the model (issue 8) against plain autodiff.
+
+`attend` (attention with a hand-written backward pass) and `dense_dot_general` (dense layers
+whose gradients are arranged for XLA:CPU's fast GEMM path, three ways of forming x^T g) must give
+autodiff's values and gradients; the matmul counts are checked by tests/test_flops.py. No timing
+here: throughput ratios are measured by benchmarks/ (see BENCHMARKS.md), which a loaded CI host
+cannot reproduce reliably.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from loopjax.model import layers
+
+
+def _reference_attention(q, k, v, mask):
+  logits = jnp.einsum("bqhk,bthk->bhqt", q, k) / math.sqrt(q.shape[-1])
+  probs = jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1)
+  return jnp.einsum("bhqt,bthk->bqhk", probs, v)
+
+
+def test_attention_custom_vjp_matches_autodiff():
+  kq, kk, kv, kw = jax.random.split(jax.random.PRNGKey(0), 4)
+  b, length, h, d = 2, 12, 3, 8
+  q, k, v = (jax.random.normal(key, (b, length, h, d)) for key in (kq, kk, kv))
+  seg = jnp.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12])
+  eye = jnp.eye(length, dtype=bool)
+  mask = (((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)) | eye)[:, None]
+  w = jax.random.normal(kw, (b, length, h, d))
+  loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask)) * w)
+  np.testing.assert_allclose(layers.attend(q, k, v, mask), _reference_attention(q, k, v, mask),
+                             rtol=1e-5, atol=1e-5)
+  got = jax.jit(jax.grad(loss(layers.attend), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.grad(loss(_reference_attention), argnums=(0, 1, 2))(q, k, v)
+  for name, g, r in zip("qkv", got, want):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5, err_msg=f"d/d{name}")
+
+
+@pytest.mark.parametrize("n,kdim,m", [(10, 6, 12), (10, 12, 6), (6, 6, 6), (12, 12, 6),
+                                      (6, 6, 12)],
+                         ids=["x_transposed", "g_transposed", "square", "n_eq_k_gt_m",
+                              "n_eq_k_lt_m"])
+def test_dense_dot_general_matches_autodiff(n, kdim, m):
+  # Covers each weight-gradient mode, including N == K where a shape test could not tell x
+  # from x^T.
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, n, kdim))  # N = n rows
+  w = jax.random.normal(jax.random.PRNGKey(2), (kdim, m // 2, 2))
+  dims = (((2,), (0,)), ((), ()))
+  ours = lambda x, w: jnp.sum(jnp.sin(layers.dense_dot_general(x, w, dims)))
+  plain = lambda x, w: jnp.sum(jnp.sin(jax.lax.dot_general(x, w, dims)))
+  np.testing.assert_allclose(ours(x, w), plain(x, w), rtol=1e-5)
+  for g, r in zip(jax.jit(jax.grad(ours, (0, 1)))(x, w), jax.grad(plain, (0, 1))(x, w)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_dense_keeps_dtypes():
+  x = jnp.ones((4, 8), jnp.bfloat16)
+  w = jnp.ones((8, 3), jnp.bfloat16)
+  dims = (((1,), (0,)), ((), ()))
+  y = layers.dense_dot_general(x, w, dims)
+  assert y.dtype == jnp.bfloat16
+  gx, gw = jax.grad(lambda x, w: layers.dense_dot_general(x, w, dims).astype(jnp.float32).sum(),
+                    (0, 1))(x, w)
+  assert gx.dtype == gw.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(gw, np.float32), 4.0)
