@@ -4,7 +4,10 @@
 Prints time(S)/time(1) next to the ratio of useful FLOPs (what MFU counts) and of executed
 FLOPs (useful + rematerialised, `loopjax.flops.remat_overhead_flops_per_seq`).
 
-  python benchmarks/loop_time.py [--remat none,full --loops 1,4,12 --repeats 5]
+  python benchmarks/loop_time.py [--remat none:none,none:full --loops 1,4,12 --repeats 5]
+
+--remat lists LAYERS:LOOP pairs: model.remat (head/tail layers) and model.loop_remat (each loop
+iteration); a single name sets both.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def main(argv=None):
   p.add_argument("--length", type=int, default=128)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--loops", default="1,4,12")
-  p.add_argument("--remat", default="none,full")
+  p.add_argument("--remat", default="none:none,none:full")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--no-hugepages", action="store_true")
   p.add_argument("--json", default="loop_time.json")
@@ -44,9 +47,11 @@ def main(argv=None):
   loops = [int(s) for s in args.loops.split(",")]
   runs = {}
   for remat in args.remat.split(","):
+    layers_remat, _, loop_remat = remat.partition(":")
     config = lm_config(width=args.width, layers=args.layers, heads=args.heads, vocab=args.vocab,
                        length=args.length, batch=args.batch, loop=(1, 3),
-                       loops=f"uniform:1:{max(loops)}", remat=remat)
+                       loops=f"uniform:1:{max(loops)}", remat=layers_remat,
+                       loop_remat=loop_remat or layers_remat)
     step, state, batch, cfg = build_step(config)
     for s in loops:
       (state, _), _, _ = timed(step, state, batch, jnp.int32(s))
@@ -62,7 +67,7 @@ def main(argv=None):
   print(f"machine: {machine()}; load {load0} -> {load_average()}")
   print(f"config: width {args.width}, {args.layers} layers, block [1,3), L {args.length}, "
         f"B {args.batch}, S_max {max(loops)}, float32; S interleaved, median of {args.repeats}")
-  print(f"{'remat':>6} {'S':>3} {'step ms':>8} {'time ratio':>10} {'useful FLOP ratio':>17} "
+  print(f"{'remat':>10} {'S':>3} {'step ms':>8} {'time ratio':>10} {'useful FLOP ratio':>17} "
         f"{'executed FLOP ratio':>19} {'time/useful':>11}")
   rows = []
   for remat, d in runs.items():
@@ -77,7 +82,7 @@ def main(argv=None):
                  useful_flop_ratio=useful[s] / useful[loops[0]],
                  executed_flop_ratio=executed[s] / executed[loops[0]])
       rows.append(row)
-      print(f"{remat:>6} {s:>3} {t * 1e3:>8.1f} {row['time_ratio']:>10.3f} "
+      print(f"{remat:>10} {s:>3} {t * 1e3:>8.1f} {row['time_ratio']:>10.3f} "
             f"{row['useful_flop_ratio']:>17.3f} {row['executed_flop_ratio']:>19.3f} "
             f"{row['time_ratio'] / row['useful_flop_ratio']:>11.3f}")
   print(f"wrote {write_json(args.json, dict(machine=machine(), args=vars(args), rows=rows))}")

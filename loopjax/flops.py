@@ -146,17 +146,22 @@ def inference_flops_per_sample(cfg: ModelConfig, length: int, loops: float,
 
 
 def remat_overhead_flops_per_seq(cfg: ModelConfig, length: int, loops: float = 1) -> float:
-  """Matmul FLOPs recomputed in the backward pass by `cfg.remat`, per sequence (not useful work).
+  """Matmul FLOPs recomputed in the backward pass by remat, per sequence (not useful work).
 
-  full / save_attn_out: the whole layer forward is recomputed; dots: no matmul recomputed;
-  dots_no_batch: the batched attention einsums (QK^T, AV) are recomputed.
+  `cfg.remat` applies to the head and tail layers, `cfg.loop_remat` to the looped block's
+  `loops` iterations. full / save_attn_out: the whole layer forward is recomputed; dots: no
+  matmul recomputed; dots_no_batch: the batched attention einsums (QK^T, AV) are recomputed.
   """
-  depth = _depth(cfg, loops)
-  if cfg.remat in ("full", "save_attn_out"):
-    return depth * layer_flops_per_seq(cfg, length)
-  if cfg.remat == "dots_no_batch":
-    return depth * 2 * 2 * length * length * cfg.width
-  return 0.0
+  def per_layer(policy):
+    if policy in ("full", "save_attn_out"):
+      return layer_flops_per_seq(cfg, length)
+    if policy == "dots_no_batch":
+      return 2 * 2 * length * length * cfg.width
+    return 0.0
+
+  looped = cfg.block_layers * loops if cfg.looped else 0.0
+  return (cfg.num_layers - (cfg.block_layers if cfg.looped else 0)) * per_layer(cfg.remat) + \
+      looped * per_layer(cfg.loop_remat)
 
 
 def mfu(flops_per_step: float, step_seconds: float, num_devices: int = 1,

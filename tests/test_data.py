@@ -43,6 +43,23 @@ def _text_cfg(path, **kw):
   return cfg
 
 
+def _pairs(tmp_path, n=60, name="pairs.jsonl"):
+  """A GSM8K-format JSONL file of n question/answer pairs of varied length."""
+  rows = [{"question": f"What is {i} + {i % 7}?",
+           "answer": f"{i} + {i % 7} = {i + i % 7}" + "." * (i % 5) + f"\n#### {i + i % 7}"}
+          for i in range(n)]
+  path = tmp_path / name
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+  return str(path), rows
+
+
+def _pairs_cfg(path, **kw):
+  cfg = D.default_data_config()
+  cfg.update({**dict(source="prompt_answer", paths=str(path), seq_len=64, answer_len=32,
+                     eval_examples=6), **kw})
+  return cfg
+
+
 def _sudoku_cfg(**kw):
   cfg = D.default_data_config()
   cfg.update(kw)
@@ -152,7 +169,7 @@ def test_synthetic_eval_disjoint_from_training():
 
 # ---------------------------------------------------------------- pipeline behaviour
 
-_SOURCES = ["sudoku", "arithmetic", "text", "text_packed"]
+_SOURCES = ["sudoku", "arithmetic", "text", "text_packed", "prompt_answer"]
 
 
 def _cfg_for(kind, tmp_path):
@@ -160,6 +177,8 @@ def _cfg_for(kind, tmp_path):
     return _sudoku_cfg()
   if kind == "arithmetic":
     return _arith_cfg()
+  if kind == "prompt_answer":
+    return _pairs_cfg(_pairs(tmp_path)[0])
   path, _ = _corpus(tmp_path)
   return _text_cfg(path, packing=kind == "text_packed")
 
@@ -516,3 +535,59 @@ def test_hf_tokenizer_trained_locally_round_trip(tmp_path):
   assert len(tok.encode(lines[0])) < len(lines[0])
   assert tok.decode(tok.encode("cat") + [tok.eos_id]) == "cat"  # specials are skipped
   assert json.dumps(tok.describe()) and tok.files() == [str(file)]
+
+
+# ---------------------------------------------------------------- prompt/answer (GSM8K format)
+
+
+def test_prompt_answer_rows_match_the_gsm8k_eval_layout(tmp_path):
+  from loopjax.evaluate.gsm8k import DEFAULT_TEMPLATE, build_rows
+  path, rows = _pairs(tmp_path)
+  cfg = _pairs_cfg(path)
+  tok = D.tokenizer_for(cfg)
+  batch = D.make_eval_batches(cfg, batch_size=6, num_batches=1, seed=0)[0]
+  # The held-out pairs, in file order (a fixed, seed-free subset).
+  _, held = heldout.split_documents(len(rows), 6)
+  eval_x, eval_seg, start = build_rows(tok, [rows[i]["question"] for i in held], seq_len=64,
+                                       answer_len=32, mask_id=tok.vocab_size,
+                                       template=DEFAULT_TEMPLATE)
+  for r, i in enumerate(held):
+    # Prompts keep their last seq_len - answer_len tokens (here all are 32-34 bytes long).
+    prompt = tok.encode(DEFAULT_TEMPLATE.format(question=rows[i]["question"]))[-32:]
+    answer = tok.encode(rows[i]["answer"])
+    n = len(prompt)
+    assert start[r] == n  # the answer field starts where the evaluation puts it
+    np.testing.assert_array_equal(batch["tokens"][r, :n], prompt)
+    np.testing.assert_array_equal(batch["tokens"][r, n:n + len(answer)], answer)
+    assert (batch["tokens"][r, n + len(answer):n + 32] == tok.eos_id).all()
+    field = np.zeros(64, bool)
+    field[n:n + 32] = True
+    np.testing.assert_array_equal(batch["loss_mask"][r], field)
+    np.testing.assert_array_equal(batch["fixed"][r], ~field)
+    np.testing.assert_array_equal(batch["segment_ids"][r], eval_seg[r])
+    # what the sampler sees at test time: the same row with the answer field masked
+    np.testing.assert_array_equal(np.where(field, tok.vocab_size, batch["tokens"][r])[:n + 32],
+                                  eval_x[r, :n + 32])
+  D.validate_batch(batch, vocab_size=tok.vocab_size, seq_len=64)
+
+
+def test_prompt_answer_cuts_long_answers_and_checks_input(tmp_path, caplog):
+  path, _ = _pairs(tmp_path)
+  with caplog.at_level("WARNING", logger="loopjax"):
+    b = next(D.make_train_iterator(_pairs_cfg(path, answer_len=8), global_batch_size=4, seed=0))
+  assert "were cut" in caplog.text
+  assert b["loss_mask"].sum(1).tolist() == [8] * 4
+  with pytest.raises(ValueError, match="answer_len must be in"):
+    D.make_train_iterator(_pairs_cfg(path, answer_len=64), global_batch_size=4, seed=0)
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"question": "q", "answer": "a"}\n{"question": "q"}\n', encoding="utf-8")
+  with pytest.raises(ValueError, match="line 2: need string fields 'question' and 'answer'"):
+    D.make_train_iterator(_pairs_cfg(bad), global_batch_size=4, seed=0)
+  bad.write_text('{"question": "q", "answer": "a"}\n{oops\n', encoding="utf-8")
+  with pytest.raises(ValueError, match="line 2: invalid JSON"):
+    D.make_train_iterator(_pairs_cfg(bad), global_batch_size=4, seed=0)
+  with pytest.raises(FileNotFoundError, match="grade-school-math"):
+    D.make_train_iterator(_pairs_cfg(tmp_path / "missing.jsonl"), global_batch_size=4, seed=0)
+  with pytest.raises(ValueError, match="names 'topic'"):
+    D.make_train_iterator(_pairs_cfg(path, prompt_template="{topic}: {question}"),
+                          global_batch_size=4, seed=0)

@@ -7,6 +7,7 @@ Two independent references for the analytic count:
   softmax, GELU and RoPE add about 3-5 % on top of the matmuls, so it must lie in [1, 1.05) x.
 """
 
+import dataclasses
 import json
 import math
 import textwrap
@@ -58,9 +59,10 @@ def test_forward_matches_jaxpr_and_xla(cfg, loops):
 
 
 def test_train_step_is_three_forwards():
-  model, params, x = _abstract(LOOPED)
-  fwd = 2 * F.forward_flops_per_seq(LOOPED, 32, 3)
-  want = 2 * F.train_flops_per_step(LOOPED, 32, 1, 3)
+  cfg = dataclasses.replace(LOOPED, loop_remat="none")
+  model, params, x = _abstract(cfg)
+  fwd = 2 * F.forward_flops_per_seq(cfg, 32, 3)
+  want = 2 * F.train_flops_per_step(cfg, 32, 1, 3)
   assert want == 3 * fwd
   # JAX's AD skips the time-MLP input gradient and hoists the loop-invariant adaLN projection
   # out of the loop: about 0.1 % less than 3x; anything else would show here.
@@ -74,13 +76,18 @@ def test_train_step_is_three_forwards():
   assert xla_train / xla_fwd == pytest.approx(3.0, rel=0.01)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
-def test_remat_overhead_is_the_recomputed_matmuls(remat):
-  cfg = ModelConfig(**{**TINY, "remat": remat}, loop_start=1, loop_end=3, max_loops=3)
+@pytest.mark.parametrize("remat,loop_remat", [("full", "full"), ("dots", "dots"),
+                                               ("dots_no_batch", "dots_no_batch"),
+                                               ("none", "full")])  # the last: the default
+def test_remat_overhead_is_the_recomputed_matmuls(remat, loop_remat):
+  cfg = ModelConfig(**{**TINY, "remat": remat}, loop_remat=loop_remat, loop_start=1, loop_end=3,
+                    max_loops=3)
   model, params, x = _abstract(cfg)
   useful = 2 * F.train_flops_per_step(cfg, 32, 1, 3)
   extra = 2 * F.remat_overhead_flops_per_seq(cfg, 32, 3)
   assert (extra > 0) == (remat != "dots")
+  if remat == "none":  # only the loop's 2 layers x S = 3 iterations, batch 2, are recomputed
+    assert extra == 2 * 2 * 3 * F.layer_flops_per_seq(cfg, 32)
   dots = F.jaxpr_dot_flops(_train(model, 3), params, x)
   assert dots == pytest.approx(useful + extra, rel=3e-3)
 

@@ -1,6 +1,5 @@
 """The looped denoiser: loops equal repeated layers, one compile for every S, shapes, errors."""
 
-import dataclasses
 
 import flax.linen as nn
 import jax
@@ -47,6 +46,29 @@ def test_looped_equals_block_applied_by_hand(loops):
   plain = ModelConfig(**{**TINY, "num_layers": cfg.executed_depth(loops)})
   want = LoopedTransformer(plain).apply({"params": _unrolled_params(params, loops)}, x)
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("loop_remat", ["none", "full"])
+def test_loop_gradient_equals_unrolled_gradient(loop_remat):
+  # Traced S = 3 of S_max = 5: skipped iterations add nothing; the shared block's gradient is the
+  # sum of its 3 unrolled copies' gradients, with or without rematerialised iterations.
+  cfg, loops = _loop_cfg(loop_remat=loop_remat), 3
+  model, params, x = _init(cfg)
+  loss = lambda m, p, *s: jnp.sum(jnp.sin(m.apply({"params": p}, x, *s)))
+  got = jax.jit(jax.grad(lambda p, s: loss(model, p, s)))(params, jnp.int32(loops))
+  plain = LoopedTransformer(ModelConfig(**{**TINY, "num_layers": cfg.executed_depth(loops)}))
+  want = jax.grad(lambda p: loss(plain, p))(_unrolled_params(params, loops))
+  layers = want["head"]["scan"]["layer"]  # head layer 0, block copies 1-2, 3-4, 5-6, tail 7
+  pick = lambda sl: jax.tree_util.tree_map(lambda a: a[sl], layers)
+  block = jax.tree_util.tree_map(lambda *xs: sum(xs), *[pick(slice(1 + 2 * k, 3 + 2 * k))
+                                                      for k in range(loops)])
+  close = lambda a, b: jax.tree_util.tree_map(
+      lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5), a, b)
+  close(got["head"]["scan"]["layer"], pick(slice(0, 1)))
+  close(got["loop"]["scan"]["block"]["scan"]["layer"], block)
+  close(got["tail"]["scan"]["layer"], pick(slice(7, 8)))
+  close({k: v for k, v in got.items() if k not in ("head", "loop", "tail")},
+        {k: v for k, v in want.items() if k != "head"})
 
 
 def test_loop_hiddens_follow_iterations():
@@ -111,7 +133,7 @@ def test_mask_is_never_predicted_and_segments_isolate():
 
 @pytest.mark.parametrize("extra", [dict(loop_inject=True, loop_embedding=True, grad_last_k=2),
                                    dict(remat="full", mlp_type="swiglu", dtype="bfloat16"),
-                                   dict(time_conditioning=True, dropout=0.1, remat="dots")])
+                                   dict(time_conditioning=True, dropout=0.1, remat="dots", loop_remat="none")])
 def test_options_run_and_differentiate(extra):
   cfg = _loop_cfg(**extra)
   model, params, x = _init(cfg)

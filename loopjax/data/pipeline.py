@@ -7,6 +7,8 @@ per-process batches, concatenated in process order, are exactly the one-process 
 Row streams:
   sudoku / arithmetic   row i = example i of the training partition, generated from
                         (data seed, i); evaluation uses the disjoint held-out partition.
+  prompt_answer         GSM8K-format JSONL pairs (prompt_answer.py), one example per row,
+                        shuffled per epoch and repeated; held out: `eval_examples` fixed pairs.
   text / tfds           documents shuffled per epoch (grain index shuffle), repeated forever,
                         tokenized, then packed (see packing.py) or one padded doc per row.
                         Held out: `eval_examples` fixed documents (text) or `eval_split` (tfds).
@@ -25,19 +27,19 @@ import ml_collections
 from grain.experimental import ThreadPrefetchIterDataset
 from ml_collections import config_dict
 
-from loopjax.data import arithmetic, heldout, packing, sudoku, text, tfds_source
+from loopjax.data import arithmetic, heldout, packing, prompt_answer, sudoku, text, tfds_source
 from loopjax.data.batch import slice_rows, stack_rows
 from loopjax.data.iterator import DataIterator
 from loopjax.data.tokenizers import Tokenizer, fill_id, make_tokenizer
 
-SOURCES = ("sudoku", "arithmetic", "text", "tfds")
+SOURCES = ("sudoku", "arithmetic", "text", "tfds", "prompt_answer")
 _SYNTHETIC = ("sudoku", "arithmetic")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
   """The `config.data` section with every key and its default."""
   return ml_collections.ConfigDict(dict(
-      source="sudoku",          # sudoku | arithmetic | text | tfds
+      source="sudoku",          # sudoku | arithmetic | text | tfds | prompt_answer
       seq_len=81,               # L; must be 81 for sudoku
       # sudoku
       min_givens=25, max_givens=40,
@@ -47,6 +49,10 @@ def default_data_config() -> ml_collections.ConfigDict:
       paths="",                 # comma-separated .txt / .jsonl / .parquet files (or a list)
       text_field="text",        # jsonl field / parquet column / TFDS feature
       txt_split="paragraph",    # .txt documents: "paragraph" (blank-line separated) | "line"
+      # prompt_answer (GSM8K format; reads data.paths)
+      prompt_field="question", answer_field="answer",
+      prompt_template="Question: {question}\nAnswer:",  # as loopjax eval --gsm8k
+      answer_len=128,           # answer + EOS padding positions after the prompt (all scored)
       tokenizer="byte",         # byte | sentencepiece:PATH.model | hf:PATH/tokenizer.json
       # tfds
       name="lm1b", data_dir=config_dict.placeholder(str), split="train",
@@ -55,7 +61,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       packing=False,            # concatenate-and-chunk text with EOS between documents
       document_attention=True,  # segment_ids number documents; False: 1 for all non-padding
       shuffle_seed=config_dict.placeholder(int),  # None: use the trainer's seed
-      eval_examples=1000,       # text: documents held out for evaluation
+      eval_examples=1000,       # text / prompt_answer: documents or pairs held out
       num_threads=2,            # grain reader threads (row streams)
       prefetch=4,               # batches prefetched in the background (0: off)
   ))
@@ -74,8 +80,11 @@ def _resolve(data_cfg) -> SimpleNamespace:
     raise ValueError(f"data.source must be one of {SOURCES}, got {c.source!r}")
   if c.seq_len < 1:
     raise ValueError(f"data.seq_len must be positive, got {c.seq_len}")
-  if c.packing and c.source in _SYNTHETIC:
+  if c.packing and c.source not in ("text", "tfds"):
     raise ValueError(f"data.packing applies to text/tfds sources, not {c.source!r}")
+  if c.source == "prompt_answer" and not 0 < c.answer_len < c.seq_len:
+    raise ValueError(f"data.answer_len must be in (0, data.seq_len={c.seq_len}) so a prompt "
+                     f"fits before the answer, got {c.answer_len}")
   if c.source == "sudoku":
     if c.seq_len != sudoku.SUDOKU_LEN:
       raise ValueError(f"sudoku rows are 81 cells: set data.seq_len=81 (got {c.seq_len})")
@@ -133,6 +142,18 @@ def _documents(c: SimpleNamespace, *, train: bool):
   return [docs[i] for i in (train_idx if train else heldout_idx)]
 
 
+def _pair_rows(c: SimpleNamespace, tok: Tokenizer, *, train: bool) -> list[dict]:
+  """The train or held-out rows of a prompt_answer source, encoded."""
+  paths = [p for p in c.paths.split(",") if p] if isinstance(c.paths, str) else list(c.paths)
+  pairs = prompt_answer.read_pairs(paths, prompt_field=c.prompt_field,
+                                   answer_field=c.answer_field)
+  train_idx, heldout_idx = heldout.split_documents(len(pairs), c.eval_examples)
+  return prompt_answer.encode_pairs(
+      tok, [pairs[i] for i in (train_idx if train else heldout_idx)], seq_len=c.seq_len,
+      answer_len=c.answer_len, template=c.prompt_template, prompt_field=c.prompt_field,
+      answer_field=c.answer_field)
+
+
 def _local_rows(global_batch_size: int, process_index: int, process_count: int):
   if global_batch_size < 1 or process_count < 1:
     raise ValueError(f"need a positive batch size and process count, got "
@@ -156,6 +177,9 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
   if c.source in _SYNTHETIC:
     rows = grain.MapDataset.range(sys.maxsize).map(functools.partial(
         _synthetic_row, c=c, seed=dseed, heldout_split=False))
+  elif c.source == "prompt_answer":
+    rows = grain.MapDataset.source(_pair_rows(c, tok, train=True)).shuffle(
+        seed=dseed % 2**32).repeat()
   else:
     docs = grain.MapDataset.source(_documents(c, train=True))
     token_docs = docs.shuffle(seed=dseed % 2**32).repeat().map(
@@ -194,6 +218,12 @@ def make_eval_batches(data_cfg, *, batch_size: int, num_batches: int, seed: int,
   if c.source in _SYNTHETIC:
     dseed = _data_seed(c, seed)
     rows = [_synthetic_row(i, c=c, seed=dseed, heldout_split=True) for i in range(need)]
+  elif c.source == "prompt_answer":
+    rows = _pair_rows(c, tokenizer_for(data_cfg), train=False)[:need]
+    if len(rows) < need:
+      raise ValueError(f"{len(rows)} held-out prompt/answer pairs, but {num_batches} batches of "
+                       f"{batch_size} need {need}: raise data.eval_examples or ask for fewer "
+                       "evaluation batches")
   else:
     tok = tokenizer_for(data_cfg)
     docs = grain.MapDataset.source(_documents(c, train=False)).map(

@@ -66,15 +66,21 @@ def _field(value, path: str, where: str, text_field: str) -> str:
   return value
 
 
-def _jsonl_documents(path: str, text_field: str) -> list[str]:
-  docs = []
+def jsonl_objects(path: str):
+  """(line number, parsed value) of every non-blank line of a UTF-8 JSONL file; errors name
+  the file and line."""
   for n, line in enumerate(_read_utf8(path).split("\n"), start=1):
     if not line.strip():
       continue
     try:
-      obj = json.loads(line)
+      yield n, json.loads(line)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path!r} line {n}: invalid JSON ({e.msg})") from None
+
+
+def _jsonl_documents(path: str, text_field: str) -> list[str]:
+  docs = []
+  for n, obj in jsonl_objects(path):
     if not isinstance(obj, dict) or text_field not in obj:
       keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
       raise ValueError(f"{path!r} line {n}: no field {text_field!r} (has {keys}); set "

@@ -10,7 +10,6 @@ exact match. Works with any run whose tokenizer handles the text (byte, Sentence
 from __future__ import annotations
 
 import decimal
-import json
 import os
 import re
 
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from loopjax.data.text import jsonl_objects
 from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler,
                                        resolve_policy, timed)
 
@@ -51,22 +51,15 @@ def read_gsm8k(path: str, limit: int = 0) -> list[dict]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"GSM8K file {path!r} does not exist")
   out = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path!r} line {n}: invalid JSON ({e.msg})") from None
-      if not isinstance(row, dict) or "question" not in row or "answer" not in row:
-        raise ValueError(f"{path!r} line {n}: need fields 'question' and 'answer'")
-      gold = extract_answer(row["answer"]) if "####" in row["answer"] else None
-      if gold is None:
-        raise ValueError(f"{path!r} line {n}: the answer does not end in '#### NUMBER'")
-      out.append({"question": row["question"], "answer": row["answer"], "gold": gold})
-      if limit and len(out) >= limit:
-        break
+  for n, row in jsonl_objects(path):
+    if not isinstance(row, dict) or "question" not in row or "answer" not in row:
+      raise ValueError(f"{path!r} line {n}: need fields 'question' and 'answer'")
+    gold = extract_answer(row["answer"]) if "####" in row["answer"] else None
+    if gold is None:
+      raise ValueError(f"{path!r} line {n}: the answer does not end in '#### NUMBER'")
+    out.append({"question": row["question"], "answer": row["answer"], "gold": gold})
+    if limit and len(out) >= limit:
+      break
   if not out:
     raise ValueError(f"{path!r} holds no examples")
   return out

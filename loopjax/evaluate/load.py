@@ -8,7 +8,6 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
 
 from loopjax.model import LoopedTransformer
 from loopjax.parallel import mesh as mesh_lib

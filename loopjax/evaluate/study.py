@@ -22,7 +22,6 @@ import json
 import os
 import time
 
-import numpy as np
 
 # scale -> model/train overrides, baseline steps, eval examples, adaptive taus, inference S sweep
 SCALES = {

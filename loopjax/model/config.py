@@ -42,7 +42,11 @@ class ModelConfig:
   loop_inject: bool = False  # add the head output back at the start of every loop iteration.
   loop_embedding: bool = False  # learned per-iteration embedding added before each iteration.
   dtype: str = "float32"  # compute dtype; parameters stay float32.
-  remat: str = "none"
+  remat: str = "none"  # per-layer policy of the head and tail stacks (and the block if static).
+  # Policy around each loop iteration. "full" saves only the carry per iteration; any policy that
+  # saves more makes the scan stack those residuals for all S_max iterations (zeros for the
+  # skipped ones), so the backward's time and memory then grow with S_max instead of S.
+  loop_remat: str = "full"
   attention_impl: str = "xla"
   rope_base: float = 10000.0
   scan_unroll: bool = False  # unroll layer/loop scans (exact XLA cost analysis; slower compile).
@@ -104,6 +108,7 @@ class ModelConfig:
     if self.mlp_ratio <= 0:
       bad("mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
     for field, allowed in (("mlp_type", MLP_TYPES), ("remat", REMAT_POLICIES),
+                           ("loop_remat", REMAT_POLICIES),
                            ("attention_impl", ATTENTION_IMPLS), ("dtype", DTYPES)):
       if getattr(self, field) not in allowed:
         bad(field, f"{getattr(self, field)!r} is not one of {allowed}")

@@ -135,9 +135,11 @@ class Loop(nn.Module):
     # Remat wraps the whole iteration (the nn.cond and the block): its saved inputs are then
     # the carry and loop-invariant weights, which the scan keeps once. Remat per layer inside
     # the cond would make the per-layer weight slices residuals of the cond, and the scan would
-    # stack a copy of the block's weights for every one of the S_max iterations.
-    body = _LoopIteration if cfg.remat == "none" else nn.remat(
-        _LoopIteration, policy=_REMAT[cfg.remat], prevent_cse=False)
+    # stack a copy of the block's weights for every one of the S_max iterations. Without it
+    # (loop_remat="none") the cond's skip branch writes zero residuals for every skipped
+    # iteration: a cost that follows S_max, not S.
+    body = _LoopIteration if cfg.loop_remat == "none" else nn.remat(
+        _LoopIteration, policy=_REMAT[cfg.loop_remat], prevent_cse=False)
     scan = nn.scan(body, variable_broadcast="params",
                    split_rngs={"params": False, "dropout": True},
                    in_axes=(0, nn.broadcast, nn.broadcast), length=length,

@@ -13,6 +13,13 @@ Environment knobs (launch scripts set them):
   LOOPJAX_LOCAL_DEVICE_IDS=0,1,..  the accelerators this process drives. JAX's SLURM detection
                                  gives each task one GPU (its SLURM_LOCALID); one task per node
                                  driving all of the node's GPUs must list them.
+  LOOPJAX_BARRIER_TIMEOUT=1800   seconds a process waits at a start-up barrier for the others
+                                 (data set-up and compilation can differ a lot between hosts).
+
+Barriers go through the coordination service, not through collectives: a CPU (gloo) collective
+gives a late peer only 30 s to join its first call, which skewed start-up or compile times on a
+loaded host exceed. So Orbax is switched to client barriers, and the trainer compiles its
+programs ahead of time and meets at `barrier` before the first collective runs.
 """
 
 from __future__ import annotations
@@ -57,5 +64,25 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
     jax.distributed.initialize(local_device_ids=local_ids)
   else:
     return
+  _orbax_client_barriers()
   log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _orbax_client_barriers() -> None:
+  """Makes Orbax's own barriers wait on the coordination service (with a timeout)."""
+  from absl import flags
+  import orbax.checkpoint  # noqa: F401  (defines the flag)
+  flag = flags.FLAGS["experimental_orbax_use_distributed_barrier"]
+  flag.value = True
+  # Readable without parsing argv through absl (loopjax has its own command line).
+  flag.present = 1
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches `name`; a no-op in a single-process run."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # the client JAX itself initialised
+  timeout_s = float(os.environ.get("LOOPJAX_BARRIER_TIMEOUT", "1800"))
+  jax_distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))

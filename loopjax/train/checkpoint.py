@@ -85,8 +85,8 @@ class Checkpointer:
         os.rename(src, dst)
         log.warning("moved damaged checkpoint %d to %s", step, dst)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("loopjax_set_aside_damaged_checkpoints")
+      from loopjax.parallel import distributed
+      distributed.barrier("loopjax_set_aside_damaged_checkpoints")
     self.manager.reload()
 
   def restore_state(self, abstract_state, step: int | None = None) -> tuple[Any, int]:

@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=50, checkpoint_every=500, keep_checkpoints=3, async_checkpoints=True,
       eval_every=500, eval_batches=4, eval_time_points=8, eval_params="ema",
       on_nonfinite="error",  # error: stop with a message | skip: leave the state unchanged
+      # Fine-tuning: a run workdir (its newest EMA weights) or an exported folder whose weights
+      # start a new run (params and EMA; fresh optimizer and step 0). Ignored when resuming.
+      init_from="",
   )
   # Whole-mesh sizes (-1 = fill). dcn_*: the part of each axis that crosses TPU slices
   # (multi-slice) or hosts (multi-node GPU); 1 everywhere = data spans the slices, if several.

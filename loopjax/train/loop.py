@@ -20,6 +20,7 @@ from loopjax import flops
 from loopjax.data import make_eval_batches, make_train_iterator
 from loopjax.diffusion import eval_time_grid, make_schedule, metrics_from_nelbo
 from loopjax.model import LoopDistribution, LoopedTransformer
+from loopjax.parallel import distributed
 from loopjax.parallel import mesh as mesh_lib
 from loopjax.train import config as config_lib
 from loopjax.train.checkpoint import Checkpointer
@@ -32,6 +33,9 @@ log = logging.getLogger("loopjax")
 
 # Sections that must match between a run's saved config and a resuming command.
 _COMPAT_SECTIONS = ("model", "loops")
+# ...except these, which change how the same weights are computed, not what they are.
+_RUNTIME_KEYS = {("model", k) for k in ("attention_impl", "remat", "loop_remat", "dtype",
+                                        "scan_unroll")}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,7 +53,7 @@ def check_workdir(workdir: str, config) -> None:
   now = json.loads(config.to_json())
   diffs = [f"{sec}.{k}: saved {saved.get(sec, {}).get(k)!r}, now {v!r}"
            for sec in _COMPAT_SECTIONS for k, v in now[sec].items()
-           if saved.get(sec, {}).get(k) != v]
+           if saved.get(sec, {}).get(k) != v and (sec, k) not in _RUNTIME_KEYS]
   if diffs:
     raise ValueError(f"{workdir} holds checkpoints of an incompatible run ("
                      + "; ".join(diffs) + "). Use a new --workdir or the original config.")
@@ -95,6 +99,45 @@ def _global(batch: dict, sharding) -> dict:
           for k, v in batch.items()}
 
 
+def init_from(state, shardings, path: str):
+  """`state` with params and EMA replaced by the weights of a run or export at `path`."""
+  from loopjax.export import load_model_dir
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"train.init_from: {path!r} does not exist (want a run workdir or "
+                            "a `loopjax export` folder)")
+  _, _, source = load_model_dir(path)
+  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(np.shape(v))
+                         for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  have, want = shapes(source), shapes(state.params)
+  if have != want:
+    diff = sorted(set(have.items()) ^ set(want.items()))[:4]
+    raise ValueError(f"train.init_from: the weights in {path} do not fit this model (e.g. "
+                     f"{diff}); use the source run's model config, vocabulary and loops.train")
+  # Every process holds the whole tree; each device takes its shard of it. Two copies: the
+  # step donates the state, and one buffer cannot be donated twice.
+  put = lambda: jax.tree_util.tree_map(
+      lambda v, sh: jax.make_array_from_callback(v.shape, sh, lambda idx: np.asarray(v)[idx]),
+      source, shardings.params)
+  log.info("initialised params and EMA from %s", path)
+  return state.replace(params=put(), ema_params=put())
+
+
+def _compile(step_fn, eval_fn, state, batch, eval_batches, eval_loops):
+  """Compiles the train and eval programs before any of them runs.
+
+  Besides reporting compile time, this lets every process meet at a barrier before the first
+  collective: CPU collectives allow a late peer only seconds to join (see parallel/distributed.py).
+  """
+  start = time.perf_counter()
+  step_fn = step_fn.lower(state, batch).compile()
+  if eval_batches:
+    eval_fn = eval_fn.lower(state.params, eval_batches[0], jnp.int32(eval_loops),
+                            jax.random.PRNGKey(0)).compile()
+  log.info("compiled the train and eval steps in %.1f s", time.perf_counter() - start)
+  distributed.barrier("loopjax_compiled")
+  return step_fn, eval_fn
+
+
 def train(config, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last logged and evaluated metrics."""
   config_lib.validate(config)
@@ -118,12 +161,17 @@ def train(config, workdir: str) -> dict:
                                   process_index=shard, process_count=num_shards)
   first = next(data_iter)
   check_batch(first, cfg.vocab_size, config.data.seq_len)
+  # The global batch's shapes, for compiling the step before it first runs.
+  batch_shapes = {k: ((t.batch_size, *np.shape(v)[1:]), np.asarray(v).dtype)
+                  for k, v in first.items()}
 
   model = LoopedTransformer(cfg)
   tx = make_optimizer(t)
   schedule = make_schedule(config.diffusion)
   loop_dist = LoopDistribution.parse(config.loops.train)
   example = jnp.zeros((1, config.data.seq_len), jnp.int32)
+  # Hosts reach this point at different times (data set-up); Orbax's first barrier follows.
+  distributed.barrier("loopjax_setup")
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
                       async_save=t.async_checkpoints)
   start = 0
@@ -138,6 +186,8 @@ def train(config, workdir: str) -> dict:
     log.info("resumed %s at step %d", workdir, start)
   else:
     state, shardings = create_state(model, tx, example, t.seed, mesh)
+    if t.init_from:
+      state = init_from(state, shardings, t.init_from)
 
   batch_sharding = mesh_lib.batch_sharding(mesh)
   lr_fn = learning_rate(t)
@@ -152,6 +202,9 @@ def train(config, workdir: str) -> dict:
       process_index=shard, process_count=num_shards)]
   eval_fn = jax.jit(make_eval_step(model, schedule, eval_time_grid(t.eval_time_points,
                                                                      schedule.eps)))
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+           for k, (shape, dtype) in batch_shapes.items()}
+  step_fn, eval_fn = _compile(step_fn, eval_fn, state, batch, eval_batches, eval_loops)
 
   def evaluate(state):
     params = state.ema_params if t.eval_params == "ema" else state.params
