@@ -48,7 +48,8 @@ def main(argv=None):
   def config(smax, remat="none"):
     return lm_config(width=args.width, layers=args.layers, heads=args.heads, vocab=args.vocab,
                      length=args.length, batch=args.batch, loop=(1, 3),
-                     loops=f"uniform:1:{smax}" if smax > 1 else "fixed:1", remat=remat)
+                     loops=f"uniform:1:{smax}" if smax > 1 else "fixed:1", remat=remat,
+                     loop_remat=remat)  # one policy for every layer, loop iterations included
 
   load0 = load_average()
   skip = set(filter(None, args.skip.split(",")))

@@ -52,7 +52,7 @@ def main(argv=None):
 
   variants = {}
   for size in args.sizes.split(","):
-    # "NAME+unroll": the same size with model.scan_unroll=True (layer scans unrolled: no
+    # "NAME+unroll": the same size with model.unroll_layers=True (layer scans unrolled: no
     # stacked per-layer activations to write and slice, longer compile); "NAME+<policy>": with
     # model.remat=<policy> (full, dots, ...). Suffixes combine: ref+unroll+dots.
     base_size, *extras = size.split("+")
@@ -60,7 +60,7 @@ def main(argv=None):
     remat = next((e for e in extras if e != "unroll"), "none")
     for dt in args.dtypes.split(","):
       config = lm_config(width=w, layers=n, heads=h, vocab=v, length=length, batch=b, dtype=dt,
-                         scan_unroll="unroll" in extras, remat=remat)
+                         unroll_layers="unroll" in extras, remat=remat)
       config.train.update(lr_schedule="constant", warmup_steps=0, lr=args.lr)
       step, state, batch, cfg = build_step(config)
       (state, _), compile_s, _ = timed(step, state, batch, jnp.int32(1))  # compile + step 1

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from loopjax.cli import load_config
+from loopjax.evaluate.sweep import run_eval
 from loopjax.export import load_model_dir
 from loopjax.train.loop import train
 
@@ -47,6 +48,11 @@ def test_init_from_starts_from_the_source_weights(pretrained):
   jax.tree_util.tree_map(np.testing.assert_array_equal, got, jax.device_get(source))
   assert np.isfinite(out["metrics"]["loss"])
   assert int(out["state"].step) == 2  # a new run: step 0 + 2, fresh optimizer
+  # The fine-tuned run is evaluated in its training layout (answer_len 32 from its config).
+  summary = run_eval(str(tmp / "ft"), loops=("2",), gsm8k=pairs, gsm8k_limit=4, do_nelbo=False,
+                     do_tasks=False, batch_size=4)
+  (row,) = summary["gsm8k"]
+  assert row["examples"] == 4 and 0.0 <= row["exact_match"] <= 1.0 and row["steps"] == 32
 
 
 def test_init_from_refuses_other_architectures_and_missing_paths(pretrained):

@@ -1,5 +1,7 @@
 """The looped denoiser: loops equal repeated layers, one compile for every S, shapes, errors."""
 
+import dataclasses
+
 
 import flax.linen as nn
 import jax
@@ -116,6 +118,19 @@ def test_one_compilation_for_every_loop_count():
   outs = [f(params, x, jnp.int32(s)) for s in range(1, 7)]
   assert f._cache_size() == 1
   assert not np.allclose(outs[0], outs[-1])
+
+
+def test_unroll_layers_keeps_params_outputs_and_the_rolled_loop():
+  cfg = _loop_cfg(max_loops=6)
+  model, params, x = _init(cfg)
+  unrolled = LoopedTransformer(dataclasses.replace(cfg, unroll_layers=True))
+  f = jax.jit(lambda p, x, s: unrolled.apply({"params": p}, x, s))
+  np.testing.assert_allclose(f(params, x, jnp.int32(4)), model.apply({"params": params}, x, 4),
+                             rtol=2e-5, atol=2e-5)
+  # The head/tail stacks are unrolled; the loop stays one rolled while loop (compile time
+  # independent of S_max).
+  hlo = f.lower(params, x, jnp.int32(4)).compile().as_text()
+  assert hlo.count(" while(") == 1
 
 
 def test_mask_is_never_predicted_and_segments_isolate():

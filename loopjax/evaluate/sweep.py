@@ -61,7 +61,7 @@ def _log(msg: str) -> None:
 def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = "confidence",
              examples: int = 128, batch_size: int = 64, nelbo_batches: int = 2,
              time_points: int = 8, do_nelbo: bool = True, do_tasks: bool = True,
-             gsm8k: str | None = None, gsm8k_limit: int = 0, answer_len: int = 64,
+             gsm8k: str | None = None, gsm8k_limit: int = 0, answer_len: int | None = None,
              corpus=(), corpus_rows: int = 64, params: str | None = None, step: int | None = None,
              seed: int = 0, sampler_kw: dict | None = None, command: str = "") -> dict:
   """Runs the sweep and writes eval/*.json and plots/*.png; returns the summary dict."""
@@ -126,12 +126,17 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
     from loopjax.evaluate.gsm8k import gsm8k_accuracy, read_gsm8k
     exs = read_gsm8k(gsm8k, gsm8k_limit)
     tok = tokenizer_for(config.data)
+    # A model fine-tuned on prompt_answer data is asked in its training layout.
+    tuned = config.data.get("source") == "prompt_answer"
+    template = config.data.get("prompt_template") if tuned else None
+    answer_len = answer_len or (int(config.data.get("answer_len")) if tuned else 64)
     rows = []
     for n_steps in steps:
       for s in specs:
         row = gsm8k_accuracy(model, weights, tok, exs, seq_len=config.data.seq_len, loops=s,
                              answer_len=answer_len, steps=n_steps or answer_len, method=method,
-                             batch_size=min(batch_size, len(exs)), seed=seed, **sampler_kw)
+                             batch_size=min(batch_size, len(exs)), seed=seed,
+                             **({"template": template} if template else {}), **sampler_kw)
         rows.append(row)
         _log(f"gsm8k  S={s:<14} exact match {row['exact_match']:.4f}")
     summary["gsm8k"] = rows
@@ -200,7 +205,9 @@ def eval_main(argv) -> int:
   p.add_argument("--no-tasks", action="store_true")
   p.add_argument("--gsm8k", default=None, help="GSM8K-format JSONL file")
   p.add_argument("--gsm8k-limit", type=int, default=0)
-  p.add_argument("--answer-len", type=int, default=64)
+  p.add_argument("--answer-len", type=int, default=None, help="GSM8K answer positions "
+                 "(default: the run's data.answer_len if it was fine-tuned on prompt_answer "
+                 "data, else 64)")
   p.add_argument("--corpus", action="append", default=[], help="local corpus for zero-shot "
                  "perplexity (.txt/.jsonl/.parquet, repeatable)")
   p.add_argument("--corpus-rows", type=int, default=64)

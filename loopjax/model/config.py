@@ -50,6 +50,9 @@ class ModelConfig:
   attention_impl: str = "xla"
   rope_base: float = 10000.0
   scan_unroll: bool = False  # unroll layer/loop scans (exact XLA cost analysis; slower compile).
+  # Unroll the layer stacks' scans only (never the loop): no stacked per-layer activations,
+  # 1.4x faster f32 steps on CPU at the reference config; compile time grows with depth.
+  unroll_layers: bool = False
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":

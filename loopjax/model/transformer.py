@@ -68,7 +68,7 @@ class Stack(nn.Module):
                    split_rngs={"params": True, "dropout": True},
                    in_axes=(nn.broadcast, nn.broadcast), length=self.num,
                    metadata_params={nn.PARTITION_NAME: "layers"},
-                   unroll=self.num if self.cfg.scan_unroll else 1)
+                   unroll=True if self.cfg.scan_unroll or self.cfg.unroll_layers else 1)
     return scan(self.cfg, train, collect, self.remat, name="scan")(x_BxLxD, c_BxC, mask_Bx1xLxL)
 
 

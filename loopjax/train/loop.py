@@ -35,7 +35,7 @@ log = logging.getLogger("loopjax")
 _COMPAT_SECTIONS = ("model", "loops")
 # ...except these, which change how the same weights are computed, not what they are.
 _RUNTIME_KEYS = {("model", k) for k in ("attention_impl", "remat", "loop_remat", "dtype",
-                                        "scan_unroll")}
+                                        "scan_unroll", "unroll_layers")}
 
 
 class NonFiniteLossError(RuntimeError):
