@@ -22,15 +22,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from perf_common import add_model_args  # noqa: E402
+
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--width", type=int, default=256)
-  p.add_argument("--layers", type=int, default=12)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--vocab", type=int, default=512)
-  p.add_argument("--length", type=int, default=128)
-  p.add_argument("--batch", type=int, default=8)
+  add_model_args(p)
   p.add_argument("--smax", default="2,12,24")
   p.add_argument("--memory-smax", default="1,12")
   p.add_argument("--remat", default="none,full,dots,save_attn_out")
@@ -38,9 +35,6 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=3, help="compilations per S_max (median)")
   p.add_argument("--json", default="compile_time.json")
   args = p.parse_args(argv)
-
-  import jax
-  import jax.numpy as jnp
 
   from common import build_step, lm_config, machine, write_json
   from perf_common import load_average
@@ -99,7 +93,7 @@ def memory(args, config, build_step):
   # Memory: compiled temp + arguments for each remat policy and S_max.
   mem_rows = []
   msm = [int(s) for s in args.memory_smax.split(",")]
-  print(f"\ncompiled memory (MiB): temp = activations/workspace; args = state + batch")
+  print("\ncompiled memory (MiB): temp = activations/workspace; args = state + batch")
   print(f"{'remat':>14} " + " ".join(f"{'temp S=' + str(s):>11}" for s in msm)
         + f" {'ratio ' + str(msm[-1]) + '/' + str(msm[0]):>11}")
   for remat in args.remat.split(","):

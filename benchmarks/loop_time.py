@@ -19,17 +19,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from perf_common import ensure_hugepages  # noqa: E402
+from perf_common import add_model_args, ensure_hugepages  # noqa: E402
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--width", type=int, default=256)
-  p.add_argument("--layers", type=int, default=12)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--vocab", type=int, default=512)
-  p.add_argument("--length", type=int, default=128)
-  p.add_argument("--batch", type=int, default=8)
+  add_model_args(p)
   p.add_argument("--loops", default="1,4,12")
   p.add_argument("--remat", default="none:none,none:full")
   p.add_argument("--repeats", type=int, default=5)
@@ -55,12 +50,18 @@ def main(argv=None):
     step, state, batch, cfg = build_step(config)
     for s in loops:
       (state, _), _, _ = timed(step, state, batch, jnp.int32(s))
-    runs[remat] = dict(step=step, state=state, batch=batch, cfg=cfg,
+    runs[remat] = dict(step=step, state=state, batch=batch, cfg=cfg, loops=loops,
                        times={s: [] for s in loops})
+    # The same model compiled for S_max = 1: what S = 1 costs without the S_max-long loop.
+    config.loops.train = "fixed:1"
+    step, state, batch, _ = build_step(config)
+    (state, _), _, _ = timed(step, state, batch, jnp.int32(1))
+    runs[remat + "@smax1"] = dict(step=step, state=state, batch=batch, loops=[1], times={1: []})
   load0 = load_average()
   for r in range(args.repeats):
     for remat, d in runs.items():
-      order = loops[r % len(loops):] + loops[:r % len(loops)]
+      ls = d["loops"]
+      order = ls[r % len(ls):] + ls[:r % len(ls)]
       for s in order:
         (d["state"], _), wall, _ = timed(d["step"], d["state"], d["batch"], jnp.int32(s))
         d["times"][s].append(wall)
@@ -71,6 +72,8 @@ def main(argv=None):
         f"{'executed FLOP ratio':>19} {'time/useful':>11}")
   rows = []
   for remat, d in runs.items():
+    if remat.endswith("@smax1"):
+      continue
     cfg, b, length = d["cfg"], args.batch, args.length
     useful = {s: flops.train_flops_per_step(cfg, length, b, s) for s in loops}
     executed = {s: useful[s] + b * flops.remat_overhead_flops_per_seq(cfg, length, s)
@@ -85,6 +88,13 @@ def main(argv=None):
       print(f"{remat:>10} {s:>3} {t * 1e3:>8.1f} {row['time_ratio']:>10.3f} "
             f"{row['useful_flop_ratio']:>17.3f} {row['executed_flop_ratio']:>19.3f} "
             f"{row['time_ratio'] / row['useful_flop_ratio']:>11.3f}")
+  for remat, d in runs.items():
+    if remat.endswith("@smax1"):
+      t, t1 = (statistics.median(d["times"][1]),
+               statistics.median(runs[remat[:-len("@smax1")]]["times"][loops[0]]))
+      rows.append(dict(remat=remat, loops=1, seconds=t, all=d["times"][1]))
+      print(f"{remat[:-6]:>10}: S=1 in an S_max=1 program {t * 1e3:.1f} ms; the S_max={max(loops)} "
+            f"program at S={loops[0]} takes {t1 / t:.3f}x that")
   print(f"wrote {write_json(args.json, dict(machine=machine(), args=vars(args), rows=rows))}")
 
 

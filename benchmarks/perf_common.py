@@ -34,6 +34,16 @@ def ensure_hugepages(argv=None) -> bool:
   return True  # not reached
 
 
+def add_model_args(p, *, width=256, layers=12, heads=4, vocab=512, length=128, batch=8):
+  """The model-size flags every benchmark takes (defaults: the loop benchmarks' config)."""
+  p.add_argument("--width", type=int, default=width)
+  p.add_argument("--layers", type=int, default=layers)
+  p.add_argument("--heads", type=int, default=heads)
+  p.add_argument("--vocab", type=int, default=vocab)
+  p.add_argument("--length", type=int, default=length)
+  p.add_argument("--batch", type=int, default=batch)
+
+
 def load_average() -> str:
   try:
     with open("/proc/loadavg") as f:

@@ -16,10 +16,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from perf_common import add_model_args  # noqa: E402
+
 
 def build_sampler(cfg, params, steps):
   import jax
-  import jax.numpy as jnp
 
   from loopjax.diffusion.sampling import confidence_decode
   from loopjax.model import LoopedTransformer
@@ -78,12 +79,7 @@ def run(cfg, *, batch, length, steps, loops, repeats, peak=None):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--width", type=int, default=256)
-  p.add_argument("--layers", type=int, default=12)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--vocab", type=int, default=512)
-  p.add_argument("--length", type=int, default=128)
-  p.add_argument("--batch", type=int, default=8)
+  add_model_args(p)
   p.add_argument("--steps", type=int, default=16)
   p.add_argument("--loops", default="1,4,12")
   p.add_argument("--repeats", type=int, default=5)

@@ -43,7 +43,6 @@ def main(argv=None):
   args = p.parse_args(argv)
   hugepages = ensure_hugepages()
 
-  import jax
   import jax.numpy as jnp
 
   from common import build_step, lm_config, machine, write_json
