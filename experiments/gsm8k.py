@@ -11,9 +11,10 @@ Each variant fine-tunes the pretrained run of the same variant (same architectur
   loopjax eval --workdir runs/gsm8k_loopmdm --gsm8k .../data/test.jsonl --answer-len 256 \\
       --loops 1,4,12,24
 
-Hardware and time: 170M parameters, length 512, batch 64: about 1.5 h for mdm's 3,000 steps on
-one H100 (bf16); FLOP-matched LoopMDM / deep MDM runs take as long. On CPU only the tiny test
-sizes are practical.
+Hardware and time: 170M parameters, length 512, batch 64; every variant spends the same
+7.8e16 training FLOPs (`loopjax flops --config experiments/gsm8k.py:loopmdm --match
+experiments/gsm8k.py:mdm`: mdm 3,000 steps, loopmdm 1,818), about 3-4 minutes on one H100 at
+40% MFU (an estimate from that count, not a measurement). On CPU only tiny sizes are practical.
 
 Data (never downloaded by loopjax): train.jsonl and test.jsonl from
 https://github.com/openai/grade-school-math (grade_school_math/data/); 500 training pairs are
