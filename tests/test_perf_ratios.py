@@ -57,6 +57,21 @@ def test_dense_dot_general_matches_autodiff(n, kdim, m):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("n,kdim,m", [(10, 6, 12), (10, 12, 6), (6, 6, 6)],
+                         ids=["x_transposed", "g_transposed", "square"])
+def test_shared_input_projections_match_autodiff(n, kdim, m):
+  # Attention's q, k, v: three projections of one input with one saved copy of it.
+  x = jax.random.normal(jax.random.PRNGKey(1), (n, kdim))
+  ws = [jax.random.normal(jax.random.PRNGKey(i), (kdim, m)) for i in (2, 3, 4)]
+  loss = lambda outs: sum(jnp.sum(jnp.sin(o) * (i + 1)) for i, o in enumerate(outs))
+  ours = lambda x, ws: loss(layers._shared_input_matmuls(x, ws))
+  plain = lambda x, ws: loss([x @ w for w in ws])
+  np.testing.assert_allclose(ours(x, ws), plain(x, ws), rtol=1e-5)
+  got, want = jax.jit(jax.grad(ours, (0, 1)))(x, ws), jax.grad(plain, (0, 1))(x, ws)
+  for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
 def test_bfloat16_dense_keeps_dtypes():
   x = jnp.ones((4, 8), jnp.bfloat16)
   w = jnp.ones((8, 3), jnp.bfloat16)

@@ -12,6 +12,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from loopjax.model.config import ModelConfig
@@ -28,12 +29,21 @@ def dense_init(axes, scale: float = 1.0):
                                       axes)
 
 
+@functools.lru_cache(maxsize=64)
+def _rope_tables(length: int, k: int, base: float):
+  """cos and sin of the rotation angles, L x K/2 float32, as NumPy constants: computed inside
+  the graph, XLA fuses them into every consumer and evaluates two transcendentals per element
+  of each B x L x H x K array (forward and backward), which cost ~4 % of a CPU train step."""
+  inv_freq_K2 = 1.0 / (base ** (np.arange(0, k, 2, dtype=np.float64) / k))
+  ang_LxK2 = np.arange(length, dtype=np.float64)[:, None] * inv_freq_K2[None, :]
+  return np.cos(ang_LxK2).astype(np.float32), np.sin(ang_LxK2).astype(np.float32)
+
+
 def rope(x_BxLxHxK: Array, base: float) -> Array:
   """Rotary position embedding (rotate-half form) over the last axis."""
   _, length, _, k = x_BxLxHxK.shape
-  inv_freq_K2 = 1.0 / (base ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
-  ang_LxK2 = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq_K2[None, :]
-  cos, sin = jnp.cos(ang_LxK2)[None, :, None, :], jnp.sin(ang_LxK2)[None, :, None, :]
+  cos_LxK2, sin_LxK2 = _rope_tables(length, k, float(base))
+  cos, sin = cos_LxK2[None, :, None, :], sin_LxK2[None, :, None, :]
   x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxLxHxK.dtype)
@@ -49,6 +59,10 @@ def _materialized_transpose(x, perm):
   path, about 3x slower than the row-major GEMM, for a copy that costs far less. GPU/TPU GEMMs
   take transposed operands at full speed, so there the transpose is left to XLA."""
   x = x.transpose(perm)
+  return jax.lax.optimization_barrier(x) if _on_cpu() else x
+
+
+def _barrier(x):
   return jax.lax.optimization_barrier(x) if _on_cpu() else x
 
 
@@ -86,7 +100,9 @@ def _weight_grad_mode(w_KxM) -> str:
 
 
 def _matmul_fwd(x_NxK, w_KxM, precision):
-  x_res = x_NxK.T if _weight_grad_mode(w_KxM) == "xt" else x_NxK
+  # Materialised: a plain transpose would be folded into the backward's dot as a transposed left
+  # operand (the slow path) whenever no scan stacks the residual in between (unrolled layers).
+  x_res = _materialized_transpose(x_NxK, (1, 0)) if _weight_grad_mode(w_KxM) == "xt" else x_NxK
   # The dot itself, not a call of _matmul: remat policies ("dots") must see a dot_general here.
   out = _dot(x_NxK, w_KxM, ((1,), (0,)), precision, jnp.result_type(x_NxK, w_KxM))
   return out, (x_res, w_KxM)
@@ -103,13 +119,50 @@ def _matmul_bwd(precision, res, g_NxM):
   elif mode == "gt":
     dw_t = _dot(_materialized_transpose(g_NxM, (1, 0)), x_res, ((1,), (0,)), precision,
                 w_KxM.dtype)
-    dw = _materialized_transpose(dw_t, (1, 0))
+    # The barrier keeps XLA from folding the transpose into the dot (as swapped, transposed
+    # operands: the slow path again).
+    dw = _materialized_transpose(_barrier(dw_t), (1, 0))
   else:
     dw = _dot(x_res, g_NxM, ((0,), (0,)), precision, w_KxM.dtype)
   return dx, dw
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@jax.custom_vjp
+def _shared_input_matmuls(x_NxK, ws_KxM):
+  """[x @ w for w in ws]: several projections of one input (attention's q, k, v), with the
+  backward of `_matmul` but one saved (on CPU: transposed) copy of x for all of them."""
+  return _projections(x_NxK, ws_KxM)
+
+
+def _projections(x_NxK, ws_KxM):
+  return [_dot(x_NxK, w, ((1,), (0,)), None, jnp.result_type(x_NxK, w)) for w in ws_KxM]
+
+
+def _shared_input_matmuls_fwd(x_NxK, ws_KxM):
+  # One weight shape, hence one weight-gradient mode (and one layout of the saved x) for all.
+  if len({w.shape for w in ws_KxM}) != 1:
+    raise ValueError(f"projections of different shapes {[w.shape for w in ws_KxM]}")
+  xt = _weight_grad_mode(ws_KxM[0]) == "xt"
+  x_res = _materialized_transpose(x_NxK, (1, 0)) if xt else x_NxK
+  # The dots themselves (as in _matmul_fwd), so remat policies see dot_generals.
+  return _projections(x_NxK, ws_KxM), (x_res, ws_KxM)
+
+
+def _shared_input_matmuls_bwd(res, gs_NxM):
+  x_res, ws_KxM = res
+  dx, dws = None, []
+  for w, g in zip(ws_KxM, gs_NxM):
+    # _matmul's backward for each projection; the input gradients add up.
+    d_x, d_w = _matmul_bwd(None, (x_res, w), g)
+    dx = d_x if dx is None else dx + d_x
+    dws.append(d_w)
+  return dx, dws
+
+
+_shared_input_matmuls.defvjp(_shared_input_matmuls_fwd, _shared_input_matmuls_bwd)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
@@ -198,6 +251,24 @@ def _attend_bwd(res, do_BxLxHxK):
 attend.defvjp(_attend_fwd, _attend_bwd)
 
 
+class _Kernel(nn.Module):
+  """A DenseGeneral-compatible kernel parameter (same name, shape, init, logical axes)."""
+
+  shape: tuple
+  axes: tuple
+
+  @nn.compact
+  def __call__(self):
+    init = dense_init(self.axes)
+
+    def flat_init(rng, shape, dtype=jnp.float32):
+      # As DenseGeneral: initialise (inputs, prod(features)) so fan_in is the input width.
+      kernel = init(rng, (shape[0], math.prod(shape[1:])), dtype)
+      return nn.meta.replace_boxed(kernel, jnp.reshape(kernel.unbox(), shape))
+
+    return self.param("kernel", flat_init, self.shape)
+
+
 class Attention(nn.Module):
   """Bidirectional multi-head attention with RoPE; optionally returns the probabilities."""
 
@@ -207,12 +278,16 @@ class Attention(nn.Module):
   def __call__(self, x_BxLxD, mask_Bx1xLxL, *, train: bool, return_probs: bool = False):
     cfg, dt = self.cfg, compute_dtype(self.cfg)
     h, k = cfg.num_heads, cfg.head_dim
-    proj = lambda name, axes: nn.DenseGeneral(
-        (h, k), axis=-1, use_bias=False, dtype=dt, kernel_init=dense_init(axes), name=name,
-        dot_general=dense_dot_general)
-    q_BxLxHxK = rope(proj("query", ("embed", "heads", "kv"))(x_BxLxD), cfg.rope_base)
-    k_BxLxHxK = rope(proj("key", ("embed", "heads", "kv"))(x_BxLxD), cfg.rope_base)
-    v_BxLxHxK = proj("value", ("embed", "heads", "kv"))(x_BxLxD)
+    # q, k, v: the kernels of three DenseGenerals (same parameter tree), applied as one
+    # custom-VJP op that saves its shared input once.
+    d = x_BxLxD.shape[-1]
+    ws = [_Kernel((d, h, k), ("embed", "heads", "kv"), name=n)().astype(dt).reshape(d, h * k)
+          for n in ("query", "key", "value")]
+    q, kk, v = _shared_input_matmuls(x_BxLxD.astype(dt).reshape(-1, d), ws)
+    shape = x_BxLxD.shape[:-1] + (h, k)
+    q_BxLxHxK = rope(q.reshape(shape), cfg.rope_base)
+    k_BxLxHxK = rope(kk.reshape(shape), cfg.rope_base)
+    v_BxLxHxK = v.reshape(shape)
     probs = None
     if return_probs:  # analysis path: materialise the probabilities
       logits_BxHxLxL = jnp.einsum("bqhk,bthk->bhqt", q_BxLxHxK, k_BxLxHxK) / math.sqrt(k)
