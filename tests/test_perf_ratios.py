@@ -82,3 +82,20 @@ def test_bfloat16_dense_keeps_dtypes():
                     (0, 1))(x, w)
   assert gx.dtype == gw.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(gw, np.float32), 4.0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 0.02)])
+def test_dense_matches_flax_dense(dtype, tol):
+  # Same parameters and init as nn.Dense; the bias gradient is a GEMM (f32-accumulated in bf16).
+  import flax.linen as nn
+  kw = dict(dtype=dtype, kernel_init=layers.dense_init(("embed", "mlp")))
+  ours, flax_dense = layers.Dense(24, **kw), nn.Dense(24, **kw)
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 16))
+  p, q = nn.unbox(ours.init(jax.random.PRNGKey(0), x)), nn.unbox(flax_dense.init(
+      jax.random.PRNGKey(0), x))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, p, q)
+  p = jax.tree_util.tree_map(lambda t: t + 0.1, p)  # a non-zero bias
+  grad = lambda m: jax.grad(lambda p: jnp.sum(jnp.sin(m.apply(p, x).astype(jnp.float32))))(p)
+  for g, r in zip(jax.tree_util.tree_leaves(grad(ours)), jax.tree_util.tree_leaves(grad(flax_dense))):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                               rtol=tol, atol=tol * 8)

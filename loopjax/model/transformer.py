@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from loopjax.model.config import ModelConfig
-from loopjax.model.layers import (Block, adaln_modulation, compute_dtype, dense_dot_general,
-                                  dense_init, layer_norm)
+from loopjax.model.layers import (Block, Dense, adaln_modulation, compute_dtype, dense_init,
+                                  layer_norm)
 
 Array = jax.Array
 
@@ -180,10 +180,10 @@ class OutputLayer(nn.Module):
     cfg, dt = self.cfg, compute_dtype(self.cfg)
     shift, scale = adaln_modulation(c_BxC, 2, cfg.width, "adaln")
     h = layer_norm(dt, "norm")(h_BxLxD) * (1 + scale) + shift
-    logits = nn.Dense(cfg.vocab_size, dtype=dt, name="proj", dot_general=dense_dot_general,
-                      kernel_init=dense_init(("embed", "vocab")),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))(
-                          h.astype(dt))
+    logits = Dense(cfg.vocab_size, dtype=dt, name="proj",
+                   kernel_init=dense_init(("embed", "vocab")),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))(
+                       h.astype(dt))
     return logits.astype(jnp.float32)
 
 
