@@ -88,11 +88,6 @@ def _train(argv) -> int:
   return 0
 
 
-def _flops(argv) -> int:
-  from loopjax.flops_cli import flops_main
-  return flops_main(argv)
-
-
 def _spm_train(argv) -> int:
   import argparse
 
@@ -108,43 +103,27 @@ def _spm_train(argv) -> int:
   return 0
 
 
-def _sample(argv) -> int:
-  from loopjax.evaluate.sample_cli import sample_main
-  return sample_main(argv)
+# Subcommands implemented elsewhere: module and function, imported only when called.
+_LAZY = {
+    "flops": ("loopjax.flops_cli", "flops_main"),
+    "sample": ("loopjax.evaluate.sample_cli", "sample_main"),
+    "eval": ("loopjax.evaluate.sweep", "eval_main"),
+    "memory": ("loopjax.train.memory", "main"),
+    "export": ("loopjax.export", "export_main"),
+    "analyze": ("loopjax.evaluate.attention", "analyze_main"),
+    "study": ("loopjax.evaluate.study", "study_main"),
+}
 
 
-def _eval(argv) -> int:
-  from loopjax.evaluate.sweep import eval_main
-  return eval_main(argv)
+def _lazy(module: str, function: str):
+  def run(argv) -> int:
+    import importlib
+    return getattr(importlib.import_module(module), function)(argv)
+  return run
 
 
-COMMANDS = {"train": _train, "flops": _flops, "spm-train": _spm_train}
-COMMANDS.update({"sample": _sample, "eval": _eval})
-COMMANDS["memory"] = lambda argv: __import__("loopjax.train.memory", fromlist=["main"]).main(argv)
-
-
-def _export(argv) -> int:
-  from loopjax.export import export_main
-  return export_main(argv)
-
-
-COMMANDS["export"] = _export
-
-
-def _analyze(argv) -> int:
-  from loopjax.evaluate.attention import analyze_main
-  return analyze_main(argv)
-
-
-COMMANDS["analyze"] = _analyze
-
-
-def _study(argv) -> int:
-  from loopjax.evaluate.study import study_main
-  return study_main(argv)
-
-
-COMMANDS["study"] = _study
+COMMANDS = {"train": _train, "spm-train": _spm_train,
+            **{name: _lazy(*target) for name, target in _LAZY.items()}}
 
 
 def main(argv=None) -> int:

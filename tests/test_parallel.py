@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from run_logs import logged_losses
 
 from loopjax.parallel import mesh as mesh_lib
 
@@ -102,11 +103,7 @@ def _result(proc, timeout):
 
 
 def _losses(workdir):
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      row = json.loads(line)
-      out[row["step"]] = row["loss"]
+  out = logged_losses(workdir)
   return [out[s] for s in sorted(out)]
 
 

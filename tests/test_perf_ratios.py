@@ -64,7 +64,7 @@ def test_shared_input_projections_match_autodiff(n, kdim, m):
   x = jax.random.normal(jax.random.PRNGKey(1), (n, kdim))
   ws = [jax.random.normal(jax.random.PRNGKey(i), (kdim, m)) for i in (2, 3, 4)]
   loss = lambda outs: sum(jnp.sum(jnp.sin(o) * (i + 1)) for i, o in enumerate(outs))
-  ours = lambda x, ws: loss(layers._shared_input_matmuls(x, ws))
+  ours = lambda x, ws: loss(layers._matmuls(x, ws, None))
   plain = lambda x, ws: loss([x @ w for w in ws])
   np.testing.assert_allclose(ours(x, ws), plain(x, ws), rtol=1e-5)
   got, want = jax.jit(jax.grad(ours, (0, 1)))(x, ws), jax.grad(plain, (0, 1))(x, ws)

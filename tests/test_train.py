@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from run_logs import logged_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(ROOT, "experiments", "sudoku.py")
@@ -37,16 +38,6 @@ def _env():
 def _run(workdir, *extra, timeout=300):
   return subprocess.run(_cmd(workdir, *extra), capture_output=True, text=True, timeout=timeout,
                         env=_env(), cwd=ROOT)
-
-
-def _losses(workdir):
-  """step -> loss, the last logged value for each step (a resumed run re-logs nothing twice)."""
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      row = json.loads(line)
-      out[row["step"]] = row["loss"]
-  return out
 
 
 def _ckpt_steps(workdir):
@@ -114,7 +105,7 @@ def test_sigkill_then_resume_is_bitwise_identical(reference_run, tmp_path):
   resumed = _run(tmp_path, *STEPS)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"resumed {tmp_path} at step {killed_at}" in resumed.stderr
-  want, got = _losses(ref_dir), _losses(tmp_path)
+  want, got = logged_losses(ref_dir), logged_losses(tmp_path)
   after = [s for s in want if s > killed_at]
   assert after and all(got[s] == want[s] for s in after), (
       "losses after the checkpoint differ from the uninterrupted run: the resumed run does not "
@@ -133,7 +124,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   assert started, err[-2000:]
   assert proc.returncode == 0, err[-2000:]
   steps = _ckpt_steps(tmp_path)
-  assert steps and steps[-1] == max(_losses(tmp_path)), (steps, err[-1000:])
+  assert steps and steps[-1] == max(logged_losses(tmp_path)), (steps, err[-1000:])
   assert os.path.exists(os.path.join(tmp_path, "checkpoints", str(steps[-1]), "state"))
 
 

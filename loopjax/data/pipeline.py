@@ -129,6 +129,11 @@ def _synthetic_row(index: int, *, c: SimpleNamespace, seed: int, heldout_split: 
                                        seq_len=c.seq_len, heldout_split=heldout_split)
 
 
+def _paths(c: SimpleNamespace) -> list[str]:
+  """data.paths: a comma-separated string or a list."""
+  return [p for p in c.paths.split(",") if p] if isinstance(c.paths, str) else list(c.paths)
+
+
 def _documents(c: SimpleNamespace, *, train: bool):
   """The train or held-out documents (a sequence of str) of a text/tfds source."""
   if c.source == "tfds":
@@ -136,16 +141,14 @@ def _documents(c: SimpleNamespace, *, train: bool):
     src = tfds_source.open_tfds_source(c.name, split=split, data_dir=c.data_dir,
                                        download=c.download)
     return tfds_source.TfdsDocuments(src, c.text_field, name=c.name)
-  paths = [p for p in c.paths.split(",") if p] if isinstance(c.paths, str) else list(c.paths)
-  docs = text.read_documents(paths, text_field=c.text_field, txt_split=c.txt_split)
+  docs = text.read_documents(_paths(c), text_field=c.text_field, txt_split=c.txt_split)
   train_idx, heldout_idx = heldout.split_documents(len(docs), c.eval_examples)
   return [docs[i] for i in (train_idx if train else heldout_idx)]
 
 
 def _pair_rows(c: SimpleNamespace, tok: Tokenizer, *, train: bool) -> list[dict]:
   """The train or held-out rows of a prompt_answer source, encoded."""
-  paths = [p for p in c.paths.split(",") if p] if isinstance(c.paths, str) else list(c.paths)
-  pairs = prompt_answer.read_pairs(paths, prompt_field=c.prompt_field,
+  pairs = prompt_answer.read_pairs(_paths(c), prompt_field=c.prompt_field,
                                    answer_field=c.answer_field)
   train_idx, heldout_idx = heldout.split_documents(len(pairs), c.eval_examples)
   return prompt_answer.encode_pairs(

@@ -22,7 +22,6 @@ import json
 import os
 import time
 
-
 # scale -> model/train overrides, baseline steps, eval examples, adaptive taus, inference S sweep
 SCALES = {
     "small": dict(model=dict(width=64, num_layers=4, num_heads=4, cond_dim=32),
@@ -54,17 +53,10 @@ def study_config(task: str, scale: str, variant: str):
   return c
 
 
-def _eval_batches(config, examples: int):
-  from loopjax.data import make_eval_batches
-  bs = min(examples, 64)
-  return make_eval_batches(config.data, batch_size=bs, num_batches=max(examples // bs, 1),
-                           seed=int(config.train.seed) + 1)
-
-
 def run_study(workdir: str, *, task: str = "sudoku", scale: str = "small", log=print) -> dict:
   from loopjax import flops
   from loopjax.evaluate.load import load_run
-  from loopjax.evaluate.tasks import primary_metric, task_accuracy
+  from loopjax.evaluate.tasks import heldout_batches, primary_metric, task_accuracy
   from loopjax.model import LoopDistribution
   from loopjax.train.config import model_config
   from loopjax.train.loop import train
@@ -86,7 +78,8 @@ def run_study(workdir: str, *, task: str = "sudoku", scale: str = "small", log=p
         f"{config.train.steps} steps, {per_step:.3g} FLOPs/step")
     ts = time.time()
     train(config, run_dir)
-    batches = batches or _eval_batches(config, SCALES[scale]["examples"])
+    batches = batches or heldout_batches(config.data, SCALES[scale]["examples"],
+                                         seed=int(config.train.seed) + 1)
     s_max = cfg.max_loops if cfg.looped else 1
     curve = []
     for step in _steps(run_dir):

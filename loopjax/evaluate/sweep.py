@@ -104,10 +104,8 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
             workdir, "plots", "eval_bits_vs_loops.png"), title="held-out NELBO vs loops"))
 
   if do_tasks and source in ("sudoku", "arithmetic"):
-    from loopjax.evaluate.tasks import task_accuracy
-    bs = min(examples, batch_size)
-    batches = make_eval_batches(config.data, batch_size=bs, num_batches=max(examples // bs, 1),
-                                seed=eval_seed)
+    from loopjax.evaluate.tasks import heldout_batches, task_accuracy
+    batches = heldout_batches(config.data, examples, seed=eval_seed, batch_size=batch_size)
     rows = []
     for n_steps in steps:
       for s in specs:

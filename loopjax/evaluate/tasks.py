@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopjax.data import arithmetic_exact_match, sudoku_accuracy
+from loopjax.data import arithmetic_exact_match, make_eval_batches, sudoku_accuracy
 from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler,
                                        resolve_policy, timed)
 
@@ -24,6 +24,14 @@ def score(source: str, pred, tokens, fixed, scored) -> dict:
   if source == "arithmetic":
     return {"exact_match": float(np.mean(arithmetic_exact_match(pred, tokens, scored)))}
   return {"token_accuracy": float((pred == tokens)[scored].mean())}
+
+
+def heldout_batches(data_cfg, examples: int, *, seed: int, batch_size: int = 64) -> list[dict]:
+  """About `examples` held-out rows for task scoring: whole batches of at most `batch_size`,
+  at least one."""
+  bs = min(examples, batch_size)
+  return make_eval_batches(data_cfg, batch_size=bs, num_batches=max(examples // bs, 1),
+                           seed=seed)
 
 
 def primary_metric(source: str) -> str:

@@ -42,7 +42,7 @@ class ModelConfig:
   loop_inject: bool = False  # add the head output back at the start of every loop iteration.
   loop_embedding: bool = False  # learned per-iteration embedding added before each iteration.
   dtype: str = "float32"  # compute dtype; parameters stay float32.
-  remat: str = "none"  # per-layer policy of the head and tail stacks (and the block if static).
+  remat: str = "none"  # per-layer policy of the head and tail stacks.
   # Policy around each loop iteration. "full" saves only the carry per iteration; any policy that
   # saves more makes the scan stack those residuals for all S_max iterations (zeros for the
   # skipped ones), so the backward's time and memory then grow with S_max instead of S.

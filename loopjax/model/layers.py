@@ -59,11 +59,11 @@ def _materialized_transpose(x, perm):
   the following dot as a transposed left operand, which XLA:CPU runs on a slow (non-YNNPACK)
   path, about 3x slower than the row-major GEMM, for a copy that costs far less. GPU/TPU GEMMs
   take transposed operands at full speed, so there the transpose is left to XLA."""
-  x = x.transpose(perm)
-  return jax.lax.optimization_barrier(x) if _on_cpu() else x
+  return _barrier(x.transpose(perm))
 
 
 def _barrier(x):
+  """On CPU, keeps XLA from rewriting across this point (see _materialized_transpose)."""
   return jax.lax.optimization_barrier(x) if _on_cpu() else x
 
 
@@ -85,8 +85,14 @@ def _dot(a, b, dims, precision, out_dtype):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul(x_NxK, w_KxM, precision):
-  return _dot(x_NxK, w_KxM, ((1,), (0,)), precision, jnp.result_type(x_NxK, w_KxM))
+def _matmuls(x_NxK, ws_KxM, precision):
+  """[x @ w for w in ws] for weights of one shape (one dense layer, or attention's q, k, v),
+  with a backward of row-major GEMMs only (see `_weight_grad_mode`) and one saved copy of x."""
+  return _projections(x_NxK, ws_KxM, precision)
+
+
+def _projections(x_NxK, ws_KxM, precision):
+  return [_dot(x_NxK, w, ((1,), (0,)), precision, jnp.result_type(x_NxK, w)) for w in ws_KxM]
 
 
 def _weight_grad_mode(w_KxM) -> str:
@@ -100,75 +106,47 @@ def _weight_grad_mode(w_KxM) -> str:
   return "xt" if w_KxM.shape[0] <= w_KxM.shape[1] else "gt"
 
 
-def _matmul_fwd(x_NxK, w_KxM, precision):
-  # Materialised: a plain transpose would be folded into the backward's dot as a transposed left
-  # operand (the slow path) whenever no scan stacks the residual in between (unrolled layers).
-  x_res = _materialized_transpose(x_NxK, (1, 0)) if _weight_grad_mode(w_KxM) == "xt" else x_NxK
-  # The dot itself, not a call of _matmul: remat policies ("dots") must see a dot_general here.
-  out = _dot(x_NxK, w_KxM, ((1,), (0,)), precision, jnp.result_type(x_NxK, w_KxM))
-  return out, (x_res, w_KxM)
-
-
-def _matmul_bwd(precision, res, g_NxM):
-  x_res, w_KxM = res
-  g_NxM = g_NxM.astype(jnp.result_type(x_res, w_KxM))
-  # dx = g w^T: an "NT" product, fast as it is.
-  dx = _dot(g_NxM, w_KxM, ((1,), (1,)), precision, x_res.dtype)
-  mode = _weight_grad_mode(w_KxM)
-  if mode == "xt":
-    dw = _dot(x_res, g_NxM, ((1,), (0,)), precision, w_KxM.dtype)
-  elif mode == "gt":
-    dw_t = _dot(_materialized_transpose(g_NxM, (1, 0)), x_res, ((1,), (0,)), precision,
-                w_KxM.dtype)
-    # The barrier keeps XLA from folding the transpose into the dot (as swapped, transposed
-    # operands: the slow path again).
-    dw = _materialized_transpose(_barrier(dw_t), (1, 0))
-  else:
-    dw = _dot(x_res, g_NxM, ((0,), (0,)), precision, w_KxM.dtype)
-  return dx, dw
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-@jax.custom_vjp
-def _shared_input_matmuls(x_NxK, ws_KxM):
-  """[x @ w for w in ws]: several projections of one input (attention's q, k, v), with the
-  backward of `_matmul` but one saved (on CPU: transposed) copy of x for all of them."""
-  return _projections(x_NxK, ws_KxM)
-
-
-def _projections(x_NxK, ws_KxM):
-  return [_dot(x_NxK, w, ((1,), (0,)), None, jnp.result_type(x_NxK, w)) for w in ws_KxM]
-
-
-def _shared_input_matmuls_fwd(x_NxK, ws_KxM):
+def _matmuls_fwd(x_NxK, ws_KxM, precision):
   # One weight shape, hence one weight-gradient mode (and one layout of the saved x) for all.
   if len({w.shape for w in ws_KxM}) != 1:
     raise ValueError(f"projections of different shapes {[w.shape for w in ws_KxM]}")
+  # Materialised: a plain transpose would be folded into the backward's dot as a transposed left
+  # operand (the slow path) whenever no scan stacks the residual in between (unrolled layers).
   xt = _weight_grad_mode(ws_KxM[0]) == "xt"
   x_res = _materialized_transpose(x_NxK, (1, 0)) if xt else x_NxK
-  # The dots themselves (as in _matmul_fwd), so remat policies see dot_generals.
-  return _projections(x_NxK, ws_KxM), (x_res, ws_KxM)
+  # The dots themselves, not a call of _matmuls: remat policies ("dots") must see dot_generals.
+  return _projections(x_NxK, ws_KxM, precision), (x_res, ws_KxM)
 
 
-def _shared_input_matmuls_bwd(res, gs_NxM):
+def _matmuls_bwd(precision, res, gs_NxM):
   x_res, ws_KxM = res
   dx, dws = None, []
-  for w, g in zip(ws_KxM, gs_NxM):
-    # _matmul's backward for each projection; the input gradients add up.
-    d_x, d_w = _matmul_bwd(None, (x_res, w), g)
+  for w_KxM, g_NxM in zip(ws_KxM, gs_NxM):
+    g_NxM = g_NxM.astype(jnp.result_type(x_res, w_KxM))
+    # dx = g w^T: an "NT" product, fast as it is; the projections' input gradients add up.
+    d_x = _dot(g_NxM, w_KxM, ((1,), (1,)), precision, x_res.dtype)
     dx = d_x if dx is None else dx + d_x
-    dws.append(d_w)
+    mode = _weight_grad_mode(w_KxM)
+    if mode == "xt":
+      dw = _dot(x_res, g_NxM, ((1,), (0,)), precision, w_KxM.dtype)
+    elif mode == "gt":
+      dw_t = _dot(_materialized_transpose(g_NxM, (1, 0)), x_res, ((1,), (0,)), precision,
+                  w_KxM.dtype)
+      # The barrier keeps XLA from folding the transpose into the dot (as swapped, transposed
+      # operands: the slow path again).
+      dw = _materialized_transpose(_barrier(dw_t), (1, 0))
+    else:
+      dw = _dot(x_res, g_NxM, ((0,), (0,)), precision, w_KxM.dtype)
+    dws.append(dw)
   return dx, dws
 
 
-_shared_input_matmuls.defvjp(_shared_input_matmuls_fwd, _shared_input_matmuls_bwd)
+_matmuls.defvjp(_matmuls_fwd, _matmuls_bwd)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
   """`lax.dot_general` for dense layers (trailing lhs axes against leading kernel axes, no batch
-  axes) as one 2-D matmul whose gradients are row-major GEMMs (see `_matmul_bwd`); any other
+  axes) as one 2-D matmul whose gradients are row-major GEMMs (see `_matmuls_bwd`); any other
   contraction goes to `lax.dot_general` unchanged. Same math and the same matmul count."""
   (lc, rc), (lb, rb) = dimension_numbers
   n = len(lc)
@@ -177,7 +155,7 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
   k = math.prod(rhs.shape[:n])
-  out = _matmul(lhs.reshape(-1, k), rhs.reshape(k, -1), precision)
+  out = _matmuls(lhs.reshape(-1, k), [rhs.reshape(k, -1)], precision)[0]
   return out.reshape(lhs.shape[:lhs.ndim - n] + rhs.shape[n:])
 
 
@@ -324,7 +302,7 @@ class Attention(nn.Module):
     d = x_BxLxD.shape[-1]
     ws = [_Kernel((d, h, k), ("embed", "heads", "kv"), name=n)().astype(dt).reshape(d, h * k)
           for n in ("query", "key", "value")]
-    q, kk, v = _shared_input_matmuls(x_BxLxD.astype(dt).reshape(-1, d), ws)
+    q, kk, v = _matmuls(x_BxLxD.astype(dt).reshape(-1, d), ws, None)
     shape = x_BxLxD.shape[:-1] + (h, k)
     q_BxLxHxK = rope(q.reshape(shape), cfg.rope_base)
     k_BxLxHxK = rope(kk.reshape(shape), cfg.rope_base)

@@ -17,6 +17,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from loopjax.train.state import param_shape_diff
+
 log = logging.getLogger("loopjax")
 
 
@@ -84,9 +86,8 @@ class Checkpointer:
         dst = f"{src}.damaged-{int(time.time())}"
         os.rename(src, dst)
         log.warning("moved damaged checkpoint %d to %s", step, dst)
-    if jax.process_count() > 1:
-      from loopjax.parallel import distributed
-      distributed.barrier("loopjax_set_aside_damaged_checkpoints")
+    from loopjax.parallel import distributed
+    distributed.barrier("loopjax_set_aside_damaged_checkpoints")
     self.manager.reload()
 
   def restore_state(self, abstract_state, step: int | None = None) -> tuple[Any, int]:
@@ -117,13 +118,8 @@ def _first_line(e: Exception) -> str:
 
 def _check_same_params(meta, abstract_params, step: int, directory: str) -> None:
   """Refuses a checkpoint whose parameter names or shapes differ from the model's."""
-  def shapes(tree):
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in flat}
-
-  saved, want = shapes(meta), shapes(abstract_params)
-  if saved != want:
-    diff = sorted(set(saved.items()) ^ set(want.items()))[:4]
+  diff = param_shape_diff(meta, abstract_params)
+  if diff:
     raise ValueError(
         f"checkpoint {step} in {directory} does not match this model (another architecture?): "
         f"parameters differ, e.g. {diff}. Use a new --workdir or the config the run was "

@@ -7,8 +7,7 @@ import os
 
 import jax
 
-from loopjax.data import make_eval_batches
-from loopjax.evaluate.tasks import task_accuracy
+from loopjax.evaluate.tasks import heldout_batches, task_accuracy
 
 
 def report_task_accuracy(config, out: dict, workdir: str) -> dict | None:
@@ -17,14 +16,11 @@ def report_task_accuracy(config, out: dict, workdir: str) -> dict | None:
     return None
   model, state = out["model"], out["state"]
   params = state.ema_params if config.train.eval_params == "ema" else state.params
-  n = int(config.eval.examples)
-  bs = min(n, 64)
-  batches = make_eval_batches(config.data, batch_size=bs, num_batches=max(n // bs, 1),
-                              seed=config.train.seed + 1)
+  batches = heldout_batches(config.data, int(config.eval.examples), seed=config.train.seed + 1)
   loops = config.eval.loops or model.cfg.max_loops
   acc = task_accuracy(model, jax.device_get(params), batches, source=source, loops=loops,
                       steps=config.eval.steps)
-  acc = {"loops": loops, "examples": bs * len(batches), **acc}
+  acc = {"loops": loops, "examples": sum(len(b["tokens"]) for b in batches), **acc}
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
   with open(os.path.join(workdir, "eval", "final_task_accuracy.json"), "w") as f:
     json.dump(acc, f, indent=2)

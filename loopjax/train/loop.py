@@ -26,7 +26,7 @@ from loopjax.train import config as config_lib
 from loopjax.train.checkpoint import Checkpointer
 from loopjax.train.metrics import MetricsWriter
 from loopjax.train.state import (create_abstract_state, create_state, learning_rate,
-                                 make_optimizer)
+                                 make_optimizer, param_shape_diff)
 from loopjax.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger("loopjax")
@@ -106,11 +106,8 @@ def init_from(state, shardings, path: str):
     raise FileNotFoundError(f"train.init_from: {path!r} does not exist (want a run workdir or "
                             "a `loopjax export` folder)")
   _, _, source = load_model_dir(path)
-  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(np.shape(v))
-                         for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  have, want = shapes(source), shapes(state.params)
-  if have != want:
-    diff = sorted(set(have.items()) ^ set(want.items()))[:4]
+  diff = param_shape_diff(source, state.params)
+  if diff:
     raise ValueError(f"train.init_from: the weights in {path} do not fit this model (e.g. "
                      f"{diff}); use the source run's model config, vocabulary and loops.train")
   # Every process holds the whole tree; each device takes its shard of it. Two copies: the
@@ -161,9 +158,10 @@ def train(config, workdir: str) -> dict:
                                   process_index=shard, process_count=num_shards)
   first = next(data_iter)
   check_batch(first, cfg.vocab_size, config.data.seq_len)
-  # The global batch's shapes, for compiling the step before it first runs.
-  batch_shapes = {k: ((t.batch_size, *np.shape(v)[1:]), np.asarray(v).dtype)
-                  for k, v in first.items()}
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  # The global batch, abstract, for compiling the step before it first runs.
+  batch_spec = {k: jax.ShapeDtypeStruct((t.batch_size, *np.shape(v)[1:]), np.asarray(v).dtype,
+                                        sharding=batch_sharding) for k, v in first.items()}
 
   model = LoopedTransformer(cfg)
   tx = make_optimizer(t)
@@ -189,7 +187,6 @@ def train(config, workdir: str) -> dict:
     if t.init_from:
       state = init_from(state, shardings, t.init_from)
 
-  batch_sharding = mesh_lib.batch_sharding(mesh)
   lr_fn = learning_rate(t)
   step_fn = jax.jit(
       make_train_step(model, tx, schedule, loop_dist, antithetic=config.diffusion.antithetic,
@@ -202,9 +199,7 @@ def train(config, workdir: str) -> dict:
       process_index=shard, process_count=num_shards)]
   eval_fn = jax.jit(make_eval_step(model, schedule, eval_time_grid(t.eval_time_points,
                                                                      schedule.eps)))
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-           for k, (shape, dtype) in batch_shapes.items()}
-  step_fn, eval_fn = _compile(step_fn, eval_fn, state, batch, eval_batches, eval_loops)
+  step_fn, eval_fn = _compile(step_fn, eval_fn, state, batch_spec, eval_batches, eval_loops)
 
   def evaluate(state):
     params = state.ema_params if t.eval_params == "ema" else state.params
@@ -246,9 +241,6 @@ def train(config, workdir: str) -> dict:
             raise NonFiniteLossError(msg + ". Lower train.lr, or set "
                                      "train.on_nonfinite=skip to skip such steps.")
           log.warning(msg)
-        if step == start + 1 and step % t.log_every and step != t.steps:
-          # The first call compiled the step: keep compilation out of the throughput window.
-          window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
         if step % t.log_every == 0 or step == t.steps:
           elapsed = time.perf_counter() - window_start
           row = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
