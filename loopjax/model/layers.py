@@ -58,8 +58,10 @@ def _materialized_transpose(x, perm):
   """x.transpose(perm), on CPU as a real copy: XLA would otherwise fold the transpose back into
   the following dot as a transposed left operand, which XLA:CPU runs on a slow (non-YNNPACK)
   path, about 3x slower than the row-major GEMM, for a copy that costs far less. GPU/TPU GEMMs
-  take transposed operands at full speed, so there the transpose is left to XLA."""
-  return _barrier(x.transpose(perm))
+  take transposed operands at full speed, so there the transpose is left to XLA. The barrier
+  before the transpose makes it a plain copy of the materialised x: fused with x's producer,
+  XLA recomputes that producer in transposed order, about twice as slow."""
+  return _barrier(_barrier(x).transpose(perm))
 
 
 def _barrier(x):
@@ -159,27 +161,49 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
   return out.reshape(lhs.shape[:lhs.ndim - n] + rhs.shape[n:])
 
 
-def _masked_scores(q_BxHxLxK, k_BxHxLxK, mask_Bx1xLxL):
-  """Scaled-by-q dot products in float32, -1e30 where attention is not allowed."""
-  s_BxHxLxL = jnp.einsum("bhqk,bhtk->bhqt", *_pin(q_BxHxLxK, k_BxHxLxK),
-                         preferred_element_type=jnp.float32)
-  return jnp.where(mask_Bx1xLxL, s_BxHxLxL, -1e30)
+def _eigen_forms(dt) -> bool:
+  """Whether attention's batched products take the float32 CPU forms below. XLA:CPU gives a dot
+  to YNNPACK when its left operand is contracted on its last axis, to Eigen otherwise; for
+  float32 attention's small per-head products (L x L x K, K = 64) Eigen's batched GEMM runs
+  1.3-1.6x faster than YNNPACK's, so four of the six products are written with the contracted
+  axis leading in the left operand (materialised, so XLA cannot fold the transposes back).
+  YNNPACK wins for bfloat16, and GPUs/TPUs take any form: those keep the row-major forms.
+  Measured by benchmarks/attention_forms.py."""
+  return _on_cpu() and dt == jnp.float32
+
+
+def _bdot(spec, a_BxHx2, b_BxHx2, eigen: bool):
+  """einsum(spec, a, b) over B x H x . x . operands ("bh.., bh..->bh.."), accumulating in
+  float32; with `eigen`, both operands materialised. The B and H axes are merged first: a
+  transposed operand feeding a 4-D batched dot makes XLA:CPU run a bfloat16 dot in float32 (it
+  upcasts both operands); the reshape makes the transpose a real copy, and the dot stays bf16."""
+  bh = a_BxHx2.shape[:2]
+  a, b = (x.reshape((-1,) + x.shape[2:]) for x in (a_BxHx2, b_BxHx2))
+  if eigen:
+    a, b = jax.lax.optimization_barrier((a, b))
+  out = jnp.einsum(spec.replace("h", ""), *_pin(a, b), preferred_element_type=jnp.float32)
+  return out.reshape(bh + out.shape[1:])
 
 
 def _attend_fwd(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL):
   dt = q_BxLxHxK.dtype
+  eigen = _eigen_forms(dt)
   scale = 1.0 / math.sqrt(q_BxLxHxK.shape[-1])
   # Heads-major layout for the batched matmuls; the 1/sqrt(K) scale rides on q (L*K, not L*L).
   q = (q_BxLxHxK.astype(jnp.float32) * scale).astype(dt).transpose(0, 2, 1, 3)
   k = k_BxLxHxK.transpose(0, 2, 1, 3)
   v = v_BxLxHxK.transpose(0, 2, 1, 3)
-  s_BxHxLxL = _masked_scores(q, k, mask_Bx1xLxL)
+  if eigen:  # s = (q^T)^T k: q^T contracted on its leading K axis
+    s_BxHxLxL = _bdot("bhkq,bhtk->bhqt", q.transpose(0, 1, 3, 2), k, True)
+  else:
+    s_BxHxLxL = _bdot("bhqk,bhtk->bhqt", q, k, False)
+  # Scaled-by-q dot products in float32, -1e30 where attention is not allowed.
+  s_BxHxLxL = jnp.where(mask_Bx1xLxL, s_BxHxLxL, -1e30)
   # Unnormalised probabilities e = exp(s - max) and 1/sum(e): the normalisation is applied to
   # the L x K output (and in the backward pass) instead of a pass over B x H x L x L.
   e_BxHxLxL = jnp.exp(s_BxHxLxL - s_BxHxLxL.max(axis=-1, keepdims=True)).astype(dt)
   inv_BxHxL = 1.0 / e_BxHxLxL.astype(jnp.float32).sum(axis=-1)
-  o_BxHxLxK = jnp.einsum("bhqt,bhtk->bhqk", *_pin(e_BxHxLxL, v),
-                         preferred_element_type=jnp.float32)
+  o_BxHxLxK = _bdot("bhqt,bhtk->bhqk", e_BxHxLxL, v, False)
   o_BxLxHxK = (o_BxHxLxK * inv_BxHxL[..., None]).astype(dt).transpose(0, 2, 1, 3)
   return o_BxLxHxK, (q, k, v, e_BxHxLxL, inv_BxHxL, o_BxLxHxK, mask_Bx1xLxL)
 
@@ -200,29 +224,33 @@ def attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL):
 def _attend_bwd(res, do_BxLxHxK):
   q, k, v, e_BxHxLxL, inv_BxHxL, o_BxLxHxK, mask = res
   dt = q.dtype
+  eigen = _eigen_forms(dt)
   scale = 1.0 / math.sqrt(q.shape[-1])
   f32 = jnp.float32
-  # Every matmul below has its contracted axis last in the left operand (row-major "NN"/"NT"
-  # products); XLA:CPU's fast GEMM path does not take a transposed left operand, so the
-  # transposes are done explicitly on the small L x K arrays, never on the L x L ones.
   do_BxHxLxK = do_BxLxHxK.astype(f32).transpose(0, 2, 1, 3)
-  # dv = p^T do with p = e / sum(e): 1/sum scales do's rows; computed as dv^T = (do/sum)^T e.
-  do_scaled_BxHxKxL = _materialized_transpose(
-      (do_BxHxLxK * inv_BxHxL[..., None]).astype(dt), (0, 1, 3, 2))
-  dv_BxHxKxL = jnp.einsum("bhkq,bhqt->bhkt", *_pin(do_scaled_BxHxKxL, e_BxHxLxL),
-                          preferred_element_type=f32)
-  dp_BxHxLxL = jnp.einsum("bhqk,bhtk->bhqt", *_pin(do_BxHxLxK.astype(dt), v),
-                          preferred_element_type=f32)
+  # dv = p^T do with p = e / sum(e): 1/sum scales do's rows.
+  do_scaled_BxHxLxK = (do_BxHxLxK * inv_BxHxL[..., None]).astype(dt)
+  if eigen:  # dv^T = do_scaled^T e and dp = (do^T)^T v^T: left operands contracted on axis 2
+    dv_BxHxKxL = _bdot("bhqk,bhqt->bhkt", do_scaled_BxHxLxK, e_BxHxLxL, True)
+    dp_BxHxLxL = _bdot("bhkq,bhtk->bhqt", do_BxLxHxK.astype(dt).transpose(0, 2, 3, 1), v, True)
+  else:
+    # Row-major "NN"/"NT" products only: the transposes are done explicitly on the small
+    # L x K arrays, never on the L x L ones.
+    dv_BxHxKxL = _bdot("bhkq,bhqt->bhkt",
+                       _materialized_transpose(do_scaled_BxHxLxK, (0, 1, 3, 2)), e_BxHxLxL, False)
+    dp_BxHxLxL = _bdot("bhqk,bhtk->bhqt", do_BxHxLxK.astype(dt), v, False)
   # Softmax backward: ds = p * (dp - sum_t p dp), and sum_t p dp = sum_k do * o.
   delta_BxHxL = (do_BxLxHxK.astype(f32) * o_BxLxHxK.astype(f32)).sum(-1).transpose(0, 2, 1)
   ds_BxHxLxL = (e_BxHxLxL.astype(f32) * inv_BxHxL[..., None]
                 * (dp_BxHxLxL - delta_BxHxL[..., None])).astype(dt)
-  dq_BxHxLxK = jnp.einsum("bhqt,bhtk->bhqk", *_pin(ds_BxHxLxL, k), preferred_element_type=f32)
-  dk_BxHxKxL = jnp.einsum("bhkq,bhqt->bhkt",
-                          *_pin(_materialized_transpose(q, (0, 1, 3, 2)), ds_BxHxLxL),
-                          preferred_element_type=f32)
+  dq_BxHxLxK = _bdot("bhqt,bhtk->bhqk", ds_BxHxLxL, k, False)
+  if eigen:  # dk = ds^T q: ds contracted on its axis 2
+    dk = _bdot("bhqt,bhqk->bhtk", ds_BxHxLxL, q, True).transpose(0, 2, 1, 3)
+  else:
+    dk_BxHxKxL = _bdot("bhkq,bhqt->bhkt", _materialized_transpose(q, (0, 1, 3, 2)), ds_BxHxLxL,
+                       False)
+    dk = dk_BxHxKxL.transpose(0, 3, 1, 2)
   dq = (dq_BxHxLxK * scale).transpose(0, 2, 1, 3)
-  dk = dk_BxHxKxL.transpose(0, 3, 1, 2)
   dv = dv_BxHxKxL.transpose(0, 3, 1, 2)
   return dq.astype(dt), dk.astype(dt), dv.astype(dt), None
 
