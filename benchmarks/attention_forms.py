@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from perf_common import ensure_hugepages  # noqa: E402
+from perf_common import ensure_malloc_tuning  # noqa: E402
 
 # product: (row-major form, its operands; transposed-left form, its operands). Operand names:
 # "x" = B x H x L x K, "xT" = B x H x K x L, "p" = B x H x L x L.
@@ -44,10 +44,10 @@ def main(argv=None):
   p.add_argument("--head-dim", type=int, default=64)
   p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--repeats", type=int, default=11)
-  p.add_argument("--no-hugepages", action="store_true")
+  p.add_argument("--glibc-defaults", action="store_true")
   p.add_argument("--json", default="attention_forms.json")
   args = p.parse_args(argv)
-  ensure_hugepages()
+  ensure_malloc_tuning()
 
   import jax
   import jax.numpy as jnp

@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from perf_common import add_model_args, ensure_hugepages  # noqa: E402
+from perf_common import add_model_args, ensure_malloc_tuning  # noqa: E402
 
 
 def main(argv=None):
@@ -28,10 +28,10 @@ def main(argv=None):
   p.add_argument("--loops", default="1,4,12")
   p.add_argument("--remat", default="none:none,none:full")
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--no-hugepages", action="store_true")
+  p.add_argument("--glibc-defaults", action="store_true")
   p.add_argument("--json", default="loop_time.json")
   args = p.parse_args(argv)
-  ensure_hugepages()
+  ensure_malloc_tuning()
 
   import jax.numpy as jnp
 

@@ -13,23 +13,27 @@ import statistics
 import sys
 import time
 
-# XLA:CPU allocates each step's temporaries afresh; glibc serves allocations over 32 MiB with a
-# fresh mmap, so every step page-faults its whole temp buffer in 4 KiB pages (about 460k minor
-# faults and ~1 s of kernel time per step of the reference config). Transparent huge pages for
-# malloc cut that ~350x. The variable must be set before the process starts: re-exec once.
-HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+# XLA:CPU allocates each step's temporaries (~1.3 GB at the reference config) afresh. glibc
+# serves blocks over 32 MiB with a fresh mmap and unmaps them on free, so every step page-faults
+# its temp buffer back in (4 KiB pages: ~460k minor faults, ~1 s of kernel time per step), and
+# worse when programs of different sizes alternate in one process. The tunables below give
+# malloc transparent huge pages, take big blocks from the heap (no mmap), keep freed heap memory
+# (no trim) and use one arena (a thread's own arena could not hold such blocks): ~0 faults and
+# ~0 kernel time per step; the process keeps its peak heap. They must be set before the process
+# starts: the benchmarks re-exec themselves once (`--glibc-defaults` to compare).
+MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:"
+                   "glibc.malloc.trim_threshold=17179869184:glibc.malloc.arena_max=1")
 
 
-def ensure_hugepages(argv=None) -> bool:
-  """Re-executes this script with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 unless it is set or
-  `--no-hugepages` is in argv. Returns whether the setting is active."""
+def ensure_malloc_tuning(argv=None) -> bool:
+  """Re-executes this script with GLIBC_TUNABLES=MALLOC_TUNABLES unless they are set or
+  `--glibc-defaults` is in argv. Returns whether the tuning is active."""
   argv = sys.argv if argv is None else argv
-  if "--no-hugepages" in argv:
-    return HUGEPAGE_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
-  if HUGEPAGE_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
-    return True
+  active = MALLOC_TUNABLES in os.environ.get("GLIBC_TUNABLES", "")
+  if active or "--glibc-defaults" in argv:
+    return active
   env = dict(os.environ)
-  env["GLIBC_TUNABLES"] = ":".join(x for x in (env.get("GLIBC_TUNABLES"), HUGEPAGE_TUNABLE) if x)
+  env["GLIBC_TUNABLES"] = ":".join(x for x in (env.get("GLIBC_TUNABLES"), MALLOC_TUNABLES) if x)
   os.execve(sys.executable, [sys.executable] + argv, env)
   return True  # not reached
 
