@@ -32,7 +32,7 @@ PRODUCTS = {
     "dv^T = do^T e": (("bhkq,bhqt->bhkt", "xT", "p"), ("bhqk,bhqt->bhkt", "x", "p")),
     "dp = do v^T": (("bhqk,bhtk->bhqt", "x", "x"), ("bhkq,bhtk->bhqt", "xT", "x")),
     "dq = ds k": (("bhqt,bhtk->bhqk", "p", "x"), None),
-    "dk = ds^T q": (("bhkq,bhqt->bhkt", "xT", "p"), ("bhqt,bhqk->bhtk", "p", "x")),
+    "dk^T = q^T ds": (("bhkq,bhqt->bhkt", "xT", "p"), ("bhqk,bhqt->bhkt", "x", "p")),
 }
 
 

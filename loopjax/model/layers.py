@@ -244,12 +244,12 @@ def _attend_bwd(res, do_BxLxHxK):
   ds_BxHxLxL = (e_BxHxLxL.astype(f32) * inv_BxHxL[..., None]
                 * (dp_BxHxLxL - delta_BxHxL[..., None])).astype(dt)
   dq_BxHxLxK = _bdot("bhqt,bhtk->bhqk", ds_BxHxLxL, k, False)
-  if eigen:  # dk = ds^T q: ds contracted on its axis 2
-    dk = _bdot("bhqt,bhqk->bhtk", ds_BxHxLxL, q, True).transpose(0, 2, 1, 3)
+  if eigen:  # dk^T = q^T ds: q contracted on its axis 2
+    dk_BxHxKxL = _bdot("bhqk,bhqt->bhkt", q, ds_BxHxLxL, True)
   else:
     dk_BxHxKxL = _bdot("bhkq,bhqt->bhkt", _materialized_transpose(q, (0, 1, 3, 2)), ds_BxHxLxL,
                        False)
-    dk = dk_BxHxKxL.transpose(0, 3, 1, 2)
+  dk = dk_BxHxKxL.transpose(0, 3, 1, 2)
   dq = (dq_BxHxLxK * scale).transpose(0, 2, 1, 3)
   dv = dv_BxHxKxL.transpose(0, 3, 1, 2)
   return dq.astype(dt), dk.astype(dt), dv.astype(dt), None
