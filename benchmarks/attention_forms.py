@@ -89,15 +89,16 @@ def main(argv=None):
     rows.append(dict(dtype=dt, product=name, form=form, library=d["lib"], ms=med * 1e3,
                      gflops=flop / med / 1e9, times=d["times"]))
     print(f"{dt:>9} {name:>14} {form:>6} {d['lib']:>8} {med * 1e3:>7.2f} {flop / med / 1e9:>8.1f}")
-  chosen = lambda dt, form, name: form == ("eigen" if (dt == "float32" and
-                                                       PRODUCTS[name][1]) else "ynn")
+  ms = {(r["dtype"], r["product"], r["form"]): r["ms"] for r in rows}
+
+  def total(dt, eigen: bool) -> float:  # each product in its eigen form where it has one
+    return sum(ms[(dt, name, "eigen" if eigen and forms[1] else "ynn")]
+               for name, forms in PRODUCTS.items())
+
   for dt in args.dtypes.split(","):
-    total = {form: sum(r["ms"] for r in rows if r["dtype"] == dt and
-                       (r["form"] == form or (form == "eigen" and PRODUCTS[r["product"]][1] is None)))
-             for form in ("ynn", "eigen")}
-    model = sum(r["ms"] for r in rows if r["dtype"] == dt and chosen(dt, r["form"], r["product"]))
-    print(f"{dt}: all six row-major {total['ynn']:.1f} ms, with the eigen forms {total['eigen']:.1f}"
-          f" ms; the model's choice {model:.1f} ms")
+    model = total(dt, layers._eigen_forms(jnp.dtype(dt)))
+    print(f"{dt}: all six row-major {total(dt, False):.1f} ms, with the eigen forms "
+          f"{total(dt, True):.1f} ms; the model's choice {model:.1f} ms")
   print(f"wrote {write_json(args.json, dict(machine=machine(), args=vars(args), rows=rows))}")
 
 
