@@ -23,6 +23,11 @@ setup(
         "matplotlib",
         "numpy",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        # Ahead-of-time compiles for real TPU topologies from any host (`loopjax memory --topology`).
+        "tpu": ["libtpu>=0.0.42"],
+        # The tests include the TPU-topology compile checks.
+        "test": ["pytest>=8", "libtpu>=0.0.42"],
+    },
     entry_points={"console_scripts": ["loopjax=loopjax.cli:main"]},
 )
