@@ -10,6 +10,7 @@ with a message naming the differences instead of silently yielding other data.
 from __future__ import annotations
 
 import atexit
+import copy
 import weakref
 from typing import Any
 
@@ -73,8 +74,9 @@ class DataIterator(grain.DatasetIterator):
     self._parents = ()  # let the stopped pipeline be freed now, not at interpreter teardown
 
   def get_state(self) -> dict[str, Any]:
-    return {"version": STATE_VERSION, "fingerprint": dict(self._fingerprint),
-            "grain": _to_json(self._parent.get_state())}
+    """A fresh JSON-able copy: mutating it never changes this iterator or a later state."""
+    return copy.deepcopy({"version": STATE_VERSION, "fingerprint": self._fingerprint,
+                          "grain": _to_json(self._parent.get_state())})
 
   def set_state(self, state: dict[str, Any]) -> None:
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:

@@ -109,7 +109,12 @@ class SentencePieceTokenizer:
   def __init__(self, path: str):
     import sentencepiece as spm
     self.path = _require_file(path, f"sentencepiece:{path}")
-    self._sp = spm.SentencePieceProcessor(model_file=self.path)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_file=self.path)
+    except (RuntimeError, OSError) as e:
+      raise ValueError(f"sentencepiece:{self.path} is not a SentencePiece model file ("
+                       f"{str(e).strip().splitlines()[0][:200]}); train one with `loopjax "
+                       "spm-train` or point data.tokenizer at a valid .model file") from None
     self.vocab_size = int(self._sp.get_piece_size())
     self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
     self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
@@ -144,7 +149,11 @@ class HFTokenizer:
                pad_token: str | None = None):
     import tokenizers
     self.path = _require_file(path, f"hf:{path}")
-    self._tok = tokenizers.Tokenizer.from_file(self.path)
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(self.path)
+    except Exception as e:  # the Rust library raises its own exception type for any bad file
+      raise ValueError(f"hf:{self.path} is not a Hugging Face tokenizer.json ("
+                       f"{str(e).strip().splitlines()[0][:200]})") from None
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
     self.eos_id = self._find(eos_token, _HF_EOS)
     self.pad_id = self._find(pad_token, _HF_PAD)
