@@ -163,21 +163,80 @@ def check_batch_divisible(mesh: Mesh, batch_size: int, grad_accum: int = 1,
                      + (f" times train.grad_accum {grad_accum}" if grad_accum > 1 else ""))
 
 
-def process_batch_slice(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
-  """(shard index, shard count) of the global batch rows this process's devices hold.
+def process_row_shards(mesh: Mesh, global_batch_size: int,
+                       process_index: int | None = None) -> list[tuple[int, int]]:
+  """The rows of each global batch that a process's devices hold, as data-pipeline shards.
 
-  The data pipeline gives shard i of n the rows [i*G/n, (i+1)*G/n). Usually n is the process
-  count and i the process index, but not when processes share rows (a tensor axis that spans
-  hosts: they must load the same rows) or when the topology orders processes differently along
-  the batch axes; this reads the truth off the batch sharding.
+  Shard (i, n) is rows [i*G/n, (i+1)*G/n) of the global batch (what the data pipeline gives
+  "process i of n"). The batch is split into one block per data-parallel position (mesh data x
+  fsdp); on real topologies a host's devices need not hold adjacent blocks (e.g. v5p: host 0
+  holds blocks 0, 4, 16, 20 of 32), so a process may load several shards. Adjacent aligned
+  blocks merge into one shard; a process whose blocks form one aligned run loads one shard.
+  Processes whose devices hold the same rows (a tensor axis spanning hosts) load the same
+  shards. Sorted by first row.
   """
-  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size, 1))
-  rows = sorted({(s[0].start or 0, global_batch_size if s[0].stop is None else s[0].stop)
-                 for s in index_map.values()})
-  lo, hi = rows[0][0], rows[-1][1]
-  if any(a != b for (_, a), (b, _) in zip(rows, rows[1:])) or (hi - lo) == 0 or \
-      global_batch_size % (hi - lo) or lo % (hi - lo):
-    raise ValueError(f"process {jax.process_index()} holds batch rows {rows}, not one aligned "
-                     "contiguous block; reorder the mesh so each host's devices are adjacent on "
-                     "the data/fsdp axes")
-  return lo // (hi - lo), global_batch_size // (hi - lo)
+  pid = jax.process_index() if process_index is None else process_index
+  dp = data_parallel_size(mesh)
+  if global_batch_size % dp:
+    raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
+                     f"data-parallel size {dp} (mesh data x fsdp)")
+  block = global_batch_size // dp
+  index_map = batch_sharding(mesh).devices_indices_map((global_batch_size, 1))
+  blocks = sorted({(idx[0].start or 0) // block for d, idx in index_map.items()
+                   if d.process_index == pid})
+  if not blocks:
+    raise ValueError(f"process {pid} has no devices in the mesh")
+  shards, run = [], [blocks[0]]
+  for b in blocks[1:] + [None]:
+    # Extend the run while the next block is adjacent and the longer run stays aligned.
+    if b == run[-1] + 1 if b is not None else False:
+      longer = len(run) + 1
+      if run[0] % longer == 0 and dp % longer == 0:
+        run.append(b)
+        continue
+    length = len(run)
+    if run[0] % length or dp % length:  # an unaligned run: its blocks one by one
+      shards += [(x, dp) for x in run]
+    else:
+      shards.append((run[0] // length, dp // length))
+    run = [b]
+  return shards
+
+
+def shard_rows(shards: list[tuple[int, int]], global_batch_size: int) -> list[tuple[int, int]]:
+  """[(first row, end row)] of each shard in the global batch."""
+  return [(i * global_batch_size // n, (i + 1) * global_batch_size // n) for i, n in shards]
+
+
+def global_batch(local: dict, sharding: NamedSharding, shards: list[tuple[int, int]],
+                 global_batch_size: int) -> dict:
+  """Global jax.Arrays from this process's rows: `local` holds the shards' rows concatenated
+  in `shards` order; each addressable device takes its rows from them."""
+  spans, offset = [], 0
+  for lo, hi in shard_rows(shards, global_batch_size):
+    spans.append((lo, hi, offset))
+    offset += hi - lo
+
+  def rows(x, index):
+    start = index[0].start or 0
+    stop = global_batch_size if index[0].stop is None else index[0].stop
+    pieces, at = [], start
+    for lo, hi, off in sorted(spans):
+      if lo <= at < hi:
+        end = min(hi, stop)
+        pieces.append(x[(slice(off + at - lo, off + end - lo),) + tuple(index[1:])])
+        at = end
+    if at != stop:
+      raise ValueError(f"rows [{start}, {stop}) of the global batch are not among this "
+                       f"process's shards {shards}")
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+  out = {}
+  for k, v in local.items():
+    v = np.asarray(v)
+    if v.shape[0] != offset:
+      raise ValueError(f"batch[{k!r}] has {v.shape[0]} rows, this process's shards hold "
+                       f"{offset}")
+    out[k] = jax.make_array_from_callback((global_batch_size,) + v.shape[1:], sharding,
+                                          lambda index, v=v: rows(v, index))
+  return out
