@@ -33,7 +33,6 @@ def main(argv=None):
   p.add_argument("--remat", default="none,full,dots,save_attn_out")
   p.add_argument("--skip", default="", help="comma list of parts to skip: compile,memory")
   p.add_argument("--repeats", type=int, default=3, help="compilations per S_max (median)")
-  p.add_argument("--json", default="compile_time.json")
   args = p.parse_args(argv)
 
   from common import build_step, lm_config, machine, write_json
@@ -55,8 +54,9 @@ def main(argv=None):
     compile_rows = compile_times(args, config, build_step)
   if "memory" not in skip:
     mem_rows, rss = memory(args, config, build_step)
-  path = write_json(args.json, dict(machine=machine(), args=vars(args), load=[load0, load_average()],
-                                    compile=compile_rows, memory=mem_rows, rss_mib=rss))
+  path = write_json("compile_time.json", dict(machine=machine(), args=vars(args),
+                                              load=[load0, load_average()], compile=compile_rows,
+                                              memory=mem_rows, rss_mib=rss))
   print(f"load after: {load_average()}; wrote {path}")
 
 

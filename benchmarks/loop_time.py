@@ -29,7 +29,6 @@ def main(argv=None):
   p.add_argument("--remat", default="none:none,none:full")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--glibc-defaults", action="store_true")
-  p.add_argument("--json", default="loop_time.json")
   args = p.parse_args(argv)
   ensure_malloc_tuning()
 
@@ -95,7 +94,8 @@ def main(argv=None):
       rows.append(dict(remat=remat, loops=1, seconds=t, all=d["times"][1]))
       print(f"{remat[:-6]:>10}: S=1 in an S_max=1 program {t * 1e3:.1f} ms; the S_max={max(loops)} "
             f"program at S={loops[0]} takes {t1 / t:.3f}x that")
-  print(f"wrote {write_json(args.json, dict(machine=machine(), args=vars(args), rows=rows))}")
+  path = write_json("loop_time.json", dict(machine=machine(), args=vars(args), rows=rows))
+  print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,6 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=16)
   p.add_argument("--loops", default="1,4,12")
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--json", default="sampling_throughput.json")
   args = p.parse_args(argv)
 
   from common import machine, write_json
@@ -104,7 +103,8 @@ def main(argv=None):
   for r in rows:
     print(f"{r['loops']:>3} {r['seconds']:>8.3f} {r['tokens_per_sec']:>9.1f} "
           f"{r['gflops_per_sec']:>11.1f}")
-  print(f"wrote {write_json(args.json, dict(machine=machine(), args=vars(args), rows=rows))}")
+  path = write_json("sampling_throughput.json", dict(machine=machine(), args=vars(args), rows=rows))
+  print(f"wrote {path}")
 
 
 if __name__ == "__main__":
