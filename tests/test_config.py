@@ -78,6 +78,8 @@ def test_variant_by_override_and_unknown_variant():
     with pytest.raises(ValueError, match="unknown variant 'loopmbd'; choose one of mdm, "
                                          "loopmdm, deep_mdm, uniform_loop, mdm_matched"):
       load_config(spec, extra)
+  with pytest.raises(ValueError, match="variant.baseline_steps .* must be >= 1, got 0"):
+    load_config(SUDOKU, ["--config.variant.baseline_steps=0"])
   with pytest.raises(ValueError, match="stepz"):
     load_config(SUDOKU, ["--config.train.stepz=3"])
   with pytest.raises(FileNotFoundError, match="path.py"):

@@ -76,6 +76,9 @@ def resolve_variant(c, overrides: Mapping[str, Any] | None = None):
     return c
   if v.name not in VARIANTS:
     raise ValueError(f"unknown variant {v.name!r}; choose one of {', '.join(VARIANTS)}")
+  if int(v.baseline_steps) < 1:
+    raise ValueError(f"variant {v.name}: variant.baseline_steps (mdm's step count, the budget "
+                     f"every variant matches) must be >= 1, got {v.baseline_steps}")
   prefixes = _INPUT_PREFIXES + (("data.",) if not c.model.vocab_size else ())
   inputs = [f"{k}={val}" for k, val in overrides.items() if k != "variant.name"
             and (k.startswith(prefixes) or k in _INPUT_KEYS)]
