@@ -1,8 +1,11 @@
 """Reading experiments: overrides first, then the variant's derived values; one grammar for S."""
 
 import ast
+import json
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -55,6 +58,18 @@ def test_override_re_derives_the_flop_matched_steps(caplog):
   # A derivation input the variant reads (S_max) re-derives the steps too.
   c = load_config(f"{OWT}:loopmdm", ["--config.variant.s_max=4"])
   assert c.loops.train == "uniform:1:4" and c.train.steps == _owt_steps(12, "uniform:1:4")
+
+
+def test_the_cli_logs_the_derived_values():
+  r = subprocess.run([sys.executable, "-m", "loopjax.cli", "flops", "--config", f"{SUDOKU}:loopmdm",
+                      "--config.model.num_layers=3", "--json"], capture_output=True, text=True,
+                     cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  steps = json.loads(r.stdout)["steps"]
+  assert steps == load_config(f"{SUDOKU}:loopmdm", ["--config.model.num_layers=3"]).train.steps
+  assert (f"INFO train.steps = {steps} (FLOP-matched to mdm's 1000 steps; re-derived for "
+          "model.num_layers=3)") in r.stderr
+  assert "INFO loops.train = uniform:1:6 (loopmdm: block [1, 2) looped" in r.stderr
 
 
 def test_explicit_derived_keys_keep_the_override(caplog):
