@@ -24,7 +24,7 @@ jax.config.update("jax_platforms", "cpu")  # compile-only TPU devices; nothing r
 
 from common import write_json  # noqa: E402
 
-from loopjax.cli import load_config  # noqa: E402
+from loopjax.train.config_load import load_config  # noqa: E402
 from loopjax.train.memory import GIB, memory_report, tpu_topology_devices  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

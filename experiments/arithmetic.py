@@ -6,7 +6,6 @@ mdm_matched (loopjax/train/variants.py; step counts FLOP-matched by loopjax.flop
 """
 
 from loopjax.train.config import base_config
-from loopjax.train.variants import apply_variant
 
 BASELINE_STEPS = 3000
 
@@ -17,5 +16,6 @@ def get_config(variant: str = "loopmdm"):
   c.model.update(max_length=16, width=128, num_layers=4, num_heads=4, cond_dim=64)
   c.train.update(batch_size=64, lr=2e-3, warmup_steps=100, ema_decay=0.99, log_every=100,
                  checkpoint_every=1000, eval_every=1000, eval_batches=2, eval_time_points=4)
-  return apply_variant(c, variant or "loopmdm", baseline_steps=BASELINE_STEPS, block=(1, 2),
-                       s_max=6)
+  c.variant.update(name=variant or "loopmdm", baseline_steps=BASELINE_STEPS, block=(1, 2),
+                   s_max=6)
+  return c

@@ -27,7 +27,7 @@ Variants: mdm, loopmdm, deep_mdm, uniform_loop, mdm_matched (loopjax/train/varia
 """
 
 from loopjax.train.config import base_config
-from loopjax.train.variants import apply_variant, paper_backbone
+from loopjax.train.variants import paper_backbone
 
 BASELINE_STEPS = 3_000
 
@@ -42,4 +42,5 @@ def get_config(variant: str = "loopmdm"):
   c.train.update(batch_size=64, lr=3e-5, lr_schedule="cosine", warmup_steps=100,
                  ema_decay=0.999, log_every=50, checkpoint_every=500, eval_every=500,
                  eval_batches=4)
-  return apply_variant(c, variant or "loopmdm", baseline_steps=BASELINE_STEPS)
+  c.variant.update(name=variant or "loopmdm", baseline_steps=BASELINE_STEPS)
+  return c

@@ -15,7 +15,7 @@ mdm_matched (see loopjax/train/variants.py; step counts are FLOP-matched by loop
 """
 
 from loopjax.train.config import base_config
-from loopjax.train.variants import apply_variant, paper_backbone
+from loopjax.train.variants import paper_backbone
 
 BASELINE_STEPS = 1_000_000
 
@@ -25,4 +25,5 @@ def get_config(variant: str = "loopmdm"):
   c.data.update(source="tfds", name="lm1b", split="train", eval_split="test", text_field="text",
                 packing=True, tokenizer="hf:bert-base-uncased/tokenizer.json")
   paper_backbone(c, vocab_size=30522, length=128, dropout=0.1)
-  return apply_variant(c, variant or "loopmdm", baseline_steps=BASELINE_STEPS)
+  c.variant.update(name=variant or "loopmdm", baseline_steps=BASELINE_STEPS)
+  return c

@@ -12,7 +12,7 @@ Variants: mdm, loopmdm, deep_mdm, uniform_loop, mdm_matched (loopjax/train/varia
 """
 
 from loopjax.train.config import base_config
-from loopjax.train.variants import apply_variant, paper_backbone
+from loopjax.train.variants import paper_backbone
 
 BASELINE_STEPS = 1_000_000
 
@@ -23,4 +23,5 @@ def get_config(variant: str = "loopmdm"):
                 eval_split="train[-100000:]", text_field="text", packing=True,
                 tokenizer="hf:gpt2/tokenizer.json")
   paper_backbone(c, vocab_size=50258, length=1024)
-  return apply_variant(c, variant or "loopmdm", baseline_steps=BASELINE_STEPS)
+  c.variant.update(name=variant or "loopmdm", baseline_steps=BASELINE_STEPS)
+  return c

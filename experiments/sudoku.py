@@ -11,7 +11,6 @@ repair. Variants (`--config experiments/sudoku.py:VARIANT`, loopjax/train/varian
 """
 
 from loopjax.train.config import base_config
-from loopjax.train.variants import apply_variant
 
 BASELINE_STEPS = 1000
 
@@ -24,5 +23,6 @@ def get_config(variant: str = "loopmdm"):
                  ema_decay=0.99, log_every=50, checkpoint_every=500, eval_every=500,
                  eval_batches=2, eval_time_points=4)
   c.eval.examples = 128
-  return apply_variant(c, variant or "loopmdm", baseline_steps=BASELINE_STEPS, block=(1, 2),
-                       s_max=6)
+  c.variant.update(name=variant or "loopmdm", baseline_steps=BASELINE_STEPS, block=(1, 2),
+                   s_max=6)
+  return c

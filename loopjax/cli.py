@@ -1,7 +1,7 @@
 """The `loopjax` command.
 
   loopjax train --config experiments/NAME.py[:VARIANT] --workdir DIR [--config.a.b=VALUE ...]
-  loopjax flops --config A [--match B] [--json]
+  loopjax flops --config A [--config.a.b=VALUE ...] [--match B] [--json]
   loopjax spm-train --input FILE [FILE ...] --prefix OUT --vocab-size N
   loopjax sample --workdir DIR [--loops N|adaptive:TAU] [--steps T] [--prompt TEXT] ...
   loopjax eval --workdir DIR [--loops 1,2,4,8,12,24] [--steps 0,8] [--gsm8k F] [--corpus F] ...
@@ -22,52 +22,12 @@ import sys
 USAGE = __doc__.split("\n\n")[1]
 
 
-def load_config(spec: str, overrides=()):
-  """Loads `path.py[:variant]` and applies `--config.a.b=value` overrides (unknown key: error)."""
-  import os
-
-  from absl import flags
-  from ml_collections import config_flags
-
-  path = spec.split(":", 1)[0]
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path!r} not found (expected path.py[:variant])")
-  fv = flags.FlagValues()
-  argv = ["loopjax", f"--config={spec}", *overrides]
-  # ml_collections defines one override flag per `--config.x` it finds in sys_argv.
-  config_flags.DEFINE_config_file("config", None, "experiment file", flag_values=fv,
-                                  lock_config=True, sys_argv=argv)
-  try:
-    fv(argv)
-  except flags.Error as e:
-    raise ValueError(f"bad config or override: {e}") from None
-  except (KeyError, AttributeError) as e:
-    raise ValueError(f"unknown config key in overrides {list(overrides)}: {e}") from None
-  return fv.config
-
-
-def _split_config_args(argv):
-  """Separates --config / --config.x=v arguments from the subcommand's own."""
-  spec, overrides, rest = None, [], []
-  it = iter(argv)
-  for a in it:
-    if a == "--config":
-      spec = next(it, None)
-    elif a.startswith("--config="):
-      spec = a.split("=", 1)[1]
-    elif a.startswith("--config."):
-      if "=" not in a:
-        a = f"{a}={next(it, '')}"
-      overrides.append(a)
-    else:
-      rest.append(a)
-  return spec, overrides, rest
-
-
 def _train(argv) -> int:
   import argparse
 
-  spec, overrides, rest = _split_config_args(argv)
+  from loopjax.train.config_load import load_config, split_config_args
+
+  spec, overrides, rest = split_config_args(argv)
   p = argparse.ArgumentParser(prog="loopjax train")
   p.add_argument("--workdir", required=True)
   p.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host)")
@@ -76,7 +36,7 @@ def _train(argv) -> int:
   args = p.parse_args(rest)
   if spec is None:
     p.error("--config experiments/NAME.py[:VARIANT] is required")
-  config = load_config(spec, overrides)
+  config = load_config(spec, overrides)  # overrides first, then the variant's derived values
   from loopjax.parallel.distributed import maybe_initialize
   maybe_initialize(args.coordinator, args.num_processes, args.process_id)
   from loopjax.train.loop import train

@@ -1,5 +1,9 @@
-"""`loopjax flops --config A [--match B] [--json]`: parameters, FLOPs and FLOP matching of
-experiment configs (the numbers come from loopjax.flops)."""
+"""`loopjax flops --config A [--config.a.b=VALUE ...] [--match B] [--json]`: parameters, FLOPs
+and FLOP matching of experiment configs (the numbers come from loopjax.flops).
+
+A is loaded exactly as `loopjax train` loads it: the overrides first, then the values its variant
+derives (so the steps reported are the steps `train` would run). The overrides apply to A only;
+B is the reference run as its file defines it."""
 
 from __future__ import annotations
 
@@ -12,12 +16,13 @@ from loopjax.flops import (_depth, as_loop_distribution, executed_depth_params_f
                            expected_train_flops_per_step, forward_flops_per_token,
                            layer_flops_per_seq, matched_depth, matched_steps, param_counts,
                            train_flops_per_step)
+from loopjax.train.config import model_config
+from loopjax.train.config_load import load_config, split_config_args
 
 
-def load_experiment(spec: str):
-  """`path.py[:variant]` -> the experiment's ConfigDict (same loader as `loopjax train`)."""
-  from loopjax.cli import load_config
-  return load_config(spec)
+def load_experiment(spec: str, overrides: Sequence[str] = ()):
+  """`path.py[:variant]` + overrides -> the resolved ConfigDict (the loader of `loopjax train`)."""
+  return load_config(spec, overrides)
 
 
 def _get(cfg, dotted: str, default: Any = None):
@@ -32,7 +37,6 @@ def _get(cfg, dotted: str, default: Any = None):
 
 def experiment_summary(config) -> dict[str, Any]:
   """The FLOP/parameter numbers of one experiment config (sections model, loops, data, train)."""
-  from loopjax.train.config import model_config
   if _get(config, "model") is None:
     raise ValueError("config has no 'model' section")
   cfg = model_config(config)  # S_max from loops.train, vocabulary from the data if 0
@@ -75,17 +79,22 @@ def _fmt(x: float | None) -> str:
 
 
 def flops_main(argv: Sequence[str] | None = None) -> int:
+  spec, overrides, rest = split_config_args(list(sys.argv[1:] if argv is None else argv))
   parser = argparse.ArgumentParser(
       prog="loopjax flops",
-      description="Parameters, FLOPs per token/step and FLOP matching of experiment configs.")
-  parser.add_argument("--config", required=True, help="experiment file path.py[:variant]")
-  parser.add_argument("--match", help="path.py[:variant] whose total training FLOPs A must match")
+      description="Parameters, FLOPs per token/step and FLOP matching of experiment configs. "
+                  "--config A [--config.a.b=VALUE ...]: the experiment and its overrides, "
+                  "as `loopjax train` takes them.")
+  parser.add_argument("--match", help="path.py[:variant] whose total training FLOPs A must match "
+                      "(loaded as its file defines it: A's overrides do not apply)")
   parser.add_argument("--json", action="store_true", help="print one JSON object")
-  args = parser.parse_args(argv)
+  args = parser.parse_args(rest)
+  if spec is None:
+    parser.error("--config experiments/NAME.py[:VARIANT] is required")
 
-  a = experiment_summary(load_experiment(args.config))
+  a = experiment_summary(load_experiment(spec, overrides))
   result = {k: v for k, v in a.items() if not k.startswith("_")}
-  result["config"] = args.config
+  result["config"], result["overrides"] = spec, overrides
   md, md_int = matched_depth(a["_cfg"], a["_dist"], a["seq_len"])
   result["matched_depth"], result["matched_depth_rounded"] = md, md_int
   if args.match:
@@ -111,7 +120,7 @@ def flops_main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(result, sort_keys=True))
     return 0
   rows = [
-      ("config", args.config),
+      ("config", " ".join([spec, *overrides])),
       ("parameters (unique)", _fmt(result["params"])),
       ("params of a plain model at S_max depth", _fmt(result["executed_depth_params_max"])),
       ("loops (train)", f"{result['loops_spec']}  E[S]={result['expected_loops']:.3g}  "

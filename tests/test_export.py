@@ -3,7 +3,6 @@ from the folder alone, refusal of damaged or mismatched files, atomic writes, th
 (tiny, trained in-process) run, and the parameter report."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import numpy_reference as ref
 from loopjax import cli, export
 from loopjax.model import LoopedTransformer, ModelConfig
 from loopjax.train.config import base_config
+from loopjax.train.config_load import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=9, max_length=16, width=32, num_layers=3, num_heads=2, cond_dim=16)
@@ -308,11 +308,7 @@ def test_export_is_atomic(exported, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  spec = importlib.util.spec_from_file_location("sudoku_exp",
-                                                os.path.join(ROOT, "experiments", "sudoku.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("loopmdm")
+  c = load_config(os.path.join(ROOT, "experiments", "sudoku.py") + ":loopmdm")
   c.model.update(width=32, num_layers=3, num_heads=2, cond_dim=16)
   c.train.update(steps=3, batch_size=4, log_every=1, eval_batches=1, eval_time_points=2,
                  checkpoint_every=3, eval_every=1000, async_checkpoints=False)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from loopjax.cli import load_config
+from loopjax.train.config_load import load_config
 from loopjax.evaluate.sweep import run_eval
 from loopjax.export import load_model_dir
 from loopjax.train.loop import train

@@ -10,6 +10,7 @@ Two independent references for the analytic count:
 import dataclasses
 import json
 import math
+import os
 import textwrap
 
 import flax.linen as nn
@@ -20,6 +21,7 @@ import pytest
 from loopjax import flops as F
 from loopjax.flops_cli import flops_main
 from loopjax.model import LoopDistribution, LoopedTransformer, ModelConfig, count_params
+from loopjax.train.config_load import load_config
 
 TINY = dict(vocab_size=64, max_length=32, width=64, num_layers=4, num_heads=4, cond_dim=32,
             scan_unroll=True)
@@ -209,6 +211,26 @@ def test_cli_json_and_table(tmp_path, capsys):
   assert "steps A needs" in table and "parameters (unique)" in table
   with pytest.raises(FileNotFoundError, match="path.py"):
     flops_main(["--config", str(tmp_path / "missing.py")])
+
+
+def test_cli_takes_train_overrides_and_reports_trains_steps(capsys):
+  """`flops` loads A as `train` does: overrides first, then the variant's FLOP-matched steps."""
+  spec = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "experiments", "owt.py") + ":loopmdm"
+  override = "--config.model.num_layers=24"
+  assert flops_main(["--config", spec, override, "--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  want = load_config(spec, [override]).train.steps
+  assert out["steps"] == want != load_config(spec).train.steps
+  assert out["overrides"] == [override]
+  assert flops_main(["--config", spec, "--config.model.num_layers", "24", "--json"]) == 0
+  assert json.loads(capsys.readouterr().out)["steps"] == want
+  # B is loaded as its file defines it: A's overrides do not reach it.
+  assert flops_main(["--config", spec, override, "--match", spec.replace("loopmdm", "mdm"),
+                     "--json"]) == 0
+  assert json.loads(capsys.readouterr().out)["match"]["steps"] == 1_000_000
+  with pytest.raises(ValueError, match="stepz"):
+    flops_main(["--config", spec, "--config.train.stepz=1"])
 
 
 def test_peak_flops_table_and_cpu_measurement():

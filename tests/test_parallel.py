@@ -63,7 +63,7 @@ def _env(tmp, devices=None):
 DRIVER = textwrap.dedent("""
   import json, sys
   import jax
-  from loopjax.cli import load_config
+  from loopjax.train.config_load import load_config
   from loopjax.train.loop import train
   spec = lambda x: [a if a is None or isinstance(a, str) else list(a) for a in x.sharding.spec]
   out = {}

@@ -3,7 +3,8 @@
 Loops are an inference-time knob (DESIGN.md §1): any S >= 1 works, S > S_max included. A policy
 is parsed from one spec string (the `--loops` flag):
 
-  "8"                     fixed S = 8 at every step.
+  "8" or "fixed:8"        fixed S = 8 at every step (the same grammar as training's
+                          `loops.train`, where "8" is fixed:8 too).
   "adaptive:TAU[:MIN[:MAX]]"  per sequence, stop once the relative change of the looped block's
                           hidden state on masked positions, ||h_i - h_{i-1}|| / ||h_{i-1}||,
                           falls below TAU; at least MIN (default 1) and at most MAX (default
@@ -55,12 +56,14 @@ class LoopPolicy:
   def parse(cls, spec, s_max: int | None = None) -> "LoopPolicy":
     """Parses a spec (see the module docstring). `s_max` fills the adaptive default maximum."""
     s = str(spec).strip()
-    bad = lambda msg: ValueError(f"--loops {s!r}: {msg} (forms: N | adaptive:TAU[:MIN[:MAX]] | "
-                                 "time:A:B | mask:A:B | time:S1,S2,...)")
+    bad = lambda msg: ValueError(f"--loops {s!r}: {msg} (forms: N | fixed:N | "
+                                 "adaptive:TAU[:MIN[:MAX]] | time:A:B | mask:A:B | time:S1,S2,...)")
     parts = s.split(":")
     try:
-      if len(parts) == 1:
-        pol = cls(kind="fixed", loops=int(parts[0]), spec=s)
+      if len(parts) == 1 or parts[0] == "fixed":
+        if len(parts) > 2:
+          raise bad("fixed takes one S")
+        pol = cls(kind="fixed", loops=int(parts[-1]), spec=s)
       elif parts[0] == "adaptive":
         if not 2 <= len(parts) <= 4:
           raise bad("adaptive takes TAU, optionally MIN and MAX")

@@ -52,7 +52,7 @@ def sample_main(argv) -> int:
 
   p = argparse.ArgumentParser(prog="loopjax sample", description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", required=True)
-  p.add_argument("--loops", default="0", help="S, adaptive:TAU[:MIN[:MAX]], time:A:B, mask:A:B "
+  p.add_argument("--loops", default="0", help="S (or fixed:S), adaptive:TAU[:MIN[:MAX]], time:A:B, mask:A:B "
                  "(0 = S_max)")
   p.add_argument("--steps", type=int, default=0, help="denoising steps (0: one per position)")
   p.add_argument("--sampler", default="ancestral", choices=("ancestral", "confidence"))

@@ -37,15 +37,16 @@ RUNS = ("mdm", "loopmdm", "deep_mdm", "mdm_matched")
 
 
 def study_config(task: str, scale: str, variant: str):
-  from loopjax.cli import load_config
-  from loopjax.train.variants import apply_variant
+  from loopjax.train.config_load import read_config
+  from loopjax.train.variants import resolve_variant
 
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  c = load_config(os.path.join(root, "experiments", f"{task}.py") + ":mdm")
+  c, _ = read_config(os.path.join(root, "experiments", f"{task}.py") + f":{variant}")
   s = SCALES[scale]
   c.model.update(s["model"])
   c.train.update(s["train"])
-  apply_variant(c, variant, baseline_steps=s["baseline_steps"], **TASKS[task])
+  c.variant.update(baseline_steps=s["baseline_steps"], **TASKS[task])
+  resolve_variant(c)
   every = max(c.train.steps // 4, 1)
   c.train.update(checkpoint_every=every, keep_checkpoints=100, log_every=max(every // 4, 1),
                  eval_every=c.train.steps, eval_batches=1, async_checkpoints=False)

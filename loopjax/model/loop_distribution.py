@@ -1,7 +1,7 @@
 """Distribution of the loop count S drawn once per training step.
 
-Spec strings (config `loops.train`):
-  "fixed:S"            always S
+Spec strings (config `loops.train`; S and fixed:S mean the same as inference's `--loops`):
+  "S" or "fixed:S"     always S
   "uniform:LO:HI"      S ~ Uniform{LO..HI} (paper: uniform:1:12)
   "table:p1,p2,..."    P(S = k) = p_k for k = 1..len(table) (normalised)
 """
@@ -20,8 +20,12 @@ class LoopDistribution:
   probs: tuple[float, ...]  # probs[k-1] = P(S = k)
 
   @classmethod
-  def parse(cls, spec: str) -> "LoopDistribution":
-    kind, _, rest = str(spec).partition(":")
+  def parse(cls, spec: str | int) -> "LoopDistribution":
+    """Parses a spec (see the module docstring); an int or a bare integer string is fixed."""
+    text = str(spec).strip()
+    kind, sep, rest = text.partition(":")
+    if not sep:
+      kind, rest = "fixed", text
     try:
       if kind == "fixed":
         s = int(rest)
@@ -40,8 +44,9 @@ class LoopDistribution:
       else:
         raise ValueError
     except ValueError:
-      raise ValueError(f"loops.train: cannot parse {spec!r}; expected 'fixed:S', 'uniform:LO:HI' "
-                       "(1 <= LO <= HI) or 'table:p1,p2,...' (non-negative, not all zero)") from None
+      raise ValueError(f"loops.train: cannot parse {spec!r}; expected 'S' or 'fixed:S' (S >= 1), "
+                       "'uniform:LO:HI' (1 <= LO <= HI) or 'table:p1,p2,...' (non-negative, not "
+                       "all zero)") from None
     total = sum(probs)
     return cls(tuple(p / total for p in probs))
 

@@ -259,7 +259,7 @@ class LoopedTransformer(nn.Module):
     """Iterations start .. start+length-1 of the looped block, all executed (inference)."""
     if self.loop is None:
       return h_BxLxD
-    h, _ = self.loop(h_BxLxD, c_BxC, mask_Bx1xLxL, 1 << 30, False, False, start, length,
+    h, _ = self.loop(h_BxLxD, c_BxC, mask_Bx1xLxL, start + length, False, False, start, length,
                      h0_BxLxD)
     return h
 

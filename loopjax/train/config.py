@@ -2,6 +2,7 @@
 
 Experiment files in `experiments/` start from `base_config()` and change what they need; a key
 that is not here is an error (ml_collections refuses unknown override keys), so typos fail fast.
+Reading a file with its overrides and resolving its variant: loopjax/train/config_load.py.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = dict(  # end-of-run task evaluation (built-in tasks)
       examples=64, steps=0, loops=0,  # steps 0: one token per step; loops 0: S_max
   )
+  # The comparison run this is (loopjax/train/variants.py), resolved after the overrides:
+  # name "" = the config as written; else one of variants.VARIANTS, whose block, loops and
+  # FLOP-matched steps derive from this base and `baseline_steps` (mdm's step count).
+  c.variant = dict(name="", baseline_steps=0, block=(1, 3), s_max=12)
   return c
 
 

@@ -196,9 +196,9 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def main(argv) -> int:
-  from loopjax.cli import _split_config_args, load_config
+  from loopjax.train.config_load import load_config, split_config_args
 
-  spec, overrides, rest = _split_config_args(argv)
+  spec, overrides, rest = split_config_args(argv)
   p = argparse.ArgumentParser(prog="loopjax memory", description=__doc__.split("\n\n")[0])
   p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (default: config.mesh)")
   p.add_argument("--devices", type=int, default=None,

@@ -1,4 +1,8 @@
-"""The paper's comparison, as edits of one experiment config.
+"""The paper's comparison: variants of one experiment, derived after the command-line overrides.
+
+An experiment file describes the plain same-size MDM (the base) and names the variant in its
+`variant` section (`name`, `baseline_steps`, the LoopMDM `block` [a, b) and `s_max`). After
+`--config.x=` overrides, `resolve_variant` derives what the variant changes:
 
   mdm           the base model, no loop, `baseline_steps` steps
   loopmdm       block [a, b) looped, S ~ U{1..S_max}; steps FLOP-matched to mdm (paper rule)
@@ -9,16 +13,28 @@
   mdm_matched   the base MDM trained for LoopMDM's step count (matched total FLOPs would need
                 more steps; this is the "same steps" control)
 
-Step counts come from loopjax.flops, never typed by hand.
+Derived keys: model.loop_start, model.loop_end, loops.train, model.num_layers (deep_mdm) and
+train.steps. A derived key that was overridden explicitly keeps the override; every other one is
+set and logged. Step counts come from loopjax.flops, never typed by hand. An empty name leaves
+the config as written.
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
 
 from loopjax import flops
 from loopjax.model import LoopDistribution
 from loopjax.train.config import model_config
 
 VARIANTS = ("mdm", "loopmdm", "deep_mdm", "uniform_loop", "mdm_matched")
+# Overrides of these keys change what a variant derives (data.*: through the vocabulary, when
+# model.vocab_size is 0).
+_INPUT_PREFIXES = ("model.", "loops.", "variant.")
+_INPUT_KEYS = ("data.seq_len", "train.batch_size")
+
+log = logging.getLogger(__name__)
 
 
 def paper_backbone(c, *, vocab_size: int, length: int, dropout: float = 0.0):
@@ -33,40 +49,84 @@ def paper_backbone(c, *, vocab_size: int, length: int, dropout: float = 0.0):
   return c
 
 
-def _loop_variant(c, block, s_max):
-  c.model.loop_start, c.model.loop_end = block
-  c.loops.train = f"uniform:1:{s_max}"
-  return c
+def _model(c, loops_train: str | None = None, **model_edits):
+  """(ModelConfig, LoopDistribution) of `c` with some model keys and loops.train replaced."""
+  c = c.copy_and_resolve_references()
+  c.model.update(model_edits)
+  if loops_train is not None:
+    c.loops.train = loops_train
+  return model_config(c), LoopDistribution.parse(c.loops.train)
 
 
-def apply_variant(c, variant: str, *, baseline_steps: int, block=(1, 3), s_max: int = 12):
-  """Edits `c` (a base config describing the plain same-size MDM) into `variant`; returns c."""
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; one of {VARIANTS}")
-  length, batch = c.data.seq_len, c.train.batch_size
-  base = model_config(c)
-  loop = _loop_variant(c.copy_and_resolve_references(), block, s_max)
-  loop_cfg, loop_dist = model_config(loop), LoopDistribution.parse(loop.loops.train)
-  loop_steps = round(flops.matched_steps(loop_cfg, loop_dist, base, None, baseline_steps,
-                                         length, batch))
-  if variant == "mdm":
-    c.train.steps = baseline_steps
-  elif variant == "loopmdm":
-    _loop_variant(c, block, s_max)
-    c.train.steps = loop_steps
-  elif variant == "mdm_matched":
-    c.train.steps = loop_steps
-  elif variant == "deep_mdm":
-    _, depth = flops.matched_depth(loop_cfg, loop_dist, length)
-    c.model.num_layers = depth
-    c.train.steps = loop_steps
-  elif variant == "uniform_loop":
-    target = loop_cfg.executed_depth(1) + (loop_dist.expected - 1) * loop_cfg.block_layers
-    n = base.num_layers
-    k = min(range(1, s_max + 1), key=lambda k: abs(n * (k + 1) / 2 - target))
-    c.model.loop_start, c.model.loop_end = 0, n
-    c.loops.train = f"uniform:1:{k}"
-    ucfg, udist = model_config(c), LoopDistribution.parse(c.loops.train)
-    c.train.steps = round(flops.matched_steps(ucfg, udist, base, None, baseline_steps, length,
-                                              batch))
+def _get(c, key: str):
+  section, name = key.split(".")
+  return c[section][name]
+
+
+def resolve_variant(c, overrides: Mapping[str, Any] | None = None):
+  """Sets the values variant `c.variant.name` derives from the (overridden) base config `c`.
+
+  `overrides`: the keys set explicitly on the command line, with their values. Derived keys
+  among them keep their values (later derivations use them); overrides of derivation inputs
+  are named in the log. Edits and returns `c`.
+  """
+  overrides = dict(overrides or {})
+  v = c.get("variant")
+  if not v or not v.name:
+    return c
+  if v.name not in VARIANTS:
+    raise ValueError(f"unknown variant {v.name!r}; choose one of {', '.join(VARIANTS)}")
+  if int(v.baseline_steps) < 1:
+    raise ValueError(f"variant {v.name}: variant.baseline_steps (mdm's step count, the budget "
+                     f"every variant matches) must be >= 1, got {v.baseline_steps}")
+  prefixes = _INPUT_PREFIXES + (("data.",) if not c.model.vocab_size else ())
+  inputs = [f"{k}={val}" for k, val in overrides.items() if k != "variant.name"
+            and (k.startswith(prefixes) or k in _INPUT_KEYS)]
+  note = f"; re-derived for {', '.join(inputs)}" if inputs else ""
+
+  def put(key, value, why, computed=True):
+    """Sets a derived key unless it was overridden; logs either way."""
+    if key in overrides:
+      log.info("%s = %s (kept from --config.%s; %s would derive %s)", key, _get(c, key), key,
+               v.name, value)
+    else:
+      section, name = key.split(".")
+      c[section][name] = value
+      log.info("%s = %s (%s%s)", key, value, why, note if computed else "")
+
+  length, batch, baseline = c.data.seq_len, c.train.batch_size, int(v.baseline_steps)
+  start, end = (int(x) for x in v.block)
+  s_max = int(v.s_max)
+  base, _ = _model(c, "fixed:1", loop_start=0, loop_end=0)
+  loop_cfg, loop_dist = _model(c, f"uniform:1:{s_max}", loop_start=start, loop_end=end)
+  loop_steps = round(flops.matched_steps(loop_cfg, loop_dist, base, None, baseline, length,
+                                         batch))
+  matched = f"FLOP-matched to mdm's {baseline} steps"
+
+  if v.name == "mdm":
+    put("train.steps", baseline, "mdm's baseline steps", computed=False)
+  elif v.name in ("mdm_matched", "deep_mdm"):
+    if v.name == "deep_mdm":
+      exact, depth = flops.matched_depth(loop_cfg, loop_dist, length)
+      put("model.num_layers", depth,
+          f"compute-matched to loopmdm, block [{start}, {end}) x U{{1..{s_max}}}: {exact:.2f} "
+          "layers")
+    put("train.steps", loop_steps, f"loopmdm's steps, {matched}")
+  else:
+    if v.name == "loopmdm":
+      block, loops = (start, end), f"uniform:1:{s_max}"
+      why = f"loopmdm: block [{start}, {end}) looped, S ~ U{{1..{s_max}}}"
+    else:  # uniform_loop
+      target = loop_cfg.executed_depth(1) + (loop_dist.expected - 1) * loop_cfg.block_layers
+      n = base.num_layers
+      k = min(range(1, s_max + 1), key=lambda k: abs(n * (k + 1) / 2 - target))
+      block, loops = (0, n), f"uniform:1:{k}"
+      why = f"uniform_loop: all {n} layers looped, E[depth] closest to loopmdm's {target:g}"
+    fixed = v.name == "loopmdm"  # the block and S of loopmdm are the variant's own numbers
+    put("model.loop_start", block[0], why, computed=not fixed)
+    put("model.loop_end", block[1], why, computed=not fixed)
+    put("loops.train", loops, why, computed=not fixed)
+    cfg, dist = _model(c)
+    put("train.steps", round(flops.matched_steps(cfg, dist, base, None, baseline, length, batch)),
+        matched)
   return c
