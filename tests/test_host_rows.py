@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from loopjax.data.shards import make_shards_iterator
+from loopjax.data.process_rows import make_shards_iterator
 from loopjax.parallel import mesh as mesh_lib
 from loopjax.parallel.topology import have_libtpu, tpu_topology_devices
 
