@@ -293,6 +293,36 @@ def prepare(inputs, tokenizer_spec: str, out_dir: str, *, text_field: str = "tex
   return manifest
 
 
+def write_tokenized(out_dir: str, documents, tokenizer_spec: str, *, heldout_every: int = 0,
+                    shard_tokens: int = DEFAULT_SHARD_TOKENS) -> dict:
+  """Writes already tokenized documents (int arrays, no EOS) as a prepared corpus; document
+  i is held out iff `heldout_every` and i % heldout_every == 0. Returns the manifest."""
+  tok = make_tokenizer(tokenizer_spec)
+  dtype = shards.token_dtype(tok.vocab_size)
+  out_dir = os.path.abspath(os.path.expanduser(out_dir))
+  for d in (out_dir, *(os.path.join(out_dir, s) for s in (*shards.SPLITS, "parts"))):
+    os.makedirs(d, exist_ok=True)
+  parts, writer = [], _PartWriter(out_dir, 0, 0, 0)
+  for i, ids in enumerate(documents):
+    if writer.tokens >= shard_tokens:
+      parts.append(writer.finish(last=False))
+      writer = _PartWriter(out_dir, 0, len(parts), i)
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= tok.vocab_size):
+      raise ValueError(f"document {i}: ids outside [0, {tok.vocab_size})")
+    writer.add("heldout" if heldout_every and i % heldout_every == 0 else "train",
+               ids.astype(dtype))
+  parts.append(writer.finish(last=True))
+  record = {"tokenizer": shards.tokenizer_identity(tok.describe()), "inputs": [],
+            "text_field": None, "txt_split": None, "shard_tokens": shard_tokens,
+            "heldout": None}
+  manifest = _manifest(record, parts, tok, None)
+  manifest["heldout_rule"] = f"document index % {heldout_every} == 0" if heldout_every else None
+  with open(shards.manifest_path(out_dir), "w") as f:
+    json.dump(manifest, f, indent=1, sort_keys=True)
+  return manifest
+
+
 def stats(out_dir: str, *, bins: int = 12) -> str:
   """Token counts per split and a log2 histogram of document lengths (reads every shard's
   record sizes, one shard at a time)."""

@@ -200,6 +200,9 @@ def train_batches(path: str, manifest: dict, *, seq_len: int, wrap: str, seed: i
                     vocab_size=manifest["tokenizer"]["vocab_size"])
   if workers <= 0:
     return rows.map(_drop_slots)
+  from absl import flags  # grain's worker processes read absl flags, which must be parsed
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
   return rows.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)).batch(
       workers, batch_fn=_merge)
 
