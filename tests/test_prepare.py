@@ -11,7 +11,7 @@ import pytest
 
 from loopjax import data as D
 from loopjax.data import corpus, prepared, shards
-from loopjax.data.prepare import prepare, prepare_main, stats, write_tokenized
+from loopjax.data.prepare import prepare, prepare_main, write_tokenized
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "the a cat dog sat on mat ran far away quick brown fox jumps over lazy".split()
@@ -110,6 +110,26 @@ def test_each_input_format_gives_the_documents(tmp_path):
   assert m["splits"]["train"]["docs"] + m["splits"]["heldout"]["docs"] == 20
   assert m["splits"]["train"]["tokens"] == sum(len(d.encode()) for d in want - heldout)
   assert m["dtype"] == "uint16" and m["eos_id"] == 256
+
+
+def test_lm1b_style_raw_files_with_a_heldout_set(tmp_path, capsys):
+  train, test = tmp_path / "train", tmp_path / "test"
+  train.mkdir()
+  test.mkdir()
+  docs = _docs(30)
+  for k in range(2):  # LM1B's release: one sentence per line, no file extension
+    (train / f"news.en-0000{k}-of-00002").write_text("\n".join(docs[k * 10:(k + 1) * 10]))
+  (test / "news.en.heldout-00000-of-00001").write_text("\n".join(docs[20:]) + "\n")
+  out = str(tmp_path / "out")
+  assert prepare_main(["--input", str(train), "--heldout-input", str(test), "--format", "txt",
+                       "--txt-split", "line", "--tokenizer", "byte", "--out", out,
+                       "--heldout", "0", "--workers", "1"]) == 0
+  assert "train 20 docs" in capsys.readouterr().out
+  dec = {s: [bytes(r.tolist()).decode() for r in _records(out, s)] for s in shards.SPLITS}
+  assert dec == {"train": docs[:20], "heldout": docs[20:]}
+  m = shards.load_manifest(out)
+  assert m["command"].startswith("loopjax prepare --input")
+  assert len(m["heldout_inputs"]) == 1 and len(m["inputs"]) == 2
 
 
 def test_hf_tokenizer_ids_and_stats(tmp_path, capsys):

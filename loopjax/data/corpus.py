@@ -7,7 +7,8 @@ Formats (chosen by extension; `.gz` is decompressed on the fly for .txt / .jsonl
   .parquet        the string column `text_field`, read one record batch at a time.
   .arrow          an Arrow IPC file or stream (what Hugging Face `datasets` keeps in its
                   cache), column `text_field`, memory-mapped and read one batch at a time.
-Documents are stripped of surrounding whitespace; empty ones are skipped. Nothing holds more
+`input_format` overrides the extension for every file (e.g. "txt" for LM1B's raw release
+files, named news.en-00001-of-00100). Documents are stripped of surrounding whitespace; empty ones are skipped. Nothing holds more
 than one record batch (or one paragraph) of a file in memory.
 """
 
@@ -31,9 +32,20 @@ def _kind(path: str) -> str | None:
   return None
 
 
-def list_inputs(paths: Sequence[str]) -> list[str]:
+FORMATS = ("txt", "jsonl", "parquet", "arrow")
+
+
+def _check_format(input_format: str | None) -> None:
+  if input_format is not None and input_format not in FORMATS:
+    raise ValueError(f"input format must be one of {FORMATS}, got {input_format!r}")
+
+
+def list_inputs(paths: Sequence[str], input_format: str | None = None) -> list[str]:
   """The corpus files named by `paths` (files, or directories searched recursively), with
-  directory contents in sorted order; raises ValueError if none is usable."""
+  directory contents in sorted order; raises ValueError if none is usable. With
+  `input_format`, every non-hidden file counts, whatever its extension."""
+  _check_format(input_format)
+  usable = (lambda f: not os.path.basename(f).startswith(".")) if input_format else _kind
   if isinstance(paths, str):
     paths = [paths]
   if not paths:
@@ -43,15 +55,16 @@ def list_inputs(paths: Sequence[str]) -> list[str]:
     p = os.path.expanduser(p)
     if os.path.isdir(p):
       inside = sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs)
-      found.extend(f for f in inside if _kind(f))
+      found.extend(f for f in inside if usable(f))
     elif os.path.isfile(p):
-      if not _kind(p):
+      if not input_format and not _kind(p):
         raise ValueError(f"input {p!r}: unsupported file type (use {', '.join(EXTENSIONS)})")
       found.append(p)
     else:
       raise FileNotFoundError(f"input {p!r} does not exist")
   if not found:
-    raise ValueError(f"no corpus files ({', '.join(EXTENSIONS)}) under {list(paths)}")
+    raise ValueError(f"no corpus files ({input_format or ', '.join(EXTENSIONS)}) under "
+                     f"{list(paths)}")
   return found
 
 
@@ -138,10 +151,11 @@ def _columnar(path: str, kind: str, text_field: str) -> Iterator[str]:
         yield v.strip()
 
 
-def iter_documents(path: str, *, text_field: str = "text",
-                   txt_split: str = "paragraph") -> Iterator[str]:
+def iter_documents(path: str, *, text_field: str = "text", txt_split: str = "paragraph",
+                   input_format: str | None = None) -> Iterator[str]:
   """The non-empty documents of one corpus file, in file order."""
-  kind = _kind(path)
+  _check_format(input_format)
+  kind = input_format or _kind(path)
   if kind == "txt":
     docs = _txt(path, txt_split)
   elif kind == "jsonl":
@@ -153,6 +167,8 @@ def iter_documents(path: str, *, text_field: str = "text",
   return (d for d in docs if d)
 
 
-def check_input(path: str, *, text_field: str, txt_split: str) -> None:
+def check_input(path: str, *, text_field: str, txt_split: str,
+                input_format: str | None = None) -> None:
   """Reads the first document of `path`, so a missing text field fails before any work."""
-  next(iter_documents(path, text_field=text_field, txt_split=txt_split), None)
+  next(iter_documents(path, text_field=text_field, txt_split=txt_split,
+                      input_format=input_format), None)

@@ -125,8 +125,9 @@ def _prepare_file(task: dict) -> list[dict]:
   skip = parts[-1]["doc_end"] if parts else 0
   writer = _PartWriter(out_dir, idx, len(parts), skip)
   text_bytes, docs, tokens, t_last = 0, 0, 0, time.monotonic()
-  for n, doc in enumerate(corpus.iter_documents(path, text_field=task["text_field"],
-                                                txt_split=task["txt_split"])):
+  docs_in = corpus.iter_documents(path, text_field=task["text_field"],
+                                  txt_split=task["txt_split"], input_format=task["format"])
+  for n, doc in enumerate(docs_in):
     if n < skip:
       continue
     if writer.tokens >= task["shard_tokens"]:
@@ -136,7 +137,8 @@ def _prepare_file(task: dict) -> list[dict]:
           len(parts) >= task["_stop_after_parts"]:
         raise KeyboardInterrupt("stopped after a part (test hook)")
     ids = np.asarray(tok.encode(doc), dtype)
-    writer.add("heldout" if shards.is_heldout(doc, task["heldout"]) else "train", ids)
+    held = task["all_heldout"] or shards.is_heldout(doc, task["heldout"])
+    writer.add("heldout" if held else "train", ids)
     text_bytes, docs, tokens = text_bytes + len(doc), docs + 1, tokens + int(ids.size)
     if time.monotonic() - t_last > _REPORT_S:
       _report(("progress", idx, text_bytes, docs, tokens))
@@ -205,24 +207,26 @@ def _manifest(record: dict, parts: list[dict], tok, command: str | None) -> dict
       "format": shards.FORMAT, "format_version": shards.FORMAT_VERSION,
       "tokenizer": record["tokenizer"], "dtype": shards.token_dtype(tok.vocab_size).name,
       "eos_id": tok.eos_id, "bos_id": bos_id(tok), "pad_id": tok.pad_id,
-      "heldout_rule": (f"blake2b-64(utf-8 text) < {record['heldout']} * 2**64 "
-                       "(little-endian digest)"),
+      "heldout_rule": (f"every document of heldout_inputs; others iff blake2b-64(utf-8 text) "
+                       f"< {record['heldout']} * 2**64 (little-endian digest)"),
       "splits": splits,
-      "inputs": record["inputs"],
-      "arguments": {k: record[k] for k in ("text_field", "txt_split", "shard_tokens",
-                                           "heldout")},
+      "inputs": record["inputs"], "heldout_inputs": record.get("heldout_inputs", []),
+      "arguments": {k: record.get(k) for k in ("text_field", "txt_split", "format",
+                                               "shard_tokens", "heldout")},
       "command": command,
   }
 
 
 def prepare(inputs, tokenizer_spec: str, out_dir: str, *, text_field: str = "text",
-            txt_split: str = "paragraph", num_workers: int = 1,
+            txt_split: str = "paragraph", input_format: str | None = None,
+            heldout_inputs=(), num_workers: int = 1,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, heldout: float = DEFAULT_HELDOUT,
             command: str | None = None, progress: bool = True,
             _stop_after_parts: int | None = None) -> dict:
   """Tokenizes `inputs` into token shards under `out_dir`; returns the manifest.
 
-  Re-running with the same arguments resumes an interrupted run (or returns the finished
+  Documents of `heldout_inputs` (e.g. a corpus's official test files) are all held out; the
+  others by the hash rule with fraction `heldout`. Re-running with the same arguments resumes an interrupted run (or returns the finished
   manifest). `num_workers` processes tokenize files in parallel (1: in this process).
   """
   if num_workers < 1:
@@ -231,23 +235,28 @@ def prepare(inputs, tokenizer_spec: str, out_dir: str, *, text_field: str = "tex
     raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
   if not 0 <= heldout < 1:
     raise ValueError(f"heldout must be a fraction in [0, 1), got {heldout}")
-  files = corpus.list_inputs(inputs)
+  files = corpus.list_inputs(inputs, input_format)
+  held_files = corpus.list_inputs(heldout_inputs, input_format) if heldout_inputs else []
   tok = make_tokenizer(tokenizer_spec)
-  for f in files:
-    corpus.check_input(f, text_field=text_field, txt_split=txt_split)
+  for f in files + held_files:
+    corpus.check_input(f, text_field=text_field, txt_split=txt_split,
+                       input_format=input_format)
   out_dir = os.path.abspath(os.path.expanduser(out_dir))
   for d in (out_dir, *(os.path.join(out_dir, s) for s in (*shards.SPLITS, "parts"))):
     os.makedirs(d, exist_ok=True)
   record = {"out_dir": out_dir, "tokenizer": shards.tokenizer_identity(tok.describe()),
             "inputs": [{"path": os.path.abspath(f), "bytes": os.path.getsize(f)}
                        for f in files],
-            "text_field": text_field, "txt_split": txt_split, "shard_tokens": shard_tokens,
-            "heldout": heldout}
+            "heldout_inputs": [{"path": os.path.abspath(f), "bytes": os.path.getsize(f)}
+                               for f in held_files],
+            "text_field": text_field, "txt_split": txt_split, "format": input_format,
+            "shard_tokens": shard_tokens, "heldout": heldout}
   _check_arguments(out_dir, record)
   tasks = [dict(out_dir=out_dir, file_idx=i, path=f, bytes=os.path.getsize(f),
-                text_field=text_field, txt_split=txt_split, shard_tokens=shard_tokens,
-                heldout=heldout, _stop_after_parts=_stop_after_parts)
-           for i, f in enumerate(files)]
+                text_field=text_field, txt_split=txt_split, format=input_format,
+                shard_tokens=shard_tokens, heldout=heldout, all_heldout=i >= len(files),
+                _stop_after_parts=_stop_after_parts)
+           for i, f in enumerate(files + held_files)]
   bar = _Progress(sum(t["bytes"] for t in tasks), progress)
   workers = min(num_workers, len(tasks))
   if workers == 1:
@@ -323,41 +332,14 @@ def write_tokenized(out_dir: str, documents, tokenizer_spec: str, *, heldout_eve
   return manifest
 
 
-def stats(out_dir: str, *, bins: int = 12) -> str:
-  """Token counts per split and a log2 histogram of document lengths (reads every shard's
-  record sizes, one shard at a time)."""
-  from array_record.python.array_record_module import ArrayRecordReader
-  m = shards.load_manifest(out_dir)
-  item = np.dtype(m["dtype"]).itemsize
-  lines = [f"{out_dir}: tokenizer {m['tokenizer'].get('spec', m['tokenizer']['type'])} "
-           f"(vocab {m['tokenizer']['vocab_size']}), {m['dtype']}"]
-  for split, info in m["splits"].items():
-    lines.append(f"  {split}: {info['docs']:,} documents, {info['tokens']:,} tokens, "
-                 f"{len(info['shards'])} shards")
-    counts = np.zeros(33, np.int64)
-    for path in shards.check_shards(out_dir, m, split):
-      r = ArrayRecordReader(path)
-      try:
-        for start in range(0, r.num_records(), 4096):
-          recs = r.read(list(range(start, min(start + 4096, r.num_records()))))
-          lens = np.array([len(x) // item for x in recs])
-          np.add.at(counts, np.minimum(np.ceil(np.log2(np.maximum(lens, 1))), 32).astype(int),
-                    1)
-      finally:
-        r.close()
-    if counts.sum():
-      top = max(i for i in range(33) if counts[i])
-      lines.append("    document length (tokens)   documents")
-      for i in range(top + 1):
-        lo = 0 if i == 0 else 2 ** (i - 1) + 1
-        lines.append(f"    {lo:>10,}..{2 ** i:<12,} {counts[i]:>12,}")
-  return "\n".join(lines)
-
-
 def prepare_main(argv=None) -> int:
   """`loopjax prepare`; argv excludes the command name."""
   p = argparse.ArgumentParser(prog="loopjax prepare", description=__doc__.split("\n")[0])
   p.add_argument("--input", nargs="+", default=[], help="corpus files or directories")
+  p.add_argument("--heldout-input", nargs="+", default=[],
+                 help="files or directories whose documents are all held out (test sets)")
+  p.add_argument("--format", default=None, choices=corpus.FORMATS,
+                 help="read every input as this format, whatever its extension")
   p.add_argument("--tokenizer", default="byte",
                  help="byte | sentencepiece:PATH.model | hf:PATH/tokenizer.json")
   p.add_argument("--out", required=True, help="output directory")
@@ -372,11 +354,12 @@ def prepare_main(argv=None) -> int:
   a = p.parse_args(argv)
   try:
     if a.stats:
-      print(stats(a.out))
+      print(shards.stats(a.out))
       return 0
     command = shlex.join(["loopjax", "prepare", *(argv if argv is not None else sys.argv[1:])])
     m = prepare(a.input, a.tokenizer, a.out, text_field=a.text_field, txt_split=a.txt_split,
-                num_workers=a.workers, shard_tokens=a.shard_tokens, heldout=a.heldout,
+                input_format=a.format, heldout_inputs=a.heldout_input, num_workers=a.workers,
+                shard_tokens=a.shard_tokens, heldout=a.heldout,
                 command=command)
   except (ValueError, FileNotFoundError) as e:
     p.exit(2, f"loopjax prepare: error: {e}\n")

@@ -9,7 +9,8 @@
 
 A document is held out iff the first 8 bytes of blake2b(its UTF-8 text), read as a
 little-endian integer, are < heldout * 2**64: a rule of the text alone, so it does not depend
-on file layout, worker count or order.
+on file layout, worker count or order. Documents of inputs given as held-out inputs (a
+corpus's official test files) are all held out.
 """
 
 from __future__ import annotations
@@ -121,3 +122,34 @@ def check_shards(out_dir: str, manifest: dict, split: str, *, full_hash: bool = 
                        "re-run prepare")
     paths.append(path)
   return paths
+
+
+def stats(out_dir: str) -> str:
+  """Token counts per split and a log2 histogram of document lengths (reads every shard's
+  record sizes, one shard at a time)."""
+  from array_record.python.array_record_module import ArrayRecordReader
+  m = load_manifest(out_dir)
+  item = np.dtype(m["dtype"]).itemsize
+  lines = [f"{out_dir}: tokenizer {m['tokenizer'].get('spec', m['tokenizer']['type'])} "
+           f"(vocab {m['tokenizer']['vocab_size']}), {m['dtype']}"]
+  for split, info in m["splits"].items():
+    lines.append(f"  {split}: {info['docs']:,} documents, {info['tokens']:,} tokens, "
+                 f"{len(info['shards'])} shards")
+    counts = np.zeros(33, np.int64)
+    for path in check_shards(out_dir, m, split):
+      r = ArrayRecordReader(path)
+      try:
+        for start in range(0, r.num_records(), 4096):
+          recs = r.read(list(range(start, min(start + 4096, r.num_records()))))
+          lens = np.array([len(x) // item for x in recs])
+          np.add.at(counts, np.minimum(np.ceil(np.log2(np.maximum(lens, 1))), 32).astype(int),
+                    1)
+      finally:
+        r.close()
+    if counts.sum():
+      used = [i for i in range(33) if counts[i]]
+      lines.append("    document length (tokens)   documents")
+      for i in range(used[0], used[-1] + 1):
+        lo = 0 if i == 0 else 2 ** (i - 1) + 1
+        lines.append(f"    {lo:>10,}..{2 ** i:<12,} {counts[i]:>12,}")
+  return "\n".join(lines)
