@@ -89,7 +89,7 @@ def _resolve(data_cfg) -> SimpleNamespace:
     raise ValueError(f"data.source must be one of {SOURCES}, got {c.source!r}")
   if c.seq_len < 1:
     raise ValueError(f"data.seq_len must be positive, got {c.seq_len}")
-  if c.packing and c.source not in ("text", "tfds"):
+  if c.packing and c.source not in ("text", "tfds", "prepared"):  # prepared: always packed
     raise ValueError(f"data.packing applies to text/tfds sources, not {c.source!r}")
   if c.source == "prompt_answer" and not 0 < c.answer_len < c.seq_len:
     raise ValueError(f"data.answer_len must be in (0, data.seq_len={c.seq_len}) so a prompt "
