@@ -81,6 +81,13 @@ class _PartWriter:
   def tokens(self) -> int:
     return sum(c[1] for c in self.counts.values())
 
+  def abort(self) -> None:
+    """Closes and removes the temporary files (the part is redone on resume)."""
+    for s, w in self.writers.items():
+      w.close()
+      if os.path.exists(self._tmp(s)):
+        os.remove(self._tmp(s))
+
   def finish(self, last: bool) -> dict:
     rec = {"file": self.file_idx, "part": self.part, "doc_start": self.doc_start,
            "doc_end": self.doc_start + self.docs, "last": last, "shards": {}}
@@ -125,24 +132,28 @@ def _prepare_file(task: dict) -> list[dict]:
   skip = parts[-1]["doc_end"] if parts else 0
   writer = _PartWriter(out_dir, idx, len(parts), skip)
   text_bytes, docs, tokens, t_last = 0, 0, 0, time.monotonic()
-  docs_in = corpus.iter_documents(path, text_field=task["text_field"],
-                                  txt_split=task["txt_split"], input_format=task["format"])
-  for n, doc in enumerate(docs_in):
-    if n < skip:
-      continue
-    if writer.tokens >= task["shard_tokens"]:
-      parts.append(writer.finish(last=False))
-      writer = _PartWriter(out_dir, idx, len(parts), n)
-      if task.get("_stop_after_parts") is not None and \
-          len(parts) >= task["_stop_after_parts"]:
-        raise KeyboardInterrupt("stopped after a part (test hook)")
-    ids = np.asarray(tok.encode(doc), dtype)
-    held = task["all_heldout"] or shards.is_heldout(doc, task["heldout"])
-    writer.add("heldout" if held else "train", ids)
-    text_bytes, docs, tokens = text_bytes + len(doc), docs + 1, tokens + int(ids.size)
-    if time.monotonic() - t_last > _REPORT_S:
-      _report(("progress", idx, text_bytes, docs, tokens))
-      text_bytes, docs, tokens, t_last = 0, 0, 0, time.monotonic()
+  try:
+    docs_in = corpus.iter_documents(path, text_field=task["text_field"],
+                                    txt_split=task["txt_split"], input_format=task["format"])
+    for n, doc in enumerate(docs_in):
+      if n < skip:
+        continue
+      if writer.tokens >= task["shard_tokens"]:
+        parts.append(writer.finish(last=False))
+        writer = _PartWriter(out_dir, idx, len(parts), n)
+        if task.get("_stop_after_parts") is not None and \
+            len(parts) >= task["_stop_after_parts"]:
+          raise KeyboardInterrupt("stopped after a part (test hook)")
+      ids = np.asarray(tok.encode(doc), dtype)
+      held = task["all_heldout"] or shards.is_heldout(doc, task["heldout"])
+      writer.add("heldout" if held else "train", ids)
+      text_bytes, docs, tokens = text_bytes + len(doc), docs + 1, tokens + int(ids.size)
+      if time.monotonic() - t_last > _REPORT_S:
+        _report(("progress", idx, text_bytes, docs, tokens))
+        text_bytes, docs, tokens, t_last = 0, 0, 0, time.monotonic()
+  except BaseException:
+    writer.abort()
+    raise
   parts.append(writer.finish(last=True))
   _report(("progress", idx, text_bytes, docs, tokens))
   _report(("file", idx, task["bytes"], None))
@@ -276,6 +287,8 @@ def prepare(inputs, tokenizer_spec: str, out_dir: str, *, text_field: str = "tex
     with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_spec, q)) as pool:
       pending = [pool.apply_async(_prepare_file, (t,)) for t in tasks]
       while not all(p.ready() for p in pending):
+        if any(p.ready() and not p.successful() for p in pending):
+          break  # the first error is raised below, without waiting for the other files
         try:
           bar.update(q.get(timeout=_REPORT_S))
         except queue_lib.Empty:

@@ -224,3 +224,12 @@ def eval_rows(path: str, manifest: dict, *, seq_len: int, wrap: str, num_rows: i
         f"gives only {len(out)} rows of length {seq_len}, but {num_rows} are needed: ask for "
         "fewer evaluation batches or prepare with a larger --heldout") from None
   return {k: np.concatenate([r[k] for r in out]) for k in BATCH_KEYS}
+
+
+def epochs(manifest: dict, *, rows: int, seq_len: int, wrap: str) -> float:
+  """Passes over the train split that `rows` packed rows of `seq_len` make (each document
+  carries one EOS; an mdlm row holds seq_len - 2 stream tokens)."""
+  train = manifest["splits"]["train"]
+  per_row = seq_len - 2 if wrap == "mdlm" else seq_len
+  return rows * per_row / (train["tokens"] + (train["docs"] if manifest["eos_id"] is not None
+                                              else 0))
