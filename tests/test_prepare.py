@@ -172,6 +172,31 @@ def test_killed_prepare_resumes_to_identical_shards(tmp_path):
     prepare([raw], "byte", out, shard_tokens=999, heldout=0.2, progress=False)
 
 
+def test_sigkilled_prepare_resumes_to_identical_shards(tmp_path):
+  import signal
+  import time
+  raw, _ = _corpus_dir(tmp_path, files=8, per_file=800)
+  args = ["--input", raw, "--tokenizer", "byte", "--shard-tokens", "20000", "--workers", "2"]
+  out = str(tmp_path / "out")
+  cmd = [sys.executable, "-m", "loopjax.data.prepare", *args, "--out", out]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  parts = os.path.join(out, "parts")
+  t0 = time.time()
+  while time.time() - t0 < 120 and proc.poll() is None and \
+      len(os.listdir(parts) if os.path.isdir(parts) else []) < 3:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(os.path.join(out, "manifest.json")), "finished before the kill"
+  assert subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=300).returncode == 0
+  ref = str(tmp_path / "ref")
+  prepare_main([*args, "--workers", "1", "--out", ref])
+  got, want = _tree_bytes(out), _tree_bytes(ref)
+  assert json.loads(got.pop("manifest.json"))["splits"] == \
+      json.loads(want.pop("manifest.json"))["splits"]  # the commands differ (--out)
+  assert got == want
+
+
 def test_one_and_two_workers_give_identical_shards(tmp_path):
   raw, _ = _corpus_dir(tmp_path)
   one, two = str(tmp_path / "one"), str(tmp_path / "two")

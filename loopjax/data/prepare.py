@@ -112,6 +112,7 @@ class _PartWriter:
 def _init_worker(tokenizer_spec: str, progress_queue) -> None:
   _WORKER["tok"] = make_tokenizer(tokenizer_spec)
   _WORKER["queue"] = progress_queue
+  _WORKER["parent"] = os.getppid()
 
 
 def _report(msg) -> None:
@@ -149,6 +150,8 @@ def _prepare_file(task: dict) -> list[dict]:
       writer.add("heldout" if held else "train", ids)
       text_bytes, docs, tokens = text_bytes + len(doc), docs + 1, tokens + int(ids.size)
       if time.monotonic() - t_last > _REPORT_S:
+        if _WORKER.get("parent") not in (None, os.getppid()):
+          os._exit(1)  # the parent was killed: stop before a resumed run redoes this file
         _report(("progress", idx, text_bytes, docs, tokens))
         text_bytes, docs, tokens, t_last = 0, 0, 0, time.monotonic()
   except BaseException:
