@@ -9,6 +9,9 @@ Row streams:
                         (data seed, i); evaluation uses the disjoint held-out partition.
   prompt_answer         GSM8K-format JSONL pairs (prompt_answer.py), one example per row,
                         shuffled per epoch and repeated; held out: `eval_examples` fixed pairs.
+  prepared              token shards of `loopjax prepare` (prepared.py): documents shuffled
+                        per epoch, packed by per-row slots with MDLM's wrap or per-document
+                        attention; held out: the corpus's held-out split, packed in order.
   text / tfds           documents shuffled per epoch (grain index shuffle), repeated forever,
                         tokenized, then packed (see packing.py) or one padded doc per row.
                         Held out: `eval_examples` fixed documents (text) or `eval_split` (tfds).
@@ -27,19 +30,20 @@ import ml_collections
 from grain.experimental import ThreadPrefetchIterDataset
 from ml_collections import config_dict
 
-from loopjax.data import arithmetic, heldout, packing, prompt_answer, sudoku, text, tfds_source
+from loopjax.data import (arithmetic, heldout, packing, prepared, prompt_answer, sudoku, text,
+                          tfds_source)
 from loopjax.data.batch import slice_rows, stack_rows
 from loopjax.data.iterator import DataIterator
 from loopjax.data.tokenizers import Tokenizer, fill_id, make_tokenizer
 
-SOURCES = ("sudoku", "arithmetic", "text", "tfds", "prompt_answer")
+SOURCES = ("sudoku", "arithmetic", "text", "tfds", "prompt_answer", "prepared")
 _SYNTHETIC = ("sudoku", "arithmetic")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
   """The `config.data` section with every key and its default."""
   return ml_collections.ConfigDict(dict(
-      source="sudoku",          # sudoku | arithmetic | text | tfds | prompt_answer
+      source="sudoku",          # sudoku | arithmetic | text | tfds | prompt_answer | prepared
       seq_len=81,               # L; must be 81 for sudoku
       # sudoku
       min_givens=25, max_givens=40,
@@ -57,6 +61,11 @@ def default_data_config() -> ml_collections.ConfigDict:
       # tfds
       name="lm1b", data_dir=config_dict.placeholder(str), split="train",
       eval_split="test", download=False,
+      # prepared (token shards of `loopjax prepare`)
+      path="",                  # the prepared corpus directory (holds manifest.json)
+      wrap="mdlm",              # mdlm: BOS..EOS rows across documents | document: per-doc
+      workers=0,                # grain worker processes packing rows (0: in this process)
+      verify_shards=False,      # also check every shard's sha256 at open (reads the corpus)
       # rows
       packing=False,            # concatenate-and-chunk text with EOS between documents
       document_attention=True,  # segment_ids number documents; False: 1 for all non-padding
@@ -80,11 +89,19 @@ def _resolve(data_cfg) -> SimpleNamespace:
     raise ValueError(f"data.source must be one of {SOURCES}, got {c.source!r}")
   if c.seq_len < 1:
     raise ValueError(f"data.seq_len must be positive, got {c.seq_len}")
-  if c.packing and c.source not in ("text", "tfds"):
+  if c.packing and c.source not in ("text", "tfds", "prepared"):  # prepared: always packed
     raise ValueError(f"data.packing applies to text/tfds sources, not {c.source!r}")
   if c.source == "prompt_answer" and not 0 < c.answer_len < c.seq_len:
     raise ValueError(f"data.answer_len must be in (0, data.seq_len={c.seq_len}) so a prompt "
                      f"fits before the answer, got {c.answer_len}")
+  if c.source == "prepared":
+    if not c.path:
+      raise ValueError("data.source='prepared' needs data.path: the directory `loopjax prepare "
+                       "--out DIR` wrote")
+    if c.wrap not in prepared.WRAPS:
+      raise ValueError(f"data.wrap must be one of {prepared.WRAPS}, got {c.wrap!r}")
+    if c.workers < 0:
+      raise ValueError(f"data.workers must be >= 0, got {c.workers}")
   if c.source == "sudoku":
     if c.seq_len != sudoku.SUDOKU_LEN:
       raise ValueError(f"sudoku rows are 81 cells: set data.seq_len=81 (got {c.seq_len})")
@@ -106,7 +123,10 @@ def tokenizer_for(data_cfg) -> Tokenizer:
     return sudoku.sudoku_tokenizer()
   if c.source == "arithmetic":
     return arithmetic.arithmetic_tokenizer()
-  return make_tokenizer(c.tokenizer)
+  tok = make_tokenizer(c.tokenizer)
+  if c.source == "prepared":
+    prepared.open_manifest(c.path, tok)
+  return tok
 
 
 def data_vocab_size(data_cfg) -> int:
@@ -176,7 +196,23 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
   local = _local_rows(global_batch_size, process_index, process_count)
   dseed = _data_seed(c, seed)
   tok = tokenizer_for(data_cfg)
+  fingerprint = dict(source=c.source, seq_len=c.seq_len, seed=dseed,
+                     global_batch_size=global_batch_size, process_index=process_index,
+                     process_count=process_count, packing=bool(c.packing),
+                     document_attention=bool(c.document_attention),
+                     vocab_size=tok.vocab_size)
   rows = None
+  if c.source == "prepared":
+    manifest = prepared.open_manifest(c.path, tok)
+    fingerprint.update(corpus=prepared.corpus_fingerprint(manifest), wrap=c.wrap,
+                       workers=c.workers)
+    ds = prepared.train_batches(c.path, manifest, seq_len=c.seq_len, wrap=c.wrap, seed=dseed,
+                                global_batch_size=global_batch_size,
+                                first_row=process_index * local, num_rows=local,
+                                workers=c.workers, verify=c.verify_shards)
+    if c.prefetch > 0:
+      ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=c.prefetch)
+    return DataIterator(iter(ds), fingerprint=fingerprint)
   if c.source in _SYNTHETIC:
     rows = grain.MapDataset.range(sys.maxsize).map(functools.partial(
         _synthetic_row, c=c, seed=dseed, heldout_split=False))
@@ -200,11 +236,6 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
         first_row=process_index * local, num_rows=local)
     if c.prefetch > 0:
       ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=c.prefetch)
-  fingerprint = dict(source=c.source, seq_len=c.seq_len, seed=dseed,
-                     global_batch_size=global_batch_size, process_index=process_index,
-                     process_count=process_count, packing=bool(c.packing),
-                     document_attention=bool(c.document_attention),
-                     vocab_size=tok.vocab_size)
   return DataIterator(iter(ds), fingerprint=fingerprint)
 
 
@@ -221,6 +252,13 @@ def make_eval_batches(data_cfg, *, batch_size: int, num_batches: int, seed: int,
   if c.source in _SYNTHETIC:
     dseed = _data_seed(c, seed)
     rows = [_synthetic_row(i, c=c, seed=dseed, heldout_split=True) for i in range(need)]
+  elif c.source == "prepared":
+    manifest = prepared.open_manifest(c.path, make_tokenizer(c.tokenizer))
+    batch = prepared.eval_rows(c.path, manifest, seq_len=c.seq_len, wrap=c.wrap, num_rows=need,
+                               verify=c.verify_shards)
+    lo = process_index * local
+    return [{k: v[k0 + lo:k0 + lo + local] for k, v in batch.items()}
+            for k0 in range(0, need, batch_size)]
   elif c.source == "prompt_answer":
     rows = _pair_rows(c, tokenizer_for(data_cfg), train=False)[:need]
     if len(rows) < need:

@@ -37,6 +37,19 @@ def fill_id(tok: Tokenizer) -> int:
   return tok.eos_id if tok.eos_id is not None else 0
 
 
+def bos_id(tok: Tokenizer) -> int | None:
+  """The id that opens a row in MDLM's wrap: the tokenizer's BOS ([CLS], <s>, <bos>), else
+  its EOS (GPT-2 uses <|endoftext|> for both)."""
+  if isinstance(tok, HFTokenizer):
+    for t in _HF_BOS:
+      i = tok._tok.token_to_id(t)
+      if i is not None:
+        return int(i)
+  if isinstance(tok, SentencePieceTokenizer) and tok._sp.bos_id() >= 0:
+    return int(tok._sp.bos_id())
+  return tok.eos_id
+
+
 def _sha256(path: str) -> str:
   with open(path, "rb") as f:
     return hashlib.sha256(f.read()).hexdigest()
@@ -136,6 +149,7 @@ class SentencePieceTokenizer:
 
 _HF_EOS = ("<|endoftext|>", "</s>", "[SEP]", "<eos>", "<|eos|>")
 _HF_PAD = ("<pad>", "[PAD]", "<|pad|>")
+_HF_BOS = ("[CLS]", "<s>", "<bos>", "<|bos|>", "<|startoftext|>")
 
 
 class HFTokenizer:
