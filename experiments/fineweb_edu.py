@@ -2,9 +2,11 @@
 
 Hardware and time: as experiments/owt.py (baseline 1M steps x batch 512 x 1024 tokens).
 
-Data (never downloaded by loopjax): FineWeb-Edu parquet shards saved locally, read as local files:
-  --config.data.paths=/data/fineweb-edu/000.parquet,/data/fineweb-edu/001.parquet
-  a GPT-2 tokenizer.json saved locally: --config.data.tokenizer=hf:/path/to/gpt2/tokenizer.json
+Data: token shards made once by `loopjax prepare` (nothing is downloaded). Bring FineWeb-Edu
+Parquet files (e.g. the sample/10BT folder) and GPT-2's tokenizer.json (in gpt2/), then
+  loopjax prepare --input raw/fineweb-edu --tokenizer hf:gpt2/tokenizer.json \
+      --out data/fineweb-edu-gpt2
+  loopjax train --config experiments/fineweb_edu.py:loopmdm --workdir runs/fineweb_edu
 
 Variants: mdm, loopmdm, deep_mdm, uniform_loop, mdm_matched (loopjax/train/variants.py).
 """
@@ -17,9 +19,8 @@ BASELINE_STEPS = 1_000_000
 
 def get_config(variant: str = "loopmdm"):
   c = base_config()
-  c.data.update(source="text", paths="fineweb-edu/000.parquet", text_field="text",
-                packing=True, eval_examples=10_000,
-                tokenizer="hf:gpt2/tokenizer.json")
+  c.data.update(source="prepared", path="data/fineweb-edu-gpt2",
+                tokenizer="hf:gpt2/tokenizer.json", wrap="mdlm")
   paper_backbone(c, vocab_size=50258, length=1024)
   c.variant.update(name=variant or "loopmdm", baseline_steps=BASELINE_STEPS)
   return c

@@ -4,11 +4,14 @@ Hardware and time: the paper budget (baseline 1M steps x batch 512) is a TPU-pod
 GPU job (days on a v4-64 / 8xH100 class system). Shrink with --config.train.batch_size,
 --config.train.steps for a smoke run.
 
-Data (never downloaded by loopjax unless data.download=True):
-  tfds build lm1b --data_dir=$TFDS_DIR --file_format=array_record
-  a bert-base-uncased tokenizer.json saved locally, passed as
-  --config.data.tokenizer=hf:/path/to/bert-base-uncased/tokenizer.json
-  --config.data.data_dir=$TFDS_DIR
+Data: token shards made once by `loopjax prepare` from the raw LM1B release (nothing is
+downloaded) and bert-base-uncased's tokenizer.json (in bert-base-uncased/):
+  loopjax prepare --input R/training-monolingual.tokenized.shuffled \
+      --heldout-input R/heldout-monolingual.tokenized.shuffled --format txt --txt-split line \
+      --heldout 0 --tokenizer hf:bert-base-uncased/tokenizer.json --out data/lm1b-bert
+  loopjax train --config experiments/lm1b.py:loopmdm --workdir runs/lm1b
+(R: the unpacked 1-billion-word-language-modeling-benchmark-r13output folder.) Sentences are
+joined with BOS/EOS separators (MDLM's wrap); `--config.data.wrap=document` isolates them.
 
 Variants (--config experiments/lm1b.py:VARIANT): mdm, loopmdm, deep_mdm, uniform_loop,
 mdm_matched (see loopjax/train/variants.py; step counts are FLOP-matched by loopjax.flops).
@@ -22,8 +25,8 @@ BASELINE_STEPS = 1_000_000
 
 def get_config(variant: str = "loopmdm"):
   c = base_config()
-  c.data.update(source="tfds", name="lm1b", split="train", eval_split="test", text_field="text",
-                packing=True, tokenizer="hf:bert-base-uncased/tokenizer.json")
+  c.data.update(source="prepared", path="data/lm1b-bert",
+                tokenizer="hf:bert-base-uncased/tokenizer.json", wrap="mdlm")
   paper_backbone(c, vocab_size=30522, length=128, dropout=0.1)
   c.variant.update(name=variant or "loopmdm", baseline_steps=BASELINE_STEPS)
   return c

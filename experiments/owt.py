@@ -3,10 +3,13 @@
 Hardware and time: baseline 1M steps x batch 512 x 1024 tokens is a TPU-pod / multi-node GPU
 job (weeks on 8xH100; check `loopjax flops` and `loopjax memory` first).
 
-Data (never downloaded by loopjax unless data.download=True):
-  tfds build openwebtext --data_dir=$TFDS_DIR --file_format=array_record
-  (or local .jsonl/.parquet shards: --config.data.source=text --config.data.paths=a.parquet,...)
-  a GPT-2 tokenizer.json saved locally: --config.data.tokenizer=hf:/path/to/gpt2/tokenizer.json
+Data: token shards made once by `loopjax prepare` (nothing is downloaded). Bring OpenWebText as
+local Parquet / JSONL / `datasets` Arrow files and GPT-2's tokenizer.json (in gpt2/), then
+  loopjax prepare --input raw/owt --tokenizer hf:gpt2/tokenizer.json --out data/owt-gpt2 \
+      --heldout 0.0125
+  loopjax train --config experiments/owt.py:loopmdm --workdir runs/owt
+Documents are joined with BOS/EOS separators and attend across each other (MDLM's wrap);
+`--config.data.wrap=document` keeps attention inside documents.
 
 Variants: mdm, loopmdm, deep_mdm, uniform_loop, mdm_matched (loopjax/train/variants.py).
 """
@@ -19,9 +22,8 @@ BASELINE_STEPS = 1_000_000
 
 def get_config(variant: str = "loopmdm"):
   c = base_config()
-  c.data.update(source="tfds", name="openwebtext", split="train[:-100000]",
-                eval_split="train[-100000:]", text_field="text", packing=True,
-                tokenizer="hf:gpt2/tokenizer.json")
+  c.data.update(source="prepared", path="data/owt-gpt2", tokenizer="hf:gpt2/tokenizer.json",
+                wrap="mdlm")
   paper_backbone(c, vocab_size=50258, length=1024)
   c.variant.update(name=variant or "loopmdm", baseline_steps=BASELINE_STEPS)
   return c

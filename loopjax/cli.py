@@ -3,6 +3,7 @@
   loopjax train --config experiments/NAME.py[:VARIANT] --workdir DIR [--config.a.b=VALUE ...]
   loopjax flops --config A [--config.a.b=VALUE ...] [--match B] [--json]
   loopjax spm-train --input FILE [FILE ...] --prefix OUT --vocab-size N
+  loopjax prepare --input PATH [PATH ...] --tokenizer SPEC --out DIR [--text-field F] [--stats]
   loopjax sample --workdir DIR [--loops N|adaptive:TAU] [--steps T] [--prompt TEXT] ...
   loopjax eval --workdir DIR [--loops 1,2,4,8,12,24] [--steps 0,8] [--gsm8k F] [--corpus F] ...
   loopjax study --workdir DIR [--task sudoku|arithmetic] [--scale small|tiny]
@@ -72,6 +73,7 @@ _LAZY = {
     "export": ("loopjax.export", "export_main"),
     "analyze": ("loopjax.evaluate.attention", "analyze_main"),
     "study": ("loopjax.evaluate.study", "study_main"),
+    "prepare": ("loopjax.data.prepare", "prepare_main"),
 }
 
 
