@@ -155,8 +155,7 @@ def _setup(config, workdir: str) -> _Run:
   config_lib.validate(config)
   t = config.train
   mesh = mesh_lib.make_mesh(config.mesh)
-  mesh_lib.check_batch_divisible(mesh, t.batch_size, t.grad_accum)
-  program = build_train_step(config, mesh)
+  program = build_train_step(config, mesh)  # refuses a batch the mesh cannot split
   os.makedirs(workdir, exist_ok=True)
   check_workdir(workdir, config)
   if jax.process_index() == 0:
@@ -272,8 +271,8 @@ def _loop(run: _Run, state, step: int, step_fn, evaluate, stop: "_StopFlag"):
     if eval_state is not None:
       row |= evaluate(eval_state)
       window.restart_clock()
-    writer.write(closed[0], row)
-    writer.console(closed[0], row)
+    writer.write(closed.step, row)
+    writer.console(closed.step, row)
     return row
 
   pending, last = None, {}

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,15 @@ def window_means(w: dict) -> dict:
   return row
 
 
+class ClosedWindow(NamedTuple):
+  """A window cut at a logged step, not yet fetched."""
+  step: int  # the last step in it
+  sums: dict  # on device
+  first_step: int
+  t0: float  # perf_counter when its clock last restarted
+  untimed: np.ndarray  # steps by S counted before that restart
+
+
 class MetricsWindow:
   """The train metrics of the steps since the last row, summed on device (nothing per step
   leaves the device), and the wall clock of those steps for the throughput.
@@ -104,26 +114,25 @@ class MetricsWindow:
     self.sums = self._add(self.sums, metrics)
     self.steps += 1
 
-  def cut(self, step: int) -> tuple:
-    closed = (step, self.sums, self.first_step, self._t0, self._untimed)
+  def cut(self, step: int) -> ClosedWindow:
+    closed = ClosedWindow(step, self.sums, self.first_step, self._t0, self._untimed)
     self._open(step + 1)
     return closed
 
-  def row(self, closed) -> tuple[dict, dict | None]:
+  def row(self, closed: ClosedWindow) -> tuple[dict, dict | None]:
     """(row, first non-finite step or None) of a closed window; waits for its last step."""
-    step, sums, first_step, t0, untimed = closed
-    w = jax.device_get(sums)
-    elapsed = max(time.perf_counter() - t0, 1e-9)
+    w = jax.device_get(closed.sums)
+    elapsed = max(time.perf_counter() - closed.t0, 1e-9)
     self.restart_clock()
     row = window_means(w)
-    timed = np.asarray(w["steps_by_loops"]) - untimed
+    timed = np.asarray(w["steps_by_loops"]) - closed.untimed
     work = float(timed @ self._flops)
     row["tokens_per_sec"] = self._tokens * int(timed.sum()) / elapsed
     row["step_time"] = elapsed / max(int(timed.sum()), 1)
     row["tflops_per_sec"] = work / elapsed / 1e12
     if self._peak:
       row["mfu"] = work / elapsed / self._peak
-    return row, _first_bad(w, first_step, step)
+    return row, _first_bad(w, closed.first_step, closed.step)
 
   def peek(self) -> dict | None:
     """The first non-finite step of the open window, or None; fetches it (waits for it)."""
