@@ -12,12 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopjax.diffusion import make_schedule
-from loopjax.model import LoopDistribution, LoopedTransformer
 from loopjax.parallel import mesh as mesh_lib
-from loopjax.train.config import base_config, model_config
-from loopjax.train.state import create_state, learning_rate, make_optimizer
-from loopjax.train.step import make_train_step
+from loopjax.train.config import base_config
+from loopjax.train.step import build_train_step
 
 
 def machine() -> str:
@@ -40,25 +37,16 @@ def lm_config(*, width, layers, heads, vocab, length, batch, loop=(0, 0), loops=
 
 
 def build_step(config):
-  """(jitted step(state, batch, loops), state, batch, model config) on one device."""
-  cfg = model_config(config)
-  model = LoopedTransformer(cfg)
-  tx = make_optimizer(config.train)
-  mesh = mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
-  b, length = config.train.batch_size, config.data.seq_len
-  state, shardings = create_state(model, tx, jnp.zeros((1, length), jnp.int32), 0, mesh)
+  """(jitted step(state, batch, loops), state, batch, model config) on one device: the trainer's
+  step (train/step.py:build_train_step) with S given per call."""
+  program = build_train_step(config, mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:1]))
+  cfg = program.model.cfg
+  b, length = program.batch_size, program.seq_len
   rng = np.random.default_rng(0)
   batch = {"tokens": jnp.asarray(rng.integers(0, cfg.vocab_size, (b, length)), jnp.int32),
            "fixed": jnp.zeros((b, length), bool), "loss_mask": jnp.ones((b, length), bool),
            "segment_ids": jnp.ones((b, length), jnp.int32)}
-  step = make_train_step(model, tx, make_schedule(config.diffusion),
-                         LoopDistribution.parse(config.loops.train), antithetic=True,
-                         ema_decay=0.999, grad_accum=1, lr_fn=learning_rate(config.train))
-  # Shardings as in the trainer, so the donated output state re-enters the same program.
-  jitted = jax.jit(step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh),
-                                       mesh_lib.replicated(mesh)),
-                   out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
-  return jitted, state, batch, cfg
+  return program.step_at_loops, program.init_state(), batch, cfg
 
 
 def time_step(step, state, batch, loops, *, repeats=5, warmup=1):

@@ -4,11 +4,12 @@ import json
 import os
 
 
+def logged_rows(workdir) -> list:
+  """The rows of metrics.jsonl in order (each the means of the steps since the previous row)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
 def logged_losses(workdir) -> dict:
   """step -> loss from metrics.jsonl, the last logged value for each step."""
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      row = json.loads(line)
-      out[row["step"]] = row["loss"]
-  return out
+  return {row["step"]: row["loss"] for row in logged_rows(workdir)}

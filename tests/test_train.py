@@ -82,7 +82,7 @@ def test_default_experiment_reports_accuracy(reference_run):
   for name in ("config.json", "metrics.jsonl", "tb", "checkpoints"):
     assert os.path.exists(os.path.join(workdir, name)), name
   row = json.loads(open(os.path.join(workdir, "metrics.jsonl")).readline())
-  for key in ("step", "loss", "loops", "lr", "tokens_per_sec"):
+  for key in ("step", "loss", "loops", "loss_by_loops", "steps_by_loops", "lr", "tokens_per_sec"):
     assert key in row
   acc = json.load(open(os.path.join(workdir, "eval", "final_task_accuracy.json")))
   assert 0.0 <= acc["cell_accuracy"] <= 1.0

@@ -1,16 +1,21 @@
 """The training loop: set up a run (or resume it), step, log, evaluate, checkpoint, stop cleanly.
 
 Running the same command on the same workdir resumes from the newest complete checkpoint. SIGTERM
-and SIGINT save a checkpoint at the current step and return normally (exit code 0).
+and SIGINT save a checkpoint at the current step and return normally (exit code 0). Step metrics
+stay on device between logged rows (train/metrics.py); a non-finite step is reported at the next
+row or checkpoint, whichever comes first, and stops the run before anything after it is saved
+(train.on_nonfinite=error) or is logged as skipped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import signal
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,15 +24,13 @@ import numpy as np
 from loopjax import flops
 from loopjax.data import make_eval_batches, make_train_iterator
 from loopjax.diffusion import eval_time_grid, make_schedule, metrics_from_nelbo
-from loopjax.model import LoopDistribution, LoopedTransformer
 from loopjax.parallel import distributed
 from loopjax.parallel import mesh as mesh_lib
 from loopjax.train import config as config_lib
 from loopjax.train.checkpoint import Checkpointer
-from loopjax.train.metrics import MetricsWriter
-from loopjax.train.state import (create_abstract_state, create_state, learning_rate,
-                                 make_optimizer, param_shape_diff)
-from loopjax.train.step import make_eval_step, make_train_step
+from loopjax.train.metrics import MetricsWindow, MetricsWriter
+from loopjax.train.state import param_shape_diff
+from loopjax.train.step import TrainProgram, build_train_step, make_eval_step
 
 log = logging.getLogger("loopjax")
 
@@ -119,156 +122,195 @@ def init_from(state, shardings, path: str):
   return state.replace(params=put(), ema_params=put())
 
 
-def _compile(step_fn, eval_fn, state, batch, eval_batches, eval_loops):
-  """Compiles the train and eval programs before any of them runs.
+@dataclasses.dataclass
+class _Run:
+  """What the phases of one run share: its config, workdir, train program, data and checkpoints."""
+  config: Any
+  workdir: str
+  program: TrainProgram
+  shard: tuple[int, int]  # (index, count) of the global batch rows this process loads
+  data_iter: Any = None
+  first: dict | None = None  # drawn at set-up to check the data; trained on first
+  ckpt: Checkpointer | None = None
+
+  def open_data(self):
+    t = self.config.train
+    return make_train_iterator(self.config.data, global_batch_size=t.batch_size, seed=t.seed,
+                               process_index=self.shard[0], process_count=self.shard[1])
+
+  def next_batch(self) -> dict:
+    """The next global batch on the mesh, checked on the host before it is put there."""
+    batch, self.first = (self.first if self.first is not None else next(self.data_iter)), None
+    check_batch(batch, self.program.model.cfg.vocab_size, self.config.data.seq_len)
+    return _global(batch, self.program.batch_sharding)
+
+  def close(self) -> None:
+    for part in (self.ckpt, self.data_iter):
+      if part is not None:
+        part.close()
+
+
+def _setup(config, workdir: str) -> _Run:
+  """Validates the config and mesh, builds the step, writes the workdir and opens the data."""
+  config_lib.validate(config)
+  t = config.train
+  mesh = mesh_lib.make_mesh(config.mesh)
+  program = build_train_step(config, mesh)  # refuses a batch the mesh cannot split
+  os.makedirs(workdir, exist_ok=True)
+  check_workdir(workdir, config)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json(indent=2))
+  # Which rows of each global batch this process loads (processes that share rows load the same).
+  run = _Run(config, workdir, program, mesh_lib.process_batch_slice(mesh, t.batch_size))
+  run.data_iter = run.open_data()
+  run.first = next(run.data_iter)
+  check_batch(run.first, program.model.cfg.vocab_size, config.data.seq_len)
+  # Hosts reach this point at different times (data set-up); Orbax's first barrier follows.
+  distributed.barrier("loopjax_setup")
+  run.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
+                          async_save=t.async_checkpoints)
+  return run
+
+
+def _restore_or_init(run: _Run):
+  """(state, step): the newest complete checkpoint's, else a fresh state (or train.init_from's)."""
+  p = run.program
+  if not run.ckpt.steps():
+    state = p.init_state()
+    if run.config.train.init_from:
+      state = init_from(state, p.state_shardings, run.config.train.init_from)
+    return state, 0
+  # A fresh iterator: `first` was drawn from the old one; restore rewinds to the saved state.
+  run.data_iter.close()
+  run.data_iter, run.first = run.open_data(), None
+  state, start = run.ckpt.restore_latest(p.abstract_state, run.data_iter)
+  log.info("resumed %s at step %d", run.workdir, start)
+  return state, start
+
+
+def _compile(run: _Run, state):
+  """(compiled train step, evaluate(state) -> eval row), compiled before either runs.
 
   Besides reporting compile time, this lets every process meet at a barrier before the first
   collective: CPU collectives allow a late peer only seconds to join (see parallel/distributed.py).
   """
+  config, p, t = run.config, run.program, run.config.train
   start = time.perf_counter()
-  step_fn = step_fn.lower(state, batch).compile()
-  if eval_batches:
-    eval_fn = eval_fn.lower(state.params, eval_batches[0], jnp.int32(eval_loops),
+  step_fn = p.step.lower(state, p.abstract_batch()).compile()
+  eval_loops = config.loops.eval or p.model.cfg.max_loops
+  batches = [_global(b, p.batch_sharding) for b in make_eval_batches(
+      config.data, batch_size=t.batch_size, num_batches=t.eval_batches, seed=t.seed,
+      process_index=run.shard[0], process_count=run.shard[1])]
+  schedule = make_schedule(config.diffusion)
+  eval_fn = jax.jit(make_eval_step(p.model, schedule, eval_time_grid(t.eval_time_points,
+                                                                       schedule.eps)))
+  if batches:
+    eval_fn = eval_fn.lower(state.params, batches[0], jnp.int32(eval_loops),
                             jax.random.PRNGKey(0)).compile()
   log.info("compiled the train and eval steps in %.1f s", time.perf_counter() - start)
   distributed.barrier("loopjax_compiled")
-  return step_fn, eval_fn
+
+  def evaluate(state) -> dict:
+    params = state.ema_params if t.eval_params == "ema" else state.params
+    outs = jax.device_get([eval_fn(params, b, jnp.int32(eval_loops), jax.random.PRNGKey(i))
+                           for i, b in enumerate(batches)])
+    m = metrics_from_nelbo(sum(float(o["nelbo_sum"]) for o in outs),
+                           sum(float(o["num_tokens"]) for o in outs))
+    return {f"eval_{k}": float(v) for k, v in m.items()} | {"eval_loops": eval_loops}
+
+  return step_fn, evaluate
+
+
+def _metrics_window(run: _Run, start: int, step_fn) -> MetricsWindow:
+  """The on-device window of step metrics, with the FLOPs of each S and the devices' peak.
+
+  MFU: analytic FLOPs of the S each step really ran, over the peak of the devices in use (on
+  CPU the measured matmul peak of the whole host, so fake devices count once)."""
+  p, t, seq_len = run.program, run.config.train, run.config.data.seq_len
+  cfg, mesh = p.model.cfg, p.mesh
+  device = mesh.devices.flat[0]
+  peak = flops.peak_flops_per_device(device, dtype=cfg.dtype) if jax.process_index() == 0 \
+      else None
+  per_s = [0.0] + [flops.train_flops_per_step(cfg, seq_len, t.batch_size, s)
+                   for s in range(1, cfg.max_loops + 1)]
+  return MetricsWindow(mesh, step_fn.out_info[1], cfg.max_loops, start, flops_by_loops=per_s,
+                       tokens_per_step=t.batch_size * seq_len,
+                       peak_flops=peak * (1 if device.platform == "cpu" else mesh.devices.size)
+                       if peak else None)
+
+
+def _check_finite(bad: dict | None, on_nonfinite: str, warn: bool = True) -> None:
+  """Raises NonFiniteLossError (on_nonfinite=error) or warns about a window's bad steps."""
+  if bad is None:
+    return
+  more = (f"; {bad['count'] - 1} more such step(s) up to step {bad['last_step']}"
+          if bad["count"] > 1 else "")
+  msg = (f"non-finite loss or gradient at step {bad['step']} (loss {bad['loss']}, grad norm "
+         f"{bad['grad_norm']}{more}); the update was not applied")
+  if on_nonfinite == "error":
+    raise NonFiniteLossError(msg + ". Lower train.lr, or set train.on_nonfinite=skip to skip "
+                             "such steps.")
+  if warn:
+    log.warning(msg)
+
+
+def _loop(run: _Run, state, step: int, step_fn, evaluate, stop: "_StopFlag"):
+  """Trains from `step` to train.steps or a stop signal; returns (state, step, last row).
+
+  A row is fetched after the next step is dispatched; at an eval or checkpoint step, which wait
+  for the state anyway, at once. A checkpoint is written only once its window's steps are known
+  to be finite (or on_nonfinite=skip)."""
+  t = run.config.train
+  window = _metrics_window(run, step, step_fn)
+  writer = MetricsWriter(run.workdir, total_steps=t.steps, enabled=jax.process_index() == 0)
+
+  def write(closed, eval_state=None) -> dict:
+    row, bad = window.row(closed)
+    _check_finite(bad, t.on_nonfinite)
+    if eval_state is not None:
+      row |= evaluate(eval_state)
+      window.restart_clock()
+    writer.write(closed.step, row)
+    writer.console(closed.step, row)
+    return row
+
+  pending, last = None, {}
+  try:
+    while step < t.steps:
+      state, metrics = step_fn(state, run.next_batch())
+      window.add(metrics)
+      step += 1
+      if pending is not None:
+        last, pending = write(pending), None
+      eval_now = step % t.eval_every == 0 or step == t.steps
+      save_now = step % t.checkpoint_every == 0 or step == t.steps or stop.signal is not None
+      if step % t.log_every == 0 or step == t.steps:
+        pending = window.cut(step)
+        if eval_now or save_now:  # these wait for the state anyway: no step to overlap
+          last, pending = write(pending, state if eval_now else None), None
+      if save_now:
+        _check_finite(window.peek(), t.on_nonfinite, warn=False)
+        run.ckpt.save(step, state, run.data_iter)
+        window.restart_clock()  # keep checkpoint time out of the throughput
+      if stop.signal is not None:
+        log.warning("signal %d: saved checkpoint %d, stopping", stop.signal, step)
+        break
+  finally:
+    writer.close()
+  return state, step, last
 
 
 def train(config, workdir: str) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the last logged and evaluated metrics."""
-  config_lib.validate(config)
-  cfg = config_lib.model_config(config)
-  t = config.train
-  is_main = jax.process_index() == 0
-  mesh = mesh_lib.make_mesh(config.mesh)
-  dp = mesh_lib.data_parallel_size(mesh)
-  if t.batch_size % (dp * t.grad_accum):
-    raise ValueError(f"train.batch_size {t.batch_size} must be divisible by the data-parallel "
-                     f"size {dp} (mesh data x fsdp) times train.grad_accum {t.grad_accum}")
-  # Which rows of each global batch this process loads (processes that share rows load the same).
-  shard, num_shards = mesh_lib.process_batch_slice(mesh, t.batch_size)
-  os.makedirs(workdir, exist_ok=True)
-  check_workdir(workdir, config)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json(indent=2))
-
-  data_iter = make_train_iterator(config.data, global_batch_size=t.batch_size, seed=t.seed,
-                                  process_index=shard, process_count=num_shards)
-  first = next(data_iter)
-  check_batch(first, cfg.vocab_size, config.data.seq_len)
-  batch_sharding = mesh_lib.batch_sharding(mesh)
-  # The global batch, abstract, for compiling the step before it first runs.
-  batch_spec = {k: jax.ShapeDtypeStruct((t.batch_size, *np.shape(v)[1:]), np.asarray(v).dtype,
-                                        sharding=batch_sharding) for k, v in first.items()}
-
-  model = LoopedTransformer(cfg)
-  tx = make_optimizer(t)
-  schedule = make_schedule(config.diffusion)
-  loop_dist = LoopDistribution.parse(config.loops.train)
-  example = jnp.zeros((1, config.data.seq_len), jnp.int32)
-  # Hosts reach this point at different times (data set-up); Orbax's first barrier follows.
-  distributed.barrier("loopjax_setup")
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
-                      async_save=t.async_checkpoints)
-  start = 0
-  if ckpt.steps():
-    abstract, shardings = create_abstract_state(model, tx, example, t.seed, mesh)
-    # A fresh iterator: `first` was drawn from the old one; restore rewinds to the saved state.
-    data_iter.close()
-    data_iter = make_train_iterator(config.data, global_batch_size=t.batch_size, seed=t.seed,
-                                    process_index=shard, process_count=num_shards)
-    state, start = ckpt.restore_latest(abstract, data_iter)
-    first = None
-    log.info("resumed %s at step %d", workdir, start)
-  else:
-    state, shardings = create_state(model, tx, example, t.seed, mesh)
-    if t.init_from:
-      state = init_from(state, shardings, t.init_from)
-
-  lr_fn = learning_rate(t)
-  step_fn = jax.jit(
-      make_train_step(model, tx, schedule, loop_dist, antithetic=config.diffusion.antithetic,
-                      ema_decay=t.ema_decay, grad_accum=t.grad_accum, lr_fn=lr_fn),
-      in_shardings=(shardings, batch_sharding),
-      out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
-  eval_loops = config.loops.eval or cfg.max_loops
-  eval_batches = [_global(b, batch_sharding) for b in make_eval_batches(
-      config.data, batch_size=t.batch_size, num_batches=t.eval_batches, seed=t.seed,
-      process_index=shard, process_count=num_shards)]
-  eval_fn = jax.jit(make_eval_step(model, schedule, eval_time_grid(t.eval_time_points,
-                                                                     schedule.eps)))
-  step_fn, eval_fn = _compile(step_fn, eval_fn, state, batch_spec, eval_batches, eval_loops)
-
-  def evaluate(state):
-    params = state.ema_params if t.eval_params == "ema" else state.params
-    total, count = 0.0, 0.0
-    for i, b in enumerate(eval_batches):
-      out = eval_fn(params, b, jnp.int32(eval_loops), jax.random.PRNGKey(i))
-      total, count = total + float(out["nelbo_sum"]), count + float(out["num_tokens"])
-    m = metrics_from_nelbo(total, count)
-    return {f"eval_{k}": float(v) for k, v in m.items()} | {"eval_loops": eval_loops}
-
-  writer = MetricsWriter(workdir, total_steps=t.steps, enabled=is_main)
-  tokens_per_step = t.batch_size * config.data.seq_len
-  # MFU: analytic FLOPs of the S each step really ran, over the peak of the devices in use (on
-  # CPU the measured matmul peak of the whole host, so fake devices count once).
-  step_flops = lambda s: flops.train_flops_per_step(cfg, config.data.seq_len, t.batch_size, s)
-  on_cpu = jax.devices()[0].platform == "cpu"
-  peak = flops.peak_flops_per_device(dtype=cfg.dtype) if is_main else None
-  peak_total = peak * (1 if on_cpu else jax.device_count()) if peak else None
-  window_flops = 0.0
-  last = {}
-  step = start
-  saved_step = start if start else -1
-  window_start, window_steps = time.perf_counter(), 0
-  with _StopFlag() as stop:
-    try:
-      while step < t.steps:
-        batch = first if first is not None else next(data_iter)
-        first = None
-        check_batch(batch, cfg.vocab_size, config.data.seq_len)
-        state, metrics = step_fn(state, _global(batch, batch_sharding))
-        step += 1
-        window_steps += 1
-        finite, loops = jax.device_get((metrics["finite"], metrics["loops"]))
-        window_flops += step_flops(int(loops))
-        if not bool(finite):
-          msg = (f"non-finite loss or gradient at step {step} (loss {float(metrics['loss'])}, "
-                 f"grad norm {float(metrics['grad_norm'])}); the update was not applied")
-          if t.on_nonfinite == "error":
-            raise NonFiniteLossError(msg + ". Lower train.lr, or set "
-                                     "train.on_nonfinite=skip to skip such steps.")
-          log.warning(msg)
-        if step % t.log_every == 0 or step == t.steps:
-          elapsed = time.perf_counter() - window_start
-          row = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
-          row["loops"] = int(row["loops"])
-          row["tokens_per_sec"] = tokens_per_step * window_steps / max(elapsed, 1e-9)
-          row["step_time"] = elapsed / max(window_steps, 1)
-          row["tflops_per_sec"] = window_flops / max(elapsed, 1e-9) / 1e12
-          if peak_total:
-            row["mfu"] = window_flops / max(elapsed, 1e-9) / peak_total
-          if step % t.eval_every == 0 or step == t.steps:
-            row |= evaluate(state)
-          writer.write(step, row)
-          writer.console(step, row)
-          last = row
-          window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
-        if step % t.checkpoint_every == 0 or step == t.steps or stop.signal is not None:
-          ckpt.save(step, state, data_iter)
-          saved_step = step
-          # Keep checkpoint time out of the throughput.
-          window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
-        if stop.signal is not None:
-          log.warning("signal %d: saved checkpoint %d, stopping", stop.signal, step)
-          break
-      if saved_step != step:
-        ckpt.save(step, state, data_iter)
-    finally:
-      ckpt.close()
-      writer.close()
-      data_iter.close()
+  """Trains (or resumes) the run in `workdir`: {"metrics": the last logged and evaluated row,
+  "state": the final train state, "model": the LoopedTransformer}."""
+  run = _setup(config, workdir)
+  try:
+    state, start = _restore_or_init(run)
+    step_fn, evaluate = _compile(run, state)
+    with _StopFlag() as stop:
+      state, step, last = _loop(run, state, start, step_fn, evaluate, stop)
+  finally:
+    run.close()
   last = dict(last, step=step, stopped_by_signal=stop.signal is not None)
-  return {"metrics": last, "state": state, "model": model}
+  return {"metrics": last, "state": state, "model": run.program.model}

@@ -21,7 +21,6 @@ import math
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 GIB = 1024 ** 3
@@ -70,31 +69,11 @@ def _global_bytes(tree) -> int:
 
 def compile_train_step(config, mesh):
   """(compiled train step, abstract state, abstract batch), AOT for `mesh`'s devices."""
-  from loopjax.diffusion import make_schedule
-  from loopjax.model import LoopDistribution, LoopedTransformer
-  from loopjax.parallel import mesh as mesh_lib
-  from loopjax.train import config as config_lib
-  from loopjax.train.state import create_abstract_state, learning_rate, make_optimizer
-  from loopjax.train.step import make_train_step
+  from loopjax.train.step import build_train_step
 
-  cfg = config_lib.model_config(config)
-  t, seq_len = config.train, int(config.data.seq_len)
-  mesh_lib.check_batch_divisible(mesh, int(t.batch_size), int(t.grad_accum))
-  model, tx = LoopedTransformer(cfg), make_optimizer(t)
-  example = jnp.zeros((1, seq_len), jnp.int32)
-  abstract, shardings = create_abstract_state(model, tx, example, int(t.seed), mesh)
-  bsh = mesh_lib.batch_sharding(mesh)
-  shape = (int(t.batch_size), seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=bsh) for k, dt in (
-      ("tokens", jnp.int32), ("fixed", jnp.bool_), ("loss_mask", jnp.bool_),
-      ("segment_ids", jnp.int32))}
-  step = make_train_step(model, tx, make_schedule(config.diffusion),
-                         LoopDistribution.parse(config.loops.train),
-                         antithetic=config.diffusion.antithetic, ema_decay=t.ema_decay,
-                         grad_accum=t.grad_accum, lr_fn=learning_rate(t))
-  jitted = jax.jit(step, in_shardings=(shardings, bsh),
-                   out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
-  return jitted.lower(abstract, batch).compile(), abstract, batch
+  program = build_train_step(config, mesh)
+  batch = program.abstract_batch()
+  return program.step.lower(program.abstract_state, batch).compile(), program.abstract_state, batch
 
 
 def memory_report(config, devices=None, mesh_cfg=None, memory_gib: float | None = None) -> dict:

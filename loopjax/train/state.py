@@ -69,13 +69,11 @@ def create_abstract_state(model: nn.Module, tx: optax.GradientTransformation, ex
   return abstract, shardings
 
 
-def create_state(model: nn.Module, tx: optax.GradientTransformation, example_tokens, seed: int,
-                 mesh) -> tuple[TrainState, Any]:
-  """Initialises the state directly into its shardings; returns (state, state shardings)."""
+def init_state(model: nn.Module, tx: optax.GradientTransformation, example_tokens, seed: int,
+               shardings) -> TrainState:
+  """The state initialised from `seed` directly into `shardings` (no full copy on one device)."""
   init = _init_fn(model, tx, example_tokens)
-  _, shardings = create_abstract_state(model, tx, example_tokens, seed, mesh)
-  state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(jax.random.PRNGKey(seed))
-  return state, shardings
+  return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(jax.random.PRNGKey(seed))
 
 
 def param_shape_diff(have, want, limit: int = 4) -> list:

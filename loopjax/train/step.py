@@ -1,4 +1,4 @@
-"""The jitted train and eval steps.
+"""The train and eval steps, and the one place that builds the sharded, jitted train step.
 
 Per step, from `fold_in(state.rng, step)`: the loop count S (one for the whole global batch),
 antithetic times, the forward masking and dropout. The update is skipped (state unchanged but
@@ -8,14 +8,32 @@ an error.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding
 
-from loopjax.diffusion import (Schedule, diffusion_loss, mask_tokens, nelbo_on_grid,
-                               sample_times)
+from loopjax.diffusion import (Schedule, diffusion_loss, make_schedule, mask_tokens,
+                               nelbo_on_grid, sample_times)
 from loopjax.model import LoopDistribution, LoopedTransformer
-from loopjax.train.state import TrainState
+from loopjax.parallel import mesh as mesh_lib
+from loopjax.train import config as config_lib
+from loopjax.train.state import (TrainState, create_abstract_state, init_state, learning_rate,
+                                 make_optimizer)
+
+try:
+  from loopjax.model import resolve_kernels
+except ImportError:  # MERGE: remove this fallback once model.resolve_kernels is merged.
+  def resolve_kernels(cfg, devices):
+    del devices
+    return cfg
+
+# The batch format's arrays (loopjax/data/batch.py), each [B, L].
+BATCH_DTYPES = {"tokens": jnp.int32, "fixed": jnp.bool_, "loss_mask": jnp.bool_,
+                "segment_ids": jnp.int32}
 
 
 def make_train_step(model: LoopedTransformer, tx: optax.GradientTransformation,
@@ -105,3 +123,59 @@ def make_eval_step(model: LoopedTransformer, schedule: Schedule, grid):
     return {"nelbo_sum": out["nelbo_sum"], "num_tokens": out["num_tokens"]}
 
   return eval_step
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+  """One config's train step on one mesh: the model, the optimizer, the sharded jitted step
+  (state donated) and the shapes and shardings of what it takes.
+
+  `step(state, batch)` draws S from `loops.train`; `step_at_loops(state, batch, loops)` takes S
+  as an int32 scalar (benchmarks). Both map (state, batch) onto (state, replicated metrics)."""
+  model: LoopedTransformer
+  tx: optax.GradientTransformation
+  mesh: Mesh
+  abstract_state: TrainState  # jax.ShapeDtypeStruct leaves that carry their shardings
+  state_shardings: Any
+  batch_sharding: NamedSharding
+  step: Callable
+  step_at_loops: Callable
+  batch_size: int
+  seq_len: int
+  seed: int
+
+  def init_state(self) -> TrainState:
+    """A fresh state (train.seed), initialised directly into its shardings."""
+    example = jnp.zeros((1, self.seq_len), jnp.int32)
+    return init_state(self.model, self.tx, example, self.seed, self.state_shardings)
+
+  def abstract_batch(self) -> dict:
+    """The global batch as jax.ShapeDtypeStructs with the batch sharding (for AOT lowering)."""
+    return {k: jax.ShapeDtypeStruct((self.batch_size, self.seq_len), dt,
+                                    sharding=self.batch_sharding)
+            for k, dt in BATCH_DTYPES.items()}
+
+
+def build_train_step(config, mesh: Mesh) -> TrainProgram:
+  """The train step of an experiment config on `mesh`, sharded and jitted (nothing compiled).
+
+  The model's kernels are resolved for the mesh's devices, so an AOT compile for a topology
+  other than this host's gets that topology's kernels."""
+  t = config.train
+  batch_size, seq_len = int(t.batch_size), int(config.data.seq_len)
+  mesh_lib.check_batch_divisible(mesh, batch_size, int(t.grad_accum))
+  cfg = resolve_kernels(config_lib.model_config(config), list(mesh.devices.flat))
+  model, tx = LoopedTransformer(cfg), make_optimizer(t)
+  example = jnp.zeros((1, seq_len), jnp.int32)
+  abstract, shardings = create_abstract_state(model, tx, example, int(t.seed), mesh)
+  fn = make_train_step(model, tx, make_schedule(config.diffusion),
+                       LoopDistribution.parse(config.loops.train),
+                       antithetic=config.diffusion.antithetic, ema_decay=t.ema_decay,
+                       grad_accum=int(t.grad_accum), lr_fn=learning_rate(t))
+  batch_sh, rep = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
+  jit = lambda *in_sh: jax.jit(fn, in_shardings=in_sh, out_shardings=(shardings, rep),
+                               donate_argnums=0)
+  return TrainProgram(model=model, tx=tx, mesh=mesh, abstract_state=abstract,
+                      state_shardings=shardings, batch_sharding=batch_sh,
+                      step=jit(shardings, batch_sh), step_at_loops=jit(shardings, batch_sh, rep),
+                      batch_size=batch_size, seq_len=seq_len, seed=int(t.seed))
