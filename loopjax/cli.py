@@ -96,9 +96,10 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  from loopjax.errors import UserError  # no heavy imports: --help stays instant
   try:
     return COMMANDS[argv[0]](argv[1:])
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, UserError) as e:
     print(f"loopjax {argv[0]}: error: {e}", file=sys.stderr)
     return 2
 

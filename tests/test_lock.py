@@ -52,3 +52,60 @@ def test_other_host_lock_is_stale_only_without_heartbeat(tmp_path):
   old = time.time() - lock_lib.STALE_AFTER_S - 1
   os.utime(path, (old, old))
   lock_lib.WorkdirLock(str(tmp_path)).acquire().release()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.model.width=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
+        "--config.model.cond_dim=16", "--config.train.batch_size=8",
+        "--config.loops.train=uniform:1:2", "--config.train.eval_every=100000",
+        "--config.train.eval_batches=1", "--config.train.eval_time_points=2",
+        "--config.train.log_every=1", "--config.train.checkpoint_every=2",
+        "--config.train.async_checkpoints=False"]
+
+
+def _train_cmd(workdir, steps):
+  return [sys.executable, "-m", "loopjax.cli", "train", "--config",
+          os.path.join(ROOT, "experiments", "sudoku.py"), "--workdir", str(workdir), *TINY,
+          f"--config.train.steps={steps}"]
+
+
+def _wait_for(predicate, timeout, what, proc):
+  deadline = time.monotonic() + timeout
+  while not predicate():
+    assert proc.poll() is None, f"the first run exited early ({proc.returncode}) before {what}"
+    assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+    time.sleep(0.5)
+
+
+def test_second_trainer_is_refused_and_a_killed_holder_is_taken_over(tmp_path):
+  wd = tmp_path / "run"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  with open(tmp_path / "first.log", "w") as log:
+    first = subprocess.Popen(_train_cmd(wd, 100000), stdout=log, stderr=subprocess.STDOUT,
+                             env=env, cwd=ROOT)
+  try:
+    ckpts = wd / "checkpoints"
+    _wait_for(lambda: ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()), 600,
+              "its first checkpoint", first)
+    config_stat = os.stat(wd / "config.json")
+    start = time.monotonic()
+    second = subprocess.run(_train_cmd(wd, 100000), capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=300)
+    refused_after = time.monotonic() - start
+    assert second.returncode != 0, second.stderr[-2000:]
+    assert "is in use by another `loopjax train`" in second.stderr
+    assert f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+    # Nothing of the first run was touched: its lock and config stand.
+    assert json.loads((wd / lock_lib.LOCK_FILE).read_text())["pid"] == first.pid
+    assert os.stat(wd / "config.json").st_mtime_ns == config_stat.st_mtime_ns
+    print(f"second trainer refused after {refused_after:.1f} s")
+  finally:
+    first.kill()
+    first.wait()
+  saved = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  third = subprocess.run(_train_cmd(wd, saved + 1), capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=600)
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert "took over the stale lock" in third.stderr
+  assert f"at step {saved}" in third.stderr  # resumed
+  assert not (wd / lock_lib.LOCK_FILE).exists()  # released at the end

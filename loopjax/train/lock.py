@@ -21,6 +21,8 @@ import threading
 import time
 import uuid
 
+from loopjax.errors import UserError
+
 log = logging.getLogger("loopjax")
 
 LOCK_FILE = "lock.json"
@@ -28,7 +30,7 @@ HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(UserError):
   """Another live run holds the workdir."""
 
 

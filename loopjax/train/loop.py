@@ -22,12 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopjax import flops
-from loopjax.data import make_eval_batches, make_train_iterator
+from loopjax.errors import UserError
+from loopjax.data.process_rows import make_shards_eval_batches, make_shards_iterator
 from loopjax.diffusion import eval_time_grid, make_schedule, metrics_from_nelbo
 from loopjax.parallel import distributed
 from loopjax.parallel import mesh as mesh_lib
 from loopjax.train import config as config_lib
 from loopjax.train.checkpoint import Checkpointer
+from loopjax.train.lock import WorkdirLock
 from loopjax.train.metrics import MetricsWindow, MetricsWriter
 from loopjax.train.state import param_shape_diff
 from loopjax.train.step import TrainProgram, build_train_step, make_eval_step
@@ -41,8 +43,8 @@ _RUNTIME_KEYS = {("model", k) for k in ("attention_impl", "remat", "loop_remat",
                                         "scan_unroll", "unroll_layers")}
 
 
-class NonFiniteLossError(RuntimeError):
-  pass
+class NonFiniteLossError(UserError):
+  """The loss or gradient became non-finite (train.on_nonfinite=error)."""
 
 
 def check_workdir(workdir: str, config) -> None:
@@ -97,11 +99,6 @@ class _StopFlag:
       signal.signal(sig, old)
 
 
-def _global(batch: dict, sharding) -> dict:
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
-
-
 def init_from(state, shardings, path: str):
   """`state` with params and EMA replaced by the weights of a run or export at `path`."""
   from loopjax.export import load_model_dir
@@ -128,26 +125,34 @@ class _Run:
   config: Any
   workdir: str
   program: TrainProgram
-  shard: tuple[int, int]  # (index, count) of the global batch rows this process loads
+  # The global batch rows this process loads, as data-pipeline shards [(index, count), ...].
+  shards: list[tuple[int, int]]
+  lock: WorkdirLock | None = None  # held by process 0
   data_iter: Any = None
   first: dict | None = None  # drawn at set-up to check the data; trained on first
   ckpt: Checkpointer | None = None
 
   def open_data(self):
     t = self.config.train
-    return make_train_iterator(self.config.data, global_batch_size=t.batch_size, seed=t.seed,
-                               process_index=self.shard[0], process_count=self.shard[1])
+    return make_shards_iterator(self.config.data, global_batch_size=t.batch_size, seed=t.seed,
+                                shards=self.shards)
+
+  def to_global(self, batch: dict) -> dict:
+    return mesh_lib.global_batch(batch, self.program.batch_sharding, self.shards,
+                                 self.config.train.batch_size)
 
   def next_batch(self) -> dict:
     """The next global batch on the mesh, checked on the host before it is put there."""
     batch, self.first = (self.first if self.first is not None else next(self.data_iter)), None
     check_batch(batch, self.program.model.cfg.vocab_size, self.config.data.seq_len)
-    return _global(batch, self.program.batch_sharding)
+    return self.to_global(batch)
 
   def close(self) -> None:
     for part in (self.ckpt, self.data_iter):
       if part is not None:
         part.close()
+    if self.lock is not None:
+      self.lock.release()
 
 
 def _setup(config, workdir: str) -> _Run:
@@ -157,19 +162,25 @@ def _setup(config, workdir: str) -> _Run:
   mesh = mesh_lib.make_mesh(config.mesh)
   program = build_train_step(config, mesh)  # refuses a batch the mesh cannot split
   os.makedirs(workdir, exist_ok=True)
-  check_workdir(workdir, config)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json(indent=2))
   # Which rows of each global batch this process loads (processes that share rows load the same).
-  run = _Run(config, workdir, program, mesh_lib.process_batch_slice(mesh, t.batch_size))
-  run.data_iter = run.open_data()
-  run.first = next(run.data_iter)
-  check_batch(run.first, program.model.cfg.vocab_size, config.data.seq_len)
-  # Hosts reach this point at different times (data set-up); Orbax's first barrier follows.
-  distributed.barrier("loopjax_setup")
-  run.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
-                          async_save=t.async_checkpoints)
+  run = _Run(config, workdir, program, mesh_lib.process_row_shards(mesh, t.batch_size))
+  if jax.process_index() == 0:  # one run per workdir: refused here, before anything is written
+    run.lock = WorkdirLock(workdir).acquire()
+  try:
+    check_workdir(workdir, config)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config.to_json(indent=2))
+    run.data_iter = run.open_data()
+    run.first = next(run.data_iter)
+    check_batch(run.first, program.model.cfg.vocab_size, config.data.seq_len)
+    # Hosts reach this point at different times (data set-up); Orbax's first barrier follows.
+    distributed.barrier("loopjax_setup")
+    run.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
+                            async_save=t.async_checkpoints)
+  except BaseException:
+    run.close()
+    raise
   return run
 
 
@@ -199,9 +210,9 @@ def _compile(run: _Run, state):
   start = time.perf_counter()
   step_fn = p.step.lower(state, p.abstract_batch()).compile()
   eval_loops = config.loops.eval or p.model.cfg.max_loops
-  batches = [_global(b, p.batch_sharding) for b in make_eval_batches(
+  batches = [run.to_global(b) for b in make_shards_eval_batches(
       config.data, batch_size=t.batch_size, num_batches=t.eval_batches, seed=t.seed,
-      process_index=run.shard[0], process_count=run.shard[1])]
+      shards=run.shards)]
   schedule = make_schedule(config.diffusion)
   eval_fn = jax.jit(make_eval_step(p.model, schedule, eval_time_grid(t.eval_time_points,
                                                                        schedule.eps)))
