@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopjax import flops
+from loopjax.checkpoints import param_shape_diff
 from loopjax.data import make_eval_batches, make_train_iterator
 from loopjax.diffusion import eval_time_grid, make_schedule, metrics_from_nelbo
 from loopjax.model import LoopDistribution, LoopedTransformer
@@ -26,8 +27,9 @@ from loopjax.train import config as config_lib
 from loopjax.train.checkpoint import Checkpointer
 from loopjax.train.metrics import MetricsWriter
 from loopjax.train.state import (create_abstract_state, create_state, learning_rate,
-                                 make_optimizer, param_shape_diff)
+                                 make_optimizer)
 from loopjax.train.step import make_eval_step, make_train_step
+from loopjax.weights import load_model_dir
 
 log = logging.getLogger("loopjax")
 
@@ -101,7 +103,6 @@ def _global(batch: dict, sharding) -> dict:
 
 def init_from(state, shardings, path: str):
   """`state` with params and EMA replaced by the weights of a run or export at `path`."""
-  from loopjax.export import load_model_dir
   if not os.path.exists(path):
     raise FileNotFoundError(f"train.init_from: {path!r} does not exist (want a run workdir or "
                             "a `loopjax export` folder)")

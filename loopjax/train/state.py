@@ -76,15 +76,3 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, example_tok
   _, shardings = create_abstract_state(model, tx, example_tokens, seed, mesh)
   state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(jax.random.PRNGKey(seed))
   return state, shardings
-
-
-def param_shape_diff(have, want, limit: int = 4) -> list:
-  """Up to `limit` (path, shape) entries in which two parameter trees differ; [] if none.
-
-  Leaves are anything with a .shape (arrays, ShapeDtypeStructs, Orbax metadata)."""
-  def shapes(tree):
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in flat}
-
-  a, b = shapes(have), shapes(want)
-  return sorted(set(a.items()) ^ set(b.items()))[:limit] if a != b else []
