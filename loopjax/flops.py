@@ -19,8 +19,8 @@ Conventions
 * Loop counts are drawn per step; every function here that takes a loop distribution computes the
   honest expectation sum_S P(S) F(S) (FLOPs are linear in S, so it equals F(E[S])).
 
-FLOP matching (LoopMDM's rule): F_loop = F_base + (E[S] - 1) * n_m * F_layer, where n_m is the number
-of looped layers. LoopMDM trains for steps_base * F_base / F_loop steps; the compute-matched deeper
+FLOP matching (LoopMDM's rule): F_loop = F_base + (E[S] - 1) * n_m * F_layer, where n_m is the
+number of looped layers. LoopMDM trains for steps_base * F_base / F_loop steps; the compute-matched deeper
 MDM has n + (E[S] - 1) * n_m layers (23 for the paper setting).
 """
 
@@ -44,7 +44,7 @@ TRAIN_MULTIPLIER = 3  # forward + backward.
 # Analytic FLOPs.
 
 
-def _check(cfg: ModelConfig, length: int, loops: float = 1) -> None:
+def _check(length: int, loops: float = 1) -> None:
   if length < 1:
     raise ValueError(f"length must be >= 1, got {length}")
   if loops < 1:
@@ -58,7 +58,7 @@ def _depth(cfg: ModelConfig, loops: float) -> float:
 
 def layer_flops_per_seq(cfg: ModelConfig, length: int) -> int:
   """Forward FLOPs of one transformer layer on one sequence of `length` tokens."""
-  _check(cfg, length)
+  _check(length)
   d, f, c, n = cfg.width, cfg.mlp_dim, cfg.cond_dim, length
   qkvo = 4 * 2 * n * d * d
   attn = 2 * 2 * n * n * d  # QK^T and AV, bidirectional.
@@ -69,7 +69,7 @@ def layer_flops_per_seq(cfg: ModelConfig, length: int) -> int:
 
 def nonlayer_flops_per_seq(cfg: ModelConfig, length: int) -> int:
   """Forward FLOPs outside the transformer layers: time MLP, final adaLN, output head."""
-  _check(cfg, length)
+  _check(length)
   d, c, v = cfg.width, cfg.cond_dim, cfg.vocab_size
   time_mlp = 2 * TIME_FREQ_DIM * c + 2 * c * c
   final_adaln = 2 * c * 2 * d
@@ -79,7 +79,7 @@ def nonlayer_flops_per_seq(cfg: ModelConfig, length: int) -> int:
 
 def forward_flops_per_seq(cfg: ModelConfig, length: int, loops: float = 1) -> float:
   """Forward FLOPs for one sequence with `loops` block iterations (any S >= 1, also > S_max)."""
-  _check(cfg, length, loops)
+  _check(length, loops)
   return _depth(cfg, loops) * layer_flops_per_seq(cfg, length) + nonlayer_flops_per_seq(cfg, length)
 
 

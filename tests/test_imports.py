@@ -29,7 +29,8 @@ LAZY = {"loopjax.cli": "each subcommand's module is imported when it runs, so `l
 # Imports that the move of config loading into loopjax.train.config removes: (importer, unit)
 # upward edges and modules with function-local loopjax imports. An entry whose import is gone
 # fails below, so the list empties as the code does.
-PENDING_UPWARD = {("loopjax.train.memory", "loopjax.cli"), ("loopjax.evaluate.study", "loopjax.cli")}
+PENDING_UPWARD = {("loopjax.train.memory", "loopjax.cli"),
+                  ("loopjax.evaluate.study", "loopjax.cli")}
 PENDING_LAZY = {"loopjax.train.memory", "loopjax.flops_cli", "loopjax.evaluate.study"}
 
 

@@ -82,8 +82,8 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
   source = config.data.source
   sampler_kw = dict(sampler_kw or {})
   summary = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(ckpt),
-             "params": config.source.get("params"), "s_max": cfg.max_loops, "source": source, "loops": specs,
-             "machine": machine(), "command": command}
+             "params": config.source.get("params"), "s_max": cfg.max_loops, "source": source,
+             "loops": specs, "machine": machine(), "command": command}
   eval_seed = int(config.get("train", {}).get("seed", 0)) + 1
   plot_paths = []
 
