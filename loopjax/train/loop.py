@@ -26,8 +26,7 @@ from loopjax.parallel import mesh as mesh_lib
 from loopjax.train import config as config_lib
 from loopjax.train.checkpoint import Checkpointer
 from loopjax.train.metrics import MetricsWriter
-from loopjax.train.state import (create_abstract_state, create_state, learning_rate,
-                                 make_optimizer)
+from loopjax.train.state import create_abstract_state, create_state, learning_rate, make_optimizer
 from loopjax.train.step import make_eval_step, make_train_step
 from loopjax.weights import load_model_dir
 
