@@ -1,5 +1,5 @@
-"""Sampling throughput: a jitted confidence-decoding loop (`loopjax.diffusion.sampling.
-confidence_decode`, one fori_loop over denoising steps) from an all-[MASK] batch.
+"""Sampling throughput: a jitted greedy confidence-decoding loop (`loopjax.diffusion.samplers.
+confidence_sample` without cache, one fori_loop over denoising steps) from an all-[MASK] batch.
 
 Prints generated tokens/s for each loop count S, and the forward-pass throughput implied
 (denoising steps x analytic forward FLOPs, `loopjax.flops.inference_flops_per_sample`).
@@ -22,7 +22,7 @@ from perf_common import add_model_args  # noqa: E402
 def build_sampler(cfg, params, steps):
   import jax
 
-  from loopjax.diffusion.sampling import confidence_decode
+  from loopjax.diffusion.samplers import confidence_sample, from_logits_fn
   from loopjax.model import LoopedTransformer
 
   model = LoopedTransformer(cfg)
@@ -30,7 +30,8 @@ def build_sampler(cfg, params, steps):
   @jax.jit
   def sample(params, x_BxL, loops):
     logits_fn = lambda x, t: model.apply({"params": params}, x, loops, t)
-    return confidence_decode(logits_fn, x_BxL, cfg.mask_id, steps)
+    return confidence_sample(from_logits_fn(logits_fn), jax.random.PRNGKey(0), x_BxL,
+                             cfg.mask_id, steps, temperature=0.0, cache=False)["tokens"]
 
   return sample
 

@@ -41,7 +41,7 @@ def _train(argv) -> int:
   from loopjax.parallel.distributed import maybe_initialize
   maybe_initialize(args.coordinator, args.num_processes, args.process_id)
   from loopjax.train.loop import train
-  from loopjax.train.finish import report_task_accuracy
+  from loopjax.evaluate.final import report_task_accuracy
 
   out = train(config, args.workdir)
   if not out["metrics"].get("stopped_by_signal"):

@@ -4,8 +4,7 @@ Conventions
 -----------
 * One multiply-add is **2 FLOPs**; only matrix multiplications are counted (the usual MFU
   convention). Norms, softmax, RoPE, activations, residual adds and biases are not counted: they are
-  O(L*D) next to O(L*D^2) matmuls (about 4-5 % of XLA's total on the width-64 test configs, under
-  1 % at width 768).
+  O(L*D) next to O(L*D^2) matmuls.
 * Embedding lookup: **0 FLOPs** (a gather).
 * Attention is bidirectional: QK^T and AV cost 2*2*L*L*D each sequence and layer, no causal halving.
 * Per layer and sequence (D width, F MLP width, C cond dim, L length):
@@ -20,12 +19,9 @@ Conventions
 * Loop counts are drawn per step; every function here that takes a loop distribution computes the
   honest expectation sum_S P(S) F(S) (FLOPs are linear in S, so it equals F(E[S])).
 
-FLOP matching (DESIGN.md §1): F_loop = F_base + (E[S] - 1) * n_m * F_layer, where n_m is the number
-of looped layers. LoopMDM trains for steps_base * F_base / F_loop steps; the compute-matched deeper
+FLOP matching (LoopMDM's rule): F_loop = F_base + (E[S] - 1) * n_m * F_layer, where n_m is the
+number of looped layers. LoopMDM trains for steps_base * F_base / F_loop steps; the compute-matched deeper
 MDM has n + (E[S] - 1) * n_m layers (23 for the paper setting).
-
-The module is pure Python; JAX is imported only inside the helpers that need it (XLA/jaxpr cross
-checks, peak FLOP/s lookup).
 """
 
 from __future__ import annotations
@@ -34,6 +30,9 @@ import functools
 import math
 import time
 from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
 
 from loopjax.model.config import ModelConfig
 from loopjax.model.loop_distribution import LoopDistribution
@@ -45,7 +44,7 @@ TRAIN_MULTIPLIER = 3  # forward + backward.
 # Analytic FLOPs.
 
 
-def _check(cfg: ModelConfig, length: int, loops: float = 1) -> None:
+def _check(length: int, loops: float = 1) -> None:
   if length < 1:
     raise ValueError(f"length must be >= 1, got {length}")
   if loops < 1:
@@ -59,7 +58,7 @@ def _depth(cfg: ModelConfig, loops: float) -> float:
 
 def layer_flops_per_seq(cfg: ModelConfig, length: int) -> int:
   """Forward FLOPs of one transformer layer on one sequence of `length` tokens."""
-  _check(cfg, length)
+  _check(length)
   d, f, c, n = cfg.width, cfg.mlp_dim, cfg.cond_dim, length
   qkvo = 4 * 2 * n * d * d
   attn = 2 * 2 * n * n * d  # QK^T and AV, bidirectional.
@@ -70,7 +69,7 @@ def layer_flops_per_seq(cfg: ModelConfig, length: int) -> int:
 
 def nonlayer_flops_per_seq(cfg: ModelConfig, length: int) -> int:
   """Forward FLOPs outside the transformer layers: time MLP, final adaLN, output head."""
-  _check(cfg, length)
+  _check(length)
   d, c, v = cfg.width, cfg.cond_dim, cfg.vocab_size
   time_mlp = 2 * TIME_FREQ_DIM * c + 2 * c * c
   final_adaln = 2 * c * 2 * d
@@ -78,25 +77,9 @@ def nonlayer_flops_per_seq(cfg: ModelConfig, length: int) -> int:
   return time_mlp + final_adaln + head  # + embedding lookup: 0.
 
 
-def forward_flops_breakdown(cfg: ModelConfig, length: int, loops: float = 1) -> dict[str, float]:
-  """Forward FLOPs per sequence by component (sums to `forward_flops_per_seq`)."""
-  _check(cfg, length, loops)
-  d, f, c, n, v = cfg.width, cfg.mlp_dim, cfg.cond_dim, length, cfg.vocab_size
-  depth = _depth(cfg, loops)
-  return {
-      "embedding": 0,
-      "time_mlp": 2 * TIME_FREQ_DIM * c + 2 * c * c,
-      "qkvo": depth * 4 * 2 * n * d * d,
-      "attention": depth * 2 * 2 * n * n * d,
-      "mlp": depth * (3 if cfg.mlp_type == "swiglu" else 2) * 2 * n * d * f,
-      "adaln": depth * 2 * c * 6 * d + 2 * c * 2 * d,
-      "output_head": 2 * n * d * v,
-  }
-
-
 def forward_flops_per_seq(cfg: ModelConfig, length: int, loops: float = 1) -> float:
   """Forward FLOPs for one sequence with `loops` block iterations (any S >= 1, also > S_max)."""
-  _check(cfg, length, loops)
+  _check(length, loops)
   return _depth(cfg, loops) * layer_flops_per_seq(cfg, length) + nonlayer_flops_per_seq(cfg, length)
 
 
@@ -162,15 +145,6 @@ def remat_overhead_flops_per_seq(cfg: ModelConfig, length: int, loops: float = 1
   looped = cfg.block_layers * loops if cfg.looped else 0.0
   return (cfg.num_layers - (cfg.block_layers if cfg.looped else 0)) * per_layer(cfg.remat) + \
       looped * per_layer(cfg.loop_remat)
-
-
-def mfu(flops_per_step: float, step_seconds: float, num_devices: int = 1,
-        peak_per_device: float | None = None) -> float:
-  """Model FLOPs utilisation: useful FLOP/s over the peak of all devices (NaN if peak unknown)."""
-  peak = peak_flops_per_device() if peak_per_device is None else peak_per_device
-  if not peak or step_seconds <= 0:
-    return float("nan")
-  return flops_per_step / step_seconds / (num_devices * peak)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,7 +252,6 @@ def peak_flops_per_device(device: Any = None, dtype: str = "bfloat16") -> float 
   """Peak FLOP/s of one device (`jax.devices()[0]` by default, or a Device, or a device_kind
   string). CPU: a measured float32 matmul peak (cached). Unknown accelerators: None."""
   if device is None:
-    import jax
     device = jax.devices()[0]
   if isinstance(device, str):
     kind, platform = device, device.lower()
@@ -292,8 +265,6 @@ def peak_flops_per_device(device: Any = None, dtype: str = "bfloat16") -> float 
 @functools.lru_cache(maxsize=None)
 def measure_cpu_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
   """Best-of-`repeats` FLOP/s of a jitted float32 n x n matmul (2 n^3 FLOPs) on the CPU."""
-  import jax
-  import jax.numpy as jnp
   dot = jax.jit(jnp.dot)
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
@@ -316,7 +287,6 @@ def xla_flops(fn, *args) -> float:
   Counts every op (elementwise ones too) but a while loop's body only once: build the model with
   `scan_unroll=True` and call it with a static S == max_loops (no cond) for a faithful count.
   """
-  import jax
   cost = jax.jit(fn).lower(*args).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per computation.
     cost = cost[0] if cost else {}
@@ -331,7 +301,6 @@ def jaxpr_dot_flops(fn, *args) -> float:
   An XLA-independent count that multiplies scan bodies by their length, takes the larger branch
   of a cond and counts a while body once; so use a static S == max_loops, as for `xla_flops`.
   """
-  import jax
   jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
   try:  # drop dead code (flax's lifted scan leaves some) as XLA would; private API, so optional.
     from jax._src.interpreters import partial_eval as pe

@@ -242,8 +242,6 @@ def test_peak_flops_table_and_cpu_measurement():
   assert F.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
   assert F.peak_flops_per_device("NVIDIA H200", "float32") == 67e12
   assert F.peak_flops_per_device("Some NPU") is None
-  assert math.isnan(F.mfu(1e12, 1.0, 1, 0.0))  # unknown peak -> NaN, not a crash
-  assert F.mfu(1e12, 2.0, 4, 1e12) == pytest.approx(0.125)
   if jax.devices()[0].platform == "cpu":
     peak = F.peak_flops_per_device()
     assert 1e8 < peak < 1e14 and F.peak_flops_per_device() == peak  # measured once, cached

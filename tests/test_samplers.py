@@ -11,9 +11,8 @@ import pytest
 
 from loopjax.diffusion import Schedule
 from loopjax.diffusion.loop_policy import LoopPolicy, relative_change, run_loops
-from loopjax.diffusion.samplers import (exponential32, filter_logits, from_logits_fn, sample,
-                                        sample_categorical)
-from loopjax.diffusion.sampling import confidence_decode
+from loopjax.diffusion.samplers import (confidence_sample, exponential32, filter_logits,
+                                        from_logits_fn, sample, sample_categorical)
 
 V, MASK = 7, 7
 
@@ -98,7 +97,7 @@ def test_cache_skips_calls_and_is_exact():
   assert np.all(np.asarray(cached["loops_TxB"])[1:][~changed[:-1]] == 0)
 
 
-def test_confidence_decode_keeps_the_lowest_confidence_masked():
+def test_confidence_sample_keeps_the_lowest_confidence_masked():
   """Step 1 of 2 commits the 2 most confident of 4 (positions 2 and 0); the two least
   confident stay masked and are decoded at step 2, where the denoiser prefers token 1."""
   first = jnp.log(jnp.asarray([[[0.9, 0.1], [0.6, 0.4], [0.99, 0.01], [0.55, 0.45]]]))
@@ -107,9 +106,11 @@ def test_confidence_decode_keeps_the_lowest_confidence_masked():
   def fn(x, t_B):  # grid time: 1 at step 1, 0.5 at step 2
     return jnp.where(t_B[:, None, None] > 0.75, first, second)
 
-  out = jax.jit(lambda x: confidence_decode(fn, x, 2, 2))(jnp.full((1, 4), 2, jnp.int32))
+  decode = lambda x, steps: confidence_sample(from_logits_fn(fn), jax.random.PRNGKey(0), x, 2,
+                                              steps, temperature=0.0, cache=False)["tokens"]
+  out = jax.jit(lambda x: decode(x, 2))(jnp.full((1, 4), 2, jnp.int32))
   assert np.array_equal(out, [[0, 1, 0, 1]])
-  given = jax.jit(lambda x: confidence_decode(fn, x, 2, 3))(jnp.asarray([[2, 0, 2, 2]]))
+  given = jax.jit(lambda x: decode(x, 3))(jnp.asarray([[2, 0, 2, 2]]))
   assert given[0, 1] == 0 and not np.any(np.asarray(given) == 2)
 
 

@@ -26,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from loopjax.data import make_eval_batches
 from loopjax.diffusion import eval_time_grid, make_schedule, mask_tokens
 from loopjax.model import LoopedTransformer
+from loopjax.weights import load_model_dir
 
 
 def masked_share(probs_NxBxHxLxL, masked_BxL):
@@ -113,7 +115,7 @@ def attention_profile(model, params, batches, *, loops_list, time_points: int = 
 
 
 def plot_attention(result: dict, plots_dir: str) -> list[str]:
-  import matplotlib
+  import matplotlib  # lazy: a slow import that only plotting needs
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -166,9 +168,6 @@ def analyze_main(argv) -> int:
   p.add_argument("--time-points", type=int, default=4)
   p.add_argument("--params", default=None, choices=["ema", "raw"])
   args = p.parse_args(argv)
-  from loopjax.data import make_eval_batches
-  from loopjax.export import load_model_dir
-
   config, model, params = load_model_dir(args.workdir, params=args.params)
   cfg = model.cfg
   if args.loops:

@@ -25,6 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from loopjax.data import make_eval_batches, tokenizer_for
+from loopjax.diffusion import make_schedule
+from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler, resolve_policy,
+                                       timed)
+from loopjax.evaluate.tasks import score
+from loopjax.weights import load_model_dir
+
 
 def encode_template(tokenizer, template: str, mask_char: str, mask_id: int) -> np.ndarray:
   """ids of a template: each run of mask_char becomes that many [MASK] ids."""
@@ -44,12 +51,6 @@ def _show(source: str, text: str) -> str:
 
 
 def sample_main(argv) -> int:
-  from loopjax.data import make_eval_batches, tokenizer_for
-  from loopjax.diffusion import make_schedule
-  from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler,
-                                         resolve_policy, timed)
-  from loopjax.export import load_model_dir
-
   p = argparse.ArgumentParser(prog="loopjax sample", description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", required=True)
   p.add_argument("--loops", default="0", help="S (or fixed:S), adaptive:TAU[:MIN[:MAX]], time:A:B, mask:A:B "
@@ -110,7 +111,6 @@ def sample_main(argv) -> int:
             "compile_seconds": round(compile_s, 2),
             **generation_stats(cfg, x.shape[1], out)}
   if batch is not None and config.data.source in ("sudoku", "arithmetic"):
-    from loopjax.evaluate.tasks import score
     report.update(score(config.data.source, tokens, batch["tokens"], batch["fixed"],
                         batch["loss_mask"]))
   given = x != cfg.mask_id

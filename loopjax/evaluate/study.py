@@ -20,7 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+
+from loopjax import flops
+from loopjax.evaluate.tasks import heldout_batches, primary_metric, task_accuracy
+from loopjax.model import LoopDistribution
+from loopjax.train.config import model_config
+from loopjax.train.loop import train
+from loopjax.train.config_load import read_config
+from loopjax.train.variants import resolve_variant
+from loopjax.weights import load_run
 
 # scale -> model/train overrides, baseline steps, eval examples, adaptive taus, inference S sweep
 SCALES = {
@@ -37,9 +47,6 @@ RUNS = ("mdm", "loopmdm", "deep_mdm", "mdm_matched")
 
 
 def study_config(task: str, scale: str, variant: str):
-  from loopjax.train.config_load import read_config
-  from loopjax.train.variants import resolve_variant
-
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   c, _ = read_config(os.path.join(root, "experiments", f"{task}.py") + f":{variant}")
   s = SCALES[scale]
@@ -55,13 +62,6 @@ def study_config(task: str, scale: str, variant: str):
 
 
 def run_study(workdir: str, *, task: str = "sudoku", scale: str = "small", log=print) -> dict:
-  from loopjax import flops
-  from loopjax.evaluate.load import load_run
-  from loopjax.evaluate.tasks import heldout_batches, primary_metric, task_accuracy
-  from loopjax.model import LoopDistribution
-  from loopjax.train.config import model_config
-  from loopjax.train.loop import train
-
   if task not in TASKS or scale not in SCALES:
     raise ValueError(f"task must be one of {list(TASKS)} and scale one of {list(SCALES)}")
   t0 = time.time()
@@ -145,7 +145,7 @@ def markdown_tables(r: dict) -> str:
 
 
 def plot_study(r: dict, plots_dir: str) -> list[str]:
-  import matplotlib
+  import matplotlib  # lazy: a slow import that only plotting needs
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -185,7 +185,7 @@ def plot_study(r: dict, plots_dir: str) -> list[str]:
 
 
 def _save(fig, d, name):
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # lazy: see plot_study
   path = os.path.join(d, name)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -204,5 +204,4 @@ def study_main(argv) -> int:
 
 
 if __name__ == "__main__":
-  import sys
   sys.exit(study_main(sys.argv[1:]))

@@ -22,8 +22,14 @@ import time
 
 import jax
 
+from loopjax.data import make_eval_batches, tokenizer_for
+from loopjax.diffusion import make_schedule
 from loopjax.evaluate import plots
 from loopjax.evaluate.denoiser import resolve_policy
+from loopjax.evaluate.gsm8k import gsm8k_accuracy, read_gsm8k
+from loopjax.evaluate.likelihood import corpus_batches, heldout_nelbo
+from loopjax.evaluate.tasks import heldout_batches, task_accuracy
+from loopjax.weights import load_model_dir
 
 DEFAULT_LOOPS = "1,2,4,8,12,24"
 
@@ -65,10 +71,6 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
              corpus=(), corpus_rows: int = 64, params: str | None = None, step: int | None = None,
              seed: int = 0, sampler_kw: dict | None = None, command: str = "") -> dict:
   """Runs the sweep and writes eval/*.json and plots/*.png; returns the summary dict."""
-  from loopjax.data import make_eval_batches, tokenizer_for
-  from loopjax.diffusion import make_schedule
-  from loopjax.export import load_model_dir
-
   t_start = time.time()
   # A training workdir or a `loopjax export` folder.
   config, model, weights = load_model_dir(workdir, step=step, params=params)
@@ -80,13 +82,12 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
   source = config.data.source
   sampler_kw = dict(sampler_kw or {})
   summary = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(ckpt),
-             "params": config.source.get("params"), "s_max": cfg.max_loops, "source": source, "loops": specs,
-             "machine": machine(), "command": command}
+             "params": config.source.get("params"), "s_max": cfg.max_loops, "source": source,
+             "loops": specs, "machine": machine(), "command": command}
   eval_seed = int(config.get("train", {}).get("seed", 0)) + 1
   plot_paths = []
 
   if do_nelbo:
-    from loopjax.evaluate.likelihood import heldout_nelbo
     schedule = make_schedule(config.diffusion)
     batches = make_eval_batches(config.data, batch_size=batch_size, num_batches=nelbo_batches,
                                 seed=eval_seed)
@@ -104,7 +105,6 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
             workdir, "plots", "eval_bits_vs_loops.png"), title="held-out NELBO vs loops"))
 
   if do_tasks and source in ("sudoku", "arithmetic"):
-    from loopjax.evaluate.tasks import heldout_batches, task_accuracy
     batches = heldout_batches(config.data, examples, seed=eval_seed, batch_size=batch_size)
     rows = []
     for n_steps in steps:
@@ -121,7 +121,6 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
     plot_paths += plot_task_rows(rows, workdir)
 
   if gsm8k:
-    from loopjax.evaluate.gsm8k import gsm8k_accuracy, read_gsm8k
     exs = read_gsm8k(gsm8k, gsm8k_limit)
     tok = tokenizer_for(config.data)
     # A model fine-tuned on prompt_answer data is asked in its training layout.
@@ -143,7 +142,6 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
         rows, metric="exact_match", path=os.path.join(workdir, "plots", "eval_gsm8k_vs_flops.png")))
 
   if corpus:
-    from loopjax.evaluate.likelihood import corpus_batches, heldout_nelbo
     schedule = make_schedule(config.diffusion)
     tok = tokenizer_for(config.data)
     rows = []

@@ -45,20 +45,18 @@ def default_steps(batches) -> int:
 
 def task_accuracy(model, params, batches, *, source: str, loops, steps: int = 0,
                   method: str = "confidence", schedule=None, temperature=None, top_k: int = 0,
-                  top_p: float = 1.0, block_len: int = 0, seed: int = 0,
-                  sampler_fn=None) -> dict:
+                  top_p: float = 1.0, block_len: int = 0, seed: int = 0) -> dict:
   """Decodes every scored position of the held-out batches and scores the result.
 
   loops: S (int), or a `--loops` spec ("adaptive:0.01", "time:2:8", ...). steps = 0 commits one
-  token per step. `sampler_fn` reuses a compiled `make_sampler` (same model, policy, steps).
+  token per step.
   Returns the task metrics plus loops_mean / loops_max / nfe / flops_per_sample / seconds.
   """
   cfg = model.cfg
   policy = resolve_policy(cfg, loops)
   n_steps = steps or default_steps(batches)
-  fn = sampler_fn or make_sampler(model, policy, steps=n_steps, method=method,
-                                  schedule=schedule, block_len=block_len,
-                                  temperature=temperature, top_k=top_k, top_p=top_p)
+  fn = make_sampler(model, policy, steps=n_steps, method=method, schedule=schedule,
+                    block_len=block_len, temperature=temperature, top_k=top_k, top_p=top_p)
   preds, stats, seconds = [], [], 0.0
   for k, b in enumerate(batches):
     x = np.where(np.asarray(b["loss_mask"], bool), cfg.mask_id, b["tokens"])

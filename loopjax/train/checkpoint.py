@@ -1,5 +1,7 @@
-"""Orbax checkpoints of a run: train state (params, EMA, optimizer, step, rng) and the grain
-data-iterator state, in one atomic step directory `WORKDIR/checkpoints/<step>/`.
+"""Orbax checkpoints of a run, the training side: saves the train state (params, EMA, optimizer,
+step, rng) and the grain data-iterator state in one atomic step directory
+`WORKDIR/checkpoints/<step>/`, and resumes a run from the newest readable one. Reading only the
+weights (evaluation, export, fine-tuning) is `loopjax.checkpoints`.
 
 Orbax writes into a temporary directory and renames it when complete, so a step directory that
 exists is complete; one whose files were damaged later is detected at restore, reported, and the
@@ -17,12 +19,15 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from loopjax.train.state import param_shape_diff
+from loopjax.checkpoints import STATE, check_same_params, first_line
+from loopjax.parallel import distributed
 
 log = logging.getLogger("loopjax")
+DATA = "data"  # the checkpoint item that holds the grain data-iterator state
 
 
 class Checkpointer:
+  """A run's checkpoint directory for training: saves steps, resumes from the newest readable."""
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
@@ -36,12 +41,9 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state, data_iter) -> None:
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=grain.checkpoint.CheckpointSave(data_iter))
+    args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                 DATA: grain.checkpoint.CheckpointSave(data_iter)})
     self.manager.save(step, args=args, force=True)
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
 
   def restore_latest(self, abstract_state, data_iter) -> tuple[Any, int] | None:
     """Restores the newest readable checkpoint; skips damaged ones with a warning.
@@ -53,26 +55,26 @@ class Checkpointer:
     errors = []
     for step in reversed(steps):
       try:
-        meta = self.manager.item_metadata(step)["state"]["params"]
+        meta = self.manager.item_metadata(step)[STATE]["params"]
       except Exception as e:  # unreadable metadata: a damaged checkpoint
         log.warning("checkpoint %d in %s is unreadable, skipping it: %s", step, self.directory,
-                    _first_line(e))
+                    first_line(e))
         errors.append((step, e))
         continue
-      _check_same_params(meta, abstract_state.params, step, self.directory)
+      check_same_params(meta, abstract_state.params, step, self.directory)
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iter)))
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardRestore(abstract_state),
+            DATA: grain.checkpoint.CheckpointRestore(data_iter)}))
       except Exception as e:  # damaged array files surface as many exception types
         log.warning("checkpoint %d in %s is unreadable, skipping it: %s", step, self.directory,
-                    _first_line(e))
+                    first_line(e))
         errors.append((step, e))
         continue
       if errors:
         log.warning("using checkpoint %d instead", step)
         self._set_aside([s for s, _ in errors])
-      return restored["state"], step
+      return restored[STATE], step
     if errors:
       raise RuntimeError(f"no readable checkpoint in {self.directory}: tried steps "
                          f"{[s for s, _ in errors]}") from errors[0][1]
@@ -86,16 +88,8 @@ class Checkpointer:
         dst = f"{src}.damaged-{int(time.time())}"
         os.rename(src, dst)
         log.warning("moved damaged checkpoint %d to %s", step, dst)
-    from loopjax.parallel import distributed
     distributed.barrier("loopjax_set_aside_damaged_checkpoints")
     self.manager.reload()
-
-  def restore_state(self, abstract_state, step: int | None = None) -> tuple[Any, int]:
-    """Restores only the train state (no data iterator) of `step` (default: newest)."""
-    step = self.steps()[-1] if step is None else step
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-    return restored["state"], step
 
   def close(self) -> None:
     self.manager.wait_until_finished()
@@ -104,23 +98,8 @@ class Checkpointer:
 
 def _registry():
   reg = ocp.handlers.DefaultCheckpointHandlerRegistry()
-  reg.add("state", ocp.args.StandardSave, ocp.StandardCheckpointHandler)
-  reg.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
-  reg.add("data", grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointHandler)
-  reg.add("data", grain.checkpoint.CheckpointRestore, grain.checkpoint.CheckpointHandler)
+  reg.add(STATE, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+  reg.add(STATE, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+  reg.add(DATA, grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointHandler)
+  reg.add(DATA, grain.checkpoint.CheckpointRestore, grain.checkpoint.CheckpointHandler)
   return reg
-
-
-def _first_line(e: Exception) -> str:
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
-
-
-def _check_same_params(meta, abstract_params, step: int, directory: str) -> None:
-  """Refuses a checkpoint whose parameter names or shapes differ from the model's."""
-  diff = param_shape_diff(meta, abstract_params)
-  if diff:
-    raise ValueError(
-        f"checkpoint {step} in {directory} does not match this model (another architecture?): "
-        f"parameters differ, e.g. {diff}. Use a new --workdir or the config the run was "
-        "started with.")

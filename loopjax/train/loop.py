@@ -22,17 +22,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopjax import flops
-from loopjax.errors import UserError
+from loopjax.checkpoints import param_shape_diff
 from loopjax.data.process_rows import make_shards_eval_batches, make_shards_iterator
 from loopjax.diffusion import eval_time_grid, make_schedule, metrics_from_nelbo
+from loopjax.errors import UserError
 from loopjax.parallel import distributed
 from loopjax.parallel import mesh as mesh_lib
 from loopjax.train import config as config_lib
 from loopjax.train.checkpoint import Checkpointer
 from loopjax.train.lock import WorkdirLock
 from loopjax.train.metrics import MetricsWindow, MetricsWriter
-from loopjax.train.state import param_shape_diff
 from loopjax.train.step import TrainProgram, build_train_step, make_eval_step
+from loopjax.weights import load_model_dir
 
 log = logging.getLogger("loopjax")
 
@@ -101,7 +102,6 @@ class _StopFlag:
 
 def init_from(state, shardings, path: str):
   """`state` with params and EMA replaced by the weights of a run or export at `path`."""
-  from loopjax.export import load_model_dir
   if not os.path.exists(path):
     raise FileNotFoundError(f"train.init_from: {path!r} does not exist (want a run workdir or "
                             "a `loopjax export` folder)")

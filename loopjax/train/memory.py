@@ -23,6 +23,11 @@ import re
 import jax
 import numpy as np
 
+from loopjax.parallel import mesh as mesh_lib
+from loopjax.parallel.topology import tpu_topology_devices
+from loopjax.train.config_load import load_config, split_config_args
+from loopjax.train.step import build_train_step
+
 GIB = 1024 ** 3
 
 # Memory per device in GiB by device_kind (prefix match); --device-memory-gib overrides.
@@ -41,18 +46,6 @@ def device_memory_gib(device_kind: str) -> float | None:
   return None
 
 
-def tpu_topology_devices(name: str, num_slices: int = 1) -> list:
-  """Compile-only TPU devices of a topology such as `v5e:2x4` or `v4:2x2x2` (needs libtpu)."""
-  from jax.experimental import topologies
-  try:
-    kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
-    return list(topologies.get_topology_desc(name, "tpu", **kwargs).devices)
-  except Exception as e:
-    raise ValueError(f"cannot build TPU topology {name!r}: {type(e).__name__}: "
-                     f"{str(e).strip().splitlines()[-1][:300]} (is the `libtpu` wheel that "
-                     "matches this jax installed? names look like v5e:2x4, v4:2x2x1)") from e
-
-
 def _shard_bytes(tree) -> int:
   """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (worst device)."""
   total = 0
@@ -69,8 +62,6 @@ def _global_bytes(tree) -> int:
 
 def compile_train_step(config, mesh):
   """(compiled train step, abstract state, abstract batch), AOT for `mesh`'s devices."""
-  from loopjax.train.step import build_train_step
-
   program = build_train_step(config, mesh)
   batch = program.abstract_batch()
   return program.step.lower(program.abstract_state, batch).compile(), program.abstract_state, batch
@@ -78,8 +69,6 @@ def compile_train_step(config, mesh):
 
 def memory_report(config, devices=None, mesh_cfg=None, memory_gib: float | None = None) -> dict:
   """Bytes per device of the train step of `config` on a mesh over `devices` (default: all)."""
-  from loopjax.parallel import mesh as mesh_lib
-
   devices = list(jax.devices() if devices is None else devices)
   mesh = mesh_lib.make_mesh(dict(config.mesh) if mesh_cfg is None else mesh_cfg, devices)
   try:
@@ -175,8 +164,6 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def main(argv) -> int:
-  from loopjax.train.config_load import load_config, split_config_args
-
   spec, overrides, rest = split_config_args(argv)
   p = argparse.ArgumentParser(prog="loopjax memory", description=__doc__.split("\n\n")[0])
   p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (default: config.mesh)")

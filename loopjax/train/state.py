@@ -74,15 +74,3 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, example_token
   """The state initialised from `seed` directly into `shardings` (no full copy on one device)."""
   init = _init_fn(model, tx, example_tokens)
   return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(jax.random.PRNGKey(seed))
-
-
-def param_shape_diff(have, want, limit: int = 4) -> list:
-  """Up to `limit` (path, shape) entries in which two parameter trees differ; [] if none.
-
-  Leaves are anything with a .shape (arrays, ShapeDtypeStructs, Orbax metadata)."""
-  def shapes(tree):
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in flat}
-
-  a, b = shapes(have), shapes(want)
-  return sorted(set(a.items()) ^ set(b.items()))[:limit] if a != b else []

@@ -11,6 +11,9 @@ from loopjax.evaluate.tasks import heldout_batches, task_accuracy
 
 
 def report_task_accuracy(config, out: dict, workdir: str) -> dict | None:
+  """Held-out task accuracy of a finished run (`out`: what `loopjax.train.loop.train` returns),
+  printed and written to WORKDIR/eval/final_task_accuracy.json; None for data without a task
+  metric and in multi-process runs."""
   source = config.data.source
   if source not in ("sudoku", "arithmetic") or jax.process_count() > 1:
     return None

@@ -1,0 +1,185 @@
+"""The import graph of loopjax, read from the source with `ast` (nothing is imported): every import,
+at the top of a module or inside a function, runs from a layer to the same layer or one below;
+no modules, and no top-level packages or modules of loopjax, import each other in a circle; and
+loopjax modules import each other inside functions only where the importer says why."""
+
+import ast
+import os
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The layer of every top-level package or module of loopjax (its "unit"): an import may run to a
+# unit of the same layer or a lower one only.
+LAYERS = {
+    "loopjax": 0,  # the package's own __init__.py
+    "loopjax.model": 0, "loopjax.diffusion": 0, "loopjax.data": 0, "loopjax.parallel": 0,
+    "loopjax.flops": 0, "loopjax.errors": 0,
+    # Trained weights in, from a run's checkpoints or an export folder.
+    "loopjax.checkpoints": 1, "loopjax.weights": 1,
+    "loopjax.train": 2,
+    "loopjax.evaluate": 3, "loopjax.export": 3,
+    "loopjax.cli": 4, "loopjax.flops_cli": 4,
+}
+# Modules that import loopjax modules inside functions, and why.
+LAZY = {"loopjax.cli": "each subcommand's module is imported when it runs, so `loopjax --help` "
+                       "stays fast"}
+
+
+def modules(root: str, package: str = "loopjax") -> dict[str, str]:
+  """{dotted module name: file path} of every .py file of `package` under `root`."""
+  out = {}
+  for folder, dirs, files in os.walk(os.path.join(root, package)):
+    dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
+    rel = os.path.relpath(folder, root).replace(os.sep, ".")
+    for f in sorted(files):
+      if f.endswith(".py"):
+        out[rel if f == "__init__.py" else f"{rel}.{f[:-3]}"] = os.path.join(folder, f)
+  return out
+
+
+def imports(name: str, path: str, known: set[str]) -> list[tuple[str, int, bool]]:
+  """[(imported loopjax module, line, inside a function)] of one module.
+
+  `from P import X` imports P.X when that is a module of `known`, else P; relative imports are
+  resolved against `name`'s package. Imports of other packages are left out."""
+  with open(path, encoding="utf-8") as f:
+    tree = ast.parse(f.read(), path)
+  package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+  top = name.partition(".")[0]
+  found = []
+
+  def visit(node, in_function):
+    for child in ast.iter_child_nodes(node):
+      inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                ast.Lambda))
+      if isinstance(child, ast.Import):
+        found.extend((a.name, child.lineno, in_function) for a in child.names)
+      elif isinstance(child, ast.ImportFrom):
+        base = child.module or ""
+        if child.level:
+          parts = package.split(".")
+          base = ".".join(parts[:len(parts) - child.level + 1] + ([base] if base else []))
+        for a in child.names:
+          sub = f"{base}.{a.name}"
+          found.append((sub if sub in known else base, child.lineno, in_function))
+      visit(child, inner)
+
+  visit(tree, False)
+  return [(m, line, lazy) for m, line, lazy in dict.fromkeys(found) if m.partition(".")[0] == top]
+
+
+def unit(module: str) -> str:
+  """The top-level package or module of loopjax that `module` belongs to."""
+  return ".".join(module.split(".")[:2])
+
+
+def graph(root: str, package: str = "loopjax"):
+  """({module: [(imported module, line, inside a function)]}, {module: path})."""
+  mods = modules(root, package)
+  return {m: imports(m, p, set(mods)) for m, p in mods.items()}, mods
+
+
+def upward_edges(edges, layers) -> list[tuple[str, int, str]]:
+  """(importer, line, imported) of every import into a higher layer."""
+  return [(m, line, to) for m, out in sorted(edges.items()) for to, line, _ in out
+          if layers[unit(to)] > layers[unit(m)]]
+
+
+def circles(nodes, succ) -> list[list[str]]:
+  """Strongly connected components of more than one node (or a node importing itself)."""
+  reach = {}
+  for n in nodes:
+    seen, todo = set(), list(succ.get(n, ()))
+    while todo:
+      m = todo.pop()
+      if m not in seen:
+        seen.add(m)
+        todo.extend(succ.get(m, ()))
+    reach[n] = seen
+  out = {tuple(sorted(m for m in nodes if m in reach[n] and n in reach[m]))
+         for n in nodes if n in reach[n]}
+  return sorted(list(c) for c in out)
+
+
+def unit_circles(edges) -> list[list[str]]:
+  succ = {}
+  for m, out in edges.items():
+    succ.setdefault(unit(m), set()).update(unit(to) for to, _, _ in out if unit(to) != unit(m))
+  return circles(sorted(succ), succ)
+
+
+def module_circles(edges) -> list[list[str]]:
+  return circles(sorted(edges), {m: {to for to, _, _ in out} for m, out in edges.items()})
+
+
+def lazy_imports(edges) -> dict[str, list[str]]:
+  """{module: ['line -> imported']} of function-local loopjax imports."""
+  out = {}
+  for m, found in sorted(edges.items()):
+    lines = [f"{line} -> {to}" for to, line, lazy in found if lazy]
+    if lines:
+      out[m] = lines
+  return out
+
+
+@pytest.fixture(scope="module")
+def loopjax_graph():
+  return graph(ROOT)
+
+
+def test_every_unit_has_a_layer(loopjax_graph):
+  _, mods = loopjax_graph
+  missing = sorted({unit(m) for m in mods} - set(LAYERS))
+  assert not missing, f"give these a layer in LAYERS of tests/test_imports.py: {missing}"
+
+
+def test_no_import_runs_up_a_layer(loopjax_graph):
+  edges, _ = loopjax_graph
+  up = upward_edges(edges, LAYERS)
+  bad = [f"{m}:{line} -> {to} (layer {LAYERS[unit(m)]} -> {LAYERS[unit(to)]})"
+         for m, line, to in up]
+  assert not bad, "imports from a lower layer into a higher one:\n  " + "\n  ".join(bad)
+
+
+def test_no_circles_between_units_or_modules(loopjax_graph):
+  edges = loopjax_graph[0]
+  assert not unit_circles(edges), f"top-level units import each other: {unit_circles(edges)}"
+  assert not module_circles(edges), f"modules import each other: {module_circles(edges)}"
+
+
+def test_function_local_loopjax_imports_have_a_reason(loopjax_graph):
+  edges, _ = loopjax_graph
+  lazy = lazy_imports(edges)
+  bad = {m: v for m, v in lazy.items() if m not in LAZY}
+  assert not bad, ("loopjax imports inside functions (move them to the top of the module, or "
+                   f"say why in LAZY): {bad}")
+
+
+def test_the_checks_catch_a_planted_upward_import_and_a_circle(tmp_path):
+  """A package whose low layer imports its high one inside a function, and modules that
+  import each other: all are found and named."""
+  files = {
+      "pkg/__init__.py": "",
+      "pkg/low/__init__.py": "",
+      "pkg/low/a.py": """
+          from pkg.low import b
+
+          def f():
+            from pkg import high
+            return high
+      """,
+      "pkg/low/b.py": "from . import a\n",
+      "pkg/high.py": "import pkg.low.a\n",
+  }
+  for rel, text in files.items():
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_text(textwrap.dedent(text))
+  edges, _ = graph(str(tmp_path), "pkg")
+  layers = {"pkg": 0, "pkg.low": 0, "pkg.high": 1}
+  assert upward_edges(edges, layers) == [("pkg.low.a", 5, "pkg.high")]
+  assert lazy_imports(edges) == {"pkg.low.a": ["5 -> pkg.high"]}
+  assert unit_circles(edges) == [["pkg.high", "pkg.low"]]
+  assert module_circles(edges) == [["pkg.high", "pkg.low.a", "pkg.low.b"]]
