@@ -46,7 +46,7 @@ GOLDEN = {
 RTOL = 1e-5
 
 WHEN_TO_UPDATE = """\
-The golden one-step values changed.
+The golden values of the fixed two-step run changed.
 
 Update GOLDEN in tests/test_golden.py ONLY if this change is meant to change the numbers the
 model computes: its math (layers, attention, loss, masking, schedule), its initialisation
