@@ -49,7 +49,7 @@ def _train(model, loops):
 
 @pytest.mark.parametrize("cfg,loops", [(PLAIN, 1), (LOOPED, 3), (SWIGLU, 1)],
                          ids=["mdm", "looped_S3", "swiglu_v300"])
-def test_forward_matches_jaxpr_and_xla(cfg, loops):
+def test_forward_matches_jaxpr(cfg, loops):
   model, params, x = _abstract(cfg)
   want = 2 * F.forward_flops_per_seq(cfg, 32, loops)
   dots = F.jaxpr_dot_flops(_forward(model, loops), params, x)
