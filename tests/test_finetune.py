@@ -52,7 +52,9 @@ def test_init_from_starts_from_the_source_weights(pretrained):
   summary = run_eval(str(tmp / "ft"), loops=("2",), gsm8k=pairs, gsm8k_limit=4, do_nelbo=False,
                      do_tasks=False, batch_size=4)
   (row,) = summary["gsm8k"]
-  assert row["examples"] == 4 and 0.0 <= row["exact_match"] <= 1.0 and row["steps"] == 32
+  assert row["examples"] == 4 and row["steps"] == 32
+  # The score is the one of the generations it shows (all 4 are shown).
+  assert row["exact_match"] == np.mean([s["pred"] == s["gold"] for s in row["samples"]])
 
 
 def test_init_from_refuses_other_architectures_and_missing_paths(pretrained):
