@@ -291,7 +291,7 @@ def load_export(out: str, *, param_dtype: str | None = "float32", verify_checksu
   tree (unboxed) in `param_dtype` (None: as stored); export_config: config.json as a dict.
   runtime: ModelConfig fields that do not change the weights, e.g. {"max_loops": 24} (the static
   loop length of `model.apply`, to run S > S_max of training; not with `loop_embedding`),
-  {"attention_impl": "xla"} (a cudnn-trained model on CPU), "remat", "loop_remat", "dtype",
+  {"kernels": "reference"} (a cudnn-trained model on CPU), "remat", "loop_remat", "dtype",
   "scan_unroll", "unroll_layers".
   """
   import jax.numpy as jnp
@@ -317,7 +317,7 @@ def load_export(out: str, *, param_dtype: str | None = "float32", verify_checksu
   return LoopedTransformer(with_runtime(cfg, runtime)), params, config
 
 
-RUNTIME_FIELDS = ("max_loops", "attention_impl", "remat", "loop_remat", "dtype", "scan_unroll",
+RUNTIME_FIELDS = ("max_loops", "kernels", "remat", "loop_remat", "dtype", "scan_unroll",
                   "unroll_layers")
 
 
