@@ -1,16 +1,16 @@
 """Train-step throughput and MFU for a few sizes, compute dtypes and kernel sets.
 
-A variant is a (size, dtype, model.kernels) triple. Every variant is compiled first; then rounds interleave a burst of the reference float32 matmul
-(and a bfloat16 x bfloat16 -> float32 one) with one step of every variant, so all variants and
-the peak see the same machine load. Prints, per variant, the median step time, tokens/s,
-achieved GFLOP/s (analytic matmul FLOPs, `loopjax.flops`) and four fractions of the float32
-matmul peak measured in the same process: median step over median peak; the median over rounds
-of each step against its own round's peak burst (pairs measurements taken seconds apart); the
-same ratio on process CPU time (robust to other jobs time-slicing the cores); the fastest step
-over the fastest peak burst (each at its least disturbed: this host's noise only slows a run
-down). For every dtype pair: the speed ratio and the loss curves side by side (same init, same
-batches, constant lr so the loss moves), and for every kernel pair the speed of xla_cpu over
-reference.
+A variant is a (size, dtype, model.kernels) triple. Every variant is compiled first; then rounds
+interleave a burst of the reference float32 matmul (and a bfloat16 x bfloat16 -> float32 one)
+with one step of every variant, so all variants and the peak see the same machine load. Prints,
+per variant, the median step time, tokens/s, achieved GFLOP/s (analytic matmul FLOPs,
+`loopjax.flops`) and four fractions of the float32 matmul peak measured in the same process:
+median step over median peak; the median over rounds of each step against its own round's peak
+burst (pairs measurements taken seconds apart); the same ratio on process CPU time (robust to
+other jobs time-slicing the cores); the fastest step over the fastest peak burst (each at its
+least disturbed: this host's noise only slows a run down). For every dtype pair: the speed ratio
+and the loss curves side by side (same init, same batches, constant lr so the loss moves); for
+every kernel pair: the speed of xla_cpu over reference.
 
   python benchmarks/train_throughput.py        # reference config, f32 and bf16, both kernel sets
   python benchmarks/train_throughput.py --sizes small --kernels xla_cpu --repeats 2
@@ -104,8 +104,9 @@ def main(argv=None):
   rows = []
   for (size, dt, kern), d in variants.items():
     med, cmed = statistics.median(d["times"]), statistics.median(d["cpu"])
-    row = dict(size=size, dtype=dt, kernels=kern, config=SIZES[size.split("+")[0]], step_s=med, steps_s=d["times"],
-               cpu_s=d["cpu"], tokens_per_sec=d["tokens"] / med, flops_per_step=d["flops"],
+    row = dict(size=size, dtype=dt, kernels=kern, config=SIZES[size.split("+")[0]], step_s=med,
+               steps_s=d["times"], cpu_s=d["cpu"], tokens_per_sec=d["tokens"] / med,
+               flops_per_step=d["flops"],
                gflops_per_sec=d["flops"] / med / 1e9,
                frac_of_f32_peak=d["flops"] / med / peak32.median,
                frac_of_f32_peak_cpu_time=d["flops"] / cmed / peak32.median_cpu,

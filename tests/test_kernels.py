@@ -127,7 +127,8 @@ def test_xla_cpu_dot_general_matches_reference(n, kdim, m, dtype, tol):
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPE_TOL, ids=["f32", "bf16"])
-@pytest.mark.parametrize("n,kdim,m", [(10, 6, 12), (10, 12, 6)], ids=["x_transposed", "g_transposed"])
+@pytest.mark.parametrize("n,kdim,m", [(10, 6, 12), (10, 12, 6)],
+                         ids=["x_transposed", "g_transposed"])
 def test_xla_cpu_shared_input_projections_match_reference(n, kdim, m, dtype, tol):
   # Attention's q, k, v: three projections of one input with one saved copy of it.
   x = jax.random.normal(jax.random.PRNGKey(1), (n, kdim)).astype(dtype)

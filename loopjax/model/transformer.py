@@ -218,8 +218,8 @@ class LoopedTransformer(nn.Module):
 
     `loops` is S: a Python int or a traced int32 scalar, 1 <= S <= max_loops (a traced S above
     max_loops runs max_loops; for more loops rebuild the model with a larger max_loops, which
-    leaves the parameters unchanged, or drive `loop_chunk`). aux: `loop_hiddens_SxBxLxD` (hidden state after each of the S_max
-    iterations; iterations >= S repeat the last one) and `attn` with layers x B x H x L x L
+    leaves the parameters unchanged, or drive `loop_chunk`). aux: `loop_hiddens_SxBxLxD` (hidden
+    state after each of the S_max iterations; iterations >= S repeat the last one) and `attn` with layers x B x H x L x L
     probabilities per stack (`head`, `loop` with a leading S_max axis, zeros for iterations >= S,
     `tail`).
     """
