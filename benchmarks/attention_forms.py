@@ -1,11 +1,11 @@
-"""Attention's six batched products in each arrangement `loopjax.model.layers` can give them.
+"""Attention's six batched products in each arrangement the xla_cpu kernels can give them.
 
 XLA:CPU sends a dot to YNNPACK when its left operand is contracted on its last axis and to Eigen
 otherwise. For attention's small per-head products (B*H matrices of L x L x K) the two differ a
 lot, and differently per dtype: this times every product in the row-major form ("ynn") and in
-the transposed-left-operand form ("eigen") through `layers._bdot`, the function the model uses,
-interleaved round by round, and prints GFLOP/s per form with the library XLA chose. The model's
-choice (`layers._eigen_forms`) takes the eigen forms for float32 on CPU; o = e v and
+the transposed-left-operand form ("eigen") through `xla_cpu.bdot`, the function the kernel uses,
+interleaved round by round, and prints GFLOP/s per form with the library XLA chose. The kernel's
+choice (`xla_cpu.eigen_forms`) takes the eigen forms for float32 on CPU; o = e v and
 dq = ds k have no eigen form without a transposed L x L operand, so they stay row-major.
 
   python benchmarks/attention_forms.py                     # reference config: B 8, H 8, L 256, K 64
@@ -53,7 +53,7 @@ def main(argv=None):
   import jax.numpy as jnp
 
   from common import machine, write_json
-  from loopjax.model import layers
+  from loopjax.model.kernels import xla_cpu
 
   b, h, length, k = args.batch, args.heads, args.length, args.head_dim
   shapes = {"x": (b, h, length, k), "xT": (b, h, k, length), "p": (b, h, length, length)}
@@ -67,7 +67,7 @@ def main(argv=None):
         eq, a, c = spec
         ops = [jax.random.normal(jax.random.PRNGKey(i), shapes[n], jnp.float32).astype(dt)
                for i, n in enumerate((a, c))]
-        f = jax.jit(lambda x, y, eq=eq, e=form == "eigen": layers._bdot(eq, x, y, e))
+        f = jax.jit(lambda x, y, eq=eq, e=form == "eigen": xla_cpu.bdot(eq, x, y, e))
         compiled = f.lower(*ops).compile()
         lib = "YNNPACK" if "__ynn_fusion" in compiled.as_text() else "Eigen"
         jax.block_until_ready(compiled(*ops))
@@ -96,9 +96,9 @@ def main(argv=None):
                for name, forms in PRODUCTS.items())
 
   for dt in args.dtypes.split(","):
-    model = total(dt, layers._eigen_forms(jnp.dtype(dt)))
+    model = total(dt, xla_cpu.eigen_forms(jnp.dtype(dt)))
     print(f"{dt}: all six row-major {total(dt, False):.1f} ms, with the eigen forms "
-          f"{total(dt, True):.1f} ms; the model's choice {model:.1f} ms")
+          f"{total(dt, True):.1f} ms; the xla_cpu kernel's choice {model:.1f} ms")
   print(f"wrote {write_json(args.json, dict(machine=machine(), args=vars(args), rows=rows))}")
 
 

@@ -1,13 +1,13 @@
-"""Every GPU check of issue 8 in one command (< 5 minutes on one H100): bf16 MFU of the paper's
+"""Every GPU check in one command (< 5 minutes on one H100): bf16 MFU of the paper's
 170M config, step time vs S, sampling tokens/s, and whether fused (cuDNN) attention works.
 
   python benchmarks/gpu_check.py            # on a GPU host
   python benchmarks/gpu_check.py --smoke    # tiny config, any backend (CPU: tests this script)
 
 Checks, in order, printed as one table at the end (and written to results/gpu_check.json):
-1. attention: `model.attention_impl="cudnn"` (jax.nn.dot_product_attention, cuDNN fused
-   kernel) compiles, runs and matches the XLA attention; if not, the reason is printed and the
-   rest runs with the XLA attention (labelled so in the table).
+1. attention: `model.kernels="cudnn"` (jax.nn.dot_product_attention, cuDNN fused
+   kernel) compiles, runs and matches the reference kernels; if not, the reason is printed and
+   the rest runs with the reference kernels (labelled so in the table).
 2. LoopMDM (12 layers, width 768, 12 heads, vocab 50258, length 1024, block [1,3),
    S ~ U{1..12}, bf16 compute, float32 params, AdamW + EMA): the largest batch of 32, 16, 8
    whose compiled step fits in device memory; step time at S = 1, 4, 12 (one compiled program)
@@ -37,7 +37,7 @@ def log(msg):
 
 
 def check_attention(dims, dtype):
-  """(impl to use, note). Runs a forward with attention_impl='cudnn' against 'xla'."""
+  """(kernels to use, note). Runs a forward with kernels='cudnn' against 'reference'."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -50,22 +50,24 @@ def check_attention(dims, dtype):
   x = jax.random.randint(jax.random.PRNGKey(0), (2, length), 0, dims["vocab"])
   seg = jnp.concatenate([jnp.ones((2, length // 2), jnp.int32),
                          2 * jnp.ones((2, length - length // 2), jnp.int32)], axis=1)
-  xla = LoopedTransformer(ModelConfig(**base, attention_impl="xla"))
+  xla = LoopedTransformer(ModelConfig(**base, kernels="reference"))
   params = nn.unbox(xla.init(jax.random.PRNGKey(1), x, 1)["params"])
   want = jax.jit(lambda p: xla.apply({"params": p}, x, 1, None, seg))(params)
   try:
-    fused = LoopedTransformer(ModelConfig(**base, attention_impl="cudnn"))
+    fused = LoopedTransformer(ModelConfig(**base, kernels="cudnn"))
     got = jax.jit(lambda p: fused.apply({"params": p}, x, 1, None, seg))(params)
     g = jax.jit(jax.grad(lambda p: fused.apply({"params": p}, x, 1, None, seg).mean()))(params)
     jax.block_until_ready(g)
   except Exception as e:  # noqa: BLE001 - any failure means: fall back, say why
     reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    return "xla", f"cuDNN attention unavailable ({type(e).__name__}: {reason}); using XLA"
+    return "reference", (f"cuDNN attention unavailable ({type(e).__name__}: {reason}); "
+                         "using the reference kernels")
   err = float(jnp.max(jnp.abs(got - want)))
   tol = 0.1 if dtype == "bfloat16" else 1e-3
   if not np.isfinite(err) or err > tol:
-    return "xla", f"cuDNN attention differs from XLA (max |diff| {err:.3g} > {tol}); using XLA"
-  return "cudnn", f"cuDNN attention OK (max |logit diff| vs XLA {err:.3g})"
+    return "reference", (f"cuDNN attention differs from the reference (max |diff| {err:.3g} > "
+                         f"{tol}); using the reference kernels")
+  return "cudnn", f"cuDNN attention OK (max |logit diff| vs reference {err:.3g})"
 
 
 def device_bytes():
@@ -87,7 +89,7 @@ def fit_step(dims, batches, loop, loops_spec, dtype, attn, remat="none"):
   for b in batches:
     config = lm_config(width=dims["width"], layers=dims["layers"], heads=dims["heads"],
                        vocab=dims["vocab"], length=dims["length"], batch=b, loop=loop,
-                       loops=loops_spec, dtype=dtype, remat=remat, attention_impl=attn)
+                       loops=loops_spec, dtype=dtype, remat=remat, kernels=attn)
     try:
       step, state, batch, cfg = build_step(config)
       t = time.perf_counter()
@@ -223,7 +225,7 @@ def main(argv=None):
   log(f"[4] sampling: confidence decoding, {sample_steps} steps, batch 8")
   cfg = ModelConfig(vocab_size=dims["vocab"], max_length=dims["length"], width=dims["width"],
                     num_layers=dims["layers"], num_heads=dims["heads"], loop_start=1, loop_end=3,
-                    max_loops=smax, dtype=args.dtype, attention_impl=attn)
+                    max_loops=smax, dtype=args.dtype, kernels=attn)
   try:
     srows = run_sampling(cfg, batch=8 if not args.smoke else 2, length=dims["length"],
                          steps=sample_steps, loops=sorted({1, min(4, smax), smax}), repeats=2)

@@ -1,4 +1,4 @@
-"""Helpers shared by the issue-8 benchmarks: host set-up, an interleaved matmul peak, load.
+"""Helpers shared by the CPU throughput benchmarks: host set-up, an interleaved matmul peak, load.
 
 On a shared CPU host the achievable FLOP/s moves by 2x from one minute to the next, so every
 figure these scripts print is a ratio of measurements taken side by side in one process:

@@ -41,7 +41,7 @@ from flax import traverse_util
 
 from loopjax import checkpoints
 from loopjax.data import data_vocab_size
-from loopjax.model import LoopDistribution, LoopedTransformer, ModelConfig
+from loopjax.model import LoopDistribution, LoopedTransformer, ModelConfig, resolve_kernels
 
 FORMAT, FORMAT_VERSION = "loopjax-export", 1
 WEIGHTS, CONFIG, TOKENIZER_DIR = "model.safetensors", "config.json", "tokenizer"
@@ -55,7 +55,7 @@ TENSOR_NAMES = {
     "layout": "y = x @ kernel (+ bias); attn q/k/v kernel D x H x K, out H x K x D; adaln: "
               "shift1 scale1 gate1 shift2 scale2 gate2 (output.adaln: shift scale)"}
 # ModelConfig fields that change how the same weights are computed, not what they are.
-RUNTIME_FIELDS = ("max_loops", "attention_impl", "remat", "loop_remat", "dtype", "scan_unroll",
+RUNTIME_FIELDS = ("max_loops", "kernels", "remat", "loop_remat", "dtype", "scan_unroll",
                   "unroll_layers")
 
 
@@ -93,7 +93,7 @@ def abstract_params(model, sharding=None):
 def expected_tensors(cfg, abstract: dict | None = None) -> dict[str, tuple[int, ...]]:
   """{export name: shape} that the architecture `cfg` needs (abstract: its flat Flax tree)."""
   if abstract is None:
-    abstract = traverse_util.flatten_dict(abstract_params(LoopedTransformer(cfg)))
+    abstract = traverse_util.flatten_dict(abstract_params(LoopedTransformer(runnable(cfg))))
   return {name: tuple(x.shape if j is None else x.shape[1:])
           for path, x in abstract.items() for name, j in _names(cfg, path, x.shape)}
 
@@ -184,7 +184,7 @@ def load_export(out: str, *, param_dtype: str | None = "float32", verify_checksu
   tree (unboxed) in `param_dtype` (None: as stored); export_config: config.json as a dict.
   runtime: ModelConfig fields that do not change the weights, e.g. {"max_loops": 24} (the static
   loop length of `model.apply`, to run S > S_max of training; not with `loop_embedding`),
-  {"attention_impl": "xla"} (a cudnn-trained model on CPU), "remat", "loop_remat", "dtype",
+  {"kernels": "xla"} (a cudnn-trained model on CPU), "remat", "loop_remat", "dtype",
   "scan_unroll", "unroll_layers".
   """
   config = read_export_config(out)
@@ -196,7 +196,7 @@ def load_export(out: str, *, param_dtype: str | None = "float32", verify_checksu
   if dtype not in DTYPES:
     raise ValueError(f"{os.path.join(out, CONFIG)}: unknown weights dtype {dtype!r}")
   tensors = _read_tensors(out, dtype)
-  abstract = traverse_util.flatten_dict(abstract_params(LoopedTransformer(cfg)))
+  abstract = traverse_util.flatten_dict(abstract_params(LoopedTransformer(runnable(cfg))))
   _check_tensors(cfg, abstract, tensors, out)
   sha = config.get("weights", {}).get("sha256")
   if verify_checksum and sha and file_sha256(os.path.join(out, WEIGHTS)) != sha:
@@ -214,7 +214,13 @@ def with_runtime(cfg, runtime: dict | None):
   if set(runtime) - set(RUNTIME_FIELDS) or ("max_loops" in runtime and cfg.loop_embedding):
     raise ValueError(f"runtime may change only {RUNTIME_FIELDS} (max_loops not with "
                      f"loop_embedding), got {runtime}")
-  return type(cfg).from_dict({**dataclasses.asdict(cfg), **runtime})
+  return runnable(type(cfg).from_dict({**dataclasses.asdict(cfg), **runtime}))
+
+
+def runnable(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` with `kernels="auto"` resolved for this process's devices, where the loaded model
+  runs (sampling, evaluation, export)."""
+  return resolve_kernels(cfg, jax.local_devices())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,7 +255,7 @@ def load_run(workdir: str, *, step: int | None = None, params: str = "ema"):
   if params not in checkpoints.PARAMS:
     raise ValueError(f"params must be 'ema' or 'raw', got {params!r}")
   config = read_run_config(workdir)
-  model = LoopedTransformer(run_model_config(config))
+  model = LoopedTransformer(runnable(run_model_config(config)))
   target = abstract_params(model, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
   tree, step = checkpoints.restore_params(os.path.join(workdir, "checkpoints"), target,
                                           step=step, params=params)

@@ -328,7 +328,7 @@ def test_a_run_loads_its_weights_without_the_optimizer(trained):
   that training built; a checkpoint of another architecture is refused by name."""
   d, out, config = trained
   _, model, ema, step = weights.load_run(d)
-  assert step == 3 and model.cfg == model_config(config) == out["model"].cfg
+  assert step == 3 and model.cfg == weights.runnable(model_config(config)) == out["model"].cfg
   state = jax.device_get(out["state"])
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(ema), state.ema_params)
   raw = weights.load_run(d, params="raw")[2]

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from loopjax.model.kernels import KERNELS
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 MLP_TYPES = ("gelu", "swiglu")
-ATTENTION_IMPLS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -47,7 +48,9 @@ class ModelConfig:
   # saves more makes the scan stack those residuals for all S_max iterations (zeros for the
   # skipped ones), so the backward's time and memory then grow with S_max instead of S.
   loop_remat: str = "full"
-  attention_impl: str = "xla"
+  # Kernel set computing the matmuls and attention (loopjax/model/kernels): reference,
+  # xla_cpu, cudnn, or auto (chosen from the devices by `resolve_kernels` before the model runs).
+  kernels: str = "reference"
   rope_base: float = 10000.0
   scan_unroll: bool = False  # unroll layer/loop scans (exact XLA cost analysis; slower compile).
   # Unroll the layer stacks' scans only (never the loop): no stacked per-layer activations,
@@ -112,6 +115,6 @@ class ModelConfig:
       bad("mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
     for field, allowed in (("mlp_type", MLP_TYPES), ("remat", REMAT_POLICIES),
                            ("loop_remat", REMAT_POLICIES),
-                           ("attention_impl", ATTENTION_IMPLS), ("dtype", DTYPES)):
+                           ("kernels", KERNELS), ("dtype", DTYPES)):
       if getattr(self, field) not in allowed:
         bad(field, f"{getattr(self, field)!r} is not one of {allowed}")

@@ -26,6 +26,9 @@ from loopjax.model.layers import (Block, Dense, adaln_modulation, compute_dtype,
 
 Array = jax.Array
 
+# `Loop(loops=RUN_ALL)`: every iteration of the chunk runs (no conditional per iteration).
+RUN_ALL = "all"
+
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -126,12 +129,16 @@ class Loop(nn.Module):
                h0_BxLxD: Array | None = None):
     """Runs iterations start .. start+length-1 (default all S_max), the first `loops` of them.
 
+    `loops` is S (int or traced), or RUN_ALL: every iteration of the chunk runs, statically.
     Returns (h, ys); ys = (hidden after each iteration, attention probs) when `collect`.
     `h0` is the head output re-injected by `loop_inject` (default: the input h).
     """
     cfg = self.cfg
     length = cfg.max_loops if length is None else length
-    static_full = isinstance(loops, int) and isinstance(start, int) and loops >= start + length
+    if isinstance(loops, str) and loops == RUN_ALL:
+      static_full, loops = True, start + length  # S: the iterations done by the chunk's end
+    else:
+      static_full = isinstance(loops, int) and isinstance(start, int) and loops >= start + length
     # Remat wraps the whole iteration (the nn.cond and the block): its saved inputs are then
     # the carry and loop-invariant weights, which the scan keeps once. Remat per layer inside
     # the cond would make the per-layer weight slices residuals of the cond, and the scan would
@@ -180,7 +187,7 @@ class OutputLayer(nn.Module):
     cfg, dt = self.cfg, compute_dtype(self.cfg)
     shift, scale = adaln_modulation(c_BxC, 2, cfg.width, "adaln")
     h = layer_norm(dt, "norm")(h_BxLxD) * (1 + scale) + shift
-    logits = Dense(cfg.vocab_size, dtype=dt, name="proj",
+    logits = Dense(cfg.vocab_size, dtype=dt, kernels=cfg.kernels, name="proj",
                    kernel_init=dense_init(("embed", "vocab")),
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))(
                        h.astype(dt))
@@ -211,8 +218,8 @@ class LoopedTransformer(nn.Module):
 
     `loops` is S: a Python int or a traced int32 scalar, 1 <= S <= max_loops (a traced S above
     max_loops runs max_loops; for more loops rebuild the model with a larger max_loops, which
-    leaves the parameters unchanged, or drive `loop_chunk`). aux: `loop_hiddens_SxBxLxD` (hidden state after each of the S_max
-    iterations; iterations >= S repeat the last one) and `attn` with layers x B x H x L x L
+    leaves the parameters unchanged, or drive `loop_chunk`). aux: `loop_hiddens_SxBxLxD` (hidden
+    state after each of the S_max iterations; iterations >= S repeat the last one) and `attn` with layers x B x H x L x L
     probabilities per stack (`head`, `loop` with a leading S_max axis, zeros for iterations >= S,
     `tail`).
     """
@@ -259,7 +266,7 @@ class LoopedTransformer(nn.Module):
     """Iterations start .. start+length-1 of the looped block, all executed (inference)."""
     if self.loop is None:
       return h_BxLxD
-    h, _ = self.loop(h_BxLxD, c_BxC, mask_Bx1xLxL, start + length, False, False, start, length,
+    h, _ = self.loop(h_BxLxD, c_BxC, mask_Bx1xLxL, RUN_ALL, False, False, start, length,
                      h0_BxLxD)
     return h
 

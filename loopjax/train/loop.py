@@ -40,7 +40,7 @@ log = logging.getLogger("loopjax")
 # Sections that must match between a run's saved config and a resuming command.
 _COMPAT_SECTIONS = ("model", "loops")
 # ...except these, which change how the same weights are computed, not what they are.
-_RUNTIME_KEYS = {("model", k) for k in ("attention_impl", "remat", "loop_remat", "dtype",
+_RUNTIME_KEYS = {("model", k) for k in ("kernels", "remat", "loop_remat", "dtype",
                                         "scan_unroll", "unroll_layers")}
 
 

@@ -18,18 +18,11 @@ from jax.sharding import Mesh, NamedSharding
 
 from loopjax.diffusion import (Schedule, diffusion_loss, make_schedule, mask_tokens,
                                nelbo_on_grid, sample_times)
-from loopjax.model import LoopDistribution, LoopedTransformer
+from loopjax.model import LoopDistribution, LoopedTransformer, resolve_kernels
 from loopjax.parallel import mesh as mesh_lib
 from loopjax.train import config as config_lib
 from loopjax.train.state import (TrainState, create_abstract_state, init_state, learning_rate,
                                  make_optimizer)
-
-try:
-  from loopjax.model import resolve_kernels
-except ImportError:  # MERGE: remove this fallback once model.resolve_kernels is merged.
-  def resolve_kernels(cfg, devices):
-    del devices
-    return cfg
 
 # The batch format's arrays (loopjax/data/batch.py), each [B, L].
 BATCH_DTYPES = {"tokens": jnp.int32, "fixed": jnp.bool_, "loss_mask": jnp.bool_,

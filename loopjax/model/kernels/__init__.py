@@ -1,0 +1,87 @@
+"""Kernel sets: interchangeable implementations of the model's compute-heavy ops.
+
+`model.kernels` names one set. Every set computes the reference math (`reference.py`, plain jnp
+under autodiff, the one that runs everywhere and supports `jax.jvp`); the others rearrange it
+for a backend and are tested against it:
+
+  reference  plain jnp: nn.Dense's matmul and bias, einsum-softmax attention
+  xla_cpu    custom-VJP matmuls, bias and attention arranged for XLA:CPU's GEMMs (xla_cpu.py)
+  cudnn      the reference dense layers with cuDNN's fused attention (NVIDIA GPUs)
+  auto       one of the above, chosen by `resolve` from the devices the step is compiled for
+
+A new set is a `Kernels` entry in `_SETS` (and, if `auto` should pick it, a line in `_AUTO`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable
+
+import jax
+
+from loopjax.model.kernels import cudnn, reference, xla_cpu
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+  """One implementation of each op the layers delegate."""
+
+  # (x_NxK, [w_KxM, ...]) -> [x @ w, ...]: weights of one shape sharing an input (q, k, v).
+  projections: Callable
+  # lax.dot_general's signature: the dense layers' contraction (Dense, DenseGeneral).
+  dot_general: Callable
+  add_bias: Callable  # (y_NxM, b_M) -> y + b
+  # (q, k, v B x L x H x K, bool mask B x 1 x L x L) -> softmax(q k^T / sqrt(K), masked) v.
+  attention: Callable
+
+
+_REFERENCE = Kernels(projections=reference.projections, dot_general=jax.lax.dot_general,
+                     add_bias=reference.add_bias, attention=reference.attention)
+
+_SETS = {
+    "reference": _REFERENCE,
+    "xla_cpu": Kernels(projections=xla_cpu.projections, dot_general=xla_cpu.dot_general,
+                       add_bias=xla_cpu.add_bias, attention=xla_cpu.attention),
+    "cudnn": dataclasses.replace(_REFERENCE, attention=cudnn.attention),
+}
+
+KERNELS = ("auto",) + tuple(_SETS)
+
+# What `auto` picks per device platform. Accelerators get the reference until a kernel set for
+# them has been checked on the hardware; cudnn is chosen explicitly.
+_AUTO = {"cpu": "xla_cpu", "tpu": "reference", "gpu": "reference", "cuda": "reference",
+         "rocm": "reference"}
+
+
+def get(name: str) -> Kernels:
+  """The kernel set `name`; `auto` must have been resolved first (see `resolve`)."""
+  if name == "auto":
+    raise ValueError("model.kernels='auto' must be resolved for the devices the step is "
+                     "compiled for: loopjax.model.resolve_kernels(cfg, devices)")
+  if name not in _SETS:
+    raise ValueError(f"model.kernels: {name!r} is not one of {KERNELS}")
+  return _SETS[name]
+
+
+def resolve(name: str, devices: Iterable[Any]) -> str:
+  """`name`, or for `auto` the kernel set for the platform of `devices` (mesh devices or AOT
+  topology devices: anything with a `.platform`)."""
+  if name != "auto":
+    get(name)
+    return name
+  platforms = sorted({d.platform for d in devices})
+  if len(platforms) != 1:
+    raise ValueError(f"model.kernels='auto' needs devices of one platform, got "
+                     f"{platforms or 'none'}; set model.kernels to one of {KERNELS[1:]}")
+  if platforms[0] not in _AUTO:
+    raise ValueError(f"model.kernels='auto': no kernel set known for platform "
+                     f"{platforms[0]!r}; set model.kernels to one of {KERNELS[1:]}")
+  return _AUTO[platforms[0]]
+
+
+def resolve_kernels(cfg, devices: Iterable[Any]):
+  """`cfg` (a ModelConfig) unchanged unless `cfg.kernels == "auto"`; then with the kernel set
+  `resolve` picks for `devices`."""
+  if cfg.kernels != "auto":
+    return cfg
+  return dataclasses.replace(cfg, kernels=resolve(cfg.kernels, devices))

@@ -1,0 +1,295 @@
+"""Kernel sets against the reference: values and gradients of each op and of the whole model,
+forward-mode AD through the reference, and the choice `auto` makes from the devices.
+
+No timing here: throughput is measured by benchmarks/ (see BENCHMARKS.md).
+"""
+
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from loopjax.model import KERNELS, LoopedTransformer, ModelConfig, resolve_kernels
+from loopjax.model import kernels
+from loopjax.model import layers
+from loopjax.model.kernels import cudnn, reference, xla_cpu
+
+TINY = dict(vocab_size=11, max_length=16, width=32, num_layers=4, num_heads=4, cond_dim=16,
+            loop_start=1, loop_end=3, max_loops=3)
+
+
+def _segment_mask(seg_BxL):
+  eye = jnp.eye(seg_BxL.shape[1], dtype=bool)
+  return (((seg_BxL[:, :, None] == seg_BxL[:, None, :]) & (seg_BxL[:, None, :] > 0)) | eye)[:, None]
+
+
+def _f32(tree):
+  return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), tree)
+
+
+def _close(got, want, tol, what=""):
+  """Leaf by leaf: |got - want| <= tol * (|want| + max |want|)."""
+  for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(_f32(got)),
+                          jax.tree_util.tree_leaves(_f32(want))):
+    scale = max(float(np.max(np.abs(r))), 1e-6)
+    np.testing.assert_allclose(g, r, rtol=tol, atol=tol * scale,
+                               err_msg=f"{what}{jax.tree_util.keystr(path)}")
+
+
+# --- attention ------------------------------------------------------------------------------
+
+def _qkv(dtype, b=2, length=12, h=3, k=8):
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  q, kk, v, w = (jax.random.normal(key, (b, length, h, k)) for key in keys)
+  seg = jnp.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12])[:, :length]
+  return q.astype(dtype), kk.astype(dtype), v.astype(dtype), w, _segment_mask(seg)
+
+
+def test_reference_attention_matches_float64_numpy():
+  q, k, v, _, mask = _qkv(jnp.float32)
+  qn, kn, vn, mn = (np.asarray(a, np.float64) for a in (q, k, v, mask))
+  logits = np.einsum("bqhk,bthk->bhqt", qn, kn) / math.sqrt(q.shape[-1])
+  logits = np.where(mn, logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = np.einsum("bhqt,bthk->bqhk", p, vn)
+  np.testing.assert_allclose(reference.attention(q, k, v, mask), want, rtol=1e-5, atol=1e-6)
+  # Keys of another segment get no weight.
+  probs = np.asarray(reference.attention_probs(q, k, mask))
+  assert probs[0, :, 0, 5:].max() == 0.0 and np.allclose(probs.sum(-1), 1.0)
+
+
+@pytest.mark.parametrize("dtype,eigen,tol", [(jnp.float32, True, 1e-4),
+                                             (jnp.float32, False, 1e-4),
+                                             (jnp.bfloat16, False, 4e-2)],
+                         ids=["f32_eigen_forms", "f32_row_major_forms", "bf16"])
+def test_xla_cpu_attention_matches_reference(dtype, eigen, tol, monkeypatch):
+  # Both arrangements of the batched products (float32 takes the Eigen forms, bfloat16 not).
+  monkeypatch.setattr(xla_cpu, "eigen_forms", lambda dt: eigen)
+  q, k, v, w, mask = _qkv(dtype)
+  loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask).astype(jnp.float32)) * w)
+  _close(xla_cpu.attention(q, k, v, mask), reference.attention(q, k, v, mask), tol, "value")
+  got = jax.jit(jax.grad(loss(xla_cpu.attention), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.grad(loss(reference.attention), argnums=(0, 1, 2))(q, k, v)
+  for name, g, r in zip("qkv", got, want):
+    assert g.dtype == dtype
+    _close(g, r, tol, f"d/d{name}")
+
+
+def test_bfloat16_attention_dots_stay_bfloat16():
+  # A transposed operand feeding a 4-D batched dot made XLA:CPU upcast bfloat16 attention dots to
+  # float32; `bdot` merges the batch axes to prevent it.
+  q, k, v = (jnp.ones((2, 16, 2, 8), jnp.bfloat16) for _ in range(3))
+  mask = jnp.ones((2, 1, 16, 16), bool)
+  loss = lambda q, k, v: jnp.sum(xla_cpu.attention(q, k, v, mask).astype(jnp.float32))
+  hlo = jax.jit(jax.grad(loss, (0, 1, 2))).lower(q, k, v).compile().as_text()
+  shapes = dict(re.findall(r"%(\S+) = (\S+) ", hlo))
+  operands = re.findall(r"= \S+ dot\(%(\S+), %(\S+)\)", hlo)
+  assert len(operands) == 6, hlo
+  for a, b in operands:
+    assert shapes[a].startswith("bf16") and shapes[b].startswith("bf16"), (shapes[a], shapes[b])
+
+
+# --- dense layers ---------------------------------------------------------------------------
+
+DTYPE_TOL = [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)]
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPE_TOL, ids=["f32", "bf16"])
+@pytest.mark.parametrize("n,kdim,m", [(10, 6, 12), (10, 12, 6), (6, 6, 6), (12, 12, 6),
+                                      (6, 6, 12)],
+                         ids=["x_transposed", "g_transposed", "square", "n_eq_k_gt_m",
+                              "n_eq_k_lt_m"])
+def test_xla_cpu_dot_general_matches_reference(n, kdim, m, dtype, tol):
+  # Each weight-gradient mode, including N == K where a shape test could not tell x from x^T,
+  # through a DenseGeneral-style contraction over a 2-axis kernel.
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, n, kdim)).astype(dtype)
+  w = jax.random.normal(jax.random.PRNGKey(2), (kdim, m // 2, 2)).astype(dtype)
+  dims = (((2,), (0,)), ((), ()))
+  f = lambda dot: lambda x, w: jnp.sum(jnp.sin(dot(x, w, dims).astype(jnp.float32)))
+  ours, plain = f(xla_cpu.dot_general), f(jax.lax.dot_general)
+  assert xla_cpu.dot_general(x, w, dims).dtype == dtype
+  _close(ours(x, w), plain(x, w), tol)
+  got, want = jax.jit(jax.grad(ours, (0, 1)))(x, w), jax.grad(plain, (0, 1))(x, w)
+  assert got[0].dtype == got[1].dtype == dtype
+  _close(got, want, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPE_TOL, ids=["f32", "bf16"])
+@pytest.mark.parametrize("n,kdim,m", [(10, 6, 12), (10, 12, 6)],
+                         ids=["x_transposed", "g_transposed"])
+def test_xla_cpu_shared_input_projections_match_reference(n, kdim, m, dtype, tol):
+  # Attention's q, k, v: three projections of one input with one saved copy of it.
+  x = jax.random.normal(jax.random.PRNGKey(1), (n, kdim)).astype(dtype)
+  ws = [jax.random.normal(jax.random.PRNGKey(i), (kdim, m)).astype(dtype) for i in (2, 3, 4)]
+  loss = lambda fn: lambda x, ws: sum(jnp.sum(jnp.sin(o.astype(jnp.float32)) * (i + 1))
+                                      for i, o in enumerate(fn(x, ws)))
+  ours, plain = loss(xla_cpu.projections), loss(reference.projections)
+  _close(ours(x, ws), plain(x, ws), tol)
+  _close(jax.jit(jax.grad(ours, (0, 1)))(x, ws), jax.grad(plain, (0, 1))(x, ws), tol)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPE_TOL, ids=["f32", "bf16"])
+@pytest.mark.parametrize("name", ["reference", "xla_cpu"])
+def test_dense_matches_flax_dense(name, dtype, tol):
+  # Same parameters and init as nn.Dense; values and gradients with a non-zero bias.
+  kw = dict(dtype=dtype, kernel_init=layers.dense_init(("embed", "mlp")))
+  ours, flax_dense = layers.Dense(24, kernels=name, **kw), nn.Dense(24, **kw)
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 16))
+  p, q = (nn.unbox(m.init(jax.random.PRNGKey(0), x)) for m in (ours, flax_dense))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, p, q)
+  p = jax.tree_util.tree_map(lambda t: t + 0.1, p)
+  assert ours.apply(p, x).dtype == dtype
+  _close(ours.apply(p, x), flax_dense.apply(p, x), tol)
+  grad = lambda m: jax.grad(lambda p: jnp.sum(jnp.sin(m.apply(p, x).astype(jnp.float32))))(p)
+  _close(grad(ours), grad(flax_dense), tol)
+
+
+# --- the whole model ------------------------------------------------------------------------
+
+def _model_inputs():
+  x = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, 12)
+  seg = jnp.array([[1] * 9 + [2] * 4 + [0] * 3, [1] * 16])
+  return x, seg
+
+
+@pytest.mark.parametrize("extra,tol", [(dict(), 2e-4),
+                                       (dict(mlp_type="swiglu", dtype="bfloat16"), 5e-2)],
+                         ids=["f32_gelu", "bf16_swiglu"])
+def test_model_xla_cpu_matches_reference(extra, tol):
+  ref_cfg = ModelConfig(**TINY, **extra)
+  x, seg = _model_inputs()
+  ref = LoopedTransformer(ref_cfg)
+  cpu = LoopedTransformer(dataclasses.replace(ref_cfg, kernels="xla_cpu"))
+  params = nn.unbox(ref.init(jax.random.PRNGKey(1), x, 1)["params"])
+  # The same parameter tree, initialised identically, whatever the kernels.
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params,
+                         nn.unbox(cpu.init(jax.random.PRNGKey(1), x, 1)["params"]))
+  # Non-zero adaLN projections, so every gate is open and every layer contributes.
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, a: a + 0.02 * jax.random.normal(jax.random.PRNGKey(hash(jax.tree_util.keystr(p))
+                                                                   % 2**31), a.shape)
+      if "adaln" in jax.tree_util.keystr(p) else a, params)
+
+  def loss(model):
+    return lambda p: jnp.mean(jnp.sin(model.apply({"params": p}, x, 2, None, seg)))
+
+  _close(cpu.apply({"params": params}, x, 2, None, seg),
+         ref.apply({"params": params}, x, 2, None, seg), tol, "logits")
+  _close(jax.jit(jax.grad(loss(cpu)))(params), jax.jit(jax.grad(loss(ref)))(params), tol * 5,
+         "grad")
+
+
+def test_jvp_through_the_reference_model_matches_the_gradient():
+  model = LoopedTransformer(ModelConfig(**TINY, time_conditioning=True))
+  x, seg = _model_inputs()
+  t = jnp.array([0.3, 0.7])
+  params = nn.unbox(model.init(jax.random.PRNGKey(1), x, 1, t)["params"])
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  tangent = jax.tree_util.tree_unflatten(tree, [
+      jax.random.normal(jax.random.PRNGKey(i), a.shape) for i, a in enumerate(leaves)])
+  loss = lambda p: jnp.mean(jnp.sin(model.apply({"params": p}, x, 2, t, seg)))
+  _, directional = jax.jit(lambda p, v: jax.jvp(loss, (p,), (v,)))(params, tangent)
+  grad = jax.grad(loss)(params)
+  want = sum(jnp.vdot(g, v) for g, v in zip(jax.tree_util.tree_leaves(grad),
+                                             jax.tree_util.tree_leaves(tangent)))
+  np.testing.assert_allclose(directional, want, rtol=1e-4)
+
+
+def test_auto_must_be_resolved_before_the_model_runs():
+  model = LoopedTransformer(ModelConfig(**TINY, kernels="auto"))
+  with pytest.raises(ValueError, match=r"resolve_kernels\(cfg, devices\)"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32), 1)
+
+
+# --- choosing a kernel set ------------------------------------------------------------------
+
+def _devices(*platforms):
+  return [SimpleNamespace(platform=p) for p in platforms]
+
+
+@pytest.mark.parametrize("platform,want", [("cpu", "xla_cpu"), ("tpu", "reference"),
+                                           ("gpu", "reference"), ("cuda", "reference"),
+                                           ("rocm", "reference")])
+def test_auto_picks_from_the_device_platform(platform, want):
+  cfg = resolve_kernels(ModelConfig(kernels="auto"), _devices(platform, platform))
+  assert cfg.kernels == want
+  assert cfg == dataclasses.replace(ModelConfig(), kernels=want)
+
+
+def test_resolve_refuses_mixed_unknown_or_no_devices():
+  for devices, match in ((_devices("cpu", "tpu"), "one platform"), ([], "one platform"),
+                         (_devices("metal"), "platform 'metal'")):
+    with pytest.raises(ValueError, match=match):
+      resolve_kernels(ModelConfig(kernels="auto"), devices)
+
+
+def test_explicit_kernels_are_kept_and_validated():
+  for name in KERNELS[1:]:
+    cfg = ModelConfig.from_dict({"kernels": name})
+    assert resolve_kernels(cfg, _devices("tpu")) is cfg
+  with pytest.raises(ValueError, match="model.kernels"):
+    ModelConfig.from_dict({"kernels": "xla"})
+
+
+def test_cudnn_is_selectable_but_never_automatic():
+  assert "cudnn" in KERNELS and kernels.get("cudnn").attention is cudnn.attention
+  assert kernels.get("cudnn").projections is reference.projections
+  for platform in ("cpu", "tpu", "gpu", "cuda", "rocm"):
+    assert kernels.resolve("auto", _devices(platform)) != "cudnn"
+
+
+# --- an ahead-of-time compile for TPU from this host -----------------------------------------
+
+_TPU_AOT = textwrap.dedent("""
+    import flax.linen as nn, jax, jax.numpy as jnp
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from loopjax.model import LoopedTransformer, ModelConfig, resolve_kernels
+    devices = topologies.get_topology_desc("v5e:2x2", "tpu").devices
+    mesh = Mesh(devices, ("data",))
+
+    def lowered(kernels):
+      cfg = resolve_kernels(ModelConfig(vocab_size=11, max_length=16, width=32, num_layers=2,
+                                        num_heads=4, cond_dim=16, kernels=kernels), devices)
+      model = LoopedTransformer(cfg)
+      params = jax.eval_shape(lambda: nn.unbox(model.init(
+          jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"]))
+      params = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(
+          a.shape, a.dtype, sharding=NamedSharding(mesh, P())), params)
+      x = jax.ShapeDtypeStruct((4, 16), jnp.int32, sharding=NamedSharding(mesh, P("data")))
+      loss = lambda p, x: jnp.mean(model.apply({"params": p}, x) ** 2)
+      return cfg.kernels, jax.jit(jax.value_and_grad(loss)).lower(params, x)
+
+    chosen, tpu = lowered("auto")
+    compiled = tpu.compile()
+    print("CHOSEN", chosen)
+    print("BARRIERS", "optimization_barrier" in tpu.as_text(), "opt-barrier" in compiled.as_text())
+    print("CPU_KERNEL_BARRIERS", "optimization_barrier" in lowered("xla_cpu")[1].as_text())
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed: no TPU compiler for an AOT compile")
+def test_tpu_aot_compile_takes_the_reference_kernels():
+  # In a subprocess: libtpu is loaded once per process and holds a host-wide lock, which
+  # ALLOW_MULTIPLE_LIBTPU_LOAD lifts for a compile-only client.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  out = subprocess.run([sys.executable, "-c", _TPU_AOT], env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "CHOSEN reference" in out.stdout, out.stdout
+  assert "BARRIERS False False" in out.stdout, out.stdout
+  # The check can fail: the CPU kernels do put barriers in the program.
+  assert "CPU_KERNEL_BARRIERS True" in out.stdout, out.stdout
