@@ -137,7 +137,7 @@ def test_trainer_memory_report_and_benchmarks_build_one_step(windowed, monkeypat
     built.append(real(config, mesh))
     return built[-1]
 
-  monkeypatch.setattr(step_lib, "build_train_step", spy)
+  monkeypatch.setattr(memory, "build_train_step", spy)
   config = _config(log_every=4)
   mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
   compiled, abstract, batch = memory.compile_train_step(config, mesh)

@@ -29,6 +29,15 @@ def compute_dtype(cfg: ModelConfig):
   return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
 
+def constrain(x, *names):
+  """x's layout by logical activation axes (`act_*`; a no-op outside a rules context)."""
+  return nn.with_logical_constraint(x, names)
+
+
+BLD = ("act_batch", "act_length", "act_embed")
+BLHK = ("act_batch", "act_length", "act_heads", "act_kv")
+
+
 def dense_init(axes, scale: float = 1.0):
   return nn.with_logical_partitioning(nn.initializers.variance_scaling(scale, "fan_in", "normal"),
                                       axes)
@@ -75,21 +84,25 @@ class Dense(nn.Module):
 
 
 class _Kernel(nn.Module):
-  """nn.DenseGeneral's kernel parameter for one input axis (same name, shape, init, axes)."""
+  """nn.DenseGeneral's kernel parameter (same name, shape, init) over the first `n_in` axes.
+
+  The logical axes label the kernel's own shape: DenseGeneral labels its flattened init, which
+  cannot carry them once a rules context turns the labels into sharding constraints."""
 
   shape: tuple
   axes: tuple
+  n_in: int = 1
 
   @nn.compact
   def __call__(self):
-    init = dense_init(self.axes)
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 
     def flat_init(rng, shape, dtype=jnp.float32):
-      # As DenseGeneral: initialise (inputs, prod(features)) so fan_in is the input width.
-      kernel = init(rng, (shape[0], math.prod(shape[1:])), dtype)
-      return nn.meta.replace_boxed(kernel, jnp.reshape(kernel.unbox(), shape))
+      # As DenseGeneral: initialise (inputs, outputs) flattened, so fan_in is the input size.
+      flat = (math.prod(shape[:self.n_in]), math.prod(shape[self.n_in:]))
+      return jnp.reshape(init(rng, flat, dtype), shape)
 
-    return self.param("kernel", flat_init, self.shape)
+    return self.param("kernel", nn.with_logical_partitioning(flat_init, self.axes), self.shape)
 
 
 class Attention(nn.Module):
@@ -109,18 +122,19 @@ class Attention(nn.Module):
           for n in ("query", "key", "value")]
     q, kk, v = ops.projections(x_BxLxD.astype(dt).reshape(-1, d), ws)
     shape = x_BxLxD.shape[:-1] + (h, k)
-    q_BxLxHxK = rope(q.reshape(shape), cfg.rope_base)
-    k_BxLxHxK = rope(kk.reshape(shape), cfg.rope_base)
-    v_BxLxHxK = v.reshape(shape)
+    q_BxLxHxK = constrain(rope(q.reshape(shape), cfg.rope_base), *BLHK)
+    k_BxLxHxK = constrain(rope(kk.reshape(shape), cfg.rope_base), *BLHK)
+    v_BxLxHxK = constrain(v.reshape(shape), *BLHK)
     probs = None
     if return_probs:  # analysis path: the reference math, probabilities materialised
       probs = reference.attention_probs(q_BxLxHxK, k_BxLxHxK, mask_Bx1xLxL)
       out_BxLxHxK = jnp.einsum("bhqt,bthk->bqhk", probs.astype(dt), v_BxLxHxK)
     else:
       out_BxLxHxK = ops.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL)
-    out_BxLxD = nn.DenseGeneral(
-        cfg.width, axis=(-2, -1), use_bias=False, dtype=dt, dot_general=ops.dot_general,
-        kernel_init=dense_init(("heads", "kv", "embed")), name="out")(out_BxLxHxK)
+    out_BxLxHxK = constrain(out_BxLxHxK, *BLHK)
+    w_HxKxD = _Kernel((h, k, cfg.width), ("heads", "kv", "embed"), n_in=2, name="out")()
+    out_BxLxD = constrain(ops.dot_general(out_BxLxHxK.astype(dt), w_HxKxD.astype(dt),
+                                          (((2, 3), (0, 1)), ((), ()))), *BLD)
     out_BxLxD = nn.Dropout(cfg.dropout)(out_BxLxD, deterministic=not train)
     # The remat policy "save_attn_out" keeps this and recomputes the rest.
     out_BxLxD = checkpoint_name(out_BxLxD, "attn_out")
@@ -141,6 +155,7 @@ class Mlp(nn.Module):
       h_BxLxF = nn.silu(gate) * dense(cfg.mlp_dim, "wi_up", ("embed", "mlp"))(x_BxLxD)
     else:
       h_BxLxF = nn.gelu(dense(cfg.mlp_dim, "wi", ("embed", "mlp"))(x_BxLxD), approximate=True)
+    h_BxLxF = constrain(h_BxLxF, "act_batch", "act_length", "act_mlp")
     h_BxLxF = nn.Dropout(cfg.dropout)(h_BxLxF, deterministic=not train)
     out = dense(cfg.width, "wo", ("mlp", "embed"))(h_BxLxF)
     return nn.Dropout(cfg.dropout)(out, deterministic=not train)
@@ -170,6 +185,7 @@ class Block(nn.Module):
   def __call__(self, x_BxLxD, c_BxC, mask_Bx1xLxL, train: bool = False,
                return_probs: bool = False):
     dt = compute_dtype(self.cfg)
+    x_BxLxD = constrain(x_BxLxD, *BLD)
     shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(
         c_BxC, 6, self.cfg.width, "adaln")
     y = layer_norm(dt, "norm_attn")(x_BxLxD) * (1 + scale1) + shift1
@@ -179,4 +195,4 @@ class Block(nn.Module):
     y = layer_norm(dt, "norm_mlp")(x_BxLxD) * (1 + scale2) + shift2
     y = Mlp(self.cfg, name="mlp")(y.astype(dt), train=train)
     x_BxLxD = x_BxLxD + (gate2 * y).astype(x_BxLxD.dtype)
-    return x_BxLxD, probs
+    return constrain(x_BxLxD, *BLD), probs

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from loopjax.model.config import ModelConfig
-from loopjax.model.layers import (Block, Dense, adaln_modulation, compute_dtype, dense_init,
-                                  layer_norm)
+from loopjax.model.layers import (BLD, Block, Dense, adaln_modulation, compute_dtype, constrain,
+                                  dense_init, layer_norm)
 
 Array = jax.Array
 
@@ -191,7 +191,7 @@ class OutputLayer(nn.Module):
                    kernel_init=dense_init(("embed", "vocab")),
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))(
                        h.astype(dt))
-    return logits.astype(jnp.float32)
+    return constrain(logits.astype(jnp.float32), "act_batch", "act_length", "act_vocab")
 
 
 class LoopedTransformer(nn.Module):
@@ -256,7 +256,7 @@ class LoopedTransformer(nn.Module):
       # Padding (segment 0) attends only to itself, so no softmax row is empty.
       eye = jnp.eye(length, dtype=bool)[None]
       mask_Bx1xLxL = ((same & (segment_ids_BxL[:, None, :] > 0)) | eye)[:, None]
-    h = self.embed(tokens_BxL).astype(jnp.float32)
+    h = constrain(self.embed(tokens_BxL).astype(jnp.float32), *BLD)
     probs = None
     if self.head is not None:
       h, probs = self.head(h, c_BxC, mask_Bx1xLxL, train, collect)

@@ -1,11 +1,15 @@
 """The device mesh (`data`, `fsdp`, `tensor`) and the one table of logical-axis rules.
 
-Parameters carry logical names (`embed`, `heads`, `mlp`, ...); activations use `batch` and
-`length`. `LOGICAL_RULES` maps each to mesh axes; nothing else in loopjax names a mesh axis.
+Parameters carry logical names (`embed`, `heads`, `mlp`, ...); activations carry `act_*` names
+(the model constrains them at the embedding output, every layer's input and output, attention's
+q/k/v and output, the MLP's hidden units and the logits). `LOGICAL_RULES` maps each to mesh axes;
+nothing else in loopjax names a mesh axis.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 from typing import Mapping
@@ -34,7 +38,33 @@ LOGICAL_RULES = (
     ("cond", None),
     ("layers", None),
     ("loops", None),
+    # Activations: the batch over data x fsdp, so FSDP gathers each layer's weights and never
+    # moves activations; heads, MLP units and vocabulary over tensor (tensor parallelism).
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
 )
+
+
+@contextlib.contextmanager
+def rules_context(mesh: Mesh):
+  """While a function is traced: the model's activation constraints resolve to `mesh`'s axes
+  through LOGICAL_RULES (outside it they are no-ops)."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    yield
+
+
+def with_rules(fn, mesh: Mesh):
+  """`fn` traced inside `rules_context(mesh)` (wrap before jax.jit)."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with rules_context(mesh):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:

@@ -166,8 +166,9 @@ def build_train_step(config, mesh: Mesh) -> TrainProgram:
                        antithetic=config.diffusion.antithetic, ema_decay=t.ema_decay,
                        grad_accum=int(t.grad_accum), lr_fn=learning_rate(t))
   batch_sh, rep = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
-  jit = lambda *in_sh: jax.jit(fn, in_shardings=in_sh, out_shardings=(shardings, rep),
-                               donate_argnums=0)
+  # Traced under the mesh's logical-axis rules: activations shard over the batch axes.
+  jit = lambda *in_sh: jax.jit(mesh_lib.with_rules(fn, mesh), in_shardings=in_sh,
+                               out_shardings=(shardings, rep), donate_argnums=0)
   return TrainProgram(model=model, tx=tx, mesh=mesh, abstract_state=abstract,
                       state_shardings=shardings, batch_sharding=batch_sh,
                       step=jit(shardings, batch_sh), step_at_loops=jit(shardings, batch_sh, rep),
