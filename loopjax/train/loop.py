@@ -218,6 +218,9 @@ def train(config, workdir: str) -> dict:
   on_cpu = jax.devices()[0].platform == "cpu"
   peak = flops.peak_flops_per_device(dtype=cfg.dtype) if is_main else None
   peak_total = peak * (1 if on_cpu else jax.device_count()) if peak else None
+  # Only process 0 measured the peak: meet again so that the first step's collectives start
+  # together on every process.
+  distributed.barrier("loopjax_start")
   window_flops = 0.0
   last = {}
   step = start
