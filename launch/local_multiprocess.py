@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -31,7 +32,34 @@ import time
 TAIL_LINES = 15
 
 
+def _bindable(port: int) -> bool:
+  with socket.socket() as s:
+    try:
+      s.bind(("localhost", port))
+    except OSError:
+      return False
+  return True
+
+
 def free_port() -> int:
+  """A port free now, below the kernel's ephemeral range when it can be.
+
+  Process 0 binds it only after importing JAX, seconds later; a port from the ephemeral range
+  may meanwhile be handed to an outgoing connection (gloo opens many). A random one below the
+  range is taken only by another launcher drawing the same number.
+  """
+  low = 32768
+  try:
+    with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+      low = int(f.read().split()[0])
+  except (OSError, ValueError, IndexError):
+    pass
+  draw = random.SystemRandom()
+  if low > 11000:
+    for _ in range(50):
+      port = draw.randrange(10000, low)
+      if _bindable(port):
+        return port
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]

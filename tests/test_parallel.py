@@ -123,8 +123,9 @@ def _result(proc, deadline):
   return json.loads(line[len("RESULT "):])
 
 
-def _launch(argv, env, timeout):
+def _launch(argv, env, timeout, log_path):
   """Runs launch/local_multiprocess.py; fails with its summary (each process's code and tail)."""
+  start = time.monotonic()
   proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, errors="replace")
   try:
@@ -137,6 +138,7 @@ def _launch(argv, env, timeout):
     except subprocess.TimeoutExpired:
       proc.kill()
       log, _ = proc.communicate()
+  log_path.write_text(log + f"\n(wall {time.monotonic() - start:.0f} s)\n")
   if proc.returncode != 0:
     pytest.fail(f"2-process job exited with code {proc.returncode}:\n{log[-8000:]}",
                 pytrace=False)
@@ -173,7 +175,7 @@ def runs(tmp_path_factory):
     # Alone, so that its processes, which meet at barriers and collectives, compete with as
     # little else as possible.
     for n in (HALF, STEPS):
-      mp_log += _launch(train(n), _env(tmp), MP_TIMEOUT)
+      mp_log += _launch(train(n), _env(tmp), MP_TIMEOUT, tmp / f"mp_to_{n}.log")
   finally:
     for p in (ref, eight):
       if p.poll() is None:
