@@ -143,7 +143,9 @@ def session(command: str):
     else:
       traceback.print_exc()
       code = 130 if isinstance(e, KeyboardInterrupt) else 1
-    print(f"loopjax {command}: process {jax.process_index()} of {jax.process_count()} failed; "
+    from jax._src import distributed as jax_distributed  # needs no backend, unlike jax.process_*
+    state = jax_distributed.global_state
+    print(f"loopjax {command}: process {state.process_id} of {state.num_processes} failed; "
           f"exiting with code {code} without waiting for the other processes", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
