@@ -77,6 +77,12 @@ class _Process:
                                   bufsize=1, start_new_session=True)
     self.pump = threading.Thread(target=self._pump, args=(out,), daemon=True)
     self.pump.start()
+    self.ended = None  # time.monotonic() at its exit, to tell which of several failed first
+    threading.Thread(target=self._wait, daemon=True).start()
+
+  def _wait(self) -> None:
+    self.popen.wait()
+    self.ended = time.monotonic()
 
   def _pump(self, out) -> None:
     for line in iter(self.popen.stdout.readline, ""):
@@ -151,7 +157,7 @@ def launch(command: list[str], num_processes: int, devices_per_process: int,
     while [p.popen.poll() for p in procs].count(None):
       failed = [p for p in procs if p.popen.returncode not in (None, 0)]
       if failed:
-        first_failure = failed[0]
+        first_failure = min(failed, key=lambda p: p.ended or time.monotonic())
         code = _exit_code(first_failure.popen.returncode)
         summary = f"process {first_failure.i} failed after {time.monotonic() - start:.0f} s"
         _stop(procs, f"stopped after process {first_failure.i} failed", grace)
@@ -173,7 +179,7 @@ def launch(command: list[str], num_processes: int, devices_per_process: int,
   if code == 0:
     failed = [p for p in procs if p.popen.returncode]
     if failed:
-      first_failure = failed[0]
+      first_failure = min(failed, key=lambda p: p.ended or time.monotonic())
       code = _exit_code(first_failure.popen.returncode)
       summary = f"process {first_failure.i} failed after {time.monotonic() - start:.0f} s"
   if code:

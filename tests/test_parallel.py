@@ -247,15 +247,17 @@ def _load_launcher():
 
 # A stand-in process for the launcher: argv ends with --process-id I (the launcher appends it).
 FAKE = textwrap.dedent("""
-  import signal, sys, time
-  i = int(sys.argv[-1])
+  import os, signal, sys, time
+  mode, ready, i = sys.argv[1], sys.argv[2], int(sys.argv[-1])
   print(f"process {i} started", flush=True)
-  if i == 0:  # starts late, then would wait for its peer for ever, ignoring SIGTERM
+  if i == 0:  # would wait for its peer for ever, ignoring SIGTERM
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    time.sleep(1)
     print("waiting for the peer", flush=True)
+    open(ready, "w").close()
     time.sleep(600)
-  elif sys.argv[1] == "fail":
+  while not os.path.exists(ready):  # whichever started first, process 1 acts after process 0
+    time.sleep(0.05)
+  if mode == "fail":
     print("process 1 gives up", flush=True)
     sys.exit(3)
   time.sleep(600)
@@ -264,12 +266,12 @@ FAKE = textwrap.dedent("""
 
 def test_launcher_stops_peers_of_a_failed_process_and_says_who_did_what(tmp_path):
   launcher = _load_launcher()
-  for mode, code, timeout in (("fail", 3, 300), ("hang", 124, 3)):
+  for mode, code, timeout in (("fail", 3, 300), ("hang", 124, 20)):
     log = tmp_path / f"{mode}.log"
     with open(log, "w") as out:
       start = time.monotonic()
-      assert launcher.launch([sys.executable, "-c", FAKE, mode], 2, 1, timeout=timeout, grace=1,
-                             out=out) == code
+      assert launcher.launch([sys.executable, "-c", FAKE, mode, str(tmp_path / f"{mode}.ready")],
+                             2, 1, timeout=timeout, grace=1, out=out) == code, log.read_text()
     assert time.monotonic() - start < 60  # a failure ends the job at once, a hang at the timeout
     text = log.read_text()
     assert "[0] waiting for the peer" in text and "[1] process 1 started" in text
