@@ -127,13 +127,15 @@ def session(command: str):
   a ValueError or FileNotFoundError, as the CLI does, else the traceback) and exits at once with
   a non-zero code, skipping the shutdown barrier: its peers may be blocked in a collective with
   it and would never arrive there, so waiting would only hide the error for the whole shutdown
-  timeout. The launcher, or the coordination service when the heartbeats stop, ends the peers.
+  timeout (a final barrier that times out is such an exception). The launcher, or the
+  coordination service when the heartbeats stop, ends the peers.
   """
   if not jax.distributed.is_initialized():
     yield
     return
   try:
     yield
+    barrier(f"loopjax_{command}_done")
   except BaseException as e:  # noqa: B036  (any exit of this process is the job's failure)
     if isinstance(e, (ValueError, FileNotFoundError)):
       print(f"loopjax {command}: error: {e}", file=sys.stderr)
@@ -150,5 +152,4 @@ def session(command: str):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-  barrier(f"loopjax_{command}_done")
   jax.distributed.shutdown()
