@@ -38,14 +38,15 @@ def _train(argv) -> int:
   if spec is None:
     p.error("--config experiments/NAME.py[:VARIANT] is required")
   config = load_config(spec, overrides)  # overrides first, then the variant's derived values
-  from loopjax.parallel.distributed import maybe_initialize
-  maybe_initialize(args.coordinator, args.num_processes, args.process_id)
+  from loopjax.parallel import distributed
+  distributed.maybe_initialize(args.coordinator, args.num_processes, args.process_id)
   from loopjax.train.loop import train
   from loopjax.evaluate.final import report_task_accuracy
 
-  out = train(config, args.workdir)
-  if not out["metrics"].get("stopped_by_signal"):
-    report_task_accuracy(config, out, args.workdir)
+  with distributed.session("train"):
+    out = train(config, args.workdir)
+    if not out["metrics"].get("stopped_by_signal"):
+      report_task_accuracy(config, out, args.workdir)
   return 0
 
 

@@ -3,17 +3,20 @@ that really are sharded, checkpoints that move between meshes, clear errors for 
 the per-device memory report.
 
 Multi-device cases run in subprocesses with 8 fake CPU devices (the pytest process has one). The
-expensive runs start together in one module fixture (one 1-device reference, one 8-device driver
-that trains on several meshes in turn, one 2-process x 4-device job) and share a persistent
-compilation cache, so the file stays within a few minutes on 2 cores.
+expensive runs share one module fixture (a 1-device reference and an 8-device driver that trains
+on several meshes in turn, side by side; then a 2-process x 4-device job alone) and a persistent
+compilation cache, so the file stays within a few minutes on 2 cores. Every run has a deadline
+and a failure reports each process's exit code and the tail of its output.
 """
 
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -40,6 +43,9 @@ TINY = ["--config.model.width=32", "--config.model.num_layers=2", "--config.mode
 # Float32 sums in another order (sharded reductions): equal to ~1e-6; a wrong batch slice,
 # a dropped gradient shard or a mis-restored optimizer moves the loss by 1e-2 or more.
 RTOL = 1e-5
+# Deadlines (s) for the reference and 8-device driver together, and for each 2-process job. They
+# take 1-5 min on a 2-core machine loaded 5x over; a hang fails with its log, not a stall.
+DRIVER_TIMEOUT, MP_TIMEOUT = 720, 300
 
 
 def _mesh(d, f, t):
@@ -56,6 +62,9 @@ def _env(tmp, devices=None):
   env["JAX_PLATFORMS"] = "cpu"
   env["JAX_COMPILATION_CACHE_DIR"] = str(tmp / "jax_cache")
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  # libtpu (TPU ahead-of-time compiles) otherwise takes a machine-wide lock file, which a
+  # concurrent run holding it makes fail; no TPU is driven here.
+  env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
   return env
 
 
@@ -88,18 +97,52 @@ def _driver(tmp, name, runs, devices):
   log = open(tmp / f"{name}.log", "w+")
   proc = subprocess.Popen([sys.executable, "-c", DRIVER, EXPERIMENT, json.dumps(runs)],
                           env=_env(tmp, devices), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-  proc.log = log
+  proc.log, proc.name = log, name
   return proc
 
 
-def _result(proc, timeout):
-  proc.wait(timeout=timeout)
+def _tail(text, lines=40):
+  return "\n".join(text.splitlines()[-lines:])
+
+
+def _result(proc, deadline):
+  """The driver's RESULT; fails with its exit code and last lines if it fails or overruns."""
+  try:
+    proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()
   proc.log.seek(0)
   out = proc.log.read()
   proc.log.close()
-  assert proc.returncode == 0, out[-4000:]
+  if proc.returncode != 0:
+    what = "overran its deadline (killed)" if proc.returncode == -signal.SIGKILL else \
+        f"exited with code {proc.returncode}"
+    pytest.fail(f"driver {proc.name!r} {what}; its last lines:\n{_tail(out)}", pytrace=False)
   line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
   return json.loads(line[len("RESULT "):])
+
+
+def _launch(argv, env, timeout, log_path):
+  """Runs launch/local_multiprocess.py; fails with its summary (each process's code and tail)."""
+  start = time.monotonic()
+  proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, errors="replace")
+  try:
+    # The launcher stops its processes at its own --timeout; this is the backstop.
+    log, _ = proc.communicate(timeout=timeout + 60)
+  except subprocess.TimeoutExpired:
+    proc.send_signal(signal.SIGTERM)  # the launcher stops its process groups, then reports
+    try:
+      log, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      log, _ = proc.communicate()
+  log_path.write_text(log + f"\n(wall {time.monotonic() - start:.0f} s)\n")
+  if proc.returncode != 0:
+    pytest.fail(f"2-process job exited with code {proc.returncode}:\n{log[-8000:]}",
+                pytrace=False)
+  return log
 
 
 def _losses(workdir):
@@ -123,23 +166,21 @@ def runs(tmp_path_factory):
   ], 8)
   # Two processes x 4 devices: train to HALF (checkpoint), then a new job resumes to STEPS.
   train = lambda n: [sys.executable, LAUNCH, "--num-processes", "2", "--devices-per-process",
-                     "4", "--timeout", "400", "--", "loopjax", "train", "--config", EXPERIMENT,
-                     "--workdir", w("mp"), *TINY, *steps(n), *_mesh(2, 2, 2)]
-  mp, mp_log = None, ""
+                     "4", "--timeout", str(MP_TIMEOUT), "--", "loopjax", "train", "--config",
+                     EXPERIMENT, "--workdir", w("mp"), *TINY, *steps(n), *_mesh(2, 2, 2)]
+  mp_log = ""
   try:
-    out = {**_result(ref, 600), **_result(eight, 600)}
-    # Alone: gloo gives a process 30 s to reach a collective its peer has reached, which an
-    # oversubscribed 2-core machine can exceed.
+    deadline = time.monotonic() + DRIVER_TIMEOUT
+    out = {**_result(ref, deadline), **_result(eight, deadline)}
+    # Alone, so that its processes, which meet at barriers and collectives, compete with as
+    # little else as possible.
     for n in (HALF, STEPS):
-      mp = subprocess.Popen(train(n), env=_env(tmp), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-      log, _ = mp.communicate(timeout=450)
-      mp_log += log
-      assert mp.returncode == 0, log[-4000:]
+      mp_log += _launch(train(n), _env(tmp), MP_TIMEOUT, tmp / f"mp_to_{n}.log")
   finally:
-    for p in (ref, eight, mp):
-      if p is not None and p.poll() is None:
+    for p in (ref, eight):
+      if p.poll() is None:
         p.kill()
+        p.wait()
   return SimpleNamespace(out=out, dir=w, mp_log=mp_log)
 
 
@@ -195,6 +236,84 @@ def test_two_processes_train_checkpoint_resume_like_one(runs):
     assert [json.loads(l)["step"] for l in f] == list(range(1, STEPS + 1))
   np.testing.assert_allclose(_losses(wd), _losses(runs.dir("m222")), rtol=RTOL,
                              err_msg="2 processes x 4 devices vs 1 process x 8 devices")
+
+
+def _load_launcher():
+  spec = importlib.util.spec_from_file_location("local_multiprocess", LAUNCH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+# A stand-in process for the launcher: argv ends with --process-id I (the launcher appends it).
+FAKE = textwrap.dedent("""
+  import os, signal, sys, time
+  mode, ready, i = sys.argv[1], sys.argv[2], int(sys.argv[-1])
+  print(f"process {i} started", flush=True)
+  if i == 0:  # would wait for its peer for ever, ignoring SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("waiting for the peer", flush=True)
+    open(ready, "w").close()
+    time.sleep(600)
+  while not os.path.exists(ready):  # whichever started first, process 1 acts after process 0
+    time.sleep(0.05)
+  if mode == "fail":
+    print("process 1 gives up", flush=True)
+    sys.exit(3)
+  time.sleep(600)
+""")
+
+
+def test_launcher_stops_peers_of_a_failed_process_and_says_who_did_what(tmp_path):
+  launcher = _load_launcher()
+  for mode, code, timeout in (("fail", 3, 300), ("hang", 124, 20)):
+    log = tmp_path / f"{mode}.log"
+    with open(log, "w") as out:
+      start = time.monotonic()
+      assert launcher.launch([sys.executable, "-c", FAKE, mode, str(tmp_path / f"{mode}.ready")],
+                             2, 1, timeout=timeout, grace=1, out=out) == code, log.read_text()
+    assert time.monotonic() - start < 60  # a failure ends the job at once, a hang at the timeout
+    text = log.read_text()
+    assert "[0] waiting for the peer" in text and "[1] process 1 started" in text
+    if mode == "fail":
+      assert "process 1 failed" in text and "process 1: exited with code 3;" in text
+      # Ignored SIGTERM, so killed; its last lines are in the summary.
+      assert "process 0: killed by SIGKILL (stopped after process 1 failed; killed after " \
+          "ignoring SIGTERM" in text
+      assert "    | process 1 gives up" in text and "    | waiting for the peer" in text
+    else:
+      assert f"timed out after {timeout} s; exit code 124" in text
+      assert "process 0: killed by SIGKILL (stopped at the timeout" in text
+      assert "process 1: killed by SIGTERM (stopped at the timeout)" in text
+
+
+# One process of a 2-process job fails while its peer waits for it at a barrier.
+FAILING = textwrap.dedent("""
+  import sys
+  from loopjax.parallel import distributed
+  coordinator, n, i = sys.argv[-5], int(sys.argv[-3]), int(sys.argv[-1])
+  distributed.maybe_initialize(coordinator, n, i)
+  with distributed.session("test"):
+    if i == 1:
+      raise ValueError("process 1 cannot go on")
+    distributed.barrier("never_passed")
+""")
+
+
+def test_a_failing_process_exits_at_once_with_its_error(tmp_path):
+  log = tmp_path / "job.log"
+  with open(log, "w") as out:
+    start = time.monotonic()
+    code = _load_launcher().launch([sys.executable, "-c", FAILING], 2, 1, timeout=240,
+                                   env=_env(tmp_path), cwd=ROOT, grace=5, out=out)
+  text = log.read_text()
+  assert code == 2, text
+  # Not after JAX's shutdown timeout: the failed process skips the shutdown barrier.
+  assert time.monotonic() - start < 200, text
+  assert "[1] loopjax test: error: process 1 cannot go on" in text
+  assert "process 1: exited with code 2;" in text
+  # (JAX's preemption notifier catches SIGTERM, so the launcher may have to SIGKILL it.)
+  assert "process 0: killed by SIG" in text and "(stopped after process 1 failed" in text
 
 
 def _cli(tmp, *args, devices=8):

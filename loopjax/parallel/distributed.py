@@ -13,21 +13,34 @@ Environment knobs (launch scripts set them):
   LOOPJAX_LOCAL_DEVICE_IDS=0,1,..  the accelerators this process drives. JAX's SLURM detection
                                  gives each task one GPU (its SLURM_LOCALID); one task per node
                                  driving all of the node's GPUs must list them.
-  LOOPJAX_BARRIER_TIMEOUT=1800   seconds a process waits at a start-up barrier for the others
-                                 (data set-up and compilation can differ a lot between hosts).
+  LOOPJAX_BARRIER_TIMEOUT=1800   seconds a process waits for the others: to connect at start-up,
+                                 at a loopjax barrier (data set-up and compilation can differ a lot
+                                 between hosts), at the final barrier and at JAX's shutdown barrier.
+  LOOPJAX_HEARTBEAT_TIMEOUT=300  seconds without a heartbeat after which the coordination service
+                                 declares a process dead and stops the job.
 
 Barriers go through the coordination service, not through collectives: a CPU (gloo) collective
-gives a late peer only 30 s to join its first call, which skewed start-up or compile times on a
-loaded host exceed. So Orbax is switched to client barriers, and the trainer compiles its
-programs ahead of time and meets at `barrier` before the first collective runs.
+gives a late peer only 30 s to join (reduce-scatter on every call, the others on their first call,
+when the communicators connect), which skewed start-up or compile times on a loaded host exceed.
+So Orbax is switched to client barriers, and the trainer compiles its programs ahead of time and
+meets at `barrier` right before its first step, with no per-process work between the two.
+
+`session` ends a command: on success the processes meet once more and disconnect together; on
+an error the failing process exits at once (see there), so a launcher or the coordination service
+stops its peers instead of everyone waiting out the shutdown timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import traceback
 
 import jax
+
+from loopjax.errors import UserError
 
 log = logging.getLogger("loopjax")
 
@@ -35,6 +48,22 @@ log = logging.getLogger("loopjax")
 def _local_device_ids() -> list[int] | None:
   ids = os.environ.get("LOOPJAX_LOCAL_DEVICE_IDS", "").strip()
   return [int(x) for x in ids.split(",") if x.strip()] if ids else None
+
+
+def _seconds(name: str, default: int) -> int:
+  value = os.environ.get(name, "").strip() or str(default)
+  try:
+    seconds = int(float(value))
+  except ValueError:
+    seconds = 0
+  if seconds < 1:
+    raise ValueError(f"{name} must be a number of seconds >= 1, got {value!r}")
+  return seconds
+
+
+def barrier_timeout() -> int:
+  """Seconds a process waits for its peers (LOOPJAX_BARRIER_TIMEOUT, default 1800)."""
+  return _seconds("LOOPJAX_BARRIER_TIMEOUT", 1800)
 
 
 def _cluster_detected() -> bool:
@@ -53,15 +82,18 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
   if mode not in ("auto", "1", "0"):
     raise ValueError(f"LOOPJAX_DISTRIBUTED must be auto, 1 or 0, got {mode!r}")
   local_ids = _local_device_ids()
+  wait_s = barrier_timeout()
+  timeouts = dict(initialization_timeout=wait_s, shutdown_timeout_seconds=wait_s,
+                  heartbeat_timeout_seconds=_seconds("LOOPJAX_HEARTBEAT_TIMEOUT", 300))
   if coordinator is not None:
     if num_processes is None or process_id is None:
       raise ValueError("--coordinator needs --num-processes and --process-id")
     if not 0 <= process_id < num_processes:
       raise ValueError(f"--process-id {process_id} is not in [0, --num-processes {num_processes})")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_ids)
+                               process_id=process_id, local_device_ids=local_ids, **timeouts)
   elif mode == "1" or (mode == "auto" and _cluster_detected()):
-    jax.distributed.initialize(local_device_ids=local_ids)
+    jax.distributed.initialize(local_device_ids=local_ids, **timeouts)
   else:
     return
   _orbax_client_barriers()
@@ -84,5 +116,42 @@ def barrier(name: str) -> None:
   if jax.process_count() == 1:
     return
   from jax._src import distributed as jax_distributed  # the client JAX itself initialised
-  timeout_s = float(os.environ.get("LOOPJAX_BARRIER_TIMEOUT", "1800"))
-  jax_distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
+  jax_distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=barrier_timeout() * 1000)
+
+
+@contextlib.contextmanager
+def session(command: str):
+  """Runs the body of `loopjax COMMAND` as this process's part of a multi-process job.
+
+  Nothing happens in a single-process run. Otherwise, on success every process meets at a final
+  barrier and then shuts the distributed runtime down, so JAX's shutdown barrier never waits for
+  a peer still checkpointing or compiling. On an exception the process reports it (one line for
+  a ValueError, FileNotFoundError or UserError, as the CLI does, else the traceback) and exits at once with
+  a non-zero code, skipping the shutdown barrier: its peers may be blocked in a collective with
+  it and would never arrive there, so waiting would only hide the error for the whole shutdown
+  timeout (a final barrier that times out is such an exception). The launcher, or the
+  coordination service when the heartbeats stop, ends the peers.
+  """
+  if not jax.distributed.is_initialized():
+    yield
+    return
+  try:
+    yield
+    barrier(f"loopjax_{command}_done")
+  except BaseException as e:  # noqa: B036  (any exit of this process is the job's failure)
+    if isinstance(e, (ValueError, FileNotFoundError, UserError)):
+      print(f"loopjax {command}: error: {e}", file=sys.stderr)
+      code = 2
+    elif isinstance(e, SystemExit):
+      code = e.code if isinstance(e.code, int) and e.code else 1
+    else:
+      traceback.print_exc()
+      code = 130 if isinstance(e, KeyboardInterrupt) else 1
+    from jax._src import distributed as jax_distributed  # needs no backend, unlike jax.process_*
+    state = jax_distributed.global_state
+    print(f"loopjax {command}: process {state.process_id} of {state.num_processes} failed; "
+          f"exiting with code {code} without waiting for the other processes", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  jax.distributed.shutdown()

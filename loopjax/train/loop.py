@@ -274,6 +274,9 @@ def _loop(run: _Run, state, step: int, step_fn, evaluate, stop: "_StopFlag"):
   to be finite (or on_nonfinite=skip)."""
   t = run.config.train
   window = _metrics_window(run, step, step_fn)
+  # Only process 0 measured the peak: meet again so that the first step's collectives start
+  # together on every process.
+  distributed.barrier("loopjax_start")
   writer = MetricsWriter(run.workdir, total_steps=t.steps, enabled=jax.process_index() == 0)
 
   def write(closed, eval_state=None) -> dict:
