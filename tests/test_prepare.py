@@ -429,22 +429,40 @@ def test_truncated_or_corrupt_shard(tmp_path):
 # ---------------------------------------------------------------- end to end
 
 
-def test_train_a_few_steps_on_a_prepared_corpus(tmp_path):
-  from loopjax.train.config import base_config
+def test_owt_recipe_trains_on_a_prepared_corpus_and_resumes_bitwise(tmp_path):
+  """experiments/owt.py:loopmdm with size overrides reads a prepared corpus; a run stopped at a
+  checkpoint and resumed logs the same losses as one that went straight through."""
+  from loopjax.train.config_load import load_config
   from loopjax.train.loop import train
   raw, _ = _corpus_dir(tmp_path, files=2, per_file=60)
   out = str(tmp_path / "corpus")
   prepare([raw], "byte", out, heldout=0.1, progress=False)
-  c = base_config()
-  c.model.update(width=32, num_layers=3, num_heads=2, cond_dim=16, vocab_size=257,
-                 max_length=32)
-  c.data.update(source="prepared", path=out, seq_len=32, tokenizer="byte", prefetch=0)
-  c.train.update(batch_size=4, steps=3, log_every=1, eval_every=1000, eval_batches=1,
-                 eval_time_points=2, checkpoint_every=3, async_checkpoints=False)
-  c.loops.train = "uniform:1:2"
-  c.eval.examples = 0
-  train(c, str(tmp_path / "run"))
-  rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-  losses = [r["loss"] for r in rows if "loss" in r]
-  assert len(losses) == 3 and np.isfinite(losses).all()
-  assert os.path.isdir(tmp_path / "run" / "checkpoints" / "3")
+  spec = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "experiments", "owt.py") + ":loopmdm"
+  overrides = [f"--config.data.path={out}", "--config.data.tokenizer=byte",
+               "--config.data.seq_len=32", "--config.data.prefetch=0",
+               "--config.model.vocab_size=257", "--config.model.max_length=32",
+               "--config.model.width=32", "--config.model.num_layers=3",
+               "--config.model.num_heads=2", "--config.model.cond_dim=16",
+               "--config.model.dtype=float32", "--config.model.remat=none",
+               "--config.loops.train=uniform:1:2", "--config.train.batch_size=4",
+               "--config.train.warmup_steps=2",  # the same schedule for 2 and 4 steps
+               "--config.train.log_every=1", "--config.train.eval_every=1000",
+               "--config.train.eval_batches=1", "--config.train.eval_time_points=2",
+               "--config.train.checkpoint_every=2", "--config.train.async_checkpoints=False"]
+  runs = {}
+  for name, stops in (("straight", [4]), ("resumed", [2, 4])):
+    wd = str(tmp_path / name)
+    for steps in stops:
+      train(load_config(spec, overrides + [f"--config.train.steps={steps}"]), wd)
+    rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    runs[name] = rows
+  losses = {k: [r["loss"] for r in rows] for k, rows in runs.items()}
+  assert len(losses["straight"]) == 4 and np.isfinite(losses["straight"]).all()
+  assert losses["resumed"] == losses["straight"]
+  # The run records what it read: the corpus manifest, tokens seen and epochs.
+  wd = tmp_path / "straight"
+  assert json.load(open(wd / "data_manifest.json")) == json.load(open(os.path.join(out, "manifest.json")))
+  last = runs["straight"][-1]
+  assert last["tokens_seen"] == 4 * 4 * 32 and 0 < last["epochs"] < 1
+

@@ -140,7 +140,8 @@ def test_trainer_memory_report_and_benchmarks_build_one_step(windowed, monkeypat
   monkeypatch.setattr(memory, "build_train_step", spy)
   config = _config(log_every=4)
   mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
-  compiled, abstract, batch = memory.compile_train_step(config, mesh)
+  compiled, program = memory.compile_train_step(config, mesh)
+  abstract, batch = program.abstract_state, program.abstract_batch()
   assert len(built) == 1
   # The memory report compiled the trainer's step: the same state and batch shardings in, the
   # trainer's final state fits them, and the batch is the data's format.

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from typing import Any
@@ -23,6 +24,8 @@ import numpy as np
 
 from loopjax import flops
 from loopjax.checkpoints import param_shape_diff
+from loopjax.data import prepared
+from loopjax.data import shards as data_shards
 from loopjax.data.process_rows import make_shards_eval_batches, make_shards_iterator
 from loopjax.diffusion import eval_time_grid, make_schedule, metrics_from_nelbo
 from loopjax.errors import UserError
@@ -171,6 +174,9 @@ def _setup(config, workdir: str) -> _Run:
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(config.to_json(indent=2))
+      if config.data.source == "prepared":  # what the run reads, kept beside what it made
+        shutil.copyfile(data_shards.manifest_path(config.data.path),
+                        os.path.join(workdir, "data_manifest.json"))
     run.data_iter = run.open_data()
     run.first = next(run.data_iter)
     check_batch(run.first, program.model.cfg.vocab_size, config.data.seq_len)
@@ -279,8 +285,16 @@ def _loop(run: _Run, state, step: int, step_fn, evaluate, stop: "_StopFlag"):
   distributed.barrier("loopjax_start")
   writer = MetricsWriter(run.workdir, total_steps=t.steps, enabled=jax.process_index() == 0)
 
+  data = run.config.data
+  rows_per_step = t.batch_size
+  manifest = data_shards.load_manifest(data.path) if data.source == "prepared" else None
+
   def write(closed, eval_state=None) -> dict:
     row, bad = window.row(closed)
+    row["tokens_seen"] = closed.step * rows_per_step * data.seq_len
+    if manifest is not None:
+      row["epochs"] = prepared.epochs(manifest, rows=closed.step * rows_per_step,
+                                      seq_len=data.seq_len, wrap=data.wrap)
     _check_finite(bad, t.on_nonfinite)
     if eval_state is not None:
       row |= evaluate(eval_state)

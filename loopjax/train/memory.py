@@ -16,13 +16,18 @@ may keep bfloat16 math in float32): a guide, not a guarantee. Use `--topology` f
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
+import os
 import re
+import shutil
+import tempfile
 
 import jax
 import numpy as np
 
+from loopjax.parallel import hlo
 from loopjax.parallel import mesh as mesh_lib
 from loopjax.parallel.topology import tpu_topology_devices
 from loopjax.train.config_load import load_config, split_config_args
@@ -60,19 +65,36 @@ def _global_bytes(tree) -> int:
              for x in jax.tree_util.tree_leaves(tree))
 
 
-def compile_train_step(config, mesh):
-  """(compiled train step, abstract state, abstract batch), AOT for `mesh`'s devices."""
+def compile_train_step(config, mesh, dump_dir: str | None = None):
+  """(compiled train step, its TrainProgram): the trainer's step, compiled AOT for `mesh`;
+  `dump_dir`: XLA writes the optimised HLO there as text."""
   program = build_train_step(config, mesh)
-  batch = program.abstract_batch()
-  return program.step.lower(program.abstract_state, batch).compile(), program.abstract_state, batch
+  lowered = program.step.lower(program.abstract_state, program.abstract_batch())
+  options = {"xla_dump_to": dump_dir, "xla_dump_hlo_as_text": True} if dump_dir else None
+  return lowered.compile(compiler_options=options), program
+
+
+def _optimized_hlo(compiled, dump_dir: str | None) -> str:
+  """The partitioned, optimised HLO text. Large TPU executables cannot always be turned back
+  into text (`as_text` fails on some async collectives), so for accelerators it is read from
+  the compiler's own dump."""
+  if dump_dir is None:
+    return compiled.as_text()
+  paths = sorted(glob.glob(os.path.join(dump_dir, "*train_step*after_optimizations.txt")))
+  if not paths:
+    raise RuntimeError(f"XLA wrote no optimised HLO of the train step to {dump_dir}")
+  with open(paths[-1], encoding="utf-8") as f:
+    return f.read()
 
 
 def memory_report(config, devices=None, mesh_cfg=None, memory_gib: float | None = None) -> dict:
   """Bytes per device of the train step of `config` on a mesh over `devices` (default: all)."""
   devices = list(jax.devices() if devices is None else devices)
   mesh = mesh_lib.make_mesh(dict(config.mesh) if mesh_cfg is None else mesh_cfg, devices)
+  dump_dir = None if devices[0].platform == "cpu" else tempfile.mkdtemp(prefix="loopjax_hlo_")
   try:
-    compiled, abstract, batch = compile_train_step(config, mesh)
+    compiled, program = compile_train_step(config, mesh, dump_dir)
+    hlo_text = _optimized_hlo(compiled, dump_dir)
   except jax.errors.JaxRuntimeError as e:
     # The TPU compiler refuses programs that cannot fit; that is an answer, not a failure.
     if "RESOURCE_EXHAUSTED" not in str(e):
@@ -82,8 +104,13 @@ def memory_report(config, devices=None, mesh_cfg=None, memory_gib: float | None 
                      msg)
     return {"device_kind": devices[0].device_kind, "num_devices": len(devices),
             "mesh": {k: int(v) for k, v in mesh.shape.items()}, "fits": False,
+            "peak_bytes": None, "activation_collectives": None,
             "compiler_error": msg[:500],
             "compiler_needs": f"{need[1]} of {need[2]}" if need else None}
+  finally:
+    if dump_dir:
+      shutil.rmtree(dump_dir, ignore_errors=True)
+  abstract, batch = program.abstract_state, program.abstract_batch()
   m = compiled.memory_analysis()
   state_other = (_shard_bytes(abstract) - _shard_bytes(abstract.params)
                  - _shard_bytes(abstract.ema_params) - _shard_bytes(abstract.opt_state))
@@ -111,11 +138,20 @@ def memory_report(config, devices=None, mesh_cfg=None, memory_gib: float | None 
   peak = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
   if peak and devices[0].platform != "cpu":
     out["peak"] = peak
-  out["needed"] = out.get("peak", out["total"])
+  out["needed"] = out["peak_bytes"] = out.get("peak", out["total"])
   gib = memory_gib if memory_gib else device_memory_gib(out["device_kind"])
   if gib:
     out["device_memory"] = int(gib * GIB)
     out["fits"] = out["needed"] <= out["device_memory"]
+  # Collectives of the partitioned program; one that spans the global batch moves activations.
+  colls = hlo.collectives(hlo_text)
+  out["kernels"] = program.model.cfg.kernels
+  out["collectives"] = {"count": len(colls), "bytes": sum(c["bytes"] for c in colls),
+                        "by_op": {op: sum(c["op"] == op for c in colls)
+                                  for op in sorted({c["op"] for c in colls})}}
+  out["activation_collectives"] = [
+      {"op": c["op"], "shapes": c["shapes"], "bytes": c["bytes"]}
+      for c in hlo.activation_collectives(colls, out["batch_size"], out["seq_len"])]
   return out
 
 
@@ -148,6 +184,17 @@ def format_report(r: dict) -> str:
   if "device_memory" in r:
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
     lines.append(f"  device memory     {g(r['device_memory'])}   -> {verdict}")
+  c = r["collectives"]
+  ops = ", ".join(f"{n} {op}" for op, n in c["by_op"].items()) or "none"
+  lines.append(f"collectives: {c['count']} ({ops}), {g(c['bytes']).strip()} of operands; "
+               f"kernels {r['kernels']}")
+  act = r["activation_collectives"]
+  if act:
+    lines.append(f"  {len(act)} ACTIVATION-SIZED (span the global batch of "
+                 f"{r['batch_size']} x {r['seq_len']}): activations are replicated, not sharded")
+    lines += [f"    {a['op']} {a['shapes']} ({g(a['bytes']).strip()})" for a in act[:8]]
+  else:
+    lines.append("  none spans the global batch (activations stay sharded over data x fsdp)")
   if r["device_kind"] == "cpu":
     lines.append("(fake CPU devices: temp is the CPU compiler's estimate; use --topology for TPU)")
   return "\n".join(lines)
