@@ -159,6 +159,16 @@ class Loop(nn.Module):
     return h_BxLxD, ys
 
 
+class Embed(nn.Embed):
+  """nn.Embed whose lookup gathers the (FSDP-sharded) table, as every layer gathers its weights,
+  instead of gathering the batch's token ids onto every device."""
+
+  def __call__(self, tokens_BxL):
+    table_VxD = nn.with_logical_constraint(self.embedding, ("act_vocab", None))
+    tokens_BxL = nn.with_logical_constraint(tokens_BxL, ("act_batch", "act_length"))
+    return jnp.take(table_VxD, tokens_BxL, axis=0)
+
+
 class TimeEmbedding(nn.Module):
   """Sinusoidal features of t -> MLP -> SiLU, as MDLM's TimestepEmbedder."""
 
@@ -201,7 +211,7 @@ class LoopedTransformer(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    self.embed = nn.Embed(cfg.vocab_size + 1, cfg.width, embedding_init=nn.with_logical_partitioning(
+    self.embed = Embed(cfg.vocab_size + 1, cfg.width, embedding_init=nn.with_logical_partitioning(
         nn.initializers.normal(1.0), ("vocab", "embed")))
     self.time_embed = TimeEmbedding(cfg.cond_dim)
     head_n = cfg.loop_start if cfg.looped else cfg.num_layers
