@@ -139,7 +139,7 @@ def test_gsm8k_accuracy_of_a_constant_answer(monkeypatch):
   assert [s["pred"] for s in out["samples"]] == ["4"] * 5
 
 
-def test_sudoku_task_accuracy_of_an_oracle_and_a_constant_predictor():
+def test_sudoku_task_accuracy_of_an_oracle_and_a_constant_predictor(monkeypatch):
   """Every blank filled from the solution scores 1.0; every blank filled with one digit d
   scores the share of blanks whose solution is d, and no board (d then fills more than the 9
   cells a valid board gives each digit)."""
@@ -153,14 +153,18 @@ def test_sudoku_task_accuracy_of_an_oracle_and_a_constant_predictor():
   (batch,) = make_eval_batches(default_data_config(), batch_size=6, num_batches=1, seed=0)
   solution = jnp.asarray(batch["tokens"])
   oracle = _filling_sampler(lambda sol, x: jnp.where(x == cfg.mask_id, sol, x))
-  acc = task_accuracy(model, solution, [batch], source="sudoku", loops=1, sampler_fn=oracle)
+  from loopjax.evaluate import tasks
+  use = lambda sampler: monkeypatch.setattr(tasks, "make_sampler", lambda *a, **k: sampler)
+  use(oracle)
+  acc = task_accuracy(model, solution, [batch], source="sudoku", loops=1)
   assert (acc["cell_accuracy"], acc["board_accuracy"], acc["exact_board_accuracy"]) == (1, 1, 1)
   assert acc["examples"] == 6 and acc["nfe"] == 1
   blanks = np.asarray(batch["loss_mask"], bool)
   assert blanks.sum(1).min() > 9
   for d in (0, 4):
     const = _filling_sampler(lambda _, x, d=d: jnp.where(x == cfg.mask_id, d, x))
-    acc = task_accuracy(model, {}, [batch], source="sudoku", loops=1, sampler_fn=const)
+    use(const)
+    acc = task_accuracy(model, {}, [batch], source="sudoku", loops=1)
     assert acc["cell_accuracy"] == pytest.approx(np.mean(batch["tokens"][blanks] == d))
     assert acc["board_accuracy"] == 0.0 and acc["exact_board_accuracy"] == 0.0
 

@@ -97,3 +97,36 @@ def test_shards_iterator_reads_the_one_process_rows_and_resumes():
                          shards=[(0, 4), (1, 4), (2, 4)]).set_state(state)
   for it in (whole, parts, again):
     it.close()
+
+
+@needs_libtpu
+@pytest.mark.parametrize("mesh_cfg", [{"fsdp": -1}, {"data": -1}, {"data": 2, "fsdp": -1},
+                                      {"data": 1, "fsdp": 2, "tensor": 2}])
+def test_one_host_loads_the_whole_batch_as_one_shard(mesh_cfg):
+  mesh = mesh_lib.make_mesh(mesh_cfg, tpu_topology_devices("v5e:2x2"))  # 4 chips, one host
+  assert mesh_lib.process_row_shards(mesh, 16, 0) == [(0, 1)]
+
+
+def test_row_runs_split_into_the_fewest_aligned_shards():
+  # 8 blocks on one host of a fake 8-device mesh: one shard, not (0, 4) + (2, 8) + ...
+  from types import SimpleNamespace
+
+  class Device:  # hashable, as jax devices are
+    def __init__(self, i):
+      self.id, self.process_index = i, 0
+
+  devs = [Device(i) for i in range(8)]
+  grid = np.asarray(devs, dtype=object).reshape(1, 8, 1)
+  mesh = SimpleNamespace(shape={"data": 1, "fsdp": 8, "tensor": 1}, devices=grid)
+  index_map = {d: (slice(2 * i, 2 * i + 2), slice(None)) for i, d in enumerate(devs)}
+  sharding = SimpleNamespace(devices_indices_map=lambda shape: index_map)
+  orig = mesh_lib.batch_sharding
+  try:
+    mesh_lib.batch_sharding = lambda m: sharding
+    assert mesh_lib.process_row_shards(mesh, 16, 0) == [(0, 1)]
+    for d in devs[3:]:  # this process holds blocks 0-2: (0, 4) then (2, 8)
+      d.process_index = 1
+    assert mesh_lib.process_row_shards(mesh, 16, 0) == [(0, 4), (2, 8)]
+    assert mesh_lib.process_row_shards(mesh, 16, 1) == [(3, 8), (1, 2)]
+  finally:
+    mesh_lib.batch_sharding = orig

@@ -216,20 +216,17 @@ def process_row_shards(mesh: Mesh, global_batch_size: int,
                    if d.process_index == pid})
   if not blocks:
     raise ValueError(f"process {pid} has no devices in the mesh")
-  shards, run = [], [blocks[0]]
-  for b in blocks[1:] + [None]:
-    # Extend the run while the next block is adjacent and the longer run stays aligned.
-    if b == run[-1] + 1 if b is not None else False:
-      longer = len(run) + 1
-      if run[0] % longer == 0 and dp % longer == 0:
-        run.append(b)
-        continue
-    length = len(run)
-    if run[0] % length or dp % length:  # an unaligned run: its blocks one by one
-      shards += [(x, dp) for x in run]
+  runs, shards = [[blocks[0], blocks[0] + 1]], []
+  for b in blocks[1:]:  # maximal runs of adjacent blocks [lo, hi)
+    if b == runs[-1][1]:
+      runs[-1][1] = b + 1
     else:
-      shards.append((run[0] // length, dp // length))
-    run = [b]
+      runs.append([b, b + 1])
+  for lo, hi in runs:  # each as the fewest aligned shards: the longest that fits at lo first
+    while lo < hi:
+      length = max(n for n in range(1, hi - lo + 1) if dp % n == 0 and lo % n == 0)
+      shards.append((lo // length, dp // length))
+      lo += length
   return shards
 
 
