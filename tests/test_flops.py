@@ -150,7 +150,7 @@ def test_flops_linear_in_loops_with_slope_of_the_block():
 
 
 def test_paper_flop_matching():
-  """DESIGN.md §1: F_loop = F_base + (E[S]-1) n_m F_layer; matched deeper MDM ~ 23 layers."""
+  """The paper's rule: F_loop = F_base + (E[S]-1) n_m F_layer; matched deeper MDM ~ 23 layers."""
   base = ModelConfig(**PAPER)
   loop = ModelConfig(**PAPER, loop_start=1, loop_end=3, max_loops=12)
   L, D, F_, C, V = 1024, 768, 3072, 128, 50257

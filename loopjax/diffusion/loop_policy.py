@@ -1,6 +1,6 @@
 """How many loops S the looped block runs at each denoising step: fixed, scheduled, adaptive.
 
-Loops are an inference-time knob (DESIGN.md §1): any S >= 1 works, S > S_max included. A policy
+Loops are an inference-time knob: any S >= 1 works, S > S_max included. A policy
 is parsed from one spec string (the `--loops` flag):
 
   "8" or "fixed:8"        fixed S = 8 at every step (the same grammar as training's
