@@ -13,7 +13,8 @@ import ml_collections
 
 from loopjax.data import data_vocab_size, default_data_config
 from loopjax.diffusion import make_schedule
-from loopjax.model import LoopDistribution, ModelConfig
+from loopjax.model import ModelConfig
+from loopjax.weights import run_model_config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -56,12 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def model_config(config) -> ModelConfig:
-  """ModelConfig of an experiment (S_max from loops.train), validated."""
-  dist = LoopDistribution.parse(config.loops.train)
-  fields = dict(config.model)
-  if fields.get("vocab_size", 0) == 0:
-    fields["vocab_size"] = data_vocab_size(config.data)
-  return ModelConfig.from_dict({**fields, "max_loops": dist.max_loops})
+  """ModelConfig of an experiment (S_max from loops.train), validated: the one a run of it has."""
+  return run_model_config(config)
 
 
 def validate(config) -> None:
