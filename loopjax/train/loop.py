@@ -286,14 +286,13 @@ def _loop(run: _Run, state, step: int, step_fn, evaluate, stop: "_StopFlag"):
   writer = MetricsWriter(run.workdir, total_steps=t.steps, enabled=jax.process_index() == 0)
 
   data = run.config.data
-  rows_per_step = t.batch_size
   manifest = data_shards.load_manifest(data.path) if data.source == "prepared" else None
 
   def write(closed, eval_state=None) -> dict:
     row, bad = window.row(closed)
-    row["tokens_seen"] = closed.step * rows_per_step * data.seq_len
+    row["tokens_seen"] = closed.step * t.batch_size * data.seq_len
     if manifest is not None:
-      row["epochs"] = prepared.epochs(manifest, rows=closed.step * rows_per_step,
+      row["epochs"] = prepared.epochs(manifest, rows=closed.step * t.batch_size,
                                       seq_len=data.seq_len, wrap=data.wrap)
     _check_finite(bad, t.on_nonfinite)
     if eval_state is not None:
