@@ -2,7 +2,7 @@
 # Train loopjax on a Cloud TPU VM slice or pod: every worker runs the same `loopjax train`.
 #
 #   launch/tpu_pod.sh all     [-- --config.train.steps=1000 ...]   create, copy, install, train
-#   launch/tpu_pod.sh create | copy | install | train [-- ...] | logs | stop | delete | ssh
+#   launch/tpu_pod.sh create | copy | install | train [-- ...] | logs | stop | delete | ssh | status
 #
 # Edit the variables below (or set them in the environment). WORKDIR should be a gs:// bucket
 # path the TPU VMs can write (Orbax writes checkpoints there from every worker; metrics and
@@ -21,6 +21,16 @@ CONFIG="${CONFIG:-experiments/sudoku.py}"
 WORKDIR="${WORKDIR:-gs://my-bucket/loopjax/${TPU_NAME}}"
 REMOTE_DIR="${REMOTE_DIR:-loopjax}"      # relative to the home directory on each worker
 PIP_JAX="${PIP_JAX:-jax[tpu]}"           # pin to match your local jax, e.g. jax[tpu]==0.10.2
+PYTHON="${PYTHON:-3.11}"                 # uv installs this Python on every worker (images ship 3.10)
+VENV="${VENV:-.venv-loopjax}"            # relative to the home directory on each worker
+# Overlap of collectives with compute (MaxText's defaults for FSDP/data parallel on TPU).
+LIBTPU_INIT_ARGS="${LIBTPU_INIT_ARGS:---xla_tpu_enable_data_parallel_all_reduce_opt=true \
+--xla_tpu_data_parallel_opt_different_sized_ops=true --xla_tpu_enable_async_collective_fusion=true \
+--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true \
+--xla_tpu_enable_async_collective_fusion_multiple_steps=true \
+--xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true}"
+# JAX's persistent compilation cache: a restarted or resumed job skips the compile.
+COMPILE_CACHE="${COMPILE_CACHE:-$WORKDIR/jax_cache}"
 DETACH="${DETACH:-1}"                    # 1: train under nohup, follow with `logs`; 0: stream
 LOG="${LOG:-loopjax_train.log}"
 
@@ -67,16 +77,23 @@ copy() {
 }
 
 install() {
-  on_all "cd ~/$REMOTE_DIR && python3 -m pip install -q -U pip && \
-    python3 -m pip install -q '$PIP_JAX' && python3 -m pip install -q -e ."
+  # The TPU images' system Python is 3.10; jax/flax/orbax/grain need >= 3.11. uv installs a
+  # standalone Python and the packages into a venv on every worker.
+  on_all "set -e; command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; \
+    export PATH=\$HOME/.local/bin:\$PATH; cd ~/$REMOTE_DIR; \
+    uv venv --python $PYTHON --allow-existing ~/$VENV; \
+    VIRTUAL_ENV=~/$VENV uv pip install '$PIP_JAX' -e '.[tpu]'; \
+    ~/$VENV/bin/python -c 'import jax, loopjax; print(\"jax\", jax.__version__)'"
 }
 
 train() {
   # LOOPJAX_DISTRIBUTED=1: gcloud-created TPU VMs have no environment variable that tells
   # JAX it is one of several workers; this makes every worker call jax.distributed.initialize.
-  local args cmd
+  local args cmd flags
   args="$(printf '%q ' "${EXTRA[@]}")"
-  cmd="cd ~/$REMOTE_DIR && LOOPJAX_DISTRIBUTED=1 python3 -m loopjax.cli train \
+  flags="$(printf '%q' "$LIBTPU_INIT_ARGS")"  # escaped, no quotes: survives `bash -c '...'`
+  cmd="cd ~/$REMOTE_DIR && LOOPJAX_DISTRIBUTED=1 LIBTPU_INIT_ARGS=$flags \
+    JAX_COMPILATION_CACHE_DIR=$COMPILE_CACHE ~/$VENV/bin/python -m loopjax.cli train \
     --config $CONFIG --workdir $WORKDIR $args"
   if [[ "$DETACH" == 1 ]]; then
     on_all "nohup bash -c '$cmd' > ~/$LOG 2>&1 < /dev/null &"
@@ -110,6 +127,9 @@ case "$ACTION" in
   logs) logs ;;
   stop) stop ;;
   delete) delete ;;
+  status) if [[ "$QUEUED" == 1 ]]; then
+            gc compute tpus queued-resources describe "$TPU_NAME" --zone "$ZONE"
+          else gc compute tpus tpu-vm describe "$TPU_NAME" --zone "$ZONE"; fi ;;
   ssh) gc compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker="${WORKER:-0}" ;;
   all) create; copy; install; train; [[ "$DETACH" == 1 ]] && logs ;;
   *) sed -n '2,11p' "$0" >&2; exit 2 ;;

@@ -128,12 +128,15 @@ def device_grid(mesh_cfg: Mapping[str, int], devices) -> np.ndarray:
   shape = mesh_shape(mesh_cfg, len(devices))
   num_slices = len({getattr(d, "slice_index", 0) for d in devices})
   by_process = num_slices == 1 and any(int(mesh_cfg.get(k, 1)) > 1 for k in DCN_KEYS)
-  granules = len({d.process_index for d in devices}) if by_process else num_slices
-  dcn = dcn_shape(mesh_cfg, shape, granules)
-  if granules > 1:
+  if by_process:
+    groups = host_groups(devices, math.prod(int(mesh_cfg.get(k, 1)) for k in DCN_KEYS))
+    dcn = dcn_shape(mesh_cfg, shape, len(groups))
     ici = tuple(s // d for s, d in zip(shape, dcn))
-    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices,
-                                                process_is_granule=by_process)
+    return _hybrid_grid(mesh_utils, groups, ici, dcn)
+  dcn = dcn_shape(mesh_cfg, shape, num_slices)
+  if num_slices > 1:
+    ici = tuple(s // d for s, d in zip(shape, dcn))
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
   try:
     return mesh_utils.create_device_mesh(shape, devices=devices)
   except Exception as e:  # CPU / unknown topologies: plain order is as good as any.
@@ -141,6 +144,39 @@ def device_grid(mesh_cfg: Mapping[str, int], devices) -> np.ndarray:
       log.warning("mesh: no topology-aware layout for %s on %s (%s); using device order",
                   shape, devices[0].device_kind, e)
     return np.asarray(devices).reshape(shape)
+
+
+def host_groups(devices, num_hosts: int) -> list[list]:
+  """The devices split into `num_hosts` slow-network granules on a multi-node GPU job.
+
+  One process per node: each process is a granule. One process per GPU (SLURM's default,
+  `--ntasks-per-node=GPUs`): a node's processes have consecutive ranks (SLURM's block
+  distribution), so P processes on `num_hosts` nodes form groups of P / num_hosts ranks.
+  """
+  by_rank = {}
+  for d in devices:
+    by_rank.setdefault(d.process_index, []).append(d)
+  ranks = sorted(by_rank)
+  if len(ranks) <= num_hosts or len(ranks) % num_hosts:
+    return [by_rank[r] for r in ranks]
+  per_host = len(ranks) // num_hosts
+  return [[d for r in ranks[h * per_host:(h + 1) * per_host] for d in by_rank[r]]
+          for h in range(num_hosts)]
+
+
+def _hybrid_grid(mesh_utils, groups, ici, dcn) -> np.ndarray:
+  """A (data, fsdp, tensor) grid whose `dcn` parts run across `groups` and `ici` parts inside one."""
+  blocks = []
+  for group in groups:
+    try:
+      blocks.append(mesh_utils.create_device_mesh(ici, devices=group))
+    except Exception:  # no topology-aware layout (CPU, fakes): device order inside the group
+      blocks.append(np.asarray(group, dtype=object).reshape(ici))
+  grid = np.empty(tuple(i * d for i, d in zip(ici, dcn)), dtype=object)
+  for g, block in enumerate(blocks):
+    pos = np.unravel_index(g, dcn)
+    grid[tuple(slice(p * i, (p + 1) * i) for p, i in zip(pos, ici))] = block
+  return grid
 
 
 def logical_sharding(mesh: Mesh, logical_spec) -> NamedSharding:
