@@ -283,6 +283,21 @@ def test_large_loop_counts_warn_with_the_cost(caplog):
   assert "S = 100000" in msg and "at least" in msg and msg in caplog.text
 
 
+def test_sample_warns_of_the_cost_before_it_compiles(assets, caplog, monkeypatch):
+  from loopjax.evaluate import sample_cli
+
+  class Stop(Exception):
+    pass
+
+  def no_compile(*args, **kwargs):
+    raise Stop
+
+  monkeypatch.setattr(sample_cli, "make_sampler", no_compile)
+  with pytest.raises(Stop):
+    sample_cli.sample_main(["--workdir", assets["export"], "--loops", "100000", "--num", "1"])
+  assert "S = 100000" in caplog.text and "FLOPs per sample" in caplog.text
+
+
 def test_outputs_go_beside_an_export_folder(assets, tmp_path):
   from loopjax.evaluate.cli_args import output_dir
 
