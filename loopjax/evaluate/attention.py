@@ -189,8 +189,8 @@ def analyze_main(argv) -> int:
   config, model, params = load_model_dir(args.workdir, params=args.params)
   cfg = model.cfg
   if args.loops:
-    loops_list = [_fixed_loops(parse_loops_arg(s, cfg.max_loops))
-                  for s in args.loops.split(",") if s.strip()]
+    loops_list = list(dict.fromkeys(_fixed_loops(parse_loops_arg(s, cfg.max_loops))
+                                    for s in args.loops.split(",") if s.strip()))
   else:
     loops_list = sorted(set(range(1, cfg.max_loops + 1)) | {2 * cfg.max_loops}) \
         if cfg.looped else [1]

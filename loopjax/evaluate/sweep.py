@@ -185,7 +185,10 @@ def plot_task_rows(rows, workdir: str) -> list[str]:
 
 
 def _ints(s: str) -> list[int]:
-  return [int(v) for v in s.split(",") if v.strip()]
+  try:
+    return [int(v) for v in s.split(",") if v.strip()]
+  except ValueError:
+    raise ValueError(f"--steps {s!r}: want a comma list of integers (0: the default)") from None
 
 
 def eval_main(argv) -> int:
