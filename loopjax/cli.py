@@ -11,13 +11,17 @@
   loopjax memory --config A [--mesh data=..,fsdp=..,tensor=..] [--devices N | --topology v5e:2x4]
   loopjax export --workdir DIR --out OUT [--params ema|raw] [--dtype float32|bfloat16] [--step N]
 
-Each subcommand imports only what it needs, so `loopjax --help` is instant.
+Each subcommand imports only what it needs, so `loopjax --help` is instant. Expected failures
+(bad config or arguments, missing or unreadable files: ValueError, OSError, UserError) print one
+line `loopjax CMD: error: ...` and exit 2; `LOOPJAX_DEBUG=1` re-raises them with the traceback.
+Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 USAGE = __doc__.split("\n\n")[1]
@@ -100,7 +104,9 @@ def main(argv=None) -> int:
   from loopjax.errors import UserError  # no heavy imports: --help stays instant
   try:
     return COMMANDS[argv[0]](argv[1:])
-  except (ValueError, FileNotFoundError, UserError) as e:
+  except (ValueError, OSError, UserError) as e:
+    if os.environ.get("LOOPJAX_DEBUG", "") not in ("", "0"):
+      raise
     print(f"loopjax {argv[0]}: error: {e}", file=sys.stderr)
     return 2
 

@@ -1,6 +1,6 @@
 """Expected failures: the CLI prints their message on one line and exits non-zero, no traceback.
 
-ValueError and FileNotFoundError are treated the same way (bad config, missing files); the
+ValueError and OSError are treated the same way (bad config, missing or unreadable files); the
 classes here are the expected failures that are neither.
 """
 

@@ -232,8 +232,19 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{workdir} is not a loopjax run: no config.json (train one with "
                             "`loopjax train --config ... --workdir DIR`)")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is damaged, not a JSON config ({e}): restore the run's "
+                     "config.json or train into a new --workdir") from None
+  if not isinstance(saved, dict):
+    raise ValueError(f"{path} is damaged: a JSON {type(saved).__name__}, not the run's config "
+                     "object (restore it or train into a new --workdir)")
+  if saved.get("format") == FORMAT:
+    raise ValueError(f"{workdir} is a `loopjax export` folder, not a training workdir: this "
+                     "command needs the run's workdir (sample, eval and analyze read either)")
+  return ml_collections.ConfigDict(saved)
 
 
 def run_model_config(config) -> ModelConfig:

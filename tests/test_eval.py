@@ -260,11 +260,15 @@ def test_sample_keeps_givens_and_fills_every_mask(trained, capsys):
 def test_sample_and_eval_accept_an_exported_folder(trained, tmp_path, capsys):
   out = tmp_path / "exported"
   _main(capsys, "export", "--workdir", str(trained), "--out", str(out))
+  files = sorted(p.name for p in out.rglob("*"))
   stdout = _main(capsys, "sample", "--workdir", str(out), "--heldout", "--num", "2",
                  "--loops", "2", "--steps", "4", "--sampler", "confidence")
   report = json.loads(stdout.strip().splitlines()[-1])
   assert report["given_kept"] and report["masks_left"] == 0 and report["loops_mean"] == 2.0
-  _main(capsys, "eval", "--workdir", str(out), "--loops", "2", "--examples", "2",
+  _main(capsys, "eval", "--workdir", str(out), "--loops", "max", "--examples", "2",
         "--batch-size", "2", "--nelbo-batches", "1", "--time-points", "2", "--steps", "4")
-  summary = json.loads((out / "eval" / "summary.json").read_text())
-  assert summary["params"] == "ema" and summary["tasks"][0]["loops"] == 2
+  # Outputs go beside the export folder (EXPORT.outputs), never into it.
+  summary = json.loads((tmp_path / "exported.outputs" / "eval" / "summary.json").read_text())
+  assert summary["params"] == "ema" and summary["tasks"][0]["loops"] == 3  # max = S_max
+  assert report["file"].startswith(str(tmp_path / "exported.outputs" / "samples"))
+  assert sorted(p.name for p in out.rglob("*")) == files

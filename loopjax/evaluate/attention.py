@@ -11,8 +11,10 @@ i.e. the fraction of its attention that a masked position spends on other masked
 `chance` is the share a uniform attention would give: the mean fraction of masked keys seen by a
 masked query. The paper reports this share rising with the loop count and saturating near S_max.
 
-`loopjax analyze attention --workdir DIR [--loops 1,2,4,...]` writes eval/attention.json,
-plots/attention_heatmap.png (executed layer x S) and plots/attention_vs_loops.png.
+`loopjax analyze attention --workdir DIR [--loops 1,2,4,...] [--out OUT]` writes
+eval/attention.json, plots/attention_heatmap.png (executed layer x S) and
+plots/attention_vs_loops.png under the workdir (an export folder: beside it, EXPORT.outputs;
+--out: OUT). `--loops 0` or `max` is S_max.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 
 from loopjax.data import make_eval_batches
 from loopjax.diffusion import eval_time_grid, make_schedule, mask_tokens
+from loopjax.evaluate.cli_args import output_dir, parse_loops_arg, warn_loop_cost
 from loopjax.model import LoopedTransformer
 from loopjax.weights import load_model_dir
 
@@ -158,25 +161,43 @@ def plot_attention(result: dict, plots_dir: str) -> list[str]:
   return [heat, line]
 
 
+def _fixed_loops(spec: str) -> int:
+  """S of a fixed `--loops` value (this analysis runs one S at a time, no adaptive policy)."""
+  try:
+    loops = int(spec.removeprefix("fixed:"))
+  except ValueError:
+    raise ValueError(f"--loops {spec!r}: analyze takes fixed loop counts (N, or 0 / max for "
+                     "S_max)") from None
+  if loops < 1:
+    raise ValueError(f"--loops {spec!r}: S must be >= 1, or 0 / max for S_max")
+  return loops
+
+
 def analyze_main(argv) -> int:
   p = argparse.ArgumentParser(prog="loopjax analyze",
                               description="attention among masked positions vs loops")
   p.add_argument("what", choices=["attention"])
   p.add_argument("--workdir", required=True, help="a run's workdir or an exported folder")
-  p.add_argument("--loops", default="", help="comma-separated S (default 1..S_max and 2*S_max)")
+  p.add_argument("--loops", default="", help="comma-separated S, 0 or max = S_max (default "
+                 "1..S_max and 2*S_max)")
   p.add_argument("--examples", type=int, default=16)
   p.add_argument("--time-points", type=int, default=4)
   p.add_argument("--params", default=None, choices=["ema", "raw"])
+  p.add_argument("--out", default=None, help="write eval/ and plots/ here (default: the workdir; "
+                 "beside an export folder, EXPORT.outputs)")
   args = p.parse_args(argv)
   config, model, params = load_model_dir(args.workdir, params=args.params)
   cfg = model.cfg
   if args.loops:
-    loops_list = [int(s) for s in args.loops.split(",")]
+    loops_list = list(dict.fromkeys(_fixed_loops(parse_loops_arg(s, cfg.max_loops))
+                                    for s in args.loops.split(",") if s.strip()))
   else:
     loops_list = sorted(set(range(1, cfg.max_loops + 1)) | {2 * cfg.max_loops}) \
         if cfg.looped else [1]
   if config.data.get("source") is None:
     raise ValueError(f"{args.workdir} carries no data config to draw held-out examples from")
+  warn_loop_cost(cfg, max(loops_list), length=config.data.seq_len,
+                 calls=args.time_points, samples=args.examples)
   batch = min(args.examples, 8)
   batches = make_eval_batches(config.data, batch_size=batch,
                               num_batches=max(args.examples // batch, 1),
@@ -184,7 +205,7 @@ def analyze_main(argv) -> int:
   result = attention_profile(model, params, batches, loops_list=loops_list,
                              time_points=args.time_points,
                              schedule=make_schedule(config.diffusion))
-  outdir = args.workdir
+  outdir = output_dir(args.workdir, args.out)
   os.makedirs(os.path.join(outdir, "eval"), exist_ok=True)
   path = os.path.join(outdir, "eval", "attention.json")
   with open(path, "w") as f:

@@ -8,8 +8,10 @@
 --prompt: the text is a fixed prefix, the rest of the row (up to --length) is generated.
 --template: infilling; every --mask-char is one position to fill, the rest never changes.
 --heldout: the run's held-out task examples (e.g. Sudoku puzzles) as prompts, scored.
+--loops: 0 or max = S_max, as in every command (loopjax/evaluate/cli_args.py).
 Prints the decoded samples and one JSON line (loops executed, model calls, FLOPs, seconds) and
-writes WORKDIR/samples/sample_<time>.json.
+writes WORKDIR/samples/sample_<time>.json (an export folder: EXPORT.outputs/samples/; --out DIR:
+DIR/samples/).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 
 from loopjax.data import make_eval_batches, tokenizer_for
 from loopjax.diffusion import make_schedule
+from loopjax.evaluate.cli_args import output_dir, parse_loops_arg, warn_loop_cost
 from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler, resolve_policy,
                                        timed)
 from loopjax.evaluate.tasks import score
@@ -53,8 +56,8 @@ def _show(source: str, text: str) -> str:
 def sample_main(argv) -> int:
   p = argparse.ArgumentParser(prog="loopjax sample", description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", required=True)
-  p.add_argument("--loops", default="0", help="S (or fixed:S), adaptive:TAU[:MIN[:MAX]], time:A:B, mask:A:B "
-                 "(0 = S_max)")
+  p.add_argument("--loops", default="max", help="S (or fixed:S), adaptive:TAU[:MIN[:MAX]], "
+                 "time:A:B, mask:A:B (0 or max = S_max, the default)")
   p.add_argument("--steps", type=int, default=0, help="denoising steps (0: one per position)")
   p.add_argument("--sampler", default="ancestral", choices=("ancestral", "confidence"))
   p.add_argument("--num", type=int, default=4, help="samples (rows)")
@@ -71,13 +74,15 @@ def sample_main(argv) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--params", default=None, choices=("ema", "raw"),
                  help="workdir: which weights (default ema); an export holds one kind")
+  p.add_argument("--out", default=None, help="write samples/ here (default: the workdir; beside "
+                 "an export folder, EXPORT.outputs)")
   a = p.parse_args(argv)
 
   # A training workdir or a `loopjax export` folder.
   config, model, params = load_model_dir(a.workdir, params=a.params)
   ckpt = config.source.get("step") or 0
   cfg, tok = model.cfg, tokenizer_for(config.data)
-  policy = resolve_policy(cfg, cfg.max_loops if a.loops == "0" else a.loops)
+  policy = resolve_policy(cfg, parse_loops_arg(a.loops, cfg.max_loops))
   length = a.length or config.data.seq_len
   batch = None
   if a.heldout:
@@ -96,6 +101,7 @@ def sample_main(argv) -> int:
   if x.shape[1] > cfg.max_length:
     raise ValueError(f"rows of {x.shape[1]} tokens exceed model.max_length {cfg.max_length}")
   steps = a.steps or int((x == cfg.mask_id).sum(-1).max()) or 1
+  warn_loop_cost(cfg, policy.largest, length=x.shape[1], calls=steps, samples=a.num)
   fn = make_sampler(model, policy, steps=steps, method=a.sampler,
                     schedule=make_schedule(config.diffusion), block_len=a.block_len,
                     temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
@@ -116,8 +122,9 @@ def sample_main(argv) -> int:
   given = x != cfg.mask_id
   report["given_kept"] = bool(np.array_equal(tokens[given], x[given]))
   report["masks_left"] = int((tokens == cfg.mask_id).sum())
-  os.makedirs(os.path.join(a.workdir, "samples"), exist_ok=True)
-  path = os.path.join(a.workdir, "samples", f"sample_{time.strftime('%Y%m%d_%H%M%S')}.json")
+  samples_dir = os.path.join(output_dir(a.workdir, a.out), "samples")
+  os.makedirs(samples_dir, exist_ok=True)
+  path = os.path.join(samples_dir, f"sample_{time.strftime('%Y%m%d_%H%M%S')}.json")
   with open(path, "w", encoding="utf-8") as f:
     json.dump({**report, "samples": texts}, f, indent=2)
   print(json.dumps({**report, "file": path}))

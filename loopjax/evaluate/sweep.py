@@ -1,4 +1,5 @@
-"""`loopjax eval`: the loop-scaling sweep of a trained run, written to WORKDIR/eval and plots.
+"""`loopjax eval`: the loop-scaling sweep of a trained run, written to WORKDIR/eval and plots
+(an export folder: EXPORT.outputs/eval and plots; `--out DIR`: DIR/eval and DIR/plots).
 
 For every loop policy (fixed S, including S > S_max; adaptive; schedules):
   likelihood.json  held-out NELBO, bits/token, perplexity bound, forward FLOPs per sequence
@@ -25,6 +26,7 @@ import jax
 from loopjax.data import make_eval_batches, tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.evaluate import plots
+from loopjax.evaluate.cli_args import output_dir, parse_loops_arg, warn_loop_cost
 from loopjax.evaluate.denoiser import resolve_policy
 from loopjax.evaluate.gsm8k import gsm8k_accuracy, read_gsm8k
 from loopjax.evaluate.likelihood import corpus_batches, heldout_nelbo
@@ -69,16 +71,20 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
              time_points: int = 8, do_nelbo: bool = True, do_tasks: bool = True,
              gsm8k: str | None = None, gsm8k_limit: int = 0, answer_len: int | None = None,
              corpus=(), corpus_rows: int = 64, params: str | None = None, step: int | None = None,
-             seed: int = 0, sampler_kw: dict | None = None, command: str = "") -> dict:
-  """Runs the sweep and writes eval/*.json and plots/*.png; returns the summary dict."""
+             seed: int = 0, sampler_kw: dict | None = None, command: str = "",
+             out: str | None = None) -> dict:
+  """Runs the sweep and writes eval/*.json and plots/*.png under `output_dir(workdir, out)`;
+  returns the summary dict."""
   t_start = time.time()
   # A training workdir or a `loopjax export` folder.
   config, model, weights = load_model_dir(workdir, step=step, params=params)
   ckpt = config.source.get("step") or 0
   cfg = model.cfg
-  specs = parse_loops(loops)
-  for s in specs:  # fail before any work on a policy this model cannot run
-    resolve_policy(cfg, s)
+  specs = [parse_loops_arg(s, cfg.max_loops) for s in parse_loops(loops)]
+  for s in specs:  # fail (or warn of the cost) before any work on a policy this model cannot run
+    warn_loop_cost(cfg, resolve_policy(cfg, s).largest, length=config.data.seq_len,
+                   calls=max(steps, default=0) or config.data.seq_len, samples=examples)
+  workdir_out = output_dir(workdir, out)
   source = config.data.source
   sampler_kw = dict(sampler_kw or {})
   summary = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(ckpt),
@@ -99,10 +105,10 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
       _log(f"nelbo  S={s:<14} bits/token {row['bits_per_token']:.4f}  "
            f"ppl<= {row['ppl_bound']:.3f}")
     summary["likelihood"] = rows
-    _write(workdir, "likelihood.json", {**summary, "rows": rows})
+    _write(workdir_out, "likelihood.json", {**summary, "rows": rows})
     plot_paths.append(plots.plot_quality_vs_loops(
         rows, metric="bits_per_token", group="none", path=os.path.join(
-            workdir, "plots", "eval_bits_vs_loops.png"), title="held-out NELBO vs loops"))
+            workdir_out, "plots", "eval_bits_vs_loops.png"), title="held-out NELBO vs loops"))
 
   if do_tasks and source in ("sudoku", "arithmetic"):
     batches = heldout_batches(config.data, examples, seed=eval_seed, batch_size=batch_size)
@@ -117,8 +123,8 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
         _log(f"task   S={s:<14} steps {row['steps']:<3} {accs}  loops {row['loops_mean']:.2f}"
              f"  {row['seconds']:.2f}s")
     summary["tasks"] = rows
-    _write(workdir, "tasks.json", {**summary, "rows": rows})
-    plot_paths += plot_task_rows(rows, workdir)
+    _write(workdir_out, "tasks.json", {**summary, "rows": rows})
+    plot_paths += plot_task_rows(rows, workdir_out)
 
   if gsm8k:
     exs = read_gsm8k(gsm8k, gsm8k_limit)
@@ -137,9 +143,10 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
         rows.append(row)
         _log(f"gsm8k  S={s:<14} exact match {row['exact_match']:.4f}")
     summary["gsm8k"] = rows
-    _write(workdir, "gsm8k.json", {**summary, "file": gsm8k, "rows": rows})
+    _write(workdir_out, "gsm8k.json", {**summary, "file": gsm8k, "rows": rows})
     plot_paths.append(plots.plot_quality_vs_compute(
-        rows, metric="exact_match", path=os.path.join(workdir, "plots", "eval_gsm8k_vs_flops.png")))
+        rows, metric="exact_match",
+        path=os.path.join(workdir_out, "plots", "eval_gsm8k_vs_flops.png")))
 
   if corpus:
     schedule = make_schedule(config.diffusion)
@@ -154,14 +161,14 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
         rows.append(row)
         _log(f"corpus {os.path.basename(path)} S={s:<10} ppl<= {row['ppl_bound']:.3f}")
     summary["zero_shot"] = rows
-    _write(workdir, "zero_shot.json", {**summary, "rows": rows})
+    _write(workdir_out, "zero_shot.json", {**summary, "rows": rows})
     plot_paths.append(plots.plot_quality_vs_loops(
         rows, metric="ppl_bound", group="corpus", path=os.path.join(
-            workdir, "plots", "eval_zero_shot_ppl_vs_loops.png")))
+            workdir_out, "plots", "eval_zero_shot_ppl_vs_loops.png")))
 
   summary["plots"] = plot_paths
   summary["seconds"] = time.time() - t_start
-  _write(workdir, "summary.json", summary)
+  _write(workdir_out, "summary.json", summary)
   return summary
 
 
@@ -178,14 +185,18 @@ def plot_task_rows(rows, workdir: str) -> list[str]:
 
 
 def _ints(s: str) -> list[int]:
-  return [int(v) for v in s.split(",") if v.strip()]
+  try:
+    return [int(v) for v in s.split(",") if v.strip()]
+  except ValueError:
+    raise ValueError(f"--steps {s!r}: want a comma list of integers (0: the default)") from None
 
 
 def eval_main(argv) -> int:
   p = argparse.ArgumentParser(prog="loopjax eval", description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", required=True)
   p.add_argument("--loops", action="append", default=None,
-                 help=f"comma list of S or policies (repeatable); default {DEFAULT_LOOPS}")
+                 help=f"comma list of S or policies (repeatable; 0 or max = S_max); default "
+                 f"{DEFAULT_LOOPS}")
   p.add_argument("--steps", default="0", help="comma list of denoising steps (0: one token "
                  "per step for built-in tasks, answer length for GSM8K)")
   p.add_argument("--sampler", default="confidence", choices=("confidence", "ancestral"))
@@ -211,6 +222,8 @@ def eval_main(argv) -> int:
                  help="workdir: which weights (default ema); an export holds one kind")
   p.add_argument("--step", type=int, default=None)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=None, help="write eval/ and plots/ here (default: the workdir; "
+                 "beside an export folder, EXPORT.outputs)")
   a = p.parse_args(argv)
   kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, block_len=a.block_len)
   summary = run_eval(
@@ -219,8 +232,9 @@ def eval_main(argv) -> int:
       time_points=a.time_points, do_nelbo=not a.no_nelbo, do_tasks=not a.no_tasks,
       gsm8k=a.gsm8k, gsm8k_limit=a.gsm8k_limit, answer_len=a.answer_len, corpus=a.corpus,
       corpus_rows=a.corpus_rows, params=a.params, step=a.step, seed=a.seed, sampler_kw=kw,
-      command="loopjax eval " + " ".join(argv))
-  print(json.dumps({"eval": os.path.join(a.workdir, "eval"), "plots": summary["plots"],
+      command="loopjax eval " + " ".join(argv), out=a.out)
+  print(json.dumps({"eval": os.path.join(output_dir(a.workdir, a.out), "eval"),
+                    "plots": summary["plots"],
                     "seconds": round(summary["seconds"], 1)}))
   return 0
 

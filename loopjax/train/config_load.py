@@ -32,7 +32,8 @@ def read_config(spec: str, overrides: Sequence[str] = ()):
   except flags.Error as e:
     raise ValueError(f"bad config or override: {e}") from None
   except (KeyError, AttributeError) as e:
-    raise ValueError(f"unknown config key in overrides {list(overrides)}: {e}") from None
+    why = str(e.args[0] if e.args else e).replace("\n", "; ")  # KeyError's str is its repr
+    raise ValueError(f"unknown config key in overrides {list(overrides)}: {why}") from None
   return fv.config, dict(config_flags.get_override_values(fv["config"]))
 
 

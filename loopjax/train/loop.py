@@ -36,7 +36,7 @@ from loopjax.train.checkpoint import Checkpointer
 from loopjax.train.lock import WorkdirLock
 from loopjax.train.metrics import MetricsWindow, MetricsWriter
 from loopjax.train.step import TrainProgram, build_train_step, make_eval_step
-from loopjax.weights import load_model_dir
+from loopjax.weights import load_model_dir, read_run_config
 
 log = logging.getLogger("loopjax")
 
@@ -57,8 +57,7 @@ def check_workdir(workdir: str, config) -> None:
   ckpts = os.path.join(workdir, "checkpoints")
   if not (os.path.exists(path) and os.path.isdir(ckpts) and os.listdir(ckpts)):
     return
-  with open(path, encoding="utf-8") as f:
-    saved = json.load(f)
+  saved = read_run_config(workdir).to_dict()  # a damaged file: an error naming it
   now = json.loads(config.to_json())
   diffs = [f"{sec}.{k}: saved {saved.get(sec, {}).get(k)!r}, now {v!r}"
            for sec in _COMPAT_SECTIONS for k, v in now[sec].items()

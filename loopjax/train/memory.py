@@ -204,8 +204,9 @@ def parse_mesh(text: str) -> dict[str, int]:
   out = {}
   for part in filter(None, text.split(",")):
     key, sep, val = part.partition("=")
-    if not sep:
-      raise ValueError(f"--mesh wants data=..,fsdp=..,tensor=.. (got {part!r})")
+    if not sep or not val.strip().lstrip("-").isdigit():
+      raise ValueError(f"--mesh wants data=..,fsdp=..,tensor=.. with integer sizes, -1 fills "
+                       f"(got {part!r})")
     out[key.strip()] = int(val)
   return out
 
