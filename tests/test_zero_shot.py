@@ -1,8 +1,6 @@
 """Zero-shot perplexity: the corpora's detokenizers, rows laid out as training lays them, document
-isolation (a packed row scores as its documents one by one), and `loopjax eval --corpus NAME=F`
-end to end on a tiny exported model (random weights; no training)."""
-
-import json
+isolation (a packed row scores as its documents one by one), and the corpus x S table of the
+whole corpus on a tiny model with random weights."""
 
 import grain
 import jax
@@ -17,7 +15,7 @@ from loopjax.data.tokenizers import ByteTokenizer
 from loopjax.diffusion import Schedule
 from loopjax.evaluate.likelihood import heldout_nelbo
 from loopjax.evaluate.zero_shot import (corpus_batches, pack_rows, parse_corpus, read_corpus,
-                                        run_layout)
+                                        run_layout, zero_shot_eval)
 from loopjax.model import LoopedTransformer, ModelConfig
 
 CFG = ModelConfig(vocab_size=257, max_length=32, width=32, num_layers=3, num_heads=2,
@@ -108,16 +106,24 @@ def _content_fixed(batch):
   return {**batch, "fixed": batch["fixed"] | given, "loss_mask": real & ~given}
 
 
-def test_isolated_documents_packed_score_as_one_by_one():
+@pytest.fixture(scope="module")
+def tiny():
+  """A tiny looped byte-level model with random weights large enough that attention matters,
+  and its NELBO at t = 1 on rows of one document (one compiled program for every test)."""
+  model = LoopedTransformer(CFG)
+  params = random_params(model, CFG.max_length, scale=0.5)
+  score = lambda batches, loops=2: heldout_nelbo(
+      model, params, [_content_fixed(b) for b in batches], schedule=Schedule("linear"),
+      loops=loops, time_points=(1.0,))
+  return model, params, score
+
+
+def test_isolated_documents_packed_score_as_one_by_one(tiny):
   """At t = 1 every non-given token is masked, so the NELBO draws no noise: a packed row of
   isolated documents must give exactly the bound of the documents scored one per row, and the
   same row with attention across documents must not."""
-  model = LoopedTransformer(CFG)
-  params = random_params(model, CFG.max_length, scale=0.5)  # attention that matters
+  _, _, score = tiny
   tok, docs = ByteTokenizer(), ["the cat sat", "on a mat", "at noon"]
-  score = lambda batches: heldout_nelbo(model, params, [_content_fixed(b) for b in batches],
-                                        schedule=Schedule("linear"), loops=2,
-                                        time_points=(1.0,))
   kw = dict(seq_len=CFG.max_length, batch_size=1)
   packed = corpus_batches(docs, tok, layout="document", **kw)
   assert len(packed) == 1 and packed[0]["segment_ids"].max() == 3
@@ -131,35 +137,33 @@ def test_isolated_documents_packed_score_as_one_by_one():
   assert abs(crossed["nats_per_token"] / want - 1) > 1e-3
 
 
-def test_eval_corpus_writes_the_corpus_by_s_table(tmp_path, capsys):
-  from loopjax import export
-  from loopjax.cli import main
-  from loopjax.train.config import base_config
-  run = base_config()
-  run.data.update(source="text", tokenizer="byte", seq_len=CFG.max_length, packing=True)
-  run.model.update(vocab_size=CFG.vocab_size)
-  out = str(tmp_path / "export")
-  export.export_params(out, CFG, random_params(LoopedTransformer(CFG), CFG.max_length),
-                       run_config=run, source={"params": "ema", "step": 1})
+def test_zero_shot_scores_the_full_corpus_into_a_corpus_by_s_table(tiny, tmp_path):
+  model, params, _ = tiny
   ptb = tmp_path / "ptb.test.txt"
   ptb.write_text(" it was n't black monday \n but while the new york stock exchange did n't fall"
                  " apart \n the dow fell N points \n")
   plain = tmp_path / "notes.txt"
   plain.write_text("first note\n\nsecond note, longer than the first\n")
-  capsys.readouterr()
-  rc = main(["eval", "--workdir", out, "--no-nelbo", "--loops", "1,3", "--time-points", "2",
-             "--batch-size", "2", "--corpus", f"ptb={ptb}", "--corpus", str(plain)])
-  stdout = capsys.readouterr().out
-  assert rc == 0
-  zs = json.load(open(tmp_path / "export" / "eval" / "zero_shot.json"))
+  config = ml_collections.ConfigDict({"data": {"source": "text", "packing": True,
+                                               "seq_len": CFG.max_length}})
+  lines = []
+  zs = zero_shot_eval(model, params, config, [f"ptb={ptb}", str(plain)], [1, 3],
+                      schedule=Schedule("linear"), tokenizer=ByteTokenizer(), batch_size=1,
+                      time_points=(1.0,), log=lines.append)
   assert zs["layout"] == "document"
-  assert zs["table"]["columns"] == ["1", "3"] and list(zs["table"]["rows"]) == ["ptb",
-                                                                                "notes.txt"]
+  assert zs["table"]["columns"] == ["1", "3"]
+  assert list(zs["table"]["rows"]) == ["ptb", "notes.txt"]
   ptb_rows = [r for r in zs["rows"] if r["corpus"] == "ptb"]
   assert [r["documents"] for r in ptb_rows] == [3, 3] and ptb_rows[0]["detokenizer"] == "ptb"
-  # every byte of the three detokenized lines and their EOS is scored: the full test set
+  # every byte of the three detokenized lines and of their EOS is scored: the whole file
   text = "it wasn't black monday|but while the new york stock exchange didn't fall apart|" \
          "the dow fell 1 points|"
-  assert ptb_rows[0]["tokens"] == len(text)
+  assert ptb_rows[0]["tokens"] == len(text) > 3 * CFG.max_length
   assert zs["table"]["rows"]["ptb"] == [r["ppl_bound"] for r in ptb_rows]
-  assert "corpus ptb" in stdout and "zero-shot ppl bound" in stdout
+  assert zs["rows"][0]["ppl_bound"] != zs["rows"][1]["ppl_bound"]  # S = 1 and 3 differ
+  assert any(ln.startswith("corpus ptb") for ln in lines) and "zero-shot" in lines[-3]
+  # --corpus-rows caps the rows scored
+  capped = zero_shot_eval(model, params, config, [f"ptb={ptb}"], [1], schedule=Schedule(
+      "linear"), tokenizer=ByteTokenizer(), batch_size=1, time_points=(1.0,), max_rows=2,
+      log=lines.append)
+  assert capped["rows"][0]["tokens"] == 2 * CFG.max_length

@@ -83,7 +83,10 @@ def load_judge(path: str, *, device: str = "cpu") -> Judge:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
   except (OSError, ValueError, TypeError) as e:
     raise UserError(f"--gen-ppl {path}: not a causal LM folder ({_first_line(e)})") from None
-  model.eval().to(device)
+  try:
+    model.eval().to(device)
+  except (RuntimeError, AssertionError, ValueError) as e:  # e.g. a CPU-only torch and "cuda"
+    raise UserError(f"--judge-device {device}: {_first_line(e)}") from None
   c = model.config
   context = (getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
              or 1024)
