@@ -1,13 +1,12 @@
-"""Held-out NELBO, bits per token and perplexity bound at any loop count; zero-shot perplexity.
+"""Held-out NELBO, bits per token and perplexity bound at any loop count.
 
 The NELBO integral over t is estimated on the fixed midpoint grid of `eval_time_grid` with one
 masking draw per point and a fixed seed, so two loop counts (or two checkpoints) are compared on
 the same noise. Loops are run by the inference driver (`make_denoiser`), so S > S_max and
 adaptive policies are scored the same way sampling uses them.
 
-Zero-shot: any local corpus (.txt / .jsonl / .parquet) is tokenized with the run's tokenizer,
-documents joined with EOS and cut into rows of the model's length (MDLM's wrapped evaluation;
-the last row is padded, padding unscored).
+`time_points` may also be a tuple of times (the grid itself), e.g. (1.0,) where every token
+is masked and the NELBO draws no noise. Zero-shot corpora: zero_shot.py.
 """
 
 from __future__ import annotations
@@ -16,9 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopjax.data.batch import make_row, stack_rows
-from loopjax.data.text import encode_document, read_documents
-from loopjax.data.tokenizers import fill_id
 from loopjax.diffusion import eval_time_grid, metrics_from_nelbo, nelbo_on_grid
 from loopjax.evaluate.denoiser import (compiled_policy, loop_args, make_denoiser, memo,
                                        resolve_policy)
@@ -34,7 +30,8 @@ def make_nelbo_fn(model, schedule, policy, time_points: int):
 
 
 def _build_nelbo_fn(model, schedule, policy, time_points):
-  grid = eval_time_grid(time_points, schedule.eps)
+  grid = (jnp.asarray(time_points, jnp.float32) if isinstance(time_points, tuple)
+          else eval_time_grid(time_points, schedule.eps))
   mask_id = model.cfg.mask_id
 
   @jax.jit
@@ -75,28 +72,3 @@ def heldout_nelbo(model, params, batches, *, schedule, loops, time_points: int =
       cfg, int(np.shape(batches[0]["tokens"])[1]), policy.loops))
       if policy.kind == "fixed" else None)
   return out
-
-
-def corpus_batches(paths, tokenizer, *, seq_len: int, batch_size: int, max_rows: int = 0,
-                   text_field: str = "text", txt_split: str = "paragraph") -> list[dict]:
-  """A local corpus as evaluation batches: documents + EOS concatenated, rows of seq_len."""
-  docs = read_documents(paths, text_field=text_field, txt_split=txt_split)
-  ids = np.concatenate([encode_document(tokenizer, d) for d in docs]).astype(np.int32)
-  n_rows = -(-ids.size // seq_len)
-  if max_rows:
-    n_rows = min(n_rows, max_rows)
-  pad = fill_id(tokenizer)
-  rows = []
-  for r in range(n_rows):
-    chunk = ids[r * seq_len:(r + 1) * seq_len]
-    tokens = np.full(seq_len, pad, np.int32)
-    tokens[:chunk.size] = chunk
-    real = np.arange(seq_len) < chunk.size
-    rows.append(make_row(tokens, fixed=~real, loss_mask=real, segment_ids=real.astype(np.int32)))
-  if not rows:
-    raise ValueError(f"corpus {paths} holds no tokens")
-  while len(rows) % batch_size:  # whole batches (one compiled shape); filler rows score nothing
-    rows.append(make_row(np.full(seq_len, pad, np.int32), fixed=np.ones(seq_len, bool),
-                         loss_mask=np.zeros(seq_len, bool), segment_ids=np.zeros(seq_len,
-                                                                                 np.int32)))
-  return [stack_rows(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]

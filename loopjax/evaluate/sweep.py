@@ -7,7 +7,9 @@ For every loop policy (fixed S, including S > S_max; adaptive; schedules):
                    every number of denoising steps, with executed loops, model calls, inference
                    FLOPs per sample and sampling time
   gsm8k.json       GSM8K-format JSONL exact match (--gsm8k FILE)
-  zero_shot.json   perplexity bound on local corpora (--corpus FILE)
+  zero_shot.json   perplexity bound on local corpora, a table corpus x S (--corpus NAME=FILE)
+  gen_ppl.json     generative perplexity under a local judge LM, unigram entropy, per S x
+                   steps (--gen-ppl JUDGE_DIR; samples in gen_ppl_samples.jsonl)
   summary.json     all of the above plus the checkpoint, the command and the machine
 and PNGs in WORKDIR/plots: quality vs S and quality vs compute.
 """
@@ -29,8 +31,10 @@ from loopjax.evaluate import plots
 from loopjax.evaluate.cli_args import output_dir, parse_loops_arg, warn_loop_cost
 from loopjax.evaluate.denoiser import resolve_policy
 from loopjax.evaluate.gsm8k import gsm8k_accuracy, read_gsm8k
-from loopjax.evaluate.likelihood import corpus_batches, heldout_nelbo
+from loopjax.evaluate.gen_ppl import gen_ppl_sweep, load_judge
+from loopjax.evaluate.likelihood import heldout_nelbo
 from loopjax.evaluate.tasks import heldout_batches, task_accuracy
+from loopjax.evaluate.zero_shot import parse_corpus, zero_shot_eval
 from loopjax.weights import load_model_dir
 
 DEFAULT_LOOPS = "1,2,4,8,12,24"
@@ -70,11 +74,15 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
              examples: int = 128, batch_size: int = 64, nelbo_batches: int = 2,
              time_points: int = 8, do_nelbo: bool = True, do_tasks: bool = True,
              gsm8k: str | None = None, gsm8k_limit: int = 0, answer_len: int | None = None,
-             corpus=(), corpus_rows: int = 64, params: str | None = None, step: int | None = None,
+             corpus=(), corpus_rows: int = 0, corpus_layout: str = "auto",
+             gen_ppl: dict | None = None, params: str | None = None, step: int | None = None,
              seed: int = 0, sampler_kw: dict | None = None, command: str = "",
              out: str | None = None) -> dict:
   """Runs the sweep and writes eval/*.json and plots/*.png under `output_dir(workdir, out)`;
-  returns the summary dict."""
+  returns the summary dict.
+
+  gen_ppl: {"judge": DIR, "samples", "method", "prompt", "device", "batch_size"} (gen_ppl.py).
+  """
   t_start = time.time()
   # A training workdir or a `loopjax export` folder.
   config, model, weights = load_model_dir(workdir, step=step, params=params)
@@ -84,6 +92,10 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
   for s in specs:  # fail (or warn of the cost) before any work on a policy this model cannot run
     warn_loop_cost(cfg, resolve_policy(cfg, s).largest, length=config.data.seq_len,
                    calls=max(steps, default=0) or config.data.seq_len, samples=examples)
+  for c in corpus:
+    parse_corpus(c)
+  judge = (load_judge(gen_ppl["judge"], device=gen_ppl.get("device", "cpu"))
+           if gen_ppl else None)
   workdir_out = output_dir(workdir, out)
   source = config.data.source
   sampler_kw = dict(sampler_kw or {})
@@ -149,22 +161,24 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
         path=os.path.join(workdir_out, "plots", "eval_gsm8k_vs_flops.png")))
 
   if corpus:
-    schedule = make_schedule(config.diffusion)
-    tok = tokenizer_for(config.data)
-    rows = []
-    for path in corpus:
-      batches = corpus_batches([path], tok, seq_len=config.data.seq_len,
-                               batch_size=batch_size, max_rows=corpus_rows)
-      for s in specs:
-        row = {"corpus": path, **heldout_nelbo(model, weights, batches, schedule=schedule,
-                                               loops=s, time_points=time_points, seed=seed)}
-        rows.append(row)
-        _log(f"corpus {os.path.basename(path)} S={s:<10} ppl<= {row['ppl_bound']:.3f}")
-    summary["zero_shot"] = rows
-    _write(workdir_out, "zero_shot.json", {**summary, "rows": rows})
+    zs = zero_shot_eval(model, weights, config, corpus, specs,
+                        schedule=make_schedule(config.diffusion),
+                        tokenizer=tokenizer_for(config.data), batch_size=batch_size,
+                        time_points=time_points, max_rows=corpus_rows, layout=corpus_layout,
+                        seed=seed, log=_log)
+    summary["zero_shot"] = zs["rows"]
+    _write(workdir_out, "zero_shot.json", {**summary, **zs})
     plot_paths.append(plots.plot_quality_vs_loops(
-        rows, metric="ppl_bound", group="corpus", path=os.path.join(
+        zs["rows"], metric="ppl_bound", group="corpus", path=os.path.join(
             workdir_out, "plots", "eval_zero_shot_ppl_vs_loops.png")))
+
+  if judge is not None:
+    g = dict(gen_ppl)
+    summary["gen_ppl"] = gen_ppl_sweep(
+        model, weights, config, judge, specs=specs, steps=steps, samples=g["samples"],
+        method=g.get("method", "ancestral"), batch_size=batch_size, prompt=g.get("prompt"),
+        seed=seed, sampler_kw=sampler_kw, judge_batch_size=g.get("batch_size", 8),
+        workdir=workdir_out, header=summary, log=_log)
 
   summary["plots"] = plot_paths
   summary["seconds"] = time.time() - t_start
@@ -198,8 +212,9 @@ def eval_main(argv) -> int:
                  help=f"comma list of S or policies (repeatable; 0 or max = S_max); default "
                  f"{DEFAULT_LOOPS}")
   p.add_argument("--steps", default="0", help="comma list of denoising steps (0: one token "
-                 "per step for built-in tasks, answer length for GSM8K)")
-  p.add_argument("--sampler", default="confidence", choices=("confidence", "ancestral"))
+                 "per step for built-in tasks and --gen-ppl, answer length for GSM8K)")
+  p.add_argument("--sampler", default=None, choices=("confidence", "ancestral"),
+                 help="default confidence for tasks and GSM8K, ancestral for --gen-ppl")
   p.add_argument("--temperature", type=float, default=None)
   p.add_argument("--top-k", type=int, default=0)
   p.add_argument("--top-p", type=float, default=1.0)
@@ -216,8 +231,19 @@ def eval_main(argv) -> int:
                  "(default: the run's data.answer_len if it was fine-tuned on prompt_answer "
                  "data, else 64)")
   p.add_argument("--corpus", action="append", default=[], help="local corpus for zero-shot "
-                 "perplexity (.txt/.jsonl/.parquet, repeatable)")
-  p.add_argument("--corpus-rows", type=int, default=64)
+                 "perplexity, NAME=FILE with NAME one of ptb, wikitext, lm1b, lambada, ag_news, "
+                 "pubmed, arxiv (its detokenizer) or a bare FILE (.txt/.jsonl/.parquet, "
+                 "repeatable)")
+  p.add_argument("--corpus-rows", type=int, default=0, help="rows scored per corpus (0: all)")
+  p.add_argument("--corpus-layout", default="auto",
+                 choices=("auto", "document", "concat", "mdlm"),
+                 help="rows of a corpus: auto follows the run's data config")
+  p.add_argument("--gen-ppl", default=None, metavar="JUDGE_DIR", help="generative perplexity "
+                 "of samples under this local Hugging Face causal LM folder")
+  p.add_argument("--samples", type=int, default=64, help="--gen-ppl samples per S x steps")
+  p.add_argument("--prompt", default=None, help="--gen-ppl: continue this text")
+  p.add_argument("--judge-device", default="cpu", help="--gen-ppl: torch device of the judge")
+  p.add_argument("--judge-batch-size", type=int, default=8)
   p.add_argument("--params", default=None, choices=("ema", "raw"),
                  help="workdir: which weights (default ema); an export holds one kind")
   p.add_argument("--step", type=int, default=None)
@@ -226,12 +252,17 @@ def eval_main(argv) -> int:
                  "beside an export folder, EXPORT.outputs)")
   a = p.parse_args(argv)
   kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, block_len=a.block_len)
+  gen = a.gen_ppl and dict(judge=a.gen_ppl, samples=a.samples, prompt=a.prompt,
+                           method=a.sampler or "ancestral", device=a.judge_device,
+                           batch_size=a.judge_batch_size)
   summary = run_eval(
-      a.workdir, loops=a.loops or [DEFAULT_LOOPS], steps=_ints(a.steps), method=a.sampler,
+      a.workdir, loops=a.loops or [DEFAULT_LOOPS], steps=_ints(a.steps),
+      method=a.sampler or "confidence",
       examples=a.examples, batch_size=a.batch_size, nelbo_batches=a.nelbo_batches,
       time_points=a.time_points, do_nelbo=not a.no_nelbo, do_tasks=not a.no_tasks,
       gsm8k=a.gsm8k, gsm8k_limit=a.gsm8k_limit, answer_len=a.answer_len, corpus=a.corpus,
-      corpus_rows=a.corpus_rows, params=a.params, step=a.step, seed=a.seed, sampler_kw=kw,
+      corpus_rows=a.corpus_rows, corpus_layout=a.corpus_layout, gen_ppl=gen or None,
+      params=a.params, step=a.step, seed=a.seed, sampler_kw=kw,
       command="loopjax eval " + " ".join(argv), out=a.out)
   print(json.dumps({"eval": os.path.join(output_dir(a.workdir, a.out), "eval"),
                     "plots": summary["plots"],

@@ -1,0 +1,197 @@
+"""Zero-shot perplexity: the NELBO bound of a run on local corpora, at every loop policy.
+
+`loopjax eval --corpus NAME=PATH` reads a corpus the user supplies (.txt / .jsonl / .parquet),
+applies the detokenizer of NAME (loopjax/data/detokenizers.py: ptb, wikitext, lm1b, lambada,
+ag_news, pubmed, arxiv; a bare PATH is read as is), tokenizes every document with the run's
+tokenizer (EOS appended) and scores all of it (`--corpus-rows 0`, the default) in one of the
+row layouts training uses:
+
+  document  documents concatenated and cut into rows of data.seq_len; segment ids number the
+            documents inside a row, so attention never crosses a document (a document cut at a
+            row boundary goes on, as segment 1, in the next row): `data.wrap=document` and
+            `data.packing` with `data.document_attention`. Runs trained one padded document
+            per row are scored this way too: attention sees the same document either way.
+  concat    the same rows, attention across the documents of a row (`data.packing` without
+            `data.document_attention`).
+  mdlm      MDLM's wrap: each row is BOS + the next seq_len - 2 stream tokens + EOS, attention
+            across documents (`data.wrap=mdlm`).
+The layout follows the run's data config (`run_layout`) unless `--corpus-layout` names one.
+The last row is padded (padding fixed, unscored). The result is one row per corpus x policy and
+a table corpus x S of the perplexity bound, written to WORKDIR/eval/zero_shot.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from loopjax.data.batch import make_row, stack_rows
+from loopjax.data.detokenizers import corpus_recipe
+from loopjax.data.text import encode_document, read_documents
+from loopjax.data.tokenizers import bos_id, fill_id
+from loopjax.evaluate.likelihood import heldout_nelbo
+
+LAYOUTS = ("document", "concat", "mdlm")
+_PROGRESS_BATCHES = 16  # a progress line after every this many batches of a long corpus
+
+
+def parse_corpus(spec: str) -> tuple[str | None, str]:
+  """`NAME=PATH` -> (NAME, PATH) with NAME a known corpus; a bare PATH -> (None, PATH)."""
+  name, sep, path = spec.partition("=")
+  if not sep or os.path.exists(spec):
+    name, path = None, spec
+  else:
+    corpus_recipe(name)
+    name = name.strip().lower()
+  if not os.path.isfile(os.path.expanduser(path)):
+    raise FileNotFoundError(f"--corpus {spec}: file {path!r} does not exist")
+  return name, path
+
+
+def run_layout(data_cfg) -> str:
+  """The row layout the run was trained with (see the module docstring)."""
+  get = data_cfg.get
+  if get("source") == "prepared":
+    return "mdlm" if get("wrap", "mdlm") == "mdlm" else "document"
+  if get("source") in ("text", "tfds") and get("packing", False):
+    return "document" if get("document_attention", True) else "concat"
+  return "document"
+
+
+def _text_field(path: str, fields) -> str:
+  """The first of `fields` that the JSONL / Parquet file has (its first object / schema)."""
+  ext = os.path.splitext(path)[1].lower()
+  have: set = set()
+  if ext == ".jsonl":
+    with open(path, encoding="utf-8") as f:
+      line = next((ln for ln in f if ln.strip()), "{}")
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError:
+      obj = {}
+    have = set(obj) if isinstance(obj, dict) else set()
+  elif ext == ".parquet":
+    import pyarrow.parquet as pq
+    have = set(pq.read_schema(path).names)
+  return next((f for f in fields if f in have), fields[-1])
+
+
+def read_corpus(name: str | None, path: str) -> list[str]:
+  """The documents of one corpus file, detokenized with NAME's recipe (None: as read)."""
+  path = os.path.expanduser(path)
+  if name is None:
+    return read_documents([path])
+  recipe = corpus_recipe(name)
+  docs = read_documents([path], text_field=_text_field(path, recipe.fields),
+                        txt_split=recipe.txt_split)
+  return docs if recipe.detokenizer is None else [recipe.detokenizer(d) for d in docs]
+
+
+def pack_rows(docs_ids, *, seq_len: int, layout: str, pad_id: int, bos: int | None = None,
+              eos: int | None = None, max_rows: int = 0) -> list[dict]:
+  """Rows (batch format, no batch axis) of the token-id arrays `docs_ids` in `layout`."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"corpus layout must be one of {LAYOUTS}, got {layout!r}")
+  docs_ids = [np.asarray(d, np.int32) for d in docs_ids]
+  stream = np.concatenate(docs_ids) if docs_ids else np.zeros(0, np.int32)
+  doc_of = np.repeat(np.arange(len(docs_ids)), [d.size for d in docs_ids])
+  if layout == "mdlm":
+    if seq_len < 3 or bos is None or eos is None:
+      raise ValueError("the mdlm layout needs data.seq_len >= 3 and a tokenizer with BOS/EOS")
+    per = seq_len - 2
+  else:
+    per = seq_len
+  n_rows = -(-stream.size // per)
+  if max_rows:
+    n_rows = min(n_rows, max_rows)
+  rows = []
+  for r in range(n_rows):
+    chunk, owner = stream[r * per:(r + 1) * per], doc_of[r * per:(r + 1) * per]
+    if layout == "mdlm":
+      chunk = np.concatenate([[bos], chunk, [eos]]).astype(np.int32)
+      seg = np.ones(chunk.size, np.int32)
+    elif layout == "document":
+      seg = (owner - owner[0] + 1).astype(np.int32)
+    else:
+      seg = np.ones(chunk.size, np.int32)
+    tokens = np.full(seq_len, pad_id, np.int32)
+    segments = np.zeros(seq_len, np.int32)
+    tokens[:chunk.size], segments[:chunk.size] = chunk, seg
+    real = segments > 0
+    rows.append(make_row(tokens, fixed=~real, loss_mask=real, segment_ids=segments))
+  return rows
+
+
+def corpus_batches(docs, tokenizer, *, seq_len: int, batch_size: int, layout: str,
+                   max_rows: int = 0) -> list[dict]:
+  """Evaluation batches of the documents `docs` (strings) in `layout`; the last batch is
+  completed with filler rows that score nothing (one compiled shape)."""
+  ids = [encode_document(tokenizer, d) for d in docs]
+  pad = fill_id(tokenizer)
+  rows = pack_rows(ids, seq_len=seq_len, layout=layout, pad_id=pad, bos=bos_id(tokenizer),
+                   eos=tokenizer.eos_id, max_rows=max_rows)
+  if not rows:
+    raise ValueError("the corpus holds no tokens")
+  filler = make_row(np.full(seq_len, pad, np.int32), fixed=np.ones(seq_len, bool),
+                    loss_mask=np.zeros(seq_len, bool), segment_ids=np.zeros(seq_len, np.int32))
+  rows += [filler] * (-len(rows) % batch_size)
+  return [stack_rows(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+def corpus_nelbo(model, params, batches, *, schedule, loops, time_points, seed: int = 0,
+                 log=None, label: str = "") -> dict:
+  """`heldout_nelbo` over many batches in pieces (a progress line after each piece); batch k
+  draws its noise from seed + k as in one call."""
+  total, count, out = 0.0, 0, None
+  for k in range(0, len(batches), _PROGRESS_BATCHES):
+    part = batches[k:k + _PROGRESS_BATCHES]
+    out = heldout_nelbo(model, params, part, schedule=schedule, loops=loops,
+                        time_points=time_points, seed=seed + k)
+    total += out["nats_per_token"] * out["tokens"]
+    count += out["tokens"]
+    if log and len(batches) > _PROGRESS_BATCHES:
+      log(f"  {label} batches {min(k + _PROGRESS_BATCHES, len(batches))}/{len(batches)}")
+  nats = total / max(count, 1)
+  return {**out, "nats_per_token": nats, "bits_per_token": nats / np.log(2.0),
+          "ppl_bound": float(np.exp(nats)), "tokens": int(count)}
+
+
+def zero_shot_eval(model, params, config, corpora, specs, *, schedule, tokenizer,
+                   batch_size: int = 64, time_points: int = 8, max_rows: int = 0,
+                   layout: str = "auto", seed: int = 0, log=print) -> dict:
+  """Zero-shot perplexity bound of every corpus (`NAME=PATH` or `PATH` specs) at every policy.
+
+  Returns {"layout", "rows": one dict per corpus x policy, "table": {"metric", "columns" (the
+  policies), "rows" {corpus: [ppl_bound per policy]}}}.
+  """
+  parsed = [parse_corpus(c) for c in corpora]
+  layout = run_layout(config.data) if layout == "auto" else layout
+  if layout not in LAYOUTS:
+    raise ValueError(f"--corpus-layout must be auto or one of {LAYOUTS}, got {layout!r}")
+  seq_len = int(config.data.seq_len)
+  rows, table = [], {}
+  for name, path in parsed:
+    docs = read_corpus(name, path)
+    label = name or os.path.basename(path)
+    if label in table:  # a second file of the same name or corpus: its path tells them apart
+      label = path
+    batches = corpus_batches(docs, tokenizer, seq_len=seq_len, batch_size=batch_size,
+                             layout=layout, max_rows=max_rows)
+    log(f"corpus {label}: {len(docs)} documents, {len(batches) * batch_size} rows of "
+        f"{seq_len} ({layout} layout)")
+    for s in specs:
+      row = {"corpus": label, "path": path, "detokenizer": name, "layout": layout,
+             "documents": len(docs), **corpus_nelbo(model, params, batches, schedule=schedule,
+                                                    loops=s, time_points=time_points,
+                                                    seed=seed, log=log, label=f"{label} S={s}")}
+      rows.append(row)
+      table.setdefault(label, []).append(row["ppl_bound"])
+      log(f"corpus {label:<10} S={s:<10} ppl<= {row['ppl_bound']:.3f}  ({row['tokens']} tokens)")
+  columns = [str(r["loops"]) for r in rows[:len(specs)]]
+  log("zero-shot ppl bound  " + "  ".join(f"S={c:>8}" for c in columns))
+  for label, values in table.items():
+    log(f"  {label:<18} " + "  ".join(f"{v:10.3f}" for v in values))
+  return {"layout": layout, "rows": rows,
+          "table": {"metric": "ppl_bound", "columns": columns, "rows": table}}
