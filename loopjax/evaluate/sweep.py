@@ -7,6 +7,7 @@ For every loop policy (fixed S, including S > S_max; adaptive; schedules):
                    FLOPs per sample and sampling time
   gsm8k.json       GSM8K-format JSONL exact match (--gsm8k FILE)
   zero_shot.json   perplexity bound on local corpora (--corpus FILE)
+  lm_eval.json     lm-evaluation-harness task results (--lm-eval TASKS; the `.[eval]` extra)
   summary.json     all of the above plus the checkpoint, the command and the machine
 and PNGs in WORKDIR/plots: quality vs S and quality vs compute.
 """
@@ -27,6 +28,7 @@ from loopjax.diffusion import make_schedule
 from loopjax.evaluate import plots
 from loopjax.evaluate.denoiser import resolve_policy
 from loopjax.evaluate.gsm8k import gsm8k_accuracy, read_gsm8k
+from loopjax.evaluate.harness import run_lm_eval
 from loopjax.evaluate.likelihood import corpus_batches, heldout_nelbo
 from loopjax.evaluate.tasks import heldout_batches, task_accuracy
 from loopjax.weights import load_model_dir
@@ -69,7 +71,8 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
              time_points: int = 8, do_nelbo: bool = True, do_tasks: bool = True,
              gsm8k: str | None = None, gsm8k_limit: int = 0, answer_len: int | None = None,
              corpus=(), corpus_rows: int = 64, params: str | None = None, step: int | None = None,
-             seed: int = 0, sampler_kw: dict | None = None, command: str = "") -> dict:
+             seed: int = 0, sampler_kw: dict | None = None, command: str = "",
+             lm_eval: dict | None = None) -> dict:
   """Runs the sweep and writes eval/*.json and plots/*.png; returns the summary dict."""
   t_start = time.time()
   # A training workdir or a `loopjax export` folder.
@@ -159,6 +162,15 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
         rows, metric="ppl_bound", group="corpus", path=os.path.join(
             workdir, "plots", "eval_zero_shot_ppl_vs_loops.png")))
 
+  if lm_eval:  # {tasks, args, include_path}: lm-eval's tasks with the "loopjax" model
+    rows = run_lm_eval(workdir, loops=specs, **lm_eval, model_args={
+        "params": params, "step": step, "seed": seed, "batch_size": batch_size,
+        "sampler": method, "steps": steps[0], "time_grid": time_points,
+        **{k: v for k, v in sampler_kw.items() if k in ("temperature", "block_len")}})
+    summary["lm_eval"] = rows
+    _write(workdir, "lm_eval.json", {**summary, "tasks": lm_eval["tasks"], "rows": rows})
+    _log(f"lm-eval {lm_eval['tasks']}: {len(rows)} loop policies")
+
   summary["plots"] = plot_paths
   summary["seconds"] = time.time() - t_start
   _write(workdir, "summary.json", summary)
@@ -211,6 +223,13 @@ def eval_main(argv) -> int:
                  help="workdir: which weights (default ema); an export holds one kind")
   p.add_argument("--step", type=int, default=None)
   p.add_argument("--seed", type=int, default=0)
+  g = p.add_argument_group("lm-evaluation-harness (pip install -e '.[eval]')")
+  g.add_argument("--lm-eval", default=None, metavar="TASKS", help="comma list of lm-eval tasks, "
+                 "run with the 'loopjax' model at every --loops policy (eval/lm_eval.json)")
+  g.add_argument("--lm-eval-args", default=None, metavar="K=V,...", help="num_fewshot, limit, "
+                 "bootstrap_iters, ... for lm-eval; other keys are model_args (mc_samples, "
+                 "max_gen_toks, ...)")
+  g.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs")
   a = p.parse_args(argv)
   kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, block_len=a.block_len)
   summary = run_eval(
@@ -219,7 +238,9 @@ def eval_main(argv) -> int:
       time_points=a.time_points, do_nelbo=not a.no_nelbo, do_tasks=not a.no_tasks,
       gsm8k=a.gsm8k, gsm8k_limit=a.gsm8k_limit, answer_len=a.answer_len, corpus=a.corpus,
       corpus_rows=a.corpus_rows, params=a.params, step=a.step, seed=a.seed, sampler_kw=kw,
-      command="loopjax eval " + " ".join(argv))
+      command="loopjax eval " + " ".join(argv),
+      lm_eval=a.lm_eval and {"tasks": a.lm_eval, "args": a.lm_eval_args,
+                             "include_path": a.include_path})
   print(json.dumps({"eval": os.path.join(a.workdir, "eval"), "plots": summary["plots"],
                     "seconds": round(summary["seconds"], 1)}))
   return 0
