@@ -150,6 +150,38 @@ def test_is_greedy_is_the_single_step_argmax(export_dir):
   assert g1 and not g2
 
 
+def test_rolling_loglikelihood_sums_disjoint_full_row_windows(export_dir):
+  """A text of 150 bytes in rows of 64: windows (EOS | t[0:63]), (t[62] | t[63:126]) and
+  (t[86:126] | t[126:150]); every token scored once, the total their sum."""
+  lm = LoopjaxLM(workdir=export_dir, loops=2, time_grid=3, batch_size=2)  # compiled above
+  text = "".join(chr(97 + (7 * i) % 26) for i in range(150))
+  t = _ids(text)
+  (got,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+  windows = [([ByteTokenizer().eos_id], t[0:63]), (t[62:63], t[63:126]), (t[86:126], t[126:150])]
+  assert sum(len(c) for _, c in windows) == len(t)
+  want = sum(ll for ll, _ in lm._loglikelihood_tokens([(None, c, x) for c, x in windows]))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_core_modules_never_import_lm_eval():
+  """lm-eval is an optional extra: only the registered model's module imports it at load time
+  (ast; the harness runner imports it inside the call)."""
+  import ast
+  for folder, _, files in os.walk(os.path.join(ROOT, "loopjax")):
+    for f in files:
+      path = os.path.join(folder, f)
+      if not f.endswith(".py") or path.endswith(os.path.join("evaluate", "lm_eval_model.py")):
+        continue
+      with open(path, encoding="utf-8") as fh:
+        tree = ast.parse(fh.read())
+      for node in tree.body:
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [f"{node.module}.{a.name}" for a in node.names]
+                 if isinstance(node, ast.ImportFrom) else [])
+        assert not any(n.split(".")[0] == "lm_eval" or n.endswith("lm_eval_model")
+                       for n in names), path
+
+
 @pytest.mark.parametrize("text", [
     "3 + 4 = 7\n#### 7", "so #### 1,234 and later #### 5", "#### -5", "#### 18.50",
     "The answer is 42.", "12 then 13 and finally 14", "nothing here",
