@@ -8,12 +8,24 @@ model module.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 
 MODEL_TARGET = "loopjax.evaluate.lm_eval_model:LoopjaxLM"
 # `--lm-eval-args` keys that go to lm_eval.simple_evaluate; every other key is a model_arg.
 EVALUATE_KEYS = ("num_fewshot", "limit", "bootstrap_iters", "random_seed", "numpy_random_seed",
                  "fewshot_random_seed", "gen_kwargs", "log_samples")
+
+
+def check_lm_eval(tasks: str, include_path: str | None = None) -> None:
+  """Raises before any work when lm-eval is missing, no task is named or the path is absent."""
+  if importlib.util.find_spec("lm_eval") is None:
+    raise ValueError("--lm-eval needs lm-evaluation-harness: pip install -e '.[eval]'")
+  if not [t for t in tasks.split(",") if t.strip()]:
+    raise ValueError("--lm-eval: give at least one task name")
+  if include_path and not os.path.isdir(include_path):
+    raise FileNotFoundError(f"--include-path {include_path!r} is not a folder")
 
 
 def parse_kv(text: str | None) -> dict:
@@ -26,22 +38,18 @@ def run_lm_eval(workdir: str, tasks: str, *, loops, args: str | None = None,
                 include_path: str | None = None, model_args: dict | None = None) -> list[dict]:
   """One lm-eval run per loop policy; rows {loops, results, higher_is_better, n-samples,
   versions, model_args} as JSON-ready dicts."""
-  try:
-    import lm_eval
-    from lm_eval.api.registry import model_registry
-    from lm_eval.tasks import TaskManager
-    from lm_eval.utils import handle_non_serializable
-  except ImportError as e:
-    raise ValueError("--lm-eval needs lm-evaluation-harness: pip install -e '.[eval]'") from e
+  check_lm_eval(tasks, include_path)
+  import lm_eval
   import lm_eval.models  # noqa: F401  lm-eval's own models first (its registry fills lazily)
+  from lm_eval.api.registry import model_registry
+  from lm_eval.tasks import TaskManager
+  from lm_eval.utils import handle_non_serializable
   if "loopjax" not in model_registry:
     model_registry.register("loopjax", target=MODEL_TARGET)
   extra = parse_kv(args)
   evaluate_kw = {k: extra.pop(k) for k in EVALUATE_KEYS if k in extra}
   evaluate_kw.setdefault("log_samples", False)
   names = [t.strip() for t in tasks.split(",") if t.strip()]
-  if not names:
-    raise ValueError("--lm-eval: give at least one task name")
   manager = None
   if include_path:  # tasks all found there: lm-eval's ~15k built-in task files are not indexed
     manager = TaskManager(include_path=include_path, include_defaults=False)

@@ -124,11 +124,16 @@ class LoopjaxLM(TemplateLM):
     return context
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-    pairs = [(self._fit(list(c), list(x)), list(x)) for _, c, x in requests]
-    out = conditional_loglik(self.model, self.params, self.schedule, self.policy, pairs,
-                             seq_len=self.seq_len, pad_id=self.pad_id,
-                             batch_size=self.batch_size, time_grid=self.time_grid,
-                             mc_samples=self.mc_samples, seed=self.seed)
+    todo = [i for i, (_, _, x) in enumerate(requests) if len(x)]  # empty: log 1 = 0, greedy
+    pairs = [(self._fit(list(requests[i][1]), list(requests[i][2])), list(requests[i][2]))
+             for i in todo]
+    out = [(0.0, True)] * len(requests)
+    scored = conditional_loglik(self.model, self.params, self.schedule, self.policy, pairs,
+                                seq_len=self.seq_len, pad_id=self.pad_id,
+                                batch_size=self.batch_size, time_grid=self.time_grid,
+                                mc_samples=self.mc_samples, seed=self.seed) if pairs else []
+    for i, res in zip(todo, scored):
+      out[i] = res
     for (key, _, _), res in zip(requests, out):
       self.cache_hook.add_partial("loglikelihood", key, res)
     return out

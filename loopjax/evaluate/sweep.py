@@ -28,7 +28,7 @@ from loopjax.diffusion import make_schedule
 from loopjax.evaluate import plots
 from loopjax.evaluate.denoiser import resolve_policy
 from loopjax.evaluate.gsm8k import gsm8k_accuracy, read_gsm8k
-from loopjax.evaluate.harness import run_lm_eval
+from loopjax.evaluate.harness import check_lm_eval, run_lm_eval
 from loopjax.evaluate.likelihood import corpus_batches, heldout_nelbo
 from loopjax.evaluate.tasks import heldout_batches, task_accuracy
 from loopjax.weights import load_model_dir
@@ -82,6 +82,8 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
   specs = parse_loops(loops)
   for s in specs:  # fail before any work on a policy this model cannot run
     resolve_policy(cfg, s)
+  if lm_eval:
+    check_lm_eval(lm_eval["tasks"], lm_eval.get("include_path"))
   source = config.data.source
   sampler_kw = dict(sampler_kw or {})
   summary = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(ckpt),
