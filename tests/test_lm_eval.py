@@ -70,7 +70,8 @@ def export_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tasks_dir(tmp_path_factory):
   """A local multiple-choice task and a GSM8K-format task that is lm-eval's own gsm8k config
-  (prompt, stop strings, filters, metric) with the data files swapped for local JSONL."""
+  (prompt, stop strings, filters, metric) with the data files swapped for local JSONL and
+  1-shot instead of 5 (rows of 64 bytes)."""
   d = tmp_path_factory.mktemp("tasks")
   mc = [{"question": f"{a} plus {b} is", "choices": [str(a + b), str(a + b + 1), "many"],
          "label": 0} for a, b in ((1, 2), (3, 4), (2, 2), (5, 1))]

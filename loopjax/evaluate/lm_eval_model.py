@@ -185,7 +185,7 @@ class LoopjaxLM(TemplateLM):
         chunk = idx[k:k + self.batch_size]
         texts = [requests[i].args[0] for i in chunk]
         if any(len(self.tok_encode(t)) > self.seq_len - n for t in texts):
-          self._warn_once("truncate", f"loopjax: a prompt does not fit {self.seq_len - n} "
+          self._warn_once("prompt", f"loopjax: a prompt does not fit {self.seq_len - n} "
                           "positions before the generated ones: it keeps its last tokens")
         texts += texts[-1:] * (self.batch_size - len(chunk))  # one compiled shape
         x, seg, start = build_rows(self.tok, texts, seq_len=self.seq_len, answer_len=n,
