@@ -26,8 +26,13 @@ setup(
     extras_require={
         # Ahead-of-time compiles for real TPU topologies from any host (`loopjax memory --topology`).
         "tpu": ["libtpu>=0.0.42"],
-        # The tests include the TPU-topology compile checks.
-        "test": ["pytest>=8", "libtpu>=0.0.42"],
+        # lm-evaluation-harness tasks (`loopjax eval --lm-eval`, `loopjax-lm-eval`).
+        "eval": ["lm-eval>=0.4.13,<0.5"],
+        # The tests include the TPU-topology compile checks and the lm-eval integration.
+        "test": ["pytest>=8", "libtpu>=0.0.42", "lm-eval>=0.4.13,<0.5"],
     },
-    entry_points={"console_scripts": ["loopjax=loopjax.cli:main"]},
+    # lm-eval 0.4 reads no model plugins from entry points: `loopjax-lm-eval` registers the
+    # "loopjax" model and runs lm-eval's CLI.
+    entry_points={"console_scripts": ["loopjax=loopjax.cli:main",
+                                      "loopjax-lm-eval=loopjax.evaluate.lm_eval_model:main"]},
 )

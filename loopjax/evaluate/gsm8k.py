@@ -2,9 +2,17 @@
 
 Each question becomes a prompt (`template`, default "Question: {question}\\nAnswer:"), followed by
 `answer_len` masked positions that the sampler fills; the rest of the row is padding. The number
-is extracted from the generation (after the last `####` if there is one, else the last number in
+is extracted from the generation (after the first `####` if there is one, else the last number in
 the text), normalised ("1,000.50" -> "1000.5", "$7" -> "7") and compared with the gold number:
 exact match. Works with any run whose tokenizer handles the text (byte, SentencePiece, HF).
+
+Kept consistent with lm-evaluation-harness's `gsm8k` task (run through `--lm-eval gsm8k`): the
+same prompt (its doc_to_text), the generation cut at its stop strings (`STOP`), and the number
+after the first "####" (its "strict-match" filter) or, without one, the last number (its
+"flexible-extract"). Differences: lm-eval's default is 5-shot (this path is 0-shot: pass
+num_fewshot=0 to lm-eval to compare); lm-eval compares strings after dropping ",", "$" and a
+final "." while this path compares numbers ("72.0" == "72" here, not there); "#### $7" is 7
+here and no match for lm-eval's strict-match.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler
                                        resolve_policy, timed)
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
+STOP = ("Question:", "</s>", "<|im_end|>")  # lm-eval gsm8k's generation_kwargs.until
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\$?\.\d+")
 
 
@@ -40,7 +49,7 @@ def normalize_number(s: str) -> str | None:
 def extract_answer(text: str) -> str | None:
   """The answer number of a GSM8K-style text, normalised; None if there is none."""
   if "####" in text:
-    found = _NUMBER.findall(text.rsplit("####", 1)[1])
+    found = _NUMBER.findall(text.split("####", 1)[1])
     return normalize_number(found[0]) if found else None
   found = _NUMBER.findall(text)
   return normalize_number(found[-1]) if found else None
@@ -86,12 +95,15 @@ def build_rows(tokenizer, questions, *, seq_len: int, answer_len: int, mask_id: 
   return x, seg, start
 
 
-def decode_answer(tokenizer, ids) -> str:
-  """Text of a generated answer field, cut at the first EOS."""
+def decode_answer(tokenizer, ids, stop=STOP) -> str:
+  """Text of a generated answer field, cut at the first EOS and at the first of `stop`."""
   ids = [int(t) for t in ids]
   if tokenizer.eos_id is not None and tokenizer.eos_id in ids:
     ids = ids[:ids.index(tokenizer.eos_id)]
-  return tokenizer.decode(ids)
+  text = tokenizer.decode(ids)
+  for s in stop:
+    text = text.split(s, 1)[0]
+  return text
 
 
 def gsm8k_accuracy(model, params, tokenizer, examples, *, seq_len: int, loops,

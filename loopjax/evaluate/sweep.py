@@ -10,6 +10,7 @@ For every loop policy (fixed S, including S > S_max; adaptive; schedules):
   zero_shot.json   perplexity bound on local corpora, a table corpus x S (--corpus NAME=FILE)
   gen_ppl.json     generative perplexity under a local judge LM, unigram entropy, per S x
                    steps (--gen-ppl JUDGE_DIR; samples in gen_ppl_samples.jsonl)
+  lm_eval.json     lm-evaluation-harness task results (--lm-eval TASKS; the `.[eval]` extra)
   summary.json     all of the above plus the checkpoint, the command and the machine
 and PNGs in WORKDIR/plots: quality vs S and quality vs compute.
 """
@@ -32,6 +33,7 @@ from loopjax.evaluate.cli_args import output_dir, parse_loops_arg, warn_loop_cos
 from loopjax.evaluate.denoiser import resolve_policy
 from loopjax.evaluate.gsm8k import gsm8k_accuracy, read_gsm8k
 from loopjax.evaluate.gen_ppl import gen_ppl_sweep, load_judge
+from loopjax.evaluate.harness import check_lm_eval, run_lm_eval
 from loopjax.evaluate.likelihood import heldout_nelbo
 from loopjax.evaluate.tasks import heldout_batches, task_accuracy
 from loopjax.evaluate.zero_shot import parse_corpus, zero_shot_eval
@@ -77,11 +79,12 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
              corpus=(), corpus_rows: int = 0, corpus_layout: str = "auto",
              gen_ppl: dict | None = None, params: str | None = None, step: int | None = None,
              seed: int = 0, sampler_kw: dict | None = None, command: str = "",
-             out: str | None = None) -> dict:
+             out: str | None = None, lm_eval: dict | None = None) -> dict:
   """Runs the sweep and writes eval/*.json and plots/*.png under `output_dir(workdir, out)`;
   returns the summary dict.
 
   gen_ppl: {"judge": DIR, "samples", "method", "prompt", "device", "batch_size"} (gen_ppl.py).
+  lm_eval: {"tasks", "args", "include_path"} (harness.py).
   """
   t_start = time.time()
   # A training workdir or a `loopjax export` folder.
@@ -96,6 +99,8 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
     parse_corpus(c)
   judge = (load_judge(gen_ppl["judge"], device=gen_ppl.get("device", "cpu"))
            if gen_ppl else None)
+  if lm_eval:
+    check_lm_eval(lm_eval["tasks"], lm_eval.get("include_path"))
   workdir_out = output_dir(workdir, out)
   source = config.data.source
   sampler_kw = dict(sampler_kw or {})
@@ -180,6 +185,15 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
         seed=seed, sampler_kw=sampler_kw, judge_batch_size=g.get("batch_size", 8),
         workdir=workdir_out, header=summary, log=_log)
 
+  if lm_eval:  # {tasks, args, include_path}: lm-eval's tasks with the "loopjax" model
+    rows = run_lm_eval(workdir, loops=specs, **lm_eval, model_args={
+        "params": params, "step": step, "seed": seed, "batch_size": batch_size,
+        "sampler": method, "steps": steps[0], "time_grid": time_points,
+        **{k: v for k, v in sampler_kw.items() if k in ("temperature", "block_len")}})
+    summary["lm_eval"] = rows
+    _write(workdir_out, "lm_eval.json", {**summary, "tasks": lm_eval["tasks"], "rows": rows})
+    _log(f"lm-eval {lm_eval['tasks']}: {len(rows)} loop policies")
+
   summary["plots"] = plot_paths
   summary["seconds"] = time.time() - t_start
   _write(workdir_out, "summary.json", summary)
@@ -250,6 +264,13 @@ def eval_main(argv) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="write eval/ and plots/ here (default: the workdir; "
                  "beside an export folder, EXPORT.outputs)")
+  g = p.add_argument_group("lm-evaluation-harness (pip install -e '.[eval]')")
+  g.add_argument("--lm-eval", default=None, metavar="TASKS", help="comma list of lm-eval tasks, "
+                 "run with the 'loopjax' model at every --loops policy (eval/lm_eval.json)")
+  g.add_argument("--lm-eval-args", default=None, metavar="K=V,...", help="num_fewshot, limit, "
+                 "bootstrap_iters, ... for lm-eval; other keys are model_args (mc_samples, "
+                 "max_gen_toks, ...)")
+  g.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs")
   a = p.parse_args(argv)
   kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, block_len=a.block_len)
   gen = a.gen_ppl and dict(judge=a.gen_ppl, samples=a.samples, prompt=a.prompt,
@@ -263,7 +284,9 @@ def eval_main(argv) -> int:
       gsm8k=a.gsm8k, gsm8k_limit=a.gsm8k_limit, answer_len=a.answer_len, corpus=a.corpus,
       corpus_rows=a.corpus_rows, corpus_layout=a.corpus_layout, gen_ppl=gen or None,
       params=a.params, step=a.step, seed=a.seed, sampler_kw=kw,
-      command="loopjax eval " + " ".join(argv), out=a.out)
+      command="loopjax eval " + " ".join(argv), out=a.out,
+      lm_eval=a.lm_eval and {"tasks": a.lm_eval, "args": a.lm_eval_args,
+                             "include_path": a.include_path})
   print(json.dumps({"eval": os.path.join(output_dir(a.workdir, a.out), "eval"),
                     "plots": summary["plots"],
                     "seconds": round(summary["seconds"], 1)}))
