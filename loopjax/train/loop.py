@@ -101,7 +101,7 @@ class _StopRequests:
   that `reached` is true at the same step on every process."""
 
   def __init__(self):
-    self.signal, self.armed, self.raised = None, False, False
+    self.signal, self.armed = None, False
     self.agreed = distributed.uses_preemption_notices()
     self._old = {}
 
@@ -125,7 +125,6 @@ class _StopRequests:
     first = self.signal is None
     self.signal = signum
     if not self.armed and first:
-      self.raised = True
       raise Interrupted(signum, "before the first training step; nothing was saved")
 
   def reached(self, step: int) -> bool:

@@ -195,8 +195,9 @@ def _jsonable(v):
 
 
 def eval_label(step: int, row: dict) -> str:
-  """The console text of a row's raw and EMA held-out figures, while the EMA warms up."""
-  return (f"eval bits/tok raw {row['eval_raw_bits_per_token']:.4f} ema "
+  """The console text of a row's raw and EMA held-out figures while the EMA warms up (after
+  "eval")."""
+  return (f"bits/tok raw {row['eval_raw_bits_per_token']:.4f} ema "
           f"{row['eval_bits_per_token']:.4f} (ema warming up: step {step} < "
           f"1/(1-{row['ema_decay']}) = {1 / (1 - row['ema_decay']):.0f})")
 
@@ -256,7 +257,8 @@ class MetricsWriter:
       metrics["eval"] = eval_label(step, metrics)
       metrics.pop("eval_bits_per_token", None)
     for k, fmt in (("loss", "{:.4f}"), ("eval_bits_per_token", "eval bits/tok {:.4f}"),
-                   ("eval", "{}"), ("loops", "S {:.2f}"), ("lr", "lr {:.2e}"), ("tokens_per_sec", "{:,.0f} tok/s"),
+                   ("eval", "{}"), ("loops", "S {:.2f}"), ("lr", "lr {:.2e}"),
+                   ("tokens_per_sec", "{:,.0f} tok/s"),
                    ("mfu", "MFU {:.1%}")):
       if k in metrics:
         v = metrics[k]
