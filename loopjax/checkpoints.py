@@ -5,14 +5,24 @@ rng) and the item `data` (the grain iterator state).
 `loopjax.train.checkpoint` writes them and resumes a run from them; this module lists the steps,
 checks a checkpoint's parameter tree against a model, and restores the parameters alone (raw or
 EMA; no optimizer state is read) for evaluation, export and fine-tuning.
+
+Every reader of a run's checkpoints goes through `newest_readable`: without an explicit step it
+takes the newest checkpoint that reads back, warning on one line about each damaged one it
+skipped; an explicit step that is damaged is an error naming it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+
+from loopjax.errors import UserError
+
+log = logging.getLogger("loopjax")
 
 STATE = "state"  # the checkpoint item that holds the train state
 PARAMS = {"ema": "ema_params", "raw": "params"}  # which weights -> their key in the train state
@@ -30,11 +40,19 @@ def param_shape_diff(have, want, limit: int = 4) -> list:
   return sorted(set(a.items()) ^ set(b.items()))[:limit] if a != b else []
 
 
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint of another architecture (not damage: no fallback past it)."""
+
+
+class DamagedCheckpointError(UserError):
+  """The checkpoint asked for, or every checkpoint of a run, cannot be read back."""
+
+
 def check_same_params(meta, abstract_params, step: int, directory: str) -> None:
   """Refuses a checkpoint whose parameter names or shapes differ from the model's."""
   diff = param_shape_diff(meta, abstract_params)
   if diff:
-    raise ValueError(
+    raise CheckpointMismatchError(
         f"checkpoint {step} in {directory} does not match this model (another architecture?): "
         f"parameters differ, e.g. {diff}. Use a new --workdir or the config the run was "
         "started with.")
@@ -44,6 +62,46 @@ def first_line(e: Exception) -> str:
   """One line naming an exception, for warnings about a damaged checkpoint."""
   text = str(e).strip().splitlines()
   return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def newest_readable(directory: str, steps: list[int], read: Callable[[int], Any], *,
+                    step: int | None = None) -> tuple[Any, int, list[int]]:
+  """(read(s), s, damaged steps skipped) for the newest step s whose `read` succeeds, or for
+  `step` when given (an error if it is damaged: no silent fallback to another step).
+
+  Any exception of `read` but CheckpointMismatchError counts as damage: truncated or garbled
+  Orbax files surface as many exception types (tensorstore, msgpack, JSON, OS errors)."""
+  steps = sorted(steps)
+  if step is not None:
+    if step not in steps:
+      raise ValueError(f"{os.path.dirname(directory)} has no checkpoint {step}; it has {steps}")
+    try:
+      return read(step), step, []
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # noqa: BLE001  (damage, see above)
+      others = [s for s in steps if s != step]
+      raise DamagedCheckpointError(
+          f"checkpoint {step} in {directory} is unreadable ({first_line(e)}); "
+          + (f"ask for another step (the run also has {others}) or omit the step to use the "
+             "newest readable one" if others else "the run has no other checkpoint")) from None
+  skipped = []
+  for s in reversed(steps):
+    try:
+      out = read(s)
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # noqa: BLE001  (damage, see above)
+      log.warning("checkpoint %d in %s is unreadable, skipping it: %s", s, directory,
+                  first_line(e))
+      skipped.append(s)
+      continue
+    if skipped:
+      log.warning("using checkpoint %d instead (skipped damaged %s)", s, skipped)
+    return out, s, skipped
+  raise DamagedCheckpointError(
+      f"no readable checkpoint in {directory}: steps {skipped} are all damaged (truncated or "
+      "garbled files); start a new --workdir, or restore the files from a copy")
 
 
 def _reader(directory: str) -> ocp.CheckpointManager:
@@ -56,7 +114,8 @@ def _reader(directory: str) -> ocp.CheckpointManager:
 
 def restore_params(directory: str, abstract_params, *, step: int | None = None,
                    params: str = "ema"):
-  """(params, step): the raw or EMA weights of checkpoint `step` (default: the newest).
+  """(params, step): the raw or EMA weights of checkpoint `step` (default: the newest
+  readable one; see newest_readable).
 
   abstract_params: the model's parameter tree of jax.ShapeDtypeStruct with shardings (the
   restore target layout); the checkpoint's names and shapes must equal it.
@@ -69,18 +128,20 @@ def restore_params(directory: str, abstract_params, *, step: int | None = None,
     raise FileNotFoundError(f"{run} has no checkpoints yet")
   key = PARAMS[params]
   manager = _reader(directory)
+  target = {key: abstract_params}
+
+  def read(s: int):
+    check_same_params(manager.item_metadata(s)[STATE][key], abstract_params, s, directory)
+    restored = manager.restore(s, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)}))
+    return restored[STATE][key]
+
   try:
     steps = sorted(manager.all_steps())
     if not steps:
       raise FileNotFoundError(f"{run} has no checkpoints yet")
-    if step is not None and step not in steps:
-      raise ValueError(f"{run} has no checkpoint {step}; it has {steps}")
-    step = steps[-1] if step is None else step
-    check_same_params(manager.item_metadata(step)[STATE][key], abstract_params, step, directory)
-    target = {key: abstract_params}
-    restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)}))
+    tree, step, _ = newest_readable(directory, steps, read, step=step)
   finally:
     manager.close()
-  return restored[STATE][key], step
+  return tree, step

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 
 USAGE = __doc__.split("\n\n")[1]
@@ -101,7 +102,9 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  from loopjax.errors import UserError  # no heavy imports: --help stays instant
+  from loopjax.errors import UserError, raise_interrupted  # no heavy imports: --help stays instant
+  # SIGTERM unwinds like Ctrl-C (train saves a checkpoint instead, once it is training).
+  old = signal.signal(signal.SIGTERM, raise_interrupted) if _main_thread() else None
   try:
     return COMMANDS[argv[0]](argv[1:])
   except (ValueError, OSError, UserError) as e:
@@ -109,6 +112,17 @@ def main(argv=None) -> int:
       raise
     print(f"loopjax {argv[0]}: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM: one line, 128 + the signal
+    print(f"loopjax {argv[0]}: {e or 'interrupted'}", file=sys.stderr)
+    return getattr(e, "exit_code", 130)
+  finally:
+    if old is not None:
+      signal.signal(signal.SIGTERM, old)
+
+
+def _main_thread() -> bool:
+  import threading
+  return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""The trainer end to end through the `loopjax train` command: exact resume after SIGKILL,
-clean stop on SIGTERM, and bad inputs that fail clearly without touching existing checkpoints."""
+"""The trainer end to end through the `loopjax train` command: exact resume after SIGKILL (one
+metrics row per step), clean stop on SIGTERM (also before the first step), bad inputs that fail
+clearly without touching existing checkpoints, damaged checkpoints skipped by every reader, and
+early evaluation of raw weights beside a warming-up EMA."""
 
 import hashlib
 import json
@@ -9,8 +11,10 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
-from run_logs import logged_losses
+from run_logs import logged_losses, logged_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(ROOT, "experiments", "sudoku.py")
@@ -105,6 +109,9 @@ def test_sigkill_then_resume_is_bitwise_identical(reference_run, tmp_path):
   resumed = _run(tmp_path, *STEPS)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"resumed {tmp_path} at step {killed_at}" in resumed.stderr
+  steps = [row["step"] for row in logged_rows(tmp_path)]
+  assert steps == sorted(set(steps)) == list(range(1, 61)), (
+      "metrics.jsonl should hold one row per step after a resume (replayed rows replaced)")
   want, got = logged_losses(ref_dir), logged_losses(tmp_path)
   after = [s for s in want if s > killed_at]
   assert after and all(got[s] == want[s] for s in after), (
@@ -181,23 +188,68 @@ def test_missing_tfds_data_fails_fast(tmp_path, reference_run):
   assert "lm1b" in err and ("download_and_prepare" in err or "tfds build" in err), err[-2000:]
 
 
-def test_damaged_latest_checkpoint_is_skipped(tmp_path, reference_run):
+def _damaged_copy(tmp_path, reference_run, damage=(-1,)):
+  """A copy of the reference run whose checkpoints at positions `damage` (of the sorted steps)
+  have their array data files cut in half; returns (workdir, steps)."""
   import shutil
   ref_dir, _ = reference_run
   workdir = tmp_path / "run"
   shutil.copytree(ref_dir, workdir)
   steps = _ckpt_steps(workdir)
-  latest = workdir / "checkpoints" / str(steps[-1]) / "state"
-  damaged = 0
-  for root, _, files in os.walk(latest):
-    for name in files:
-      if "ocdbt" in root and os.sep + "d" in root:
-        path = os.path.join(root, name)
-        with open(path, "r+b") as f:
-          size = os.path.getsize(path)
-          f.truncate(size // 2)
-        damaged += 1
-  assert damaged, "found no array data files to damage: has the Orbax layout changed?"
+  for i in damage:
+    damaged = 0
+    for root, _, files in os.walk(workdir / "checkpoints" / str(steps[i]) / "state"):
+      for name in files:
+        if "ocdbt" in root and os.sep + "d" in root:
+          path = os.path.join(root, name)
+          with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+          damaged += 1
+    assert damaged, "found no array data files to damage: has the Orbax layout changed?"
+  return workdir, steps
+
+
+def _cli(*argv):
+  """`loopjax ARGV` in this process: (exit code, stderr)."""
+  import contextlib
+  import io
+  from loopjax import cli
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    import logging
+    handler = logging.StreamHandler(err)
+    logging.getLogger("loopjax").addHandler(handler)
+    try:
+      code = cli.main(list(argv))
+    finally:
+      logging.getLogger("loopjax").removeHandler(handler)
+  return code, err.getvalue()
+
+
+def test_export_and_sample_fall_back_past_a_damaged_newest_checkpoint(tmp_path, reference_run):
+  workdir, steps = _damaged_copy(tmp_path, reference_run)
+  code, err = _cli("export", "--workdir", str(workdir), "--out", str(tmp_path / "out"))
+  assert code == 0, err[-3000:]
+  assert f"checkpoint {steps[-1]}" in err and "unreadable" in err, err[-2000:]
+  assert json.load(open(tmp_path / "out" / "config.json"))["weights"]["step"] == steps[-2]
+  code, err = _cli("sample", "--workdir", str(workdir), "--num", "1", "--steps", "2")
+  assert code == 0, err[-3000:]
+  assert f"checkpoint {steps[-1]}" in err and f"using checkpoint {steps[-2]}" in err
+
+
+def test_a_damaged_explicit_step_or_all_damaged_checkpoints_is_a_one_line_error(
+    tmp_path, reference_run):
+  workdir, steps = _damaged_copy(tmp_path, reference_run, damage=range(3))
+  code, err = _cli("export", "--workdir", str(workdir), "--out", str(tmp_path / "a"),
+                   "--step", str(steps[-1]))
+  assert code == 2 and f"checkpoint {steps[-1]} in" in err and "unreadable" in err, err[-2000:]
+  assert "Traceback" not in err and not os.path.exists(tmp_path / "a")
+  code, err = _cli("export", "--workdir", str(workdir), "--out", str(tmp_path / "b"))
+  assert code == 2 and "no readable checkpoint" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_damaged_latest_checkpoint_is_skipped(tmp_path, reference_run):
+  workdir, steps = _damaged_copy(tmp_path, reference_run)
   proc = _run(workdir, "--config.train.steps=65", "--config.train.checkpoint_every=5")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"checkpoint {steps[-1]}" in proc.stderr and "unreadable" in proc.stderr
@@ -214,8 +266,56 @@ def test_nonfinite_loss_stops_without_a_bad_checkpoint(tmp_path):
   bad_step = int(re.search(r"non-finite loss or gradient at step (\d+)", proc.stderr).group(1))
   assert all(s < bad_step for s in _ckpt_steps(tmp_path)), "a checkpoint was written at or "\
       "after the non-finite step"
-  skip = _run(tmp_path / "skip", "--config.train.steps=6", "--config.train.checkpoint_every=3",
+
+
+
+def test_skip_mode_stops_after_consecutive_skips_with_only_finite_checkpoints(tmp_path):
+  from loopjax.weights import load_run
+  workdir = tmp_path / "skip"
+  skip = _run(workdir, "--config.train.steps=30", "--config.train.checkpoint_every=2",
               "--config.train.lr=1e30", "--config.train.warmup_steps=0",
-              "--config.train.clip_norm=0", "--config.train.on_nonfinite=skip")
-  assert skip.returncode == 0, skip.stderr[-2000:]
-  assert "the update was not applied" in skip.stderr
+              "--config.train.clip_norm=0", "--config.train.on_nonfinite=skip",
+              "--config.train.max_consecutive_skips=4")
+  assert skip.returncode != 0, skip.stderr[-2000:]
+  assert "train.max_consecutive_skips=4" in skip.stderr or "not finite" in skip.stderr, \
+      skip.stderr[-2000:]
+  assert "Traceback" not in skip.stderr, skip.stderr[-3000:]
+  assert max(_ckpt_steps(workdir), default=0) < 30
+  for step in _ckpt_steps(workdir):
+    for params in ("raw", "ema"):
+      tree = load_run(str(workdir), step=step, params=params)[2]
+      assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(tree)), (
+          f"checkpoint {step} holds non-finite {params} weights")
+
+
+def test_early_eval_reports_raw_beside_a_warming_up_ema(reference_run):
+  workdir, proc = reference_run
+  row = [r for r in logged_rows(workdir) if "eval_bits_per_token" in r][-1]
+  assert row["step"] == 60 and row["eval_params"] == "ema"
+  # After 60 steps an EMA of decay 0.99 is still 55% the initial weights (0.99^60).
+  assert row["eval_raw_bits_per_token"] < row["eval_bits_per_token"], row
+  assert "eval bits/tok raw" in proc.stderr and "ema warming up: step 60 < 1/(1-0.99) = 100" in \
+      proc.stderr, proc.stderr[-2000:]
+
+
+def test_sigterm_during_compile_exits_at_once_with_one_line(tmp_path):
+  proc = subprocess.Popen(_cmd(tmp_path, "--config.train.steps=5"), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=_env(), cwd=ROOT, text=True)
+  lines = []
+  try:
+    for line in proc.stderr:
+      lines.append(line)
+      if "compiling the train and eval steps" in line:
+        proc.send_signal(signal.SIGTERM)
+        break
+    rest = proc.communicate(timeout=120)[1]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  err = "".join(lines) + rest
+  assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+  assert "loopjax train: interrupted by SIGTERM before the first training step" in err, err
+  assert "Traceback" not in err, err[-3000:]
+  assert not _ckpt_steps(tmp_path) and not os.path.exists(tmp_path / "metrics.jsonl")
+  assert not os.path.exists(tmp_path / "lock.json"), "the workdir lock was not released"
+  json.load(open(tmp_path / "config.json"))  # whole

@@ -3,6 +3,7 @@ with the loss per drawn S, and the trainer, the memory report and the benchmarks
 step through one function."""
 
 import importlib.util
+import json
 import os
 import sys
 
@@ -16,7 +17,7 @@ from run_logs import logged_rows
 from loopjax.parallel import mesh as mesh_lib
 from loopjax.train import loop, memory
 from loopjax.train import step as step_lib
-from loopjax.train.metrics import window_add, window_means, window_zeros
+from loopjax.train.metrics import keep_rows_through, window_add, window_means, window_zeros
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
@@ -108,8 +109,8 @@ def test_rows_are_window_means_with_the_loss_per_drawn_s(per_step, windowed):
 
 
 def test_window_skips_nonfinite_steps_and_finds_the_first():
-  losses = [2.0, np.nan, 4.0, np.inf, 1.0]
-  loops = [1, 2, 2, 3, 2]
+  losses = [2.0, np.nan, 4.0, np.inf, np.nan, 1.0]
+  loops = [1, 2, 2, 3, 3, 2]
   w = window_zeros(3)
   for x, s in zip(losses, loops):
     ok = bool(np.isfinite(x))
@@ -120,12 +121,21 @@ def test_window_skips_nonfinite_steps_and_finds_the_first():
   host = jax.device_get(w)
   row = window_means(host)
   assert row["loss"] == pytest.approx(7.0 / 3) and row["grad_norm"] == pytest.approx(10.0 / 3)
-  assert row["loops"] == pytest.approx(2.0) and row["nonfinite_steps"] == 2
-  assert row["steps_by_loops"] == {"1": 1, "2": 3, "3": 1}
+  assert row["loops"] == pytest.approx(13 / 6) and row["nonfinite_steps"] == 3
+  assert row["steps_by_loops"] == {"1": 1, "2": 3, "3": 2}
   assert row["loss_by_loops"]["1"] == 2.0 and row["loss_by_loops"]["2"] == pytest.approx(2.5)
   assert np.isnan(row["loss_by_loops"]["3"])  # S = 3 ran only a non-finite step
   assert row["lr"] == pytest.approx(0.2)
   assert int(host["first_bad"]) == 2 and np.isnan(host["first_bad_loss"])
+  assert int(host["longest_bad_run"]) == 2 and int(host["bad_run"]) == 0  # steps 4-5 in a row
+
+
+def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4))
+                  + '{"step": 5, "lo')  # cut short by a kill
+  assert keep_rows_through(str(path), 2) == 3
+  assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
 
 
 def test_trainer_memory_report_and_benchmarks_build_one_step(windowed, monkeypatch):

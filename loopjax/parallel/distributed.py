@@ -25,6 +25,9 @@ when the communicators connect), which skewed start-up or compile times on a loa
 So Orbax is switched to client barriers, and the trainer compiles its programs ahead of time and
 meets at `barrier` right before its first step, with no per-process work between the two.
 
+Stop requests of a multi-process job are agreed: SIGTERM is JAX's preemption notice, and every
+process asks `reached_stop_step` at each step, so that all save the same step and exit 0.
+
 `session` ends a command: on success the processes meet once more and disconnect together; on
 an error the failing process exits at once (see there), so a launcher or the coordination service
 stops its peers instead of everyone waiting out the shutdown timeout.
@@ -119,6 +122,25 @@ def barrier(name: str) -> None:
   jax_distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=barrier_timeout() * 1000)
 
 
+def uses_preemption_notices() -> bool:
+  """Whether stop requests go through JAX's preemption service: a multi-process job, whose
+  SIGTERM handler (installed by jax.distributed.initialize) records the notice and shares it."""
+  from jax._src import distributed as jax_distributed
+  state = jax_distributed.global_state
+  return state.client is not None and state.num_processes > 1 \
+      and state.preemption_sync_manager is not None
+
+
+def reached_stop_step(step: int) -> bool:
+  """True, on every process at the same `step`, once any process got a preemption notice.
+
+  Every process calls it at every step, with the same increasing step numbers: the service
+  takes the largest step any process has reached when the notice spreads, plus one, as the
+  step all of them stop at (jax.experimental.multihost_utils.reached_preemption_sync_point)."""
+  from jax.experimental import multihost_utils
+  return multihost_utils.reached_preemption_sync_point(step)
+
+
 @contextlib.contextmanager
 def session(command: str):
   """Runs the body of `loopjax COMMAND` as this process's part of a multi-process job.
@@ -144,9 +166,12 @@ def session(command: str):
       code = 2
     elif isinstance(e, SystemExit):
       code = e.code if isinstance(e.code, int) and e.code else 1
+    elif isinstance(e, KeyboardInterrupt):  # Ctrl-C or a stop signal: one line, as the CLI does
+      print(f"loopjax {command}: {e or 'interrupted'}", file=sys.stderr)
+      code = getattr(e, "exit_code", 130)
     else:
       traceback.print_exc()
-      code = 130 if isinstance(e, KeyboardInterrupt) else 1
+      code = 1
     from jax._src import distributed as jax_distributed  # needs no backend, unlike jax.process_*
     state = jax_distributed.global_state
     print(f"loopjax {command}: process {state.process_id} of {state.num_processes} failed; "

@@ -5,7 +5,7 @@ weights (evaluation, export, fine-tuning) is `loopjax.checkpoints`.
 
 Orbax writes into a temporary directory and renames it when complete, so a step directory that
 exists is complete; one whose files were damaged later is detected at restore, reported, and the
-previous step is used instead.
+previous step is used instead (`loopjax.checkpoints.newest_readable`, shared with every reader).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from loopjax.checkpoints import STATE, check_same_params, first_line
+from loopjax.checkpoints import STATE, check_same_params, newest_readable
 from loopjax.parallel import distributed
 
 log = logging.getLogger("loopjax")
@@ -46,39 +46,27 @@ class Checkpointer:
     self.manager.save(step, args=args, force=True)
 
   def restore_latest(self, abstract_state, data_iter) -> tuple[Any, int] | None:
-    """Restores the newest readable checkpoint; skips damaged ones with a warning.
+    """Restores the newest readable checkpoint; skips damaged ones with a warning (and sets
+    them aside, so that their steps can be saved again).
 
     Returns (state, step) or None when there is no checkpoint. `abstract_state` holds
     jax.ShapeDtypeStruct leaves with shardings (the restore target layout, any mesh).
     """
     steps = self.steps()
-    errors = []
-    for step in reversed(steps):
-      try:
-        meta = self.manager.item_metadata(step)[STATE]["params"]
-      except Exception as e:  # unreadable metadata: a damaged checkpoint
-        log.warning("checkpoint %d in %s is unreadable, skipping it: %s", step, self.directory,
-                    first_line(e))
-        errors.append((step, e))
-        continue
+    if not steps:
+      return None
+
+    def read(step: int):
+      meta = self.manager.item_metadata(step)[STATE]["params"]
       check_same_params(meta, abstract_state.params, step, self.directory)
-      try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardRestore(abstract_state),
-            DATA: grain.checkpoint.CheckpointRestore(data_iter)}))
-      except Exception as e:  # damaged array files surface as many exception types
-        log.warning("checkpoint %d in %s is unreadable, skipping it: %s", step, self.directory,
-                    first_line(e))
-        errors.append((step, e))
-        continue
-      if errors:
-        log.warning("using checkpoint %d instead", step)
-        self._set_aside([s for s, _ in errors])
-      return restored[STATE], step
-    if errors:
-      raise RuntimeError(f"no readable checkpoint in {self.directory}: tried steps "
-                         f"{[s for s, _ in errors]}") from errors[0][1]
-    return None
+      return self.manager.restore(step, args=ocp.args.Composite(**{
+          STATE: ocp.args.StandardRestore(abstract_state),
+          DATA: grain.checkpoint.CheckpointRestore(data_iter)}))[STATE]
+
+    state, step, damaged = newest_readable(self.directory, steps, read)
+    if damaged:
+      self._set_aside(damaged)
+    return state, step
 
   def _set_aside(self, steps) -> None:
     """Renames damaged step directories (kept for inspection) so their steps can be re-saved."""

@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=50, checkpoint_every=500, keep_checkpoints=3, async_checkpoints=True,
       eval_every=500, eval_batches=4, eval_time_points=8, eval_params="ema",
       on_nonfinite="error",  # error: stop with a message | skip: leave the state unchanged
+      max_consecutive_skips=10,  # skip: stop with an error after this many skipped in a row
       # Fine-tuning: a run workdir (its newest EMA weights) or an exported folder whose weights
       # start a new run (params and EMA; fresh optimizer and step 0). Ignored when resuming.
       init_from="",
@@ -78,6 +79,8 @@ def validate(config) -> None:
     raise ValueError(f"train.lr_schedule must be 'constant' or 'cosine', got {t.lr_schedule!r}")
   if t.on_nonfinite not in ("error", "skip"):
     raise ValueError(f"train.on_nonfinite must be 'error' or 'skip', got {t.on_nonfinite!r}")
+  if int(t.max_consecutive_skips) < 1:
+    raise ValueError(f"train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
   if t.eval_params not in ("ema", "raw"):
     raise ValueError(f"train.eval_params must be 'ema' or 'raw', got {t.eval_params!r}")
   if not 0.0 <= t.ema_decay < 1.0:

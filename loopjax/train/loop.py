@@ -1,10 +1,21 @@
 """The training loop: set up a run (or resume it), step, log, evaluate, checkpoint, stop cleanly.
 
-Running the same command on the same workdir resumes from the newest complete checkpoint. SIGTERM
-and SIGINT save a checkpoint at the current step and return normally (exit code 0). Step metrics
-stay on device between logged rows (train/metrics.py); a non-finite step is reported at the next
-row or checkpoint, whichever comes first, and stops the run before anything after it is saved
-(train.on_nonfinite=error) or is logged as skipped.
+Running the same command on the same workdir resumes from the newest readable checkpoint.
+
+Stop requests: once training has started, SIGTERM and SIGINT save a checkpoint at the current step
+and return normally (exit code 0); in a multi-process job every process saves the same step (the
+request is agreed through JAX's preemption service, see parallel/distributed.py). Before the first
+step (set-up, restore, compile) there is nothing to save: a single process stops at once with
+`loopjax.errors.Interrupted` (one line, exit 128 + the signal) after releasing what it holds.
+
+Step metrics stay on device between logged rows (train/metrics.py); a non-finite step is reported
+at the next row or checkpoint, whichever comes first, and stops the run before anything after it
+is saved (train.on_nonfinite=error) or is logged as skipped (skip), until
+train.max_consecutive_skips steps in a row were skipped. Weights are checked to be finite before
+every checkpoint and evaluation: non-finite weights are never saved or evaluated.
+
+While the EMA has averaged fewer than 1/(1 - train.ema_decay) steps, evaluation during training
+reports the raw weights' figures (`eval_raw_*`) beside the EMA's (`eval_*`).
 """
 
 from __future__ import annotations
@@ -28,14 +39,14 @@ from loopjax.data import prepared
 from loopjax.data import shards as data_shards
 from loopjax.data.process_rows import make_shards_eval_batches, make_shards_iterator
 from loopjax.diffusion import eval_time_grid, make_schedule, metrics_from_nelbo
-from loopjax.errors import UserError
+from loopjax.errors import Interrupted, UserError
 from loopjax.parallel import distributed
 from loopjax.parallel import mesh as mesh_lib
 from loopjax.train import config as config_lib
 from loopjax.train.checkpoint import Checkpointer
 from loopjax.train.lock import WorkdirLock
 from loopjax.train.metrics import MetricsWindow, MetricsWriter
-from loopjax.train.step import TrainProgram, build_train_step, make_eval_step
+from loopjax.train.step import TrainProgram, all_finite, build_train_step, make_eval_step
 from loopjax.weights import load_model_dir, read_run_config
 
 log = logging.getLogger("loopjax")
@@ -48,7 +59,8 @@ _RUNTIME_KEYS = {("model", k) for k in ("kernels", "remat", "loop_remat", "dtype
 
 
 class NonFiniteLossError(UserError):
-  """The loss or gradient became non-finite (train.on_nonfinite=error)."""
+  """The loss or gradient became non-finite (train.on_nonfinite=error), too many steps in a
+  row were skipped (skip), or the weights themselves are no longer finite."""
 
 
 def check_workdir(workdir: str, config) -> None:
@@ -78,28 +90,51 @@ def check_batch(batch: dict, vocab_size: int, seq_len: int) -> None:
                      "(ids must be in [0, vocab_size); the mask id is vocab_size)")
 
 
-class _StopFlag:
-  """SIGTERM/SIGINT set a flag; the loop checkpoints and returns at the next step boundary."""
+class _StopRequests:
+  """SIGTERM/SIGINT for the whole of `train`.
+
+  Until `arm()` (before the first step) a signal raises Interrupted, once: the set-up's clean-up
+  runs on the way out. From then on it only records the request; `reached(step)` says whether
+  to save and stop after `step`. In a multi-process job SIGTERM stays with JAX's preemption
+  service (its handler is the one installed) and SIGINT is passed on to it as a SIGTERM, so
+  that `reached` is true at the same step on every process."""
 
   def __init__(self):
-    self.signal = None
+    self.signal, self.armed = None, False
+    self.agreed = distributed.uses_preemption_notices()
     self._old = {}
 
   def __enter__(self):
-    if hasattr(signal, "SIGTERM"):
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-          self._old[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread
-          pass
+    sigs = (signal.SIGINT,) if self.agreed else (signal.SIGTERM, signal.SIGINT)
+    for sig in sigs:
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
     return self
 
+  def arm(self) -> None:
+    self.armed = True
+
   def _handle(self, signum, _frame):
+    if self.agreed:
+      self.signal = signum
+      os.kill(os.getpid(), signal.SIGTERM)
+      return
+    first = self.signal is None
     self.signal = signum
+    if not self.armed and first:
+      raise Interrupted(signum, "before the first training step; nothing was saved")
+
+  def reached(self, step: int) -> bool:
+    if self.agreed:
+      return distributed.reached_stop_step(step)
+    return self.signal is not None
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
-      signal.signal(sig, old)
+      if old is not None:
+        signal.signal(sig, old)
 
 
 def init_from(state, shardings, path: str):
@@ -170,12 +205,15 @@ def _setup(config, workdir: str) -> _Run:
     run.lock = WorkdirLock(workdir).acquire()
   try:
     check_workdir(workdir, config)
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    if jax.process_index() == 0:  # written whole or not at all (a stop signal may come)
+      path = os.path.join(workdir, "config.json")
+      with open(f"{path}.tmp", "w", encoding="utf-8") as f:
         f.write(config.to_json(indent=2))
+      os.replace(f"{path}.tmp", path)
       if config.data.source == "prepared":  # what the run reads, kept beside what it made
-        shutil.copyfile(data_shards.manifest_path(config.data.path),
-                        os.path.join(workdir, "data_manifest.json"))
+        path = os.path.join(workdir, "data_manifest.json")
+        shutil.copyfile(data_shards.manifest_path(config.data.path), f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
     run.data_iter = run.open_data()
     run.first = next(run.data_iter)
     check_batch(run.first, program.model.cfg.vocab_size, config.data.seq_len)
@@ -212,6 +250,7 @@ def _compile(run: _Run, state):
   collective: CPU collectives allow a late peer only seconds to join (see parallel/distributed.py).
   """
   config, p, t = run.config, run.program, run.config.train
+  log.info("compiling the train and eval steps")
   start = time.perf_counter()
   step_fn = p.step.lower(state, p.abstract_batch()).compile()
   eval_loops = config.loops.eval or p.model.cfg.max_loops
@@ -227,13 +266,23 @@ def _compile(run: _Run, state):
   log.info("compiled the train and eval steps in %.1f s", time.perf_counter() - start)
   distributed.barrier("loopjax_compiled")
 
-  def evaluate(state) -> dict:
-    params = state.ema_params if t.eval_params == "ema" else state.params
+  def figures(params) -> dict:
     outs = jax.device_get([eval_fn(params, b, jnp.int32(eval_loops), jax.random.PRNGKey(i))
                            for i, b in enumerate(batches)])
-    m = metrics_from_nelbo(sum(float(o["nelbo_sum"]) for o in outs),
-                           sum(float(o["num_tokens"]) for o in outs))
-    return {f"eval_{k}": float(v) for k, v in m.items()} | {"eval_loops": eval_loops}
+    return metrics_from_nelbo(sum(float(o["nelbo_sum"]) for o in outs),
+                              sum(float(o["num_tokens"]) for o in outs))
+
+  def evaluate(state, step: int) -> dict:
+    """eval_* of the weights train.eval_params names; with EMA weights that have averaged
+    fewer than 1/(1 - decay) steps (mostly still the initial weights), eval_raw_* beside."""
+    ema = t.eval_params == "ema"
+    row = {f"eval_{k}": float(v) for k, v in figures(
+        state.ema_params if ema else state.params).items()}
+    row |= {"eval_loops": eval_loops, "eval_params": t.eval_params}
+    if ema and step < 1.0 / (1.0 - t.ema_decay):
+      row |= {f"eval_raw_{k}": float(v) for k, v in figures(state.params).items()}
+      row["ema_decay"] = float(t.ema_decay)
+    return row
 
   return step_fn, evaluate
 
@@ -256,33 +305,51 @@ def _metrics_window(run: _Run, start: int, step_fn) -> MetricsWindow:
                        if peak else None)
 
 
-def _check_finite(bad: dict | None, on_nonfinite: str, warn: bool = True) -> None:
-  """Raises NonFiniteLossError (on_nonfinite=error) or warns about a window's bad steps."""
+def _check_finite(bad: dict | None, train_cfg, warn: bool = True) -> None:
+  """Raises NonFiniteLossError (on_nonfinite=error, or skip with train.max_consecutive_skips
+  steps in a row skipped) or warns about a window's bad steps."""
   if bad is None:
     return
   more = (f"; {bad['count'] - 1} more such step(s) up to step {bad['last_step']}"
           if bad["count"] > 1 else "")
   msg = (f"non-finite loss or gradient at step {bad['step']} (loss {bad['loss']}, grad norm "
          f"{bad['grad_norm']}{more}); the update was not applied")
-  if on_nonfinite == "error":
+  if train_cfg.on_nonfinite == "error":
     raise NonFiniteLossError(msg + ". Lower train.lr, or set train.on_nonfinite=skip to skip "
                              "such steps.")
+  if bad["longest_run"] >= train_cfg.max_consecutive_skips:
+    raise NonFiniteLossError(
+        f"{bad['longest_run']} steps in a row up to step {bad['last_step']} had a non-finite "
+        f"loss or gradient and were skipped (train.max_consecutive_skips="
+        f"{train_cfg.max_consecutive_skips}): the run is not recovering; stopped without "
+        "saving them. Lower train.lr and resume, or start a new --workdir.")
   if warn:
     log.warning(msg)
 
 
-def _loop(run: _Run, state, step: int, step_fn, evaluate, stop: "_StopFlag"):
+def _check_weights(finite: bool, step: int, what: str) -> None:
+  """Refuses to save or evaluate weights (params or EMA) that are not finite."""
+  if not finite:
+    raise NonFiniteLossError(
+        f"the weights at step {step} are not finite (an update overflowed), so they were not "
+        f"{what}; the checkpoints before it are kept. Lower train.lr (or set train.clip_norm) "
+        "and resume, or start a new --workdir.")
+
+
+def _loop(run: _Run, state, step: int, step_fn, evaluate, stop: _StopRequests):
   """Trains from `step` to train.steps or a stop signal; returns (state, step, last row).
 
   A row is fetched after the next step is dispatched; at an eval or checkpoint step, which wait
   for the state anyway, at once. A checkpoint is written only once its window's steps are known
-  to be finite (or on_nonfinite=skip)."""
+  to be finite (or on_nonfinite=skip), and only with finite weights."""
   t = run.config.train
   window = _metrics_window(run, step, step_fn)
+  weights_finite = jax.jit(lambda s: all_finite((s.params, s.ema_params)))
   # Only process 0 measured the peak: meet again so that the first step's collectives start
   # together on every process.
   distributed.barrier("loopjax_start")
-  writer = MetricsWriter(run.workdir, total_steps=t.steps, enabled=jax.process_index() == 0)
+  writer = MetricsWriter(run.workdir, total_steps=t.steps, enabled=jax.process_index() == 0,
+                         start_step=step)
 
   data = run.config.data
   manifest = data_shards.load_manifest(data.path) if data.source == "prepared" else None
@@ -293,9 +360,10 @@ def _loop(run: _Run, state, step: int, step_fn, evaluate, stop: "_StopFlag"):
     if manifest is not None:
       row["epochs"] = prepared.epochs(manifest, rows=closed.step * t.batch_size,
                                       seq_len=data.seq_len, wrap=data.wrap)
-    _check_finite(bad, t.on_nonfinite)
+    _check_finite(bad, t)
     if eval_state is not None:
-      row |= evaluate(eval_state)
+      _check_weights(bool(weights_finite(eval_state)), closed.step, "evaluated")
+      row |= evaluate(eval_state, closed.step)
       window.restart_clock()
     writer.write(closed.step, row)
     writer.console(closed.step, row)
@@ -310,17 +378,21 @@ def _loop(run: _Run, state, step: int, step_fn, evaluate, stop: "_StopFlag"):
       if pending is not None:
         last, pending = write(pending), None
       eval_now = step % t.eval_every == 0 or step == t.steps
-      save_now = step % t.checkpoint_every == 0 or step == t.steps or stop.signal is not None
+      stop_now = stop.reached(step)  # every step: the multi-process agreement needs each one
+      save_now = step % t.checkpoint_every == 0 or step == t.steps or stop_now
       if step % t.log_every == 0 or step == t.steps:
         pending = window.cut(step)
         if eval_now or save_now:  # these wait for the state anyway: no step to overlap
           last, pending = write(pending, state if eval_now else None), None
       if save_now:
-        _check_finite(window.peek(), t.on_nonfinite, warn=False)
+        _check_finite(window.peek(), t, warn=False)
+        _check_weights(bool(weights_finite(state)), step, "saved")
         run.ckpt.save(step, state, run.data_iter)
         window.restart_clock()  # keep checkpoint time out of the throughput
-      if stop.signal is not None:
-        log.warning("signal %d: saved checkpoint %d, stopping", stop.signal, step)
+      if stop_now:
+        who = (signal.Signals(stop.signal).name if stop.signal is not None
+               else "stop request (preemption notice to a process of the job)")
+        log.warning("%s: saved checkpoint %d, stopping", who, step)
         break
   finally:
     writer.close()
@@ -330,13 +402,15 @@ def _loop(run: _Run, state, step: int, step_fn, evaluate, stop: "_StopFlag"):
 def train(config, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`: {"metrics": the last logged and evaluated row,
   "state": the final train state, "model": the LoopedTransformer}."""
-  run = _setup(config, workdir)
-  try:
-    state, start = _restore_or_init(run)
-    step_fn, evaluate = _compile(run, state)
-    with _StopFlag() as stop:
+  with _StopRequests() as stop:
+    run = _setup(config, workdir)
+    try:
+      state, start = _restore_or_init(run)
+      step_fn, evaluate = _compile(run, state)
+      stop.arm()  # from here a stop request saves a checkpoint
       state, step, last = _loop(run, state, start, step_fn, evaluate, stop)
-  finally:
-    run.close()
-  last = dict(last, step=step, stopped_by_signal=stop.signal is not None)
+    finally:
+      run.close()
+  stopped = step < config.train.steps
+  last = dict(last, step=step, stopped_by_signal=stopped)
   return {"metrics": last, "state": state, "model": run.program.model}

@@ -5,6 +5,9 @@ A row holds window means (loss, bits/token, grad norm, masked fraction, scored t
 window's finite steps), the mean S drawn, the loss and step count per drawn S (`loss_by_loops`,
 `steps_by_loops`, keyed by S as a string), the learning rate of the row's step and the window's
 throughput (tokens/s, step time, TFLOP/s and MFU from the FLOPs of the S each step drew).
+
+metrics.jsonl holds one row per logged step: a resumed run first drops the rows after the step
+it resumed from (they are logged again as the steps are replayed).
 """
 
 from __future__ import annotations
@@ -33,13 +36,17 @@ def window_zeros(max_loops: int) -> dict:
   return {**{k: f32 for k in MEAN_KEYS}, "lr": f32, "steps": i32, "finite_steps": i32,
           "steps_by_loops": by_s(jnp.int32), "finite_by_loops": by_s(jnp.int32),
           "loss_by_loops": by_s(jnp.float32),
-          "first_bad": i32, "first_bad_loss": f32, "first_bad_grad_norm": f32}
+          "first_bad": i32, "first_bad_loss": f32, "first_bad_grad_norm": f32,
+          "bad_run": i32, "longest_bad_run": i32}
 
 
 def window_add(w: dict, m: dict) -> dict:
   """`w` with one step's metrics `m` added. Non-finite steps count in `steps` and per S (they
-  cost compute) but not in the sums; `first_bad` is the window position (1-based) of the first."""
+  cost compute) but not in the sums; `first_bad` is the window position (1-based) of the first;
+  `bad_run` the non-finite steps in a row up to this one (carried over from the window before),
+  `longest_bad_run` the longest such run that ended in this window."""
   ok, s = m["finite"], m["loops"]
+  run = jnp.where(ok, 0, w["bad_run"] + 1)
   steps = w["steps"] + 1
   first = (~ok) & (w["first_bad"] == 0)
   keep = lambda old, new: jnp.where(first, jnp.asarray(new, jnp.float32), old)
@@ -51,7 +58,8 @@ def window_add(w: dict, m: dict) -> dict:
           "loss_by_loops": w["loss_by_loops"].at[s].add(jnp.where(ok, m["loss"], 0.0)),
           "first_bad": jnp.where(first, steps, w["first_bad"]),
           "first_bad_loss": keep(w["first_bad_loss"], m["loss"]),
-          "first_bad_grad_norm": keep(w["first_bad_grad_norm"], m["grad_norm"])}
+          "first_bad_grad_norm": keep(w["first_bad_grad_norm"], m["grad_norm"]),
+          "bad_run": run, "longest_bad_run": jnp.maximum(w["longest_bad_run"], run)}
 
 
 def window_means(w: dict) -> dict:
@@ -102,8 +110,10 @@ class MetricsWindow:
     self._tokens, self._peak = tokens_per_step, peak_flops
     self._open(start_step + 1)
 
-  def _open(self, first_step: int) -> None:
+  def _open(self, first_step: int, bad_run=None) -> None:
     self.sums, self.first_step, self.steps = self._zeros, first_step, 0
+    if bad_run is not None:  # a run of non-finite steps continues across windows
+      self.sums = {**self._zeros, "bad_run": bad_run}
     self._seen = np.zeros_like(self._flops, np.int64)  # steps by S already fetched
     self.restart_clock()
 
@@ -116,7 +126,7 @@ class MetricsWindow:
 
   def cut(self, step: int) -> ClosedWindow:
     closed = ClosedWindow(step, self.sums, self.first_step, self._t0, self._untimed)
-    self._open(step + 1)
+    self._open(step + 1, bad_run=closed.sums["bad_run"])
     return closed
 
   def row(self, closed: ClosedWindow) -> tuple[dict, dict | None]:
@@ -148,7 +158,30 @@ def _first_bad(w: dict, first_step: int, last_step: int) -> dict | None:
   if not count:
     return None
   return {"step": first_step + int(w["first_bad"]) - 1, "loss": float(w["first_bad_loss"]),
-          "grad_norm": float(w["first_bad_grad_norm"]), "count": count, "last_step": last_step}
+          "grad_norm": float(w["first_bad_grad_norm"]), "count": count, "last_step": last_step,
+          "longest_run": int(w["longest_bad_run"])}
+
+
+def keep_rows_through(path: str, step: int) -> int:
+  """Rewrites the metrics.jsonl at `path` (atomically) with only its rows of steps <= `step`,
+  dropping a torn last line; returns the number of rows dropped."""
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        ok = int(json.loads(line)["step"]) <= step
+      except (ValueError, KeyError, TypeError):  # a row cut short by a kill
+        ok = False
+      kept += [line if line.endswith("\n") else line + "\n"] * ok
+      dropped += not ok
+  if dropped:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return dropped
 
 
 def _jsonable(v):
@@ -161,6 +194,14 @@ def _jsonable(v):
   return v
 
 
+def eval_label(step: int, row: dict) -> str:
+  """The console text of a row's raw and EMA held-out figures while the EMA warms up (after
+  "eval")."""
+  return (f"bits/tok raw {row['eval_raw_bits_per_token']:.4f} ema "
+          f"{row['eval_bits_per_token']:.4f} (ema warming up: step {step} < "
+          f"1/(1-{row['ema_decay']}) = {1 / (1 - row['ema_decay']):.0f})")
+
+
 def format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
@@ -171,7 +212,10 @@ def format_duration(seconds: float) -> str:
 class MetricsWriter:
   """Only process 0 writes (multi-host); the others get a writer that does nothing."""
 
-  def __init__(self, workdir: str, *, total_steps: int, enabled: bool = True):
+  def __init__(self, workdir: str, *, total_steps: int, enabled: bool = True,
+               start_step: int = 0):
+    """start_step: the step the run starts (or resumes) from; later rows already in
+    metrics.jsonl are dropped."""
     self.enabled = enabled
     self.total = total_steps
     self._start = time.time()
@@ -179,7 +223,9 @@ class MetricsWriter:
     if not enabled:
       return
     from tensorboardX import SummaryWriter
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    path = os.path.join(workdir, "metrics.jsonl")
+    keep_rows_through(path, start_step)
+    self._jsonl = open(path, "a", encoding="utf-8")
     self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def write(self, step: int, metrics: dict) -> None:
@@ -206,8 +252,13 @@ class MetricsWriter:
     rate = done / max(time.time() - self._start, 1e-9)
     eta = (self.total - step) / rate if rate > 0 and done > 0 else float("nan")
     parts = [f"step {step}/{self.total}"]
+    metrics = dict(metrics)
+    if "eval_raw_bits_per_token" in metrics:  # the EMA is still warming up: both, labelled
+      metrics["eval"] = eval_label(step, metrics)
+      metrics.pop("eval_bits_per_token", None)
     for k, fmt in (("loss", "{:.4f}"), ("eval_bits_per_token", "eval bits/tok {:.4f}"),
-                   ("loops", "S {:.2f}"), ("lr", "lr {:.2e}"), ("tokens_per_sec", "{:,.0f} tok/s"),
+                   ("eval", "{}"), ("loops", "S {:.2f}"), ("lr", "lr {:.2e}"),
+                   ("tokens_per_sec", "{:,.0f} tok/s"),
                    ("mfu", "MFU {:.1%}")):
       if k in metrics:
         v = metrics[k]

@@ -104,6 +104,13 @@ def make_train_step(model: LoopedTransformer, tx: optax.GradientTransformation,
   return train_step
 
 
+def all_finite(tree) -> jax.Array:
+  """Whether every element of every array in `tree` is finite (a bool scalar)."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves \
+      else jnp.bool_(True)
+
+
 def make_eval_step(model: LoopedTransformer, schedule: Schedule, grid):
   """Held-out NELBO sums on a fixed time grid (low variance), at a given S."""
   mask_id = model.cfg.mask_id
