@@ -14,6 +14,7 @@ import ml_collections
 from loopjax.data import data_vocab_size, default_data_config
 from loopjax.diffusion import make_schedule
 from loopjax.model import ModelConfig
+from loopjax.train.runtime import parse_profile_steps
 from loopjax.weights import run_model_config
 
 
@@ -43,6 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
       # Fine-tuning: a run workdir (its newest EMA weights) or an exported folder whose weights
       # start a new run (params and EMA; fresh optimizer and step 0). Ignored when resuming.
       init_from="",
+      # JAX's persistent compilation cache: auto ($JAX_COMPILATION_CACHE_DIR, else
+      # ~/.cache/loopjax/jax_cache), a folder (local or gs://), or "" for none.
+      compile_cache="auto",
+      profile_steps="",  # "A:B": a jax.profiler trace of steps A+1..B in WORKDIR/profile
   )
   # Whole-mesh sizes (-1 = fill). dcn_*: the part of each axis that crosses TPU slices
   # (multi-slice) or hosts (multi-node GPU); 1 everywhere = data spans the slices, if several.
@@ -72,6 +77,7 @@ def validate(config) -> None:
   for key in positive:
     if int(t[key]) < 1:
       raise ValueError(f"train.{key} must be >= 1, got {t[key]}")
+  parse_profile_steps(t.profile_steps)
   if t.batch_size % t.grad_accum:
     raise ValueError(f"train.batch_size {t.batch_size} is not divisible by train.grad_accum "
                      f"{t.grad_accum}")

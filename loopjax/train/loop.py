@@ -46,6 +46,7 @@ from loopjax.train import config as config_lib
 from loopjax.train.checkpoint import Checkpointer
 from loopjax.train.lock import WorkdirLock
 from loopjax.train.metrics import MetricsWindow, MetricsWriter
+from loopjax.train.runtime import Profiler, enable_compile_cache
 from loopjax.train.step import TrainProgram, all_finite, build_train_step, make_eval_step
 from loopjax.weights import load_model_dir, read_run_config
 
@@ -196,6 +197,7 @@ def _setup(config, workdir: str) -> _Run:
   """Validates the config and mesh, builds the step, writes the workdir and opens the data."""
   config_lib.validate(config)
   t = config.train
+  enable_compile_cache(t.compile_cache)
   mesh = mesh_lib.make_mesh(config.mesh)
   program = build_train_step(config, mesh)  # refuses a batch the mesh cannot split
   os.makedirs(workdir, exist_ok=True)
@@ -370,11 +372,14 @@ def _loop(run: _Run, state, step: int, step_fn, evaluate, stop: _StopRequests):
     return row
 
   pending, last = None, {}
+  profiler = Profiler(t.profile_steps, run.workdir)
   try:
     while step < t.steps:
+      profiler.before_step(step)
       state, metrics = step_fn(state, run.next_batch())
       window.add(metrics)
       step += 1
+      profiler.after_step(step, state)
       if pending is not None:
         last, pending = write(pending), None
       eval_now = step % t.eval_every == 0 or step == t.steps
@@ -395,6 +400,7 @@ def _loop(run: _Run, state, step: int, step_fn, evaluate, stop: _StopRequests):
         log.warning("%s: saved checkpoint %d, stopping", who, step)
         break
   finally:
+    profiler.stop()
     writer.close()
   return state, step, last
 
