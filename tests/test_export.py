@@ -18,8 +18,8 @@ import pytest
 import safetensors
 from safetensors.numpy import load_file, save_file
 
-import numpy_reference as ref
 from loopjax import checkpoints, cli, export, weights
+from loopjax import reference as ref
 from loopjax.model import LoopedTransformer, ModelConfig
 from loopjax.train.config import base_config, model_config
 from loopjax.train.config_load import load_config
@@ -146,11 +146,11 @@ def test_numpy_reference_runs_without_jax_or_loopjax(exported, tmp_path):
   """In a fresh interpreter: only the folder, NumPy and safetensors; JAX never gets imported."""
   model, params, d = exported["loopmdm"]
   np.save(tmp_path / "tokens.npy", np.asarray(TOKENS))
-  code = (f"import sys, numpy as np; sys.path.insert(0, {os.path.join(ROOT, 'tests')!r}); "
-          "import numpy_reference as r; "
+  code = ("import sys, numpy as np; from loopjax import reference as r; "
           f"np.save({str(tmp_path / 'logits.npy')!r}, r.forward(*r.load({d!r}), "
           f"np.load({str(tmp_path / 'tokens.npy')!r}))); "
-          "bad = [m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'loopjax')]; "
+          "bad = [m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'loopjax') and "
+          "m not in ('loopjax', 'loopjax.reference')]; "
           "assert not bad, bad")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=str(tmp_path))
   got = np.load(tmp_path / "logits.npy")

@@ -1,0 +1,273 @@
+"""The export as a Hugging Face model repository: `transformers` loads it with remote code and
+its PyTorch forward reproduces the JAX logits at S = 1, S_max and 2 S_max (plain MDM and
+LoopMDM, packed documents and padding, bf16), adaptive loops stop where loopjax's do, the
+tokenizer files round-trip text with [MASK] = vocab_size, the model card comes from the run's
+own files, no absolute path is written, and the documented sampling snippet runs."""
+
+import json
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip(
+    "torch", reason="the PyTorch export checks need the optional extra: pip install -e '.[torch]'")
+transformers = pytest.importorskip(
+    "transformers",
+    reason="the PyTorch export checks need the optional extra: pip install -e '.[torch]'")
+import transformers.dynamic_module_utils  # noqa: E402  (its module cache is redirected below)
+
+from test_export import CONFIGS, TINY, _random_params, _run_config  # noqa: E402
+from loopjax import export, weights  # noqa: E402
+from loopjax.data import CharTokenizer, ByteTokenizer  # noqa: E402
+from loopjax.diffusion.loop_policy import LoopPolicy  # noqa: E402
+from loopjax.evaluate.denoiser import make_denoiser  # noqa: E402
+from loopjax.hf import tokenizer_files  # noqa: E402
+from loopjax.model import LoopedTransformer  # noqa: E402
+from loopjax.train.config import base_config  # noqa: E402
+from loopjax.train.loop import train  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ["<unk>", "<pad>", "</s>", "a", "b", "c", "d", "e", "f"]  # 9 ids, as TINY's vocab_size
+RNG = np.random.default_rng(5)
+TOKENS = RNG.integers(0, 10, (3, 12))  # includes [MASK] = 9
+# Row 0: two packed documents and padding; row 1: one document and padding; row 2: one document.
+SEGMENTS = np.array([[1] * 5 + [2] * 5 + [0] * 2, [1] * 9 + [0] * 3, [1] * 12])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hf_offline(tmp_path_factory):
+  """transformers copies remote code into its module cache: here a temporary folder, offline."""
+  cache = str(tmp_path_factory.mktemp("hf_home"))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("HF_HOME", cache)
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE",
+               os.path.join(cache, "modules"))
+    mp.setattr(sys, "path", list(sys.path))  # the cache folder is appended to sys.path
+    yield
+
+
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory):
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  path = str(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+  tok.save(path)
+  return path
+
+
+def _load(d, **kw):
+  return transformers.AutoModelForMaskedLM.from_pretrained(
+      d, trust_remote_code=True, local_files_only=True, **kw).eval()
+
+
+def _torch_logits(model, loops, *, segments=True, mask=False, **kw):
+  ids = torch.as_tensor(TOKENS)
+  extra = {}
+  if segments:
+    extra["segment_ids"] = torch.as_tensor(SEGMENTS)
+  if mask:
+    extra["attention_mask"] = torch.as_tensor((SEGMENTS > 0).astype(np.int64))
+  with torch.no_grad():
+    out = model(ids, loops=loops, **extra, **kw)
+  return out.logits.float().numpy(), out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tok_path):
+  """name -> (JAX model, params, export folder) for random-weight plain MDM and LoopMDM
+  exports (random adaLN gates: every layer changes the logits)."""
+  out = {}
+  for name in ("loopmdm", "mdm"):
+    cfg = CONFIGS[name]
+    params = _random_params(cfg, seed=3)
+    d = str(tmp_path_factory.mktemp("hf") / name)
+    export.export_params(d, cfg, params, run_config=_run_config(cfg, tok_path),
+                         source={"params": "ema", "step": 7})
+    out[name] = (LoopedTransformer(cfg), params, d)
+  return out
+
+
+_JITTED = {}
+
+
+def _jax_logits(model, params, loops, segments):
+  """model.apply at S = loops (traced: one program per architecture serves every S)."""
+  if model.cfg not in _JITTED:
+    _JITTED[model.cfg] = jax.jit(lambda p, x, s, seg: model.apply({"params": p}, x, s, None, seg))
+  fn = _JITTED[model.cfg]
+  return np.asarray(fn(params, jnp.asarray(TOKENS), jnp.int32(loops), jnp.asarray(segments)))
+
+
+def _check_loops(jax_model, params, d, label, random_weights=True):
+  """HF logits vs JAX at S = 1, S_max, 2 S_max, with packed documents, padding, no mask."""
+  hf = _load(d)
+  cfg = jax_model.cfg
+  s_max = cfg.max_loops if cfg.looped else 1
+  ones = np.ones_like(SEGMENTS)
+  for s in (1, s_max, 2 * s_max):
+    model, p = jax_model, params
+    if s > cfg.max_loops and cfg.looped:  # the JAX model's static loop length, same weights
+      model, p, _ = weights.load_export(d, runtime={"max_loops": s})
+    jax_s = min(s, model.cfg.max_loops)
+    want = _jax_logits(model, p, jax_s, SEGMENTS)
+    got, out = _torch_logits(hf, s)
+    diff = np.abs(got - want).max()
+    print(f"{label} S={s}: HF vs JAX max |diff| = {diff:.3g} (logit scale "
+          f"{np.abs(want).max():.3g})")
+    assert got.shape == (3, 12, cfg.vocab_size) and diff <= 1e-4
+    assert out.loops.tolist() == [s if cfg.looped else 1] * 3
+    # attention_mask alone = one document per row; no mask at all = every position sees all.
+    pad = _jax_logits(model, p, jax_s, (SEGMENTS > 0).astype(np.int32))
+    assert np.abs(_torch_logits(hf, s, segments=False, mask=True)[0] - pad).max() <= 1e-4
+    full = _jax_logits(model, p, jax_s, ones)
+    assert np.abs(_torch_logits(hf, s, segments=False)[0] - full).max() <= 1e-4
+  if cfg.looped and random_weights:  # the loop count matters
+    assert np.abs(_torch_logits(hf, 1)[0] - _torch_logits(hf, s_max)[0]).max() > 0.1
+  return hf
+
+
+@pytest.mark.parametrize("name", ["loopmdm", "mdm"])
+def test_transformers_logits_match_jax_at_any_loop_count(exported, name):
+  model, params, d = exported[name]
+  conf = transformers.AutoConfig.from_pretrained(d, trust_remote_code=True, local_files_only=True)
+  assert conf.model_type == "loopmdm" and conf.mask_id == 9 and conf.vocab_size == 9
+  _check_loops(model, params, d, name)
+
+
+def test_adaptive_loops_stop_where_loopjax_stops(exported):
+  """adaptive_tau: the same per-sequence stop as `--loops adaptive:TAU` (run_loops)."""
+  model, params, d = exported["loopmdm"]
+  hf = _load(d)
+  s = 2 * model.cfg.max_loops
+  _, out = _torch_logits(hf, s, output_hidden_states=True)
+  hs = [h.float().numpy() for h in out.hidden_states]
+  watch = (TOKENS == 9)[..., None]
+  changes = [np.sqrt((watch * (b - a) ** 2).sum((1, 2)) / (watch * a ** 2).sum((1, 2)))
+             for a, b in zip(hs[:-1], hs[1:])]
+  # tau halfway between two observed changes near the median (no change sits on the edge).
+  c = np.sort(np.concatenate(changes))
+  mid = len(c) // 2
+  i = mid - 2 + int(np.argmax(np.diff(c[mid - 2:mid + 3])))
+  tau = float((c[i] + c[i + 1]) / 2)
+  policy = LoopPolicy.parse(f"adaptive:{tau}:1:{s}")
+  denoise = make_denoiser(model, params, policy, jnp.asarray(SEGMENTS))
+  want, want_loops = jax.jit(denoise)(jnp.asarray(TOKENS), jnp.zeros(3), jnp.ones(3))
+  got, out = _torch_logits(hf, s, adaptive_tau=tau)
+  print(f"tau {tau:.3g}: loops HF {out.loops.tolist()}, loopjax {np.asarray(want_loops)}")
+  assert out.loops.tolist() == np.asarray(want_loops).tolist()
+  assert np.abs(got - np.asarray(want)).max() <= 1e-4
+
+
+def test_bfloat16_export_loads_and_matches(exported, tmp_path):
+  model, params, _ = exported["loopmdm"]
+  d = str(tmp_path / "bf16")
+  export.export_params(d, model.cfg, params, dtype="bfloat16")
+  _, rounded, conf = weights.load_export(d)  # the bf16 weights as float32
+  assert conf["dtype"] == "bfloat16"
+  want = _jax_logits(model, rounded, 3, SEGMENTS)
+  got32 = _torch_logits(_load(d, dtype=torch.float32), 3)[0]
+  assert np.abs(got32 - want).max() <= 1e-4  # the stored weights, computed in float32
+  hf16 = _load(d)  # the stored dtype
+  got16 = _torch_logits(hf16, 3)[0]
+  diff, scale = np.abs(got16 - want).max(), np.abs(want).max()
+  print(f"bf16 compute: max |diff| = {diff:.3g} (logit scale {scale:.3g}), "
+        f"{hf16.dtype}")
+  assert diff <= 0.05 * scale
+
+
+@pytest.mark.parametrize("kind", ["hf", "byte", "chars"])
+def test_tokenizer_round_trips_and_knows_the_mask(tmp_path, tok_path, kind):
+  from loopjax.data.tokenizers import HFTokenizer
+  tok = {"hf": lambda: HFTokenizer(tok_path), "byte": ByteTokenizer,
+         "chars": lambda: CharTokenizer("0123456789.", pad=".")}[kind]()
+  text = {"hf": "a b c f e", "byte": "héllo, wörld\n  ok", "chars": "12.3..907"}[kind]
+  tokenizer_files.write_tokenizer_files(str(tmp_path), tok, max_length=16)
+  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  ids = hf(text, add_special_tokens=False)["input_ids"]
+  assert ids == tok.encode(text) and hf.decode(ids) == tok.decode(ids) == text
+  assert hf.mask_token == "[MASK]" and hf.mask_token_id == tok.vocab_size
+  assert hf.convert_tokens_to_ids("[MASK]") == tok.vocab_size
+
+
+@pytest.fixture(scope="module")
+def trained_export(tmp_path_factory, tok_path):
+  """(workdir, f32 export, bf16 export) of a tiny text LoopMDM run of 2 steps, with an
+  eval/summary.json as `loopjax eval` writes it."""
+  root = tmp_path_factory.mktemp("trained")
+  text = root / "corpus.txt"
+  text.write_text("\n\n".join(" ".join(RNG.choice(WORDS[3:], 10)) for _ in range(40)))
+  c = base_config()
+  c.model.update({k: v for k, v in TINY.items() if k in c.model}, loop_start=1, loop_end=2)
+  c.loops.train = "uniform:1:3"
+  c.data.update(source="text", paths=str(text), tokenizer=f"hf:{tok_path}", seq_len=16,
+                eval_examples=4)
+  c.train.update(steps=2, batch_size=4, log_every=1, eval_batches=1, eval_time_points=2,
+                 checkpoint_every=2, eval_every=1000, async_checkpoints=False)
+  wd = str(root / "run")
+  train(c, wd)
+  os.makedirs(os.path.join(wd, "eval"))
+  summary = {"workdir": wd, "checkpoint_step": 2, "likelihood": [
+      {"loops": 1, "bits_per_token": 3.25, "ppl_bound": 9.5, "flops_per_seq": 1.0},
+      {"loops": 6, "bits_per_token": 3.125, "ppl_bound": 8.75, "flops_per_seq": 2.0}]}
+  with open(os.path.join(wd, "eval", "summary.json"), "w") as f:
+    json.dump(summary, f)
+  out = str(root / "export")
+  export.export_run(wd, out)
+  export.export_run(wd, str(root / "export_bf16"), dtype="bfloat16")
+  return wd, out, str(root / "export_bf16")
+
+
+def test_trained_run_export_loads_in_transformers(trained_export):
+  wd, out, bf16 = trained_export
+  _, model, params = weights.load_model_dir(out)
+  _check_loops(model, params, out, "trained", random_weights=False)
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True,
+                                                      local_files_only=True)
+  ids = hf_tok("a b f", add_special_tokens=False)["input_ids"]
+  assert ids == [3, 4, 8] and hf_tok.mask_token_id == 9 and hf_tok.decode(ids) == "a b f"
+  _, _, params16 = weights.load_model_dir(bf16)
+  want = _jax_logits(model, params16, 3, SEGMENTS)
+  got = _torch_logits(_load(bf16), 3)[0]
+  assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+
+
+def test_model_card_and_no_absolute_paths(trained_export, tmp_path_factory):
+  wd, out, _ = trained_export
+  conf = json.load(open(os.path.join(out, "config.json")))
+  card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+  rep = conf["parameter_report"]
+  assert f"| unique parameters | {rep['unique_params']:,} |" in card
+  assert "Layers [1, 2) of 3 form the looped block" in card and "default S = 3" in card
+  assert f"| tokens seen | {2 * 4 * 16:,} |" in card  # steps x batch x seq_len
+  assert "| data | text |" in card and "| dataset | corpus.txt |" in card
+  assert re.search(r"\| training FLOPs \(analytic, 3x forward\) \| [0-9.e+]+ \|", card)
+  assert "| 6 | 3.125 | 8.75 |" in card  # the eval table of the run's summary.json
+  assert conf["auto_map"]["AutoModelForMaskedLM"] == "modeling_loopmdm.LoopMDMForMaskedLM"
+  base = str(tmp_path_factory.getbasetemp())
+  for name in os.listdir(out):
+    path = os.path.join(out, name)
+    if os.path.isfile(path) and not name.endswith(".safetensors"):
+      text = open(path, encoding="utf-8").read()
+      assert base not in text and os.path.expanduser("~") + "/" not in text, name
+  assert conf["training_config"]["data"]["tokenizer"] == "hf:tokenizer.json"
+  assert conf["weights"]["workdir"] == "run"
+
+
+def test_documented_sampling_snippet_runs(exported):
+  """docs/hf_export.md's PyTorch snippet: MDLM ancestral sampling fills every [MASK]."""
+  _, _, d = exported["loopmdm"]
+  doc = open(os.path.join(ROOT, "docs", "hf_export.md"), encoding="utf-8").read()
+  code = re.search(r"```python\n(.*?)```", doc, re.S).group(1).replace('"OUT"', repr(d))
+  scope = {}
+  torch.manual_seed(0)
+  exec(compile(code, "hf_export.md", "exec"), scope)
+  out = scope["out"]
+  assert out.shape == (2, 16) and not bool((out == 9).any())
+  assert out[:, :2].tolist() == [[3, 4]] * 2  # the prompt is kept
