@@ -26,8 +26,10 @@ setup(
     extras_require={
         # Ahead-of-time compiles for real TPU topologies from any host (`loopjax memory --topology`).
         "tpu": ["libtpu>=0.0.42"],
-        # The tests include the TPU-topology compile checks.
-        "test": ["pytest>=8", "libtpu>=0.0.42"],
+        # PyTorch / Hugging Face loading of exports (the exported modeling code runs on these).
+        "torch": ["torch>=2.1", "transformers>=4.45"],
+        # The tests include the TPU-topology compile checks and the PyTorch export checks.
+        "test": ["pytest>=8", "libtpu>=0.0.42", "torch>=2.1", "transformers>=4.45"],
     },
     entry_points={"console_scripts": ["loopjax=loopjax.cli:main"]},
 )
