@@ -92,7 +92,10 @@ def _training_summary(cfg, run, step) -> dict:
     return {}
   d, t = run.data, run.train
   dataset = {"text": d.get("paths"), "prompt_answer": d.get("paths"), "prepared": d.get("path"),
-             "tfds": f"{d.get('name')} ({d.get('split')})"}.get(d.source, d.source)
+             "tfds": f"{d.get('name')} ({d.get('split')})",
+             "sudoku": f"generated puzzles, {d.get('min_givens')}-{d.get('max_givens')} givens",
+             "arithmetic": f"generated, up to {d.get('max_digits')} digits, ops "
+                           f"{d.get('ops')}"}.get(d.source, d.source)
   out = {"source": d.source, "dataset": relative_paths(str(dataset)),
          "tokenizer": relative_paths(str(d.get("tokenizer"))) if d.source not in (
              "sudoku", "arithmetic") else "built-in characters", "steps": step,
@@ -238,7 +241,8 @@ def format_report(config: dict) -> str:
 
 def export_main(argv) -> int:
   p = argparse.ArgumentParser(prog="loopjax export",
-                              description="write a run's weights as safetensors + config.json")
+                              description="write a run's weights as safetensors + config.json, a "
+                              "folder that is also a Hugging Face model repository")
   p.add_argument("--workdir", required=True, help="training run folder")
   p.add_argument("--out", required=True, help="output folder (written atomically)")
   p.add_argument("--params", choices=("ema", "raw"), default="ema")

@@ -182,18 +182,41 @@ def test_bfloat16_export_loads_and_matches(exported, tmp_path):
   assert diff <= 0.05 * scale
 
 
-@pytest.mark.parametrize("kind", ["hf", "byte", "chars"])
+def _sentencepiece(tmp_path, model_type):
+  from loopjax.data.tokenizers import SentencePieceTokenizer, train_sentencepiece
+  text = tmp_path / "corpus.txt"
+  text.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog {i * 7}"
+                             for i in range(200)))
+  return SentencePieceTokenizer(train_sentencepiece(
+      [str(text)], str(tmp_path / "spm" / "sp"), 60, model_type=model_type,
+      hard_vocab_limit=False))
+
+
+@pytest.mark.parametrize("kind", ["hf", "byte", "chars", "sentencepiece"])
 def test_tokenizer_round_trips_and_knows_the_mask(tmp_path, tok_path, kind):
   from loopjax.data.tokenizers import HFTokenizer
   tok = {"hf": lambda: HFTokenizer(tok_path), "byte": ByteTokenizer,
-         "chars": lambda: CharTokenizer("0123456789.", pad=".")}[kind]()
-  text = {"hf": "a b c f e", "byte": "héllo, wörld\n  ok", "chars": "12.3..907"}[kind]
-  tokenizer_files.write_tokenizer_files(str(tmp_path), tok, max_length=16)
-  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+         "chars": lambda: CharTokenizer("0123456789.", pad="."),
+         "sentencepiece": lambda: _sentencepiece(tmp_path, "unigram")}[kind]()
+  text = {"hf": "a b c f e", "byte": "héllo, wörld\n  ok", "chars": "12.3..907",
+          "sentencepiece": "the lazy fox 12 jumps"}[kind]
+  out = tmp_path / "out"
+  out.mkdir()
+  tokenizer_files.write_tokenizer_files(str(out), tok, max_length=16)
+  hf = transformers.AutoTokenizer.from_pretrained(str(out))
   ids = hf(text, add_special_tokens=False)["input_ids"]
   assert ids == tok.encode(text) and hf.decode(ids) == tok.decode(ids) == text
   assert hf.mask_token == "[MASK]" and hf.mask_token_id == tok.vocab_size
   assert hf.convert_tokens_to_ids("[MASK]") == tok.vocab_size
+  if kind == "sentencepiece":
+    assert hf.eos_token == "</s>" and hf.pad_token == "<pad>"
+
+
+def test_sentencepiece_bpe_gets_no_top_level_tokenizer(tmp_path):
+  tok = _sentencepiece(tmp_path, "bpe")
+  with pytest.warns(UserWarning, match="no tokenizer.json form"):
+    assert tokenizer_files.write_tokenizer_files(str(tmp_path), tok, max_length=16) == []
+  assert not (tmp_path / "tokenizer.json").exists()
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,7 @@ def render(config: dict, training: dict, eval_summary: dict | None, name: str) -
   lines += ["## Use", "", "```python",
             "from transformers import AutoModelForMaskedLM, AutoTokenizer",
             "model = AutoModelForMaskedLM.from_pretrained(PATH, trust_remote_code=True)",
-            "tok = AutoTokenizer.from_pretrained(PATH)",
+            "tok = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)",
             "ids = tok('...', add_special_tokens=False, return_tensors='pt').input_ids",
             f"logits = model(ids, loops={loop['default_loops']}).logits  # any loops >= 1",
             "```", "", "Sampling with the MDLM ancestral sampler: see loopjax's "
