@@ -147,21 +147,30 @@ def test_adaptive_loops_stop_where_loopjax_stops(exported):
   hf = _load(d)
   s = 2 * model.cfg.max_loops
   _, out = _torch_logits(hf, s, output_hidden_states=True)
-  hs = [h.float().numpy() for h in out.hidden_states]
+  hs = [h.float().numpy() for h in out.hidden_states]  # the loop input, then each iteration
+  assert len(hs) == s + 1
   watch = (TOKENS == 9)[..., None]
   changes = [np.sqrt((watch * (b - a) ** 2).sum((1, 2)) / (watch * a ** 2).sum((1, 2)))
              for a, b in zip(hs[:-1], hs[1:])]
-  # tau halfway between two observed changes near the median (no change sits on the edge).
-  c = np.sort(np.concatenate(changes))
-  mid = len(c) // 2
-  i = mid - 2 + int(np.argmax(np.diff(c[mid - 2:mid + 3])))
-  tau = float((c[i] + c[i + 1]) / 2)
+  changes_SxB = np.stack(changes)
+
+  def stops(tau):  # iterations per row under the rule: the first change below tau ends it
+    below = changes_SxB < tau
+    return np.where(below.any(0), below.argmax(0) + 1, s)
+
+  # tau halfway between two observed changes (none sits on the edge), chosen so that the rows
+  # stop after different numbers of iterations.
+  c = np.sort(changes_SxB.ravel())
+  tau = max(((a + b) / 2 for a, b in zip(c[:-1], c[1:])),
+            key=lambda t: (len(set(stops(t))), -abs(stops(t).mean() - s / 2)))
+  tau = float(tau)
+  assert len(set(stops(tau))) > 1
   policy = LoopPolicy.parse(f"adaptive:{tau}:1:{s}")
   denoise = make_denoiser(model, params, policy, jnp.asarray(SEGMENTS))
   want, want_loops = jax.jit(denoise)(jnp.asarray(TOKENS), jnp.zeros(3), jnp.ones(3))
   got, out = _torch_logits(hf, s, adaptive_tau=tau)
   print(f"tau {tau:.3g}: loops HF {out.loops.tolist()}, loopjax {np.asarray(want_loops)}")
-  assert out.loops.tolist() == np.asarray(want_loops).tolist()
+  assert out.loops.tolist() == np.asarray(want_loops).tolist() == stops(tau).tolist()
   assert np.abs(got - np.asarray(want)).max() <= 1e-4
 
 

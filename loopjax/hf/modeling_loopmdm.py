@@ -235,7 +235,8 @@ class LoopMDMForMaskedLM(LoopMDMPreTrainedModel):
     padding. segment_ids: B x L document ids of packed rows (0 = padding). timesteps: B
     diffusion times (used only by time-conditioned models). adaptive_tau: None runs exactly
     `loops` iterations; a float stops each sequence early (see the module docstring).
-    output_hidden_states: the block's hidden state after every executed iteration.
+    output_hidden_states: `.hidden_states` = (the looped block's input, its hidden state after
+    every executed iteration); without a looped block, (the last layer's output,).
     labels: B x L target ids (-100 ignored): `.loss` is their mean cross-entropy.
     """
     cfg = self.config
@@ -260,12 +261,14 @@ class LoopMDMForMaskedLM(LoopMDMPreTrainedModel):
     for i in range(a):
       h = self.layers[str(i)](h, c, allowed, rope_cs)
     loops_B = torch.ones(batch, dtype=torch.long, device=dev)
-    hiddens = []
+    hiddens = [h]
     if cfg.looped:
       h, loops_B, hiddens = self._loop(h, c, allowed, rope_cs, s, input_ids == cfg.mask_id,
                                        adaptive_tau, min_loops)
     for i in range(b, n):
       h = self.layers[str(i)](h, c, allowed, rope_cs)
+    if not cfg.looped:
+      hiddens = [h]
     logits = self.output(h, c)
     loss = None
     if labels is not None:
@@ -278,7 +281,7 @@ class LoopMDMForMaskedLM(LoopMDMPreTrainedModel):
   def _loop(self, h, c, allowed, rope_cs, s, watch_BxL, tau, min_loops):
     """At most s iterations of the block; per sequence, stop once the relative change of h on
     the watched positions is below tau (after min_loops). Returns (h, loops_B, hiddens)."""
-    h0, hiddens = h, []
+    h0, hiddens = h, [h]
     active = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
     loops_B = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
     w = watch_BxL.to(torch.float32)[..., None]
