@@ -83,7 +83,7 @@ def exported(tmp_path_factory, tok_path):
   """name -> (JAX model, params, export folder) for random-weight plain MDM and LoopMDM
   exports (random adaLN gates: every layer changes the logits)."""
   out = {}
-  for name in ("loopmdm", "mdm"):
+  for name in ("loopmdm", "mdm", "variant"):
     cfg = CONFIGS[name]
     params = _random_params(cfg, seed=3)
     d = str(tmp_path_factory.mktemp("hf") / name)
@@ -96,12 +96,14 @@ def exported(tmp_path_factory, tok_path):
 _JITTED = {}
 
 
-def _jax_logits(model, params, loops, segments):
+def _jax_logits(model, params, loops, segments, t=None):
   """model.apply at S = loops (traced: one program per architecture serves every S)."""
-  if model.cfg not in _JITTED:
-    _JITTED[model.cfg] = jax.jit(lambda p, x, s, seg: model.apply({"params": p}, x, s, None, seg))
-  fn = _JITTED[model.cfg]
-  return np.asarray(fn(params, jnp.asarray(TOKENS), jnp.int32(loops), jnp.asarray(segments)))
+  if (model.cfg, t is None) not in _JITTED:
+    _JITTED[model.cfg, t is None] = jax.jit(
+        lambda p, x, s, seg, t: model.apply({"params": p}, x, s, t, seg))
+  fn = _JITTED[model.cfg, t is None]
+  return np.asarray(fn(params, jnp.asarray(TOKENS), jnp.int32(loops), jnp.asarray(segments),
+                       None if t is None else jnp.asarray(t, jnp.float32)))
 
 
 def _check_loops(jax_model, params, d, label, random_weights=True, factors=(0, 1, 2)):
@@ -139,6 +141,21 @@ def test_transformers_logits_match_jax_at_any_loop_count(exported, name):
   conf = transformers.AutoConfig.from_pretrained(d, trust_remote_code=True, local_files_only=True)
   assert conf.model_type == "loopmdm" and conf.mask_id == 9 and conf.vocab_size == 9
   _check_loops(model, params, d, name)
+
+
+def test_variant_time_conditioned_injected_loop_embedding_swiglu(exported):
+  """Uniform looping (no head, no tail) with input injection, a learned loop embedding, SwiGLU
+  and time conditioning; S > S_max is refused (the embedding has S_max rows)."""
+  model, params, d = exported["variant"]
+  hf = _load(d)
+  t = np.array([0.3, 0.8, 0.55])
+  for s in (1, model.cfg.max_loops):
+    want = _jax_logits(model, params, s, SEGMENTS, t)
+    got = _torch_logits(hf, s, timesteps=torch.as_tensor(t))[0]
+    assert np.abs(got - want).max() <= 1e-4
+  assert np.abs(got - _torch_logits(hf, s)[0]).max() > 1e-3  # t matters
+  with pytest.raises(ValueError, match="learned loop embedding"):
+    hf(torch.as_tensor(TOKENS), loops=model.cfg.max_loops + 1)
 
 
 def test_adaptive_loops_stop_where_loopjax_stops(exported):

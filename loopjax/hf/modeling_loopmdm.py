@@ -33,10 +33,12 @@ class LoopMDMOutput(MaskedLMOutput):
 
 
 class Dense(nn.Module):
-  """y = x @ kernel (+ bias), the kernel stored in_features x out_features."""
+  """y = x @ kernel (+ bias), the kernel stored in_features x out_features; `zero`: initialised
+  to zero (the adaLN projections)."""
 
-  def __init__(self, d_in, d_out, bias=True):
+  def __init__(self, d_in, d_out, bias=True, zero=False):
     super().__init__()
+    self.zero = zero
     self.kernel = nn.Parameter(torch.empty(d_in, d_out))
     self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
 
@@ -126,7 +128,7 @@ class Block(nn.Module):
 
   def __init__(self, config):
     super().__init__()
-    self.adaln = Dense(config.cond_dim, 6 * config.width)
+    self.adaln = Dense(config.cond_dim, 6 * config.width, zero=True)
     self.norm_attn = LayerNorm(config.width, config.norm_eps)
     self.norm_mlp = LayerNorm(config.width, config.norm_eps)
     self.attn, self.mlp = Attention(config), Mlp(config)
@@ -160,7 +162,7 @@ class TimeEmbedding(nn.Module):
 class OutputLayer(nn.Module):
   def __init__(self, config):
     super().__init__()
-    self.adaln = Dense(config.cond_dim, 2 * config.width)
+    self.adaln = Dense(config.cond_dim, 2 * config.width, zero=True)
     self.norm = LayerNorm(config.width, config.norm_eps)
     self.proj = Dense(config.width, config.vocab_size)
 
@@ -178,18 +180,17 @@ class LoopMDMPreTrainedModel(PreTrainedModel):
   @torch.no_grad()
   def _init_weights(self, module):
     """loopjax's init: fan-in normal kernels, zero adaLN and biases, unit norm scales."""
-    if isinstance(module, (Dense, Kernel)):
+    if isinstance(module, Dense) and module.zero:
+      module.kernel.zero_()
+    elif isinstance(module, (Dense, Kernel)):
       module.kernel.normal_(0.0, getattr(module, "fan_in", module.kernel.shape[0]) ** -0.5)
-      if isinstance(module, Dense) and module.bias is not None:
-        module.bias.zero_()
+    if isinstance(module, Dense) and module.bias is not None:
+      module.bias.zero_()
     elif isinstance(module, LayerNorm):
       module.scale.fill_(1.0)
     elif isinstance(module, Embedding):
       module.embedding.normal_(0.0, 1.0)
-    if isinstance(module, (Block, OutputLayer)):
-      module.adaln.kernel.zero_()
-      module.adaln.bias.zero_()
-    if isinstance(module, LoopMDMForMaskedLM) and module.loop_embedding is not None:
+    elif isinstance(module, LoopMDMForMaskedLM) and module.loop_embedding is not None:
       module.loop_embedding.normal_(0.0, 0.02)
 
 
