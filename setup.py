@@ -28,8 +28,12 @@ setup(
         "tpu": ["libtpu>=0.0.42"],
         # lm-evaluation-harness tasks (`loopjax eval --lm-eval`, `loopjax-lm-eval`).
         "eval": ["lm-eval>=0.4.13,<0.5"],
-        # The tests include the TPU-topology compile checks and the lm-eval integration.
-        "test": ["pytest>=8", "libtpu>=0.0.42", "lm-eval>=0.4.13,<0.5"],
+        # PyTorch / Hugging Face loading of exports and the judge model of `eval --gen-ppl`.
+        "torch": ["torch>=2.1", "transformers>=4.45"],
+        # The tests include the TPU-topology compile checks, the lm-eval integration and the
+        # PyTorch export and judge checks.
+        "test": ["pytest>=8", "libtpu>=0.0.42", "lm-eval>=0.4.13,<0.5", "torch>=2.1",
+                 "transformers>=4.45"],
     },
     # lm-eval 0.4 reads no model plugins from entry points: `loopjax-lm-eval` registers the
     # "loopjax" model and runs lm-eval's CLI.

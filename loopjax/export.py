@@ -1,8 +1,15 @@
 """Weights out: a training run's (or any stacked parameter tree's) weights as a self-contained
-folder, `OUT/model.safetensors` + `OUT/config.json` + `OUT/tokenizer/`, that needs neither
-loopjax nor JAX to read. The format (tensor names, layout) and its reader are
-`loopjax.weights`.
+folder that needs neither loopjax nor JAX to read, and that is a Hugging Face model repository:
 
+  model.safetensors      per-layer tensors, the looped block stored once (loopjax.weights)
+  config.json            loopjax's self-describing config plus `model_type` / `auto_map`
+  configuration_loopmdm.py, modeling_loopmdm.py   the PyTorch model (loopjax/hf templates)
+  tokenizer.json, tokenizer_config.json, special_tokens_map.json   for AutoTokenizer, with
+                         [MASK] = vocab_size (loopjax/hf/tokenizer_files.py)
+  tokenizer/             the run's own tokenizer file, as loopjax reads it
+  README.md              the model card (architecture, loops, training, the run's eval table)
+
+No absolute local path is written: paths in the training config become file names.
 OUT is written to a temporary sibling and renamed into place (complete or absent).
 """
 
@@ -10,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.resources
 import json
 import os
 import shutil
@@ -22,6 +30,7 @@ from safetensors.numpy import save_file
 from loopjax import flops
 from loopjax.data import tokenizer_for
 from loopjax.diffusion import make_schedule
+from loopjax.hf import MODEL_TYPE, TEMPLATES, model_card, tokenizer_files
 from loopjax.weights import (CONFIG, DTYPES, FORMAT, FORMAT_VERSION, TENSOR_NAMES, TOKENIZER_DIR,
                              WEIGHTS, file_sha256, load_run, unstack_params)
 
@@ -55,29 +64,83 @@ def _execution(cfg) -> list[str]:
   return steps + ["logits = output(h, c)"]
 
 
+def _strip_path(value: str) -> str:
+  """A config string with every absolute local path cut to its file name (comma lists and
+  `kind:PATH` tokenizer specs included; URLs kept)."""
+  def one(part):
+    kind, sep, rest = part.partition(":")
+    if sep and kind.isalpha() and len(kind) > 1 and not rest.startswith("//"):
+      return f"{kind}:{one(rest)}"
+    if os.path.isabs(part) or part.startswith("~"):
+      return os.path.basename(part.rstrip("/")) or part
+    return part
+  return ",".join(one(p) for p in value.split(","))
+
+
+def relative_paths(obj):
+  """`obj` (JSON-like) with absolute local paths reduced to file names (see _strip_path)."""
+  if isinstance(obj, dict):
+    return {k: relative_paths(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [relative_paths(v) for v in obj]
+  return _strip_path(obj) if isinstance(obj, str) else obj
+
+
+def _training_summary(cfg, run, step) -> dict:
+  """The model card's training numbers: data, tokens seen and analytic training FLOPs."""
+  if run is None:
+    return {}
+  d, t = run.data, run.train
+  dataset = {"text": d.get("paths"), "prompt_answer": d.get("paths"), "prepared": d.get("path"),
+             "tfds": f"{d.get('name')} ({d.get('split')})",
+             "sudoku": f"generated puzzles, {d.get('min_givens')}-{d.get('max_givens')} givens",
+             "arithmetic": f"generated, up to {d.get('max_digits')} digits, ops "
+                           f"{d.get('ops')}"}.get(d.source, d.source)
+  out = {"source": d.source, "dataset": relative_paths(str(dataset)),
+         "tokenizer": relative_paths(str(d.get("tokenizer"))) if d.source not in (
+             "sudoku", "arithmetic") else "built-in characters", "steps": step,
+         "batch_size": t.batch_size, "seq_len": d.seq_len, "train_loops": run.loops.train}
+  if step is not None:
+    out["tokens_seen"] = int(step) * int(t.batch_size) * int(d.seq_len)
+    out["train_flops"] = float(step) * flops.expected_train_flops_per_step(
+        cfg, int(d.seq_len), int(t.batch_size), run.loops.train if cfg.looped else None)
+  return out
+
+
+def _hf_fields(cfg, dtype: str) -> dict:
+  """config.json entries that make the folder a transformers model (remote code)."""
+  stem = lambda f: f.removesuffix(".py")
+  return {"model_type": MODEL_TYPE, "architectures": ["LoopMDMForMaskedLM"],
+          "auto_map": {"AutoConfig": f"{stem(TEMPLATES[0])}.LoopMDMConfig",
+                       "AutoModelForMaskedLM": f"{stem(TEMPLATES[1])}.LoopMDMForMaskedLM"},
+          "tie_word_embeddings": False, "dtype": dtype}
+
+
 def export_params(out: str, cfg, params, *, run_config=None, dtype: str = "float32",
-                  source: dict | None = None, overwrite: bool = False) -> dict:
+                  source: dict | None = None, overwrite: bool = False,
+                  eval_summary: dict | None = None) -> dict:
   """Writes OUT from a ModelConfig and its stacked params; returns the config.json written.
 
   run_config: the run's ConfigDict (tokenizer, noise schedule, loop distribution, training
-  settings); without it those entries are null. source: recorded under "weights" (params, step).
+  settings); without it those entries are null and no tokenizer is written. source: recorded
+  under "weights" (params, step). eval_summary: the run's eval/summary.json, tabled in README.md.
   """
   if dtype not in DTYPES:
     raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
   np_dtype = DTYPES[dtype][1]
   tensors = {k: np.ascontiguousarray(v.astype(np_dtype))
              for k, v in unstack_params(cfg, params).items()}
-  tokenizer, files, schedule, run = None, [], None, run_config
+  tok, tokenizer, files, schedule, run = None, None, [], None, run_config
   if run is not None:
     tok = tokenizer_for(run.data)
     files = list(tok.files())
-    tokenizer = {**tok.describe(), "files": [f"{TOKENIZER_DIR}/{os.path.basename(f)}"
-                                             for f in files]}
+    tokenizer = relative_paths({**tok.describe(), "files": [
+        f"{TOKENIZER_DIR}/{os.path.basename(f)}" for f in files]})
     sched = make_schedule(run.diffusion)
     schedule = {"schedule": sched.name, "exponent": sched.exponent, "eps": sched.eps}
   a, b, s = cfg.loop_start, cfg.loop_end, cfg.max_loops if cfg.looped else 1
   config = {
-      "format": FORMAT, "format_version": FORMAT_VERSION,
+      "format": FORMAT, "format_version": FORMAT_VERSION, **_hf_fields(cfg, dtype),
       "architecture": dataclasses.asdict(cfg), "vocab_size": cfg.vocab_size,
       "input_vocab_size": cfg.vocab_size + 1, "mask_id": cfg.mask_id,
       "loop": {"looped": cfg.looped, "block": [a, b], "block_layers": cfg.block_layers,
@@ -86,20 +149,24 @@ def export_params(out: str, cfg, params, *, run_config=None, dtype: str = "float
                "input_injection": cfg.loop_inject, "loop_embedding": cfg.loop_embedding,
                "executed_depth_at_default": cfg.executed_depth(s), "execution": _execution(cfg)},
       "tensor_names": TENSOR_NAMES,
-      "math": {"layer_norm": {"eps": 1e-6, "bias": False, "stats": "float32"},
+      "math": {"layer_norm": {"eps": float(getattr(cfg, "norm_eps", 1e-6)), "bias": False,
+                              "stats": "float32"},
                "block": "x += gate1*attn(LN(x)*(1+scale1)+shift1); "
                         "x += gate2*mlp(LN(x)*(1+scale2)+shift2)",
                "mlp": "gelu_tanh" if cfg.mlp_type == "gelu" else "swiglu: silu(gate)*up",
                "rope": {"style": "rotate_half", "base": cfg.rope_base},
                "attention": "softmax(q k^T / sqrt(head_dim)); i sees j iff same segment id > 0 "
                             "or i == j (no segment ids: all)",
-               "time_embedding": {"freq_dim": 256, "features": "[cos, sin]", "activation": "silu",
+               "time_embedding": {"freq_dim": 256, "max_period": 10000.0,
+                                  "features": "[cos, sin]", "activation": "silu",
                                   "t_when_unconditioned": 0.0}},
       "noise_schedule": schedule, "tokenizer": tokenizer,
-      "weights": {"file": WEIGHTS, "dtype": dtype, "num_tensors": len(tensors), **(source or {})},
+      "weights": {"file": WEIGHTS, "dtype": dtype, "num_tensors": len(tensors),
+                  **relative_paths(source or {})},
       "parameter_report": _param_report(cfg, tensors),
-      "training_config": json.loads(run.to_json()) if run is not None else None,
+      "training_config": relative_paths(json.loads(run.to_json())) if run is not None else None,
   }
+  training = _training_summary(cfg, run, (source or {}).get("step"))
 
   def write(tmp):
     path = os.path.join(tmp, WEIGHTS)
@@ -109,8 +176,16 @@ def export_params(out: str, cfg, params, *, run_config=None, dtype: str = "float
     for f in files:
       os.makedirs(os.path.join(tmp, TOKENIZER_DIR), exist_ok=True)
       shutil.copy2(f, os.path.join(tmp, TOKENIZER_DIR, os.path.basename(f)))
+    if tok is not None:
+      tokenizer_files.write_tokenizer_files(tmp, tok, max_length=cfg.max_length)
+    for name in TEMPLATES:
+      with open(os.path.join(tmp, name), "w", encoding="utf-8") as fh:
+        fh.write(importlib.resources.files("loopjax.hf").joinpath(name).read_text("utf-8"))
     with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as fh:
       json.dump(config, fh, indent=2)
+    card = model_card.render(config, training, eval_summary, os.path.basename(out.rstrip("/")))
+    with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
+      fh.write(card)
   _write_atomically(out, write, overwrite)
   return config
 
@@ -141,9 +216,15 @@ def export_run(workdir: str, out: str, *, params: str = "ema", dtype: str = "flo
                step: int | None = None, overwrite: bool = False) -> dict:
   """Exports a training run's checkpoint (EMA or raw params); returns the written config.json."""
   config, model, tree, got = load_run(workdir, step=step, params=params)
+  summary = None
+  path = os.path.join(workdir, "eval", "summary.json")
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      summary = json.load(f)
   return export_params(out, model.cfg, tree, run_config=config, dtype=dtype, overwrite=overwrite,
                        source={"params": params, "step": int(got),
-                               "workdir": os.path.abspath(workdir)})
+                               "workdir": os.path.basename(os.path.abspath(workdir))},
+                       eval_summary=summary)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,7 +241,8 @@ def format_report(config: dict) -> str:
 
 def export_main(argv) -> int:
   p = argparse.ArgumentParser(prog="loopjax export",
-                              description="write a run's weights as safetensors + config.json")
+                              description="write a run's weights as safetensors + config.json, a "
+                              "folder that is also a Hugging Face model repository")
   p.add_argument("--workdir", required=True, help="training run folder")
   p.add_argument("--out", required=True, help="output folder (written atomically)")
   p.add_argument("--params", choices=("ema", "raw"), default="ema")

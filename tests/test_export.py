@@ -18,12 +18,10 @@ import pytest
 import safetensors
 from safetensors.numpy import load_file, save_file
 
-import numpy_reference as ref
 from loopjax import checkpoints, cli, export, weights
+from loopjax import reference as ref
 from loopjax.model import LoopedTransformer, ModelConfig
 from loopjax.train.config import base_config, model_config
-from loopjax.train.config_load import load_config
-from loopjax.train.loop import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=9, max_length=16, width=32, num_layers=3, num_heads=2, cond_dim=16)
@@ -146,11 +144,11 @@ def test_numpy_reference_runs_without_jax_or_loopjax(exported, tmp_path):
   """In a fresh interpreter: only the folder, NumPy and safetensors; JAX never gets imported."""
   model, params, d = exported["loopmdm"]
   np.save(tmp_path / "tokens.npy", np.asarray(TOKENS))
-  code = (f"import sys, numpy as np; sys.path.insert(0, {os.path.join(ROOT, 'tests')!r}); "
-          "import numpy_reference as r; "
+  code = ("import sys, numpy as np; from loopjax import reference as r; "
           f"np.save({str(tmp_path / 'logits.npy')!r}, r.forward(*r.load({d!r}), "
           f"np.load({str(tmp_path / 'tokens.npy')!r}))); "
-          "bad = [m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'loopjax')]; "
+          "bad = [m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'loopjax') and "
+          "m not in ('loopjax', 'loopjax.reference')]; "
           "assert not bad, bad")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=str(tmp_path))
   got = np.load(tmp_path / "logits.npy")
@@ -308,14 +306,9 @@ def test_export_is_atomic(exported, tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tiny_sudoku_run):
   """(workdir, what train returned, config) of a tiny Sudoku LoopMDM run of 3 steps."""
-  c = load_config(os.path.join(ROOT, "experiments", "sudoku.py") + ":loopmdm")
-  c.model.update(width=32, num_layers=3, num_heads=2, cond_dim=16)
-  c.train.update(steps=3, batch_size=4, log_every=1, eval_batches=1, eval_time_points=2,
-                 checkpoint_every=3, eval_every=1000, async_checkpoints=False)
-  d = str(tmp_path_factory.mktemp("run") / "wd")
-  return d, train(c, d), c
+  return tiny_sudoku_run
 
 
 @pytest.fixture(scope="module")

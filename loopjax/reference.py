@@ -1,12 +1,15 @@
 """An independent NumPy (float64) forward pass of an exported loopjax model.
 
-Reads only OUT/config.json and OUT/model.safetensors; imports neither JAX nor loopjax, so it
-checks that the export is self-describing (tensor names, shapes, execution order, conventions).
-float32 files go through `safetensors.numpy`; bfloat16 files are decoded by hand (NumPy has no
-bfloat16 without ml_dtypes).
+Reads only OUT/config.json and OUT/model.safetensors and imports neither JAX nor the rest of
+loopjax: every number it uses (norm eps, RoPE base, time-embedding frequencies, loop block,
+execution order) comes from config.json, so it checks that the export is self-describing, and
+it runs wherever NumPy and safetensors do. float32 files go through `safetensors.numpy`;
+bfloat16 files are decoded by hand (NumPy has no bfloat16 without ml_dtypes).
 
-    cfg, w = load(OUT)
-    logits_BxLxV = forward(cfg, w, tokens_BxL, loops=None, t_B=None, segment_ids_BxL=None)
+    from loopjax import reference
+    cfg, w = reference.load(OUT)
+    logits_BxLxV = reference.forward(cfg, w, tokens_BxL, loops=None, t_B=None,
+                                     segment_ids_BxL=None)
 """
 
 from __future__ import annotations
@@ -74,13 +77,13 @@ def _softmax(x):
   return e / e.sum(-1, keepdims=True)
 
 
-def _layer(w, p, x, c, allowed_Bx1xLxL, arch, eps):
+def _layer(w, p, x, c, allowed_Bx1xLxL, arch, eps, rope_base):
   """One adaLN pre-norm block; p is the tensor name prefix ("layers.3." / "loop_block.0.")."""
   mod = c @ w[p + "adaln.kernel"] + w[p + "adaln.bias"]
   shift1, scale1, gate1, shift2, scale2, gate2 = np.split(mod[:, None, :], 6, axis=-1)
   y = _layer_norm(x, w[p + "norm_attn.scale"], eps) * (1 + scale1) + shift1
-  q = _rope(np.einsum("bld,dhk->blhk", y, w[p + "attn.query.kernel"]), arch["rope_base"])
-  k = _rope(np.einsum("bld,dhk->blhk", y, w[p + "attn.key.kernel"]), arch["rope_base"])
+  q = _rope(np.einsum("bld,dhk->blhk", y, w[p + "attn.query.kernel"]), rope_base)
+  k = _rope(np.einsum("bld,dhk->blhk", y, w[p + "attn.key.kernel"]), rope_base)
   v = np.einsum("bld,dhk->blhk", y, w[p + "attn.value.kernel"])
   logits = np.einsum("bqhk,bthk->bhqt", q, k) / math.sqrt(q.shape[-1])
   probs = _softmax(np.where(allowed_Bx1xLxL, logits, -np.inf))
@@ -98,14 +101,18 @@ def _layer(w, p, x, c, allowed_Bx1xLxL, arch, eps):
 
 def forward(cfg, w, tokens_BxL, loops=None, t_B=None, segment_ids_BxL=None):
   """Logits B x L x V (float64) for S = `loops` (default: config's loop.default_loops)."""
-  arch, loop = cfg["architecture"], cfg["loop"]
-  eps = cfg["math"]["layer_norm"]["eps"]
+  arch, loop, maths = cfg["architecture"], cfg["loop"], cfg.get("math", {})
+  eps = float(maths.get("layer_norm", {}).get("eps", arch.get("norm_eps", 1e-6)))
+  rope_base = float(maths.get("rope", {}).get("base", arch.get("rope_base", 10000.0)))
+  time_cfg = maths.get("time_embedding", {})
+  max_loops = int(loop.get("max_train_loops", arch["max_loops"]))
   tokens_BxL = np.asarray(tokens_BxL)
   b, length = tokens_BxL.shape
   # Time conditioning: sinusoidal features -> fc1 -> silu -> fc2 -> silu; t = 0 when off.
   t = np.zeros(b) if (t_B is None or not arch["time_conditioning"]) else np.asarray(t_B, float)
-  half = cfg["math"]["time_embedding"]["freq_dim"] // 2
-  args = t[:, None] * np.exp(-math.log(10000.0) * np.arange(half) / half)[None, :]
+  half = int(time_cfg.get("freq_dim", 256)) // 2
+  period = float(time_cfg.get("max_period", 10000.0))
+  args = t[:, None] * np.exp(-math.log(period) * np.arange(half) / half)[None, :]
   emb = np.concatenate([np.cos(args), np.sin(args)], axis=-1)
   c = _silu(_silu(emb @ w["time_embed.fc1.kernel"] + w["time_embed.fc1.bias"])
             @ w["time_embed.fc2.kernel"] + w["time_embed.fc2.bias"])
@@ -116,7 +123,7 @@ def forward(cfg, w, tokens_BxL, loops=None, t_B=None, segment_ids_BxL=None):
     allowed = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)) | np.eye(length,
                                                                                       dtype=bool)
     allowed = allowed[:, None]
-  run = lambda prefix, x: _layer(w, prefix, x, c, allowed, arch, eps)
+  run = lambda prefix, x: _layer(w, prefix, x, c, allowed, arch, eps, rope_base)
 
   h = w["embed.embedding"][tokens_BxL]
   n, (a, e) = arch["num_layers"], loop["block"]
@@ -130,7 +137,7 @@ def forward(cfg, w, tokens_BxL, loops=None, t_B=None, segment_ids_BxL=None):
     for it in range(s):
       x = h + (h0 if loop["input_injection"] else 0.0)
       if loop["loop_embedding"]:
-        x = x + w["loop_embedding"][min(it, arch["max_loops"] - 1)][None, None, :]
+        x = x + w["loop_embedding"][min(it, max_loops - 1)][None, None, :]
       for j in range(e - a):
         x = run(f"loop_block.{j}.", x)
       h = x

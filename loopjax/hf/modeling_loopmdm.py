@@ -1,0 +1,308 @@
+"""A loopjax LoopMDM denoiser in PyTorch, for `AutoModelForMaskedLM` (remote code).
+
+    h = head(embed(x_t));  h = block(h) repeated S times (one set of weights);  logits = tail(h)
+
+Parameters keep loopjax's export names and layout (`y = x @ kernel + bias`; attention kernels
+D x H x K and H x K x D), so `model.safetensors` loads as written. The loop count S is a forward
+argument (`loops=`; default: the config's `default_loops`, S_max of training); any S >= 1 runs,
+S > S_max included (not with a learned loop embedding, which has S_max rows). `adaptive_tau`
+stops each sequence once the relative change of the block's hidden state on its [MASK]
+positions, ||h_i - h_{i-1}|| / ||h_{i-1}||, falls below tau (after `min_loops`, at most `loops`
+iterations). Padding (`attention_mask` 0) and packed documents (`segment_ids`, 0 = padding):
+a position attends to positions of its own segment, a padding position only to itself.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import MaskedLMOutput
+
+from .configuration_loopmdm import LoopMDMConfig
+
+
+@dataclass
+class LoopMDMOutput(MaskedLMOutput):
+  """MaskedLMOutput with `loops`: loop iterations executed per sequence (LongTensor B)."""
+
+  loops: Optional[torch.LongTensor] = None
+
+
+class Dense(nn.Module):
+  """y = x @ kernel (+ bias), the kernel stored in_features x out_features; `zero`: initialised
+  to zero (the adaLN projections)."""
+
+  def __init__(self, d_in, d_out, bias=True, zero=False):
+    super().__init__()
+    self.zero = zero
+    self.kernel = nn.Parameter(torch.empty(d_in, d_out))
+    self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
+
+  def forward(self, x):
+    y = x.to(self.kernel.dtype) @ self.kernel
+    return y + self.bias if self.bias is not None else y
+
+
+class LayerNorm(nn.Module):
+  """Scale only, no bias; statistics in float32."""
+
+  def __init__(self, width, eps):
+    super().__init__()
+    self.scale, self.eps = nn.Parameter(torch.ones(width)), eps
+
+  def forward(self, x):
+    y = F.layer_norm(x.float(), x.shape[-1:], self.scale.float(), None, self.eps)
+    return y.to(self.scale.dtype)
+
+
+class Embedding(nn.Module):
+  def __init__(self, n, width):
+    super().__init__()
+    self.embedding = nn.Parameter(torch.empty(n, width))
+
+  def forward(self, ids):
+    return self.embedding[ids]
+
+
+def rope_tables(length, k, base, device):
+  """cos, sin of the rotation angles, L x K/2, computed in float64 and rounded to float32."""
+  inv_freq = 1.0 / base ** (torch.arange(0, k, 2, dtype=torch.float64, device=device) / k)
+  ang = torch.arange(length, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
+  return torch.cos(ang).float(), torch.sin(ang).float()
+
+
+def rope(x_BxLxHxK, cos_LxK2, sin_LxK2):
+  """Rotary position embedding, rotate-half form, in float32."""
+  cos, sin = cos_LxK2[None, :, None, :], sin_LxK2[None, :, None, :]
+  x1, x2 = x_BxLxHxK.float().chunk(2, dim=-1)
+  return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BxLxHxK.dtype)
+
+
+class Kernel(nn.Module):
+  """A bias-free attention kernel whose first `n_in` axes are contracted with the input."""
+
+  def __init__(self, *shape, n_in=1):
+    super().__init__()
+    self.kernel, self.fan_in = nn.Parameter(torch.empty(*shape)), math.prod(shape[:n_in])
+
+
+class Attention(nn.Module):
+  def __init__(self, config):
+    super().__init__()
+    d, h = config.width, config.num_heads
+    k = d // h
+    self.query, self.key, self.value = Kernel(d, h, k), Kernel(d, h, k), Kernel(d, h, k)
+    self.out = Kernel(h, k, d, n_in=2)
+
+  def forward(self, x_BxLxD, allowed_Bx1xLxL, rope_cs):
+    proj = lambda m: torch.einsum("bld,dhk->blhk", x_BxLxD, m.kernel)
+    q, k, v = rope(proj(self.query), *rope_cs), rope(proj(self.key), *rope_cs), proj(self.value)
+    # softmax(q k^T / sqrt(K)) over the allowed keys (every row allows at least its own key).
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=allowed_Bx1xLxL)
+    return torch.einsum("bhlk,hkd->bld", out, self.out.kernel)
+
+
+class Mlp(nn.Module):
+  def __init__(self, config):
+    super().__init__()
+    d, f = config.width, config.mlp_dim
+    self.swiglu = config.mlp_type == "swiglu"
+    if self.swiglu:
+      self.wi_gate, self.wi_up, self.wo = Dense(d, f, False), Dense(d, f, False), Dense(f, d, False)
+    else:
+      self.wi, self.wo = Dense(d, f), Dense(f, d)
+
+  def forward(self, x):
+    if self.swiglu:
+      return self.wo(F.silu(self.wi_gate(x)) * self.wi_up(x))
+    return self.wo(F.gelu(self.wi(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+  """Pre-norm transformer layer with adaLN (shift, scale, gate) modulation from c."""
+
+  def __init__(self, config):
+    super().__init__()
+    self.adaln = Dense(config.cond_dim, 6 * config.width, zero=True)
+    self.norm_attn = LayerNorm(config.width, config.norm_eps)
+    self.norm_mlp = LayerNorm(config.width, config.norm_eps)
+    self.attn, self.mlp = Attention(config), Mlp(config)
+
+  def forward(self, x, c_BxC, allowed, rope_cs):
+    shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c_BxC)[:, None, :].chunk(6, -1)
+    y = self.norm_attn(x) * (1 + scale1) + shift1
+    x = x + gate1 * self.attn(y, allowed, rope_cs)
+    y = self.norm_mlp(x) * (1 + scale2) + shift2
+    return x + gate2 * self.mlp(y)
+
+
+class TimeEmbedding(nn.Module):
+  """Sinusoidal features [cos, sin] of t -> fc1 -> silu -> fc2 -> silu."""
+
+  def __init__(self, config):
+    super().__init__()
+    self.freq_dim, self.max_period = config.freq_dim, config.max_period
+    self.fc1, self.fc2 = Dense(config.freq_dim, config.cond_dim), Dense(config.cond_dim,
+                                                                        config.cond_dim)
+
+  def forward(self, t_B):
+    half = self.freq_dim // 2
+    freqs = torch.exp(-math.log(self.max_period) *
+                      torch.arange(half, dtype=torch.float32, device=t_B.device) / half)
+    args = t_B.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.silu(self.fc2(F.silu(self.fc1(emb))))
+
+
+class OutputLayer(nn.Module):
+  def __init__(self, config):
+    super().__init__()
+    self.adaln = Dense(config.cond_dim, 2 * config.width, zero=True)
+    self.norm = LayerNorm(config.width, config.norm_eps)
+    self.proj = Dense(config.width, config.vocab_size)
+
+  def forward(self, h, c_BxC):
+    shift, scale = self.adaln(c_BxC)[:, None, :].chunk(2, -1)
+    return self.proj(self.norm(h) * (1 + scale) + shift).float()
+
+
+class LoopMDMPreTrainedModel(PreTrainedModel):
+  config_class = LoopMDMConfig
+  base_model_prefix = "loopmdm"
+  supports_gradient_checkpointing = False
+  _no_split_modules = ["Block"]
+
+  @torch.no_grad()
+  def _init_weights(self, module):
+    """loopjax's init: fan-in normal kernels, zero adaLN and biases, unit norm scales."""
+    if isinstance(module, Dense) and module.zero:
+      module.kernel.zero_()
+    elif isinstance(module, (Dense, Kernel)):
+      module.kernel.normal_(0.0, getattr(module, "fan_in", module.kernel.shape[0]) ** -0.5)
+    if isinstance(module, Dense) and module.bias is not None:
+      module.bias.zero_()
+    elif isinstance(module, LayerNorm):
+      module.scale.fill_(1.0)
+    elif isinstance(module, Embedding):
+      module.embedding.normal_(0.0, 1.0)
+    elif isinstance(module, LoopMDMForMaskedLM) and module.loop_embedding is not None:
+      module.loop_embedding.normal_(0.0, 0.02)
+
+
+class LoopMDMForMaskedLM(LoopMDMPreTrainedModel):
+  """The denoiser: `model(input_ids, loops=S).logits` is B x L x vocab_size (float32)."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    a, b, n = config.loop_start, config.loop_end, config.num_layers
+    if not config.looped:
+      a = b = n
+    self.embed = Embedding(config.vocab_size + 1, config.width)
+    self.time_embed = TimeEmbedding(config)
+    # Absolute layer indices: head [0, a) and tail [b, n); the looped block's layers a..b-1
+    # are loop_block.0 .. loop_block.(b-a-1), stored once.
+    self.layers = nn.ModuleDict({str(i): Block(config) for i in [*range(a), *range(b, n)]})
+    self.loop_block = nn.ModuleList([Block(config) for _ in range(b - a)])
+    self.loop_embedding = (nn.Parameter(torch.zeros(config.max_train_loops, config.width))
+                           if config.looped and config.loop_embedding else None)
+    self.output = OutputLayer(config)
+    self._span = (a, b, n)
+    self.post_init()
+
+  def _allowed(self, input_ids, attention_mask, segment_ids):
+    """B x 1 x L x L: i sees j iff same segment id > 0, or i == j (no ids: everyone)."""
+    b, length = input_ids.shape
+    seg = None if segment_ids is None else segment_ids.long()
+    if attention_mask is not None:
+      keep = (attention_mask > 0).long()
+      seg = keep if seg is None else seg * keep
+    if seg is None:
+      return torch.ones(b, 1, length, length, dtype=torch.bool, device=input_ids.device)
+    eye = torch.eye(length, dtype=torch.bool, device=input_ids.device)[None]
+    allowed = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)) | eye
+    return allowed[:, None]
+
+  def forward(self, input_ids, attention_mask=None, segment_ids=None, loops=None, timesteps=None,
+              adaptive_tau=None, min_loops=1, labels=None, output_hidden_states=None,
+              return_dict=True, **kwargs):
+    """Logits over the real vocabulary for S = `loops` iterations of the looped block.
+
+    input_ids: B x L in [0, vocab_size], [MASK] = vocab_size. attention_mask: B x L, 0 =
+    padding. segment_ids: B x L document ids of packed rows (0 = padding). timesteps: B
+    diffusion times (used only by time-conditioned models). adaptive_tau: None runs exactly
+    `loops` iterations; a float stops each sequence early (see the module docstring).
+    output_hidden_states: `.hidden_states` = (the looped block's input, its hidden state after
+    every executed iteration); without a looped block, (the last layer's output,).
+    labels: B x L target ids (-100 ignored): `.loss` is their mean cross-entropy.
+    """
+    cfg = self.config
+    a, b, n = self._span
+    batch, length = input_ids.shape
+    if length > cfg.max_position_embeddings:
+      raise ValueError(f"sequence length {length} exceeds the model's max_length "
+                       f"{cfg.max_position_embeddings}")
+    s = int(cfg.default_loops if loops is None else loops)
+    if s < 1:
+      raise ValueError(f"loops must be >= 1, got {s}")
+    if self.loop_embedding is not None and s > cfg.max_train_loops:
+      raise ValueError(f"loops={s}: this model has a learned loop embedding with "
+                       f"{cfg.max_train_loops} rows (S_max), so it cannot run more iterations")
+    dev = input_ids.device
+    t = (torch.zeros(batch, device=dev) if timesteps is None or not cfg.time_conditioning
+         else torch.as_tensor(timesteps, dtype=torch.float32, device=dev).expand(batch))
+    c = self.time_embed(t)
+    allowed = self._allowed(input_ids, attention_mask, segment_ids)
+    rope_cs = rope_tables(length, cfg.width // cfg.num_heads, cfg.rope_base, dev)
+    h = self.embed(input_ids).to(self.output.proj.kernel.dtype)
+    for i in range(a):
+      h = self.layers[str(i)](h, c, allowed, rope_cs)
+    loops_B = torch.ones(batch, dtype=torch.long, device=dev)
+    hiddens = [h]
+    if cfg.looped:
+      h, loops_B, hiddens = self._loop(h, c, allowed, rope_cs, s, input_ids == cfg.mask_id,
+                                       adaptive_tau, min_loops)
+    for i in range(b, n):
+      h = self.layers[str(i)](h, c, allowed, rope_cs)
+    if not cfg.looped:
+      hiddens = [h]
+    logits = self.output(h, c)
+    loss = None
+    if labels is not None:
+      loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                             ignore_index=-100)
+    out = LoopMDMOutput(loss=loss, logits=logits, loops=loops_B,
+                        hidden_states=tuple(hiddens) if output_hidden_states else None)
+    return out if return_dict else out.to_tuple()
+
+  def _loop(self, h, c, allowed, rope_cs, s, watch_BxL, tau, min_loops):
+    """At most s iterations of the block; per sequence, stop once the relative change of h on
+    the watched positions is below tau (after min_loops). Returns (h, loops_B, hiddens)."""
+    h0, hiddens = h, [h]
+    active = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+    loops_B = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+    w = watch_BxL.to(torch.float32)[..., None]
+    for i in range(s):
+      x = h + h0 if self.config.loop_inject else h
+      if self.loop_embedding is not None:
+        x = x + self.loop_embedding[min(i, self.config.max_train_loops - 1)][None, None, :]
+      for layer in self.loop_block:
+        x = layer(x, c, allowed, rope_cs)
+      new = x
+      loops_B = loops_B + active.long()
+      if tau is None:
+        h = new
+      else:
+        num = (w * (new.float() - h.float()) ** 2).sum((1, 2))
+        den = (w * h.float() ** 2).sum((1, 2))
+        change = torch.where(den > 0, torch.sqrt(num / den.clamp_min(1e-30)), 0.0)
+        h = torch.where(active[:, None, None], new, h)
+        active = active & ((i + 1 < min_loops) | (change >= tau))
+      hiddens.append(h)
+      if not bool(active.any()):
+        break
+    return h, loops_B, hiddens
