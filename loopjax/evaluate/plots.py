@@ -6,7 +6,8 @@ an SVG and a PDF of the same figure beside it. Axes carry plain tick labels (no 
 scientific offset text), S_max is a dotted vertical line when given, and rows that repeat a
 (series, S) pair (several runs or seeds) are drawn as mean +- std error bars.
 
-Fixed S are lines. Other policies (adaptive, schedules) are stars at their executed compute:
+Fixed S are lines. Other policies (adaptive, schedules) are markers (a star, then P, X, ...) at
+their executed compute:
 `executed_loops_mean` / `executed_flops_per_sample` (what the batch ran) when the rows have
 them, joined by a thin line to a hollow marker at the per-sequence figure (what each sequence
 needed). A policy row without any loop or compute figure is a dashed horizontal line.
@@ -24,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 VECTOR_FORMATS = (".svg", ".pdf")
+POLICY_MARKERS = ("*", "P", "X", "D", "^", "v", "s")  # one per non-fixed policy of a series
 
 
 def _is_fixed(row) -> bool:
@@ -87,14 +89,15 @@ def _draw_series(ax, rows, metric, label, x_exec, x_need, color):
     runs = max(ns)
     ax.errorbar(xs, ms, yerr=sds if runs > 1 else None, fmt="o-", capsize=3, color=color,
                 label=label + (f" (mean ± std, {runs} runs)" if runs > 1 else ""))
-  for spec, rs in _policy_points(rows, metric).items():
+  for j, (spec, rs) in enumerate(_policy_points(rows, metric).items()):
     m, sd = _mean_std([r[metric] for r in rs])
     xe = [x_exec(r) for r in rs]
     if any(x is None for x in xe):
       ax.axhline(m, ls="--", lw=1, color=color, alpha=0.7, label=f"{spec} ({label}, no compute)")
       continue
     x = float(np.mean(xe))
-    ax.errorbar([x], [m], yerr=[sd] if len(rs) > 1 else None, fmt="*", markersize=12,
+    ax.errorbar([x], [m], yerr=[sd] if len(rs) > 1 else None,
+                fmt=POLICY_MARKERS[j % len(POLICY_MARKERS)], markersize=11,
                 capsize=3, color=color, label=f"{spec} ({label})")
     xn = [x_need(r) for r in rs]
     if all(v is not None for v in xn) and abs(np.mean(xn) - x) > 1e-9 * max(abs(x), 1.0):
@@ -123,7 +126,7 @@ def _finish(ax, metric, title, xlabel, s_max_x, note):
   ax.legend(fontsize=7)
 
 
-_NOTE = "stars: executed (batch) compute; hollow: per-sequence need"
+_NOTE = "filled markers: executed (batch) compute; hollow: per-sequence need"
 
 
 def plot_quality_vs_loops(rows, *, metric: str, path: str, group: str = "steps",

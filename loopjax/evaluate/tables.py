@@ -25,6 +25,8 @@ COMPUTE_KEYS = ("loops_mean", "executed_loops_mean", "nfe", "flops_per_sample",
                 "executed_flops_per_sample", "forward_flops_per_seq", "seconds")
 # Settings: shown in the caption when equal in every row, else as a column.
 SETTING_KEYS = ("method", "sampler", "examples", "batch_size", "time_points", "tokens", "file")
+# Paths shown by their file name.
+PATH_KEYS = ("corpus", "file", "judge")
 # Not table material (totals that duplicate a per-call column, bulky fields).
 SKIP_KEYS = ("loops_max", "executed_loops", "samples", "nelbo_sum", "num_tokens")
 
@@ -148,8 +150,9 @@ def default_columns(rows) -> tuple[list[str], dict]:
 
 def write_eval_tables(json_path: str, rows, caption: str = "") -> list[str]:
   """The tables of one eval JSON (WORKDIR/eval/NAME.json -> NAME.md, NAME.tex beside it), with
-  `default_columns`; [] when there is no row."""
-  rows = [r for r in rows if isinstance(r, dict)]
+  `default_columns` and PATH_KEYS shortened to file names; [] when there is no row."""
+  rows = [{k: (os.path.basename(v) if k in PATH_KEYS and isinstance(v, str) else v)
+           for k, v in r.items()} for r in rows if isinstance(r, dict)]
   if not rows:
     return []
   columns, settings = default_columns(rows)

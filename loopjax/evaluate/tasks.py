@@ -45,6 +45,11 @@ def default_steps(batches) -> int:
   return max(int(np.asarray(b["loss_mask"]).sum(-1).max()) for b in batches)
 
 
+def _whole(v):
+  """An int when a mean is a whole number (model calls of equal-length batches)."""
+  return int(v) if v is not None and float(v).is_integer() else v
+
+
 def task_accuracy(model, params, batches, *, source: str, loops, steps: int = 0,
                   method: str = "confidence", schedule=None, temperature=None, top_k: int = 0,
                   top_p: float = 1.0, block_len: int = 0, seed: int = 0) -> dict:
@@ -79,7 +84,7 @@ def task_accuracy(model, params, batches, *, source: str, loops, steps: int = 0,
                      float(np.average([s[key] for s in stats], weights=weights)))
   result.update(loops=policy.label, steps=n_steps, method=method,
                 loops_mean=avg("loops_mean"), loops_max=max(s["loops_max"] for s in stats),
-                nfe=avg("nfe"), flops_per_sample=avg("flops_per_sample"),
+                nfe=_whole(avg("nfe")), flops_per_sample=avg("flops_per_sample"),
                 executed_loops=avg("executed_loops"),
                 executed_loops_mean=avg("executed_loops_mean"),
                 executed_flops_per_sample=avg("executed_flops_per_sample"),
