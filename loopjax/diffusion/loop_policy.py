@@ -17,9 +17,18 @@ is parsed from one spec string (the `--loops` flag):
 
 `run_loops` is the executor every policy shares: a `lax.while_loop` over single iterations that
 continues while any sequence is active, with finished sequences frozen by `jnp.where`. So the work
-follows the loops actually executed (the largest of the batch), never a fixed maximum, and one
-compiled program serves every S. It is a pure function of a per-iteration step callback: the
-diffusion package stays independent of the model (the binding lives in loopjax.evaluate).
+follows the loops actually executed, never a fixed maximum, and one compiled program serves every
+S. It is a pure function of a per-iteration step callback: the diffusion package stays
+independent of the model (the binding lives in loopjax.evaluate).
+
+Per-sequence and executed compute. The loop body runs on the whole batch (static shapes), so a
+model call costs the loops of its slowest sequence for every row: `batch_loops` = max over the
+sequences. An adaptive policy's per-sequence loop counts are what each sequence needed (its
+result is frozen there), not what was spent; the executed figure is the batch maximum. A "time"
+schedule gives every sequence of a call the same S (t is shared by the batch), so its
+per-sequence and executed compute are equal by construction, and "mask" schedules are equal
+whenever the sequences' masked fractions fall in the same bin. `time_table` turns the loops an
+adaptive run spent per denoising step into such a schedule.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 KINDS = ("fixed", "adaptive", "time", "mask")
 
@@ -147,6 +157,45 @@ class LoopPolicy:
     return s_B, s_B, 0.0
 
 
+def batch_loops(loops_TxB):
+  """Loops each model call executed for the whole batch: the max over its sequences (a
+  `while_loop` over the batch stops with its slowest sequence). [T, B] -> [T]; 0 for calls a
+  sampler skipped (cached)."""
+  return jnp.max(jnp.asarray(loops_TxB), axis=-1, initial=0)
+
+
+def time_table(loops_TxB, bins: int, *, how: str = "mean") -> str:
+  """A "time:S1,...,Sk" spec from the loops a sampler run spent at each of its T steps.
+
+  Step j of a T-step sampler runs at t = (T - j) / T, which falls in bin min(floor(t k), k - 1)
+  of the schedule (the binning `LoopPolicy.bounds` uses). Each bin gets the per-sequence loops of
+  its steps, aggregated by `how` ("mean": mean over steps and sequences; "max": the largest),
+  rounded and at least 1; a bin no step falls in takes its nearer filled neighbour's value.
+  Cached steps (0 loops everywhere) are ignored. Host-side NumPy: the result is a spec string.
+  """
+  loops = np.asarray(loops_TxB, np.float64)
+  steps, k = loops.shape[0], int(bins)
+  if k < 1 or steps < 1:
+    raise ValueError(f"time_table: need bins >= 1 and at least one step, got {k}, {steps}")
+  if how not in ("mean", "max"):
+    raise ValueError(f"time_table: how must be 'mean' or 'max', got {how!r}")
+  t_T = (steps - np.arange(steps)) / steps
+  bin_T = np.minimum((t_T * k).astype(np.int64), k - 1)
+  called_T = loops.max(-1) > 0
+  table = [None] * k
+  for j in range(k):
+    sel = loops[(bin_T == j) & called_T]
+    if sel.size:
+      v = sel.mean() if how == "mean" else sel.max()
+      table[j] = max(int(np.floor(v + 0.5)), 1)
+  filled = [j for j in range(k) if table[j] is not None]
+  if not filled:
+    raise ValueError("time_table: no step executed any loop")
+  table = [table[j] if table[j] is not None else table[min(filled, key=lambda f: abs(f - j))]
+           for j in range(k)]
+  return "time:" + ",".join(str(v) for v in table)
+
+
 def relative_change(new_BxLxD, old_BxLxD, where_BxL):
   """||new - old|| / ||old|| per sequence over the positions `where` (0 when there are none)."""
   w = where_BxL.astype(jnp.float32)[..., None]
@@ -161,9 +210,11 @@ def run_loops(step_fn, h_BxLxD, watch_BxL, min_B, max_B, tau):
   A sequence stays active while i < max_B and (i < min_B or the relative change of its hidden
   state on the `watch` positions (the masked ones) is still >= tau). tau = 0 therefore runs
   exactly max_B iterations; a huge tau runs exactly min_B. Inactive sequences keep their state
-  (`jnp.where`); the loop ends when none is active, so compute follows the executed loops.
+  (`jnp.where`) but are still computed: the loop ends when none is active, so every row costs
+  max(loops_B) iterations (`batch_loops`), whatever its own count.
 
-  Returns (h_BxLxD, loops_B): the final state and the iterations executed per sequence (int32).
+  Returns (h_BxLxD, loops_B): the final state and the iterations each sequence's result took
+  (int32); the iterations executed for the batch are loops_B.max().
   """
   min_B = jnp.asarray(min_B, jnp.int32)
   max_B = jnp.asarray(max_B, jnp.int32)

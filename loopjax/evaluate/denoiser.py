@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopjax.diffusion.loop_policy import LoopPolicy, run_loops
+from loopjax.diffusion.loop_policy import LoopPolicy, batch_loops, run_loops
 from loopjax.diffusion.samplers import sample
 from loopjax.flops import inference_flops_per_sample
 
@@ -147,15 +147,28 @@ def timed(fn, *args):
 
 
 def generation_stats(cfg, length: int, out: dict) -> dict:
-  """Loops and compute of one sampler output: executed loops per model call (mean over
-  sequences), model calls (nfe) and inference FLOPs per sample following the executed loops
-  (FLOPs are linear in S, so calls x F(mean loops per call) is exact per sequence)."""
-  loops_TxB = np.asarray(out["loops_TxB"], np.float64)
+  """Loops and compute of one sampler output, per sequence and as executed.
+
+  Per sequence: the loops each sequence's result took per model call (`loops_mean`, mean over
+  sequences; `loops_max`), and `flops_per_sample` following them (FLOPs are linear in S, so
+  calls x F(mean loops per call) is exact per sequence). That is what a sequence needed, not
+  what was spent: a model call runs the whole batch for its slowest sequence's loops.
+  Executed: `executed_loops` = sum over the model calls of the batch's loops (max over its
+  sequences), `executed_loops_mean` = that per call, and `executed_flops_per_sample` = the FLOPs
+  the batch executed divided by its size (every row runs every executed iteration). Fixed S and
+  "time" schedules give equal figures; adaptive ones give executed >= per sequence.
+  """
+  loops_TxB = np.asarray(out["loops_TxB"], np.int64)
   nfe = int(out["nfe"])
   per_call_B = loops_TxB.sum(0) / max(nfe, 1)
-  flops = None
+  executed = int(np.asarray(batch_loops(loops_TxB)).sum())
+  flops = executed_flops = None
   if nfe > 0:
     flops = float(np.mean([inference_flops_per_sample(cfg, length, max(float(s), 1.0), nfe)
                            for s in per_call_B]))
+    executed_flops = float(inference_flops_per_sample(cfg, length, max(executed / nfe, 1.0),
+                                                      nfe))
   return {"loops_mean": float(per_call_B.mean()), "loops_max": int(loops_TxB.max(initial=0)),
-          "nfe": nfe, "flops_per_sample": flops}
+          "nfe": nfe, "flops_per_sample": flops, "executed_loops": executed,
+          "executed_loops_mean": executed / max(nfe, 1),
+          "executed_flops_per_sample": executed_flops, "batch_size": int(loops_TxB.shape[1])}

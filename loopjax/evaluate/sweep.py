@@ -12,7 +12,8 @@ For every loop policy (fixed S, including S > S_max; adaptive; schedules):
                    steps (--gen-ppl JUDGE_DIR; samples in gen_ppl_samples.jsonl)
   lm_eval.json     lm-evaluation-harness task results (--lm-eval TASKS; the `.[eval]` extra)
   summary.json     all of the above plus the checkpoint, the command and the machine
-and PNGs in WORKDIR/plots: quality vs S and quality vs compute.
+each row list also as NAME.md and NAME.tex tables (loopjax.evaluate.tables), and plots in
+WORKDIR/plots (PNG, SVG, PDF): quality vs S and quality vs executed compute.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax
 
 from loopjax.data import make_eval_batches, tokenizer_for
 from loopjax.diffusion import make_schedule
-from loopjax.evaluate import plots
+from loopjax.evaluate import plots, tables
 from loopjax.evaluate.cli_args import output_dir, parse_loops_arg, warn_loop_cost
 from loopjax.evaluate.denoiser import resolve_policy
 from loopjax.evaluate.gsm8k import gsm8k_accuracy, read_gsm8k
@@ -65,6 +66,8 @@ def _write(workdir: str, name: str, obj) -> str:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=2)
+  if isinstance(obj, dict) and obj.get("rows"):  # NAME.md / NAME.tex beside NAME.json
+    tables.write_eval_tables(path, obj["rows"])
   return path
 
 
@@ -125,7 +128,8 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
     _write(workdir_out, "likelihood.json", {**summary, "rows": rows})
     plot_paths.append(plots.plot_quality_vs_loops(
         rows, metric="bits_per_token", group="none", path=os.path.join(
-            workdir_out, "plots", "eval_bits_vs_loops.png"), title="held-out NELBO vs loops"))
+            workdir_out, "plots", "eval_bits_vs_loops.png"), title="held-out NELBO vs loops",
+        s_max=cfg.max_loops))
 
   if do_tasks and source in ("sudoku", "arithmetic"):
     batches = heldout_batches(config.data, examples, seed=eval_seed, batch_size=batch_size)
@@ -138,10 +142,10 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
         accs = "  ".join(f"{k} {v:.4f}" for k, v in row.items()
                          if k.endswith(("accuracy", "exact_match")))
         _log(f"task   S={s:<14} steps {row['steps']:<3} {accs}  loops {row['loops_mean']:.2f}"
-             f"  {row['seconds']:.2f}s")
+             f" (executed {row['executed_loops_mean']:.2f})  {row['seconds']:.2f}s")
     summary["tasks"] = rows
     _write(workdir_out, "tasks.json", {**summary, "rows": rows})
-    plot_paths += plot_task_rows(rows, workdir_out)
+    plot_paths += plot_task_rows(rows, workdir_out, s_max=cfg.max_loops)
 
   if gsm8k:
     exs = read_gsm8k(gsm8k, gsm8k_limit)
@@ -163,7 +167,7 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
     _write(workdir_out, "gsm8k.json", {**summary, "file": gsm8k, "rows": rows})
     plot_paths.append(plots.plot_quality_vs_compute(
         rows, metric="exact_match",
-        path=os.path.join(workdir_out, "plots", "eval_gsm8k_vs_flops.png")))
+        path=os.path.join(workdir_out, "plots", "eval_gsm8k_vs_flops.png"), s_max=cfg.max_loops))
 
   if corpus:
     zs = zero_shot_eval(model, weights, config, corpus, specs,
@@ -175,7 +179,7 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
     _write(workdir_out, "zero_shot.json", {**summary, **zs})
     plot_paths.append(plots.plot_quality_vs_loops(
         zs["rows"], metric="ppl_bound", group="corpus", path=os.path.join(
-            workdir_out, "plots", "eval_zero_shot_ppl_vs_loops.png")))
+            workdir_out, "plots", "eval_zero_shot_ppl_vs_loops.png"), s_max=cfg.max_loops))
 
   if judge is not None:
     g = dict(gen_ppl)
@@ -200,15 +204,18 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
   return summary
 
 
-def plot_task_rows(rows, workdir: str) -> list[str]:
-  """Every accuracy metric of the task rows vs loops and vs inference FLOPs per sample."""
+def plot_task_rows(rows, workdir: str, s_max: int | None = None) -> list[str]:
+  """Every accuracy metric of the task rows vs loops and vs executed inference FLOPs per
+  sample."""
   metrics = [k for k in rows[0] if k.endswith(("accuracy", "exact_match"))]
   out = []
   for m in metrics:
     out.append(plots.plot_quality_vs_loops(
-        rows, metric=m, path=os.path.join(workdir, "plots", f"eval_{m}_vs_loops.png")))
+        rows, metric=m, path=os.path.join(workdir, "plots", f"eval_{m}_vs_loops.png"),
+        s_max=s_max))
     out.append(plots.plot_quality_vs_compute(
-        rows, metric=m, path=os.path.join(workdir, "plots", f"eval_{m}_vs_flops.png")))
+        rows, metric=m, path=os.path.join(workdir, "plots", f"eval_{m}_vs_flops.png"),
+        s_max=s_max))
   return out
 
 

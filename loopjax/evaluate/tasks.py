@@ -2,8 +2,10 @@
 
 Every scored position of the held-out batches is masked and decoded by a sampler (default:
 greedy confidence decoding, as the trainer's end-of-run report), then scored. Besides accuracy
-the result holds the loops actually executed, the model calls, the inference FLOPs per sample
-and the sampling time (after compilation), so quality can be put beside compute.
+the result holds the loops and inference FLOPs per sample, both per sequence (what each
+sequence's result took) and executed (what the batch ran: its slowest sequence's loops at every
+model call; `generation_stats`), the model calls and the sampling time (after compilation), so
+quality can be put beside compute.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def default_steps(batches) -> int:
   return max(int(np.asarray(b["loss_mask"]).sum(-1).max()) for b in batches)
 
 
+def _whole(v):
+  """An int when a mean is a whole number (model calls of equal-length batches)."""
+  return int(v) if v is not None and float(v).is_integer() else v
+
+
 def task_accuracy(model, params, batches, *, source: str, loops, steps: int = 0,
                   method: str = "confidence", schedule=None, temperature=None, top_k: int = 0,
                   top_p: float = 1.0, block_len: int = 0, seed: int = 0) -> dict:
@@ -50,7 +57,10 @@ def task_accuracy(model, params, batches, *, source: str, loops, steps: int = 0,
 
   loops: S (int), or a `--loops` spec ("adaptive:0.01", "time:2:8", ...). steps = 0 commits one
   token per step.
-  Returns the task metrics plus loops_mean / loops_max / nfe / flops_per_sample / seconds.
+  Returns the task metrics plus loops_mean / loops_max / nfe / flops_per_sample (per sequence),
+  executed_loops (per sampler run) / executed_loops_mean (per model call) /
+  executed_flops_per_sample (batch-executed FLOPs / rows), batch_size and seconds. Batches are
+  weighted by their rows.
   """
   cfg = model.cfg
   policy = resolve_policy(cfg, loops)
@@ -74,6 +84,9 @@ def task_accuracy(model, params, batches, *, source: str, loops, steps: int = 0,
                      float(np.average([s[key] for s in stats], weights=weights)))
   result.update(loops=policy.label, steps=n_steps, method=method,
                 loops_mean=avg("loops_mean"), loops_max=max(s["loops_max"] for s in stats),
-                nfe=avg("nfe"), flops_per_sample=avg("flops_per_sample"), seconds=seconds,
-                examples=int(sum(weights)))
+                nfe=_whole(avg("nfe")), flops_per_sample=avg("flops_per_sample"),
+                executed_loops=avg("executed_loops"),
+                executed_loops_mean=avg("executed_loops_mean"),
+                executed_flops_per_sample=avg("executed_flops_per_sample"),
+                batch_size=max(weights), seconds=seconds, examples=int(sum(weights)))
   return result
