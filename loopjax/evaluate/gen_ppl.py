@@ -41,6 +41,7 @@ import numpy as np
 from loopjax.data import tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.errors import UserError
+from loopjax.evaluate import tables
 from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler, resolve_policy,
                                        timed)
 
@@ -271,4 +272,5 @@ def write_results(workdir: str, result: dict, lines) -> tuple[str, str]:
   path = os.path.join(folder, "gen_ppl.json")
   with open(path, "w", encoding="utf-8") as f:
     json.dump({**result, "samples_file": samples_path}, f, indent=2)
+  tables.write_eval_tables(path, result.get("rows") or [])
   return path, samples_path

@@ -139,4 +139,7 @@ def gsm8k_accuracy(model, params, tokenizer, examples, *, seq_len: int, loops,
   return {"exact_match": float(np.mean(hits)), "examples": len(hits),
           "loops": policy.label, "steps": steps, "method": method,
           "loops_mean": mean("loops_mean"), "nfe": mean("nfe"),
-          "flops_per_sample": mean("flops_per_sample"), "seconds": seconds, "samples": shown}
+          "flops_per_sample": mean("flops_per_sample"),
+          "executed_loops_mean": mean("executed_loops_mean"),
+          "executed_flops_per_sample": mean("executed_flops_per_sample"),
+          "seconds": seconds, "samples": shown}

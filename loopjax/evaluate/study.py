@@ -136,10 +136,13 @@ def markdown_tables(r: dict) -> str:
                  f"{run['params']:,} | {run['total_train_flops']:.3g} | {f[m]:.4f} | "
                  f"{f.get('cell_accuracy', float('nan')):.4f} |")
   lines += ["", "LoopMDM at inference:", "",
-            "| loops | executed loops (mean) | inference FLOPs/sample | " + m + " | cells |",
-            "|---|---|---|---|---|"]
+            "| loops | loops per sequence (mean) | executed loops per call | executed inference "
+            "FLOPs/sample | " + m + " | cells |",
+            "|---|---|---|---|---|---|"]
   for row in r["loop_sweep"]:
-    lines.append(f"| {row['loops']} | {row['loops_mean']:.2f} | {row['flops_per_sample']:.3g} | "
+    executed = row.get("executed_flops_per_sample", row["flops_per_sample"])
+    lines.append(f"| {row['loops']} | {row['loops_mean']:.2f} | "
+                 f"{row.get('executed_loops_mean', row['loops_mean']):.2f} | {executed:.3g} | "
                  f"{row[m]:.4f} | {row.get('cell_accuracy', float('nan')):.4f} |")
   return "\n".join(lines) + "\n"
 
