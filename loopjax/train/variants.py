@@ -15,7 +15,8 @@ An experiment file describes the plain same-size MDM (the base) and names the va
 
 Derived keys: model.loop_start, model.loop_end, loops.train, model.num_layers (deep_mdm) and
 train.steps. A derived key that was overridden explicitly keeps the override; every other one is
-set and logged. Step counts come from loopjax.flops, never typed by hand. An empty name leaves
+set and logged. Step counts come from loopjax.flops, never typed by hand, with F_base counted by
+`variant.flop_convention` (loopjax.flops.FLOP_CONVENTIONS). An empty name leaves
 the config as written.
 """
 
