@@ -118,7 +118,7 @@ def resolve_variant(c, overrides: Mapping[str, Any] | None = None):
   convention = v.get("flop_convention", "all_forward")
   loop_steps = round(flops.matched_steps(loop_cfg, loop_dist, base, None, baseline, length,
                                          batch, convention=convention))
-  matched = f"FLOP-matched to mdm's {baseline} steps, F_base {convention}"
+  matched = f"FLOP-matched to mdm's {baseline} steps"
 
   if v.name == "mdm":
     put("train.steps", baseline, "mdm's baseline steps", computed=False)
