@@ -17,5 +17,5 @@ def get_config(variant: str = "loopmdm"):
   c.train.update(batch_size=64, lr=2e-3, warmup_steps=100, ema_decay=0.99, log_every=100,
                  checkpoint_every=1000, eval_every=1000, eval_batches=2, eval_time_points=4)
   c.variant.update(name=variant or "loopmdm", baseline_steps=BASELINE_STEPS, block=(1, 2),
-                   s_max=6)
+                   s_max=6, flop_convention="all_forward")  # F_base: every forward matmul
   return c

@@ -8,6 +8,8 @@ Parquet files (e.g. the sample/10BT folder) and GPT-2's tokenizer.json (in gpt2/
       --out data/fineweb-edu-gpt2
   loopjax train --config experiments/fineweb_edu.py:loopmdm --workdir runs/fineweb_edu
 
+Recipe: MDLM's (variants.paper_backbone; docs/recipe.md).
+
 Variants: mdm, loopmdm, deep_mdm, uniform_loop, mdm_matched (loopjax/train/variants.py).
 """
 
@@ -22,5 +24,8 @@ def get_config(variant: str = "loopmdm"):
   c.data.update(source="prepared", path="data/fineweb-edu-gpt2",
                 tokenizer="hf:gpt2/tokenizer.json", wrap="mdlm")
   paper_backbone(c, vocab_size=50258, length=1024)
-  c.variant.update(name=variant or "loopmdm", baseline_steps=BASELINE_STEPS)
+  # Steps are FLOP-matched with F_base = all forward FLOPs (the output head included); the
+  # paper does not say which F_base it used: `loopjax flops --match` prints all three.
+  c.variant.update(name=variant or "loopmdm", baseline_steps=BASELINE_STEPS,
+                   flop_convention="all_forward")
   return c

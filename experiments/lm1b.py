@@ -13,6 +13,8 @@ downloaded) and bert-base-uncased's tokenizer.json (in bert-base-uncased/):
 (R: the unpacked 1-billion-word-language-modeling-benchmark-r13output folder.) Sentences are
 joined with BOS/EOS separators (MDLM's wrap); `--config.data.wrap=document` isolates them.
 
+Recipe: MDLM's (variants.paper_backbone; docs/recipe.md).
+
 Variants (--config experiments/lm1b.py:VARIANT): mdm, loopmdm, deep_mdm, uniform_loop,
 mdm_matched (see loopjax/train/variants.py; step counts are FLOP-matched by loopjax.flops).
 """
@@ -28,5 +30,8 @@ def get_config(variant: str = "loopmdm"):
   c.data.update(source="prepared", path="data/lm1b-bert",
                 tokenizer="hf:bert-base-uncased/tokenizer.json", wrap="mdlm")
   paper_backbone(c, vocab_size=30522, length=128, dropout=0.1)
-  c.variant.update(name=variant or "loopmdm", baseline_steps=BASELINE_STEPS)
+  # Steps are FLOP-matched with F_base = all forward FLOPs (the output head included); the
+  # paper does not say which F_base it used: `loopjax flops --match` prints all three.
+  c.variant.update(name=variant or "loopmdm", baseline_steps=BASELINE_STEPS,
+                   flop_convention="all_forward")
   return c

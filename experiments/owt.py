@@ -11,6 +11,8 @@ local Parquet / JSONL / `datasets` Arrow files and GPT-2's tokenizer.json (in gp
 Documents are joined with BOS/EOS separators and attend across each other (MDLM's wrap);
 `--config.data.wrap=document` keeps attention inside documents.
 
+Recipe: MDLM's (variants.paper_backbone; docs/recipe.md).
+
 Variants: mdm, loopmdm, deep_mdm, uniform_loop, mdm_matched (loopjax/train/variants.py).
 """
 
@@ -25,5 +27,8 @@ def get_config(variant: str = "loopmdm"):
   c.data.update(source="prepared", path="data/owt-gpt2", tokenizer="hf:gpt2/tokenizer.json",
                 wrap="mdlm")
   paper_backbone(c, vocab_size=50258, length=1024)
-  c.variant.update(name=variant or "loopmdm", baseline_steps=BASELINE_STEPS)
+  # Steps are FLOP-matched with F_base = all forward FLOPs (the output head included); the
+  # paper does not say which F_base it used: `loopjax flops --match` prints all three.
+  c.variant.update(name=variant or "loopmdm", baseline_steps=BASELINE_STEPS,
+                   flop_convention="all_forward")
   return c

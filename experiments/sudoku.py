@@ -24,5 +24,5 @@ def get_config(variant: str = "loopmdm"):
                  eval_batches=2, eval_time_points=4)
   c.eval.examples = 128
   c.variant.update(name=variant or "loopmdm", baseline_steps=BASELINE_STEPS, block=(1, 2),
-                   s_max=6)
+                   s_max=6, flop_convention="all_forward")  # F_base: every forward matmul
   return c

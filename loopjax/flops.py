@@ -22,6 +22,13 @@ Conventions
 FLOP matching (LoopMDM's rule): F_loop = F_base + (E[S] - 1) * n_m * F_layer, where n_m is the
 number of looped layers. LoopMDM trains for steps_base * F_base / F_loop steps; the compute-matched deeper
 MDM has n + (E[S] - 1) * n_m layers (23 for the paper setting).
+
+The rule leaves F_base open; `matched_steps(..., convention=)` takes one of FLOP_CONVENTIONS:
+  all_forward  F = every forward matmul above (layers, time MLP, final adaLN, output head)
+  layers_only  F = executed layers x F_layer (the head and the rest outside the layers left out)
+  6nd          F = 6 N per token, N = all parameters (`param_counts`), the looped block's layer
+               parameters counted once per extra iteration: N + (E[S] - 1) n_m N_layer; no
+               attention L^2 term.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from loopjax.model.loop_distribution import LoopDistribution
 
 TIME_FREQ_DIM = 256  # sinusoidal feature size of TimeEmbedding (loopjax/model/transformer.py).
 TRAIN_MULTIPLIER = 3  # forward + backward.
+FLOP_CONVENTIONS = ("all_forward", "layers_only", "6nd")
 
 # ------------------------------------------------------------------------------------------------
 # Analytic FLOPs.
@@ -151,16 +159,36 @@ def remat_overhead_flops_per_seq(cfg: ModelConfig, length: int, loops: float = 1
 # FLOP matching.
 
 
+def train_flops_per_step_as(cfg: ModelConfig, length: int, batch_size: int, loop_dist: Any = None,
+                            convention: str = "all_forward") -> float:
+  """E_S[training FLOPs per step] counted by one of FLOP_CONVENTIONS (module docstring)."""
+  if convention not in FLOP_CONVENTIONS:
+    raise ValueError(f"FLOP convention must be one of {FLOP_CONVENTIONS}, got {convention!r}")
+  if convention == "all_forward":
+    return expected_train_flops_per_step(cfg, length, batch_size, loop_dist)
+  dist = as_loop_distribution(loop_dist)
+  _check_dist(cfg, dist)
+  _check(length)
+  depth = _depth(cfg, dist.expected if cfg.looped else 1.0)
+  if convention == "layers_only":
+    return TRAIN_MULTIPLIER * batch_size * depth * layer_flops_per_seq(cfg, length)
+  counts = param_counts(cfg)
+  n_eff = counts["total"] + (depth - cfg.num_layers) * counts["per_layer"]
+  return 6.0 * n_eff * batch_size * length
+
+
 def matched_steps(cfg_a: ModelConfig, dist_a: Any, cfg_b: ModelConfig, dist_b: Any, steps_b: float,
-                  length: int, batch_a: int, batch_b: int | None = None) -> float:
+                  length: int, batch_a: int, batch_b: int | None = None,
+                  convention: str = "all_forward") -> float:
   """Training steps model A needs so its total expected training FLOPs equal B's `steps_b` steps.
 
   Float (round as you like). For a looped A against its own non-looped base this is the paper's
-  rule steps_b * F_base / F_loop with F_loop = F_base + (E[S] - 1) * n_m * F_layer.
+  rule steps_b * F_base / F_loop with F_loop = F_base + (E[S] - 1) * n_m * F_layer, F counted
+  by `convention` (FLOP_CONVENTIONS).
   """
   batch_b = batch_a if batch_b is None else batch_b
-  fa = expected_train_flops_per_step(cfg_a, length, batch_a, dist_a)
-  fb = expected_train_flops_per_step(cfg_b, length, batch_b, dist_b)
+  fa = train_flops_per_step_as(cfg_a, length, batch_a, dist_a, convention)
+  fb = train_flops_per_step_as(cfg_b, length, batch_b, dist_b, convention)
   return steps_b * fb / fa
 
 

@@ -3,7 +3,11 @@ and FLOP matching of experiment configs (the numbers come from loopjax.flops).
 
 A is loaded exactly as `loopjax train` loads it: the overrides first, then the values its variant
 derives (so the steps reported are the steps `train` would run). The overrides apply to A only;
-B is the reference run as its file defines it."""
+B is the reference run as its file defines it.
+
+With --match, A's steps are reported under each F_base convention of the matching rule
+(loopjax.flops.FLOP_CONVENTIONS): all forward FLOPs, layers only, and 6 N D; the config's own
+`variant.flop_convention` is the one its variants train with."""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import json
 import sys
 from typing import Any, Sequence
 
-from loopjax.flops import (_depth, as_loop_distribution, executed_depth_params_for,
+from loopjax.flops import (FLOP_CONVENTIONS, _depth, as_loop_distribution,
+                           executed_depth_params_for,
                            expected_train_flops_per_step, forward_flops_per_token,
                            layer_flops_per_seq, matched_depth, matched_steps, param_counts,
                            train_flops_per_step)
@@ -67,7 +72,12 @@ def experiment_summary(config) -> dict[str, Any]:
       "total_train_flops": None if steps is None else per_step * int(steps),
   }
   out["_cfg"], out["_dist"] = cfg, dist
+  out["_convention"] = _get(config, "variant.flop_convention", "all_forward")
   return out
+
+
+_MATCHED_KEYS = ("matched_steps", "matched_steps_layers_only", "matched_steps_6nd")
+_LABELS = {"all_forward": "all forward FLOPs", "layers_only": "layers only", "6nd": "6ND"}
 
 
 def _fmt(x: float | None) -> str:
@@ -97,6 +107,7 @@ def flops_main(argv: Sequence[str] | None = None) -> int:
   result["config"], result["overrides"] = spec, overrides
   md, md_int = matched_depth(a["_cfg"], a["_dist"], a["seq_len"])
   result["matched_depth"], result["matched_depth_rounded"] = md, md_int
+  result["flop_convention"] = a["_convention"]
   if args.match:
     b = experiment_summary(load_experiment(args.match))
     if b["seq_len"] != a["seq_len"]:
@@ -115,6 +126,11 @@ def flops_main(argv: Sequence[str] | None = None) -> int:
         "steps_to_match": steps_a,
         "steps_to_match_rounded": int(round(steps_a)),
     }
+    # The paper's rule under each F_base convention (A's steps for B's total).
+    for convention, key in zip(FLOP_CONVENTIONS, _MATCHED_KEYS):
+      result[key] = matched_steps(a["_cfg"], a["_dist"], b["_cfg"], b["_dist"], b["steps"],
+                                  a["seq_len"], a["batch_size"], b["batch_size"],
+                                  convention=convention)
 
   if args.json:
     print(json.dumps(result, sort_keys=True))
@@ -144,6 +160,11 @@ def flops_main(argv: Sequence[str] | None = None) -> int:
         ("match: per-step ratio A/B", f"{m['per_step_ratio']:.4f}"),
         ("match: steps A needs", f"{m['steps_to_match']:.1f} (~{m['steps_to_match_rounded']:,})"),
     ]
+    for convention, key in zip(FLOP_CONVENTIONS, _MATCHED_KEYS):
+      mark = "  (this config's variant.flop_convention)" if convention == \
+          result["flop_convention"] else ""
+      rows.append((f"matched steps, F_base {_LABELS[convention]}",
+                   f"{result[key]:,.1f} (~{int(round(result[key])):,}){mark}"))
   width = max(len(k) for k, _ in rows)
   for k, v in rows:
     print(f"{k:<{width}}  {v}")

@@ -175,6 +175,32 @@ def test_paper_flop_matching():
   assert 165e6 < F.param_report(base)["unique_params"] < 175e6
 
 
+def test_flop_conventions_by_hand():
+  """The paper's rule under each F_base: layers only gives n / (n + (E[S]-1) n_m) exactly; 6ND
+  counts N = all parameters (written out by hand) and N_layer per extra layer executed."""
+  base = ModelConfig(**PAPER)
+  loop = ModelConfig(**PAPER, loop_start=1, loop_end=3, max_loops=12)
+  L, D, F_, C, V = 1024, 768, 3072, 128, 50257
+  steps = lambda conv: F.matched_steps(loop, "uniform:1:12", base, None, 1_000_000, L, 512,
+                                       convention=conv)
+  assert steps("all_forward") == F.matched_steps(loop, "uniform:1:12", base, None, 1_000_000, L,
+                                                 512)
+  assert steps("layers_only") == pytest.approx(1_000_000 * 12 / 23, rel=1e-12)
+  n_layer = 4 * D * D + 2 * D * F_ + F_ + D + 6 * C * D + 6 * D + 2 * D
+  n = (V + 1) * D + (256 * C + C + C * C + C) + 12 * n_layer + (2 * C * D + 2 * D) + D + D * V + V
+  assert steps("6nd") == pytest.approx(1_000_000 * n / (n + 5.5 * 2 * n_layer), rel=1e-12)
+  assert F.train_flops_per_step_as(base, L, 512, None, "6nd") == 6 * n * 512 * L
+  # The three counts the paper's unstated F_base leaves open at the 1M-step budget
+  # (experiments/owt.py's vocabulary: GPT-2's 50257 tokens + EOS separator).
+  owt = {**PAPER, "vocab_size": 50258}
+  assert [round(F.matched_steps(ModelConfig(**owt, loop_start=1, loop_end=3, max_loops=12),
+                                "uniform:1:12", ModelConfig(**owt), None, 1_000_000, L, 512,
+                                convention=c)) for c in F.FLOP_CONVENTIONS] == [
+                                    599_440, 521_739, 667_610]
+  with pytest.raises(ValueError, match="FLOP convention"):
+    steps("kaplan")
+
+
 @pytest.mark.parametrize("kw", [
     {}, dict(loop_start=1, loop_end=3, max_loops=4, loop_embedding=True),
     dict(mlp_type="swiglu", mlp_ratio=2.5, time_conditioning=True, vocab_size=300)],
@@ -221,9 +247,14 @@ def test_cli_json_and_table(tmp_path, capsys):
   want = F.matched_steps(loop, "uniform:1:6", base, None, 1000, 32, 8, 8)
   assert out["match"]["steps_to_match"] == pytest.approx(want)
   assert out["match"]["steps_to_match_rounded"] == round(want) < 1000
+  assert out["matched_steps"] == pytest.approx(want) and out["flop_convention"] == "all_forward"
+  assert out["matched_steps_layers_only"] == pytest.approx(1000 * 4 / 9)  # n / E[depth]
+  assert out["matched_steps_6nd"] == pytest.approx(F.matched_steps(
+      loop, "uniform:1:6", base, None, 1000, 32, 8, convention="6nd"))
   assert flops_main(["--config", f"{path}:loop", "--match", f"{path}:base"]) == 0
   table = capsys.readouterr().out
   assert "steps A needs" in table and "parameters (unique)" in table
+  assert "F_base layers only" in table and "F_base 6ND" in table
   with pytest.raises(FileNotFoundError, match="path.py"):
     flops_main(["--config", str(tmp_path / "missing.py")])
 

@@ -83,6 +83,40 @@ def test_ancestral_unmasking_follows_the_schedule(name):
   assert counts.sum() == n
 
 
+def test_ancestral_argmax_endpoint_stops_at_eps_then_takes_the_argmax():
+  """MDLM's endpoint: on t_j = 1 - j (1 - eps) / steps a position is unmasked at step j with
+  probability m(t_j) - m(t_{j+1}), is still masked at t = eps with probability m(eps) = eps
+  (linear), and then takes the argmax of one more call made at t = eps. Token V-1 is forbidden
+  before that call and is the argmax (by a small margin) in it, so it marks exactly the
+  positions the last call filled, and only an argmax gives it to all of them."""
+  b, length, steps, eps = 32, 32, 6, 0.05
+  noise = jax.random.normal(jax.random.PRNGKey(0), (b, length, V)) * 2.0
+  early = noise.at[..., V - 1].set(-jnp.inf)
+  last = noise.at[..., V - 1].set(noise.max(-1) + 0.1)
+  seen_t = []
+
+  def fn(x, t_B):
+    jax.debug.callback(lambda t: seen_t.append(float(t[0])), t_B)
+    return jnp.where(t_B[:, None, None] < 1.5 * eps, last, early)
+
+  x = jnp.full((b, length), MASK, jnp.int32)
+  out = jax.jit(lambda x: sample(from_logits_fn(fn), jax.random.PRNGKey(7), x, MASK, steps,
+                                 cache=False, final_step="argmax", eps=eps))(x)
+  tok = np.asarray(out["tokens"])
+  t = 1.0 - np.arange(steps + 1) * (1.0 - eps) / steps
+  np.testing.assert_allclose(seen_t, t, rtol=1e-6)
+  counts = np.asarray(out["unmasked_TxB"]).sum(1).astype(np.float64)
+  assert counts.shape == (steps + 1,) and int(out["nfe"]) == steps + 1
+  q = np.append(t[:-1] - t[1:], eps)
+  n = b * length
+  z = (counts - n * q) / np.sqrt(n * q * (1 - q))
+  assert np.all(np.abs(z) < 5), f"per-step unmask counts off the eps grid: z = {z}"
+  assert not np.any(tok == MASK) and counts.sum() == n
+  assert (tok == V - 1).sum() == counts[-1] > 0
+  with pytest.raises(ValueError, match="final_step"):
+    sample(fixed_logits(b, length), jax.random.PRNGKey(0), x, MASK, steps, final_step="greedy")
+
+
 def test_cache_skips_calls_and_is_exact():
   """With more steps than positions most ancestral steps change nothing: the cache must skip
   those calls and give exactly the tokens of the uncached sampler."""

@@ -17,6 +17,12 @@ call is skipped. That holds only when the logits depend on x alone: time conditi
 loop policy that does not depend on t. The caller decides (`cache=`); skipped calls are not
 counted in `nfe` and execute no loops.
 
+Endpoint of the ancestral sampler (`final_step`): "sample" runs the grid t_j = 1 - j / steps to
+t = 0 and draws every position still masked at the last step; "argmax" (MDLM's `_sample` with
+`noise_removal`) runs t_j = 1 - j (1 - eps) / steps to t = eps, then one more denoiser call at
+t = eps fills the positions still masked with the argmax token (steps + 1 calls, and steps + 1
+rows in `loops_TxB` / `unmasked_TxB`). `sampler_endpoint` reads both from the diffusion config.
+
 Categorical sampling precision: Gumbel-max in float32 with u ~ U[0, 1) quantises -log(-log u)
 near its maximum, truncating the tail and lowering the effective temperature (Zheng et al. 2024,
 arXiv:2409.02908; MDLM/LLaDA switch to float64). We stay in float32 (float64 needs global x64)
@@ -31,7 +37,22 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from loopjax.diffusion.schedules import make_schedule
+
 METHODS = ("ancestral", "confidence")
+FINAL_STEPS = ("sample", "argmax")
+
+
+def sampler_endpoint(diffusion_cfg) -> dict:
+  """{"final_step", "eps"} of the ancestral sampler from the `diffusion` config section
+  (`final_step`, `sample_eps`; sample_eps 0 = the schedule's eps). Raises ValueError."""
+  final = diffusion_cfg.get("final_step", "sample")
+  if final not in FINAL_STEPS:
+    raise ValueError(f"diffusion.final_step must be one of {FINAL_STEPS}, got {final!r}")
+  eps = float(diffusion_cfg.get("sample_eps", 0.0) or make_schedule(diffusion_cfg).eps)
+  if not 0.0 < eps < 1.0:
+    raise ValueError(f"diffusion.sample_eps must be in [0, 1) (0: diffusion.eps), got {eps}")
+  return {"final_step": final, "eps": eps}
 
 
 def from_logits_fn(logits_fn):
@@ -87,11 +108,16 @@ def _mask_prob(schedule, t):
   return jnp.asarray(t, jnp.float32) if schedule is None else schedule.mask_prob(t)
 
 
-def _drive(denoise, rng, x_BxL, mask_id, steps, eligible_BxL, cache, update):
+def _drive(denoise, rng, x_BxL, mask_id, steps, eligible_BxL, cache, update, time_fn=None,
+           calls=None):
   """The shared step loop: calls the denoiser (or reuses its cached logits) and `update`s x.
 
-  update(rng, x, logits, masked_BxL, n0_B, s) -> x. Returns the sampler's result dict.
+  update(rng, x, logits, masked_BxL, n0_B, s) -> x; time_fn(s): the time fed to the denoiser
+  at iteration s (default (steps - s) / steps); calls: iterations (default steps). Returns the
+  sampler's result dict.
   """
+  time_fn = time_fn or (lambda s: (steps - s) / steps)
+  calls = steps if calls is None else calls
   if steps < 1:
     raise ValueError(f"denoising steps must be >= 1, got {steps}")
   b = x_BxL.shape[0]
@@ -103,7 +129,7 @@ def _drive(denoise, rng, x_BxL, mask_id, steps, eligible_BxL, cache, update):
   def call(x, s):
     masked = (x == mask_id) & masked0
     r_B = masked.sum(-1).astype(jnp.float32) / jnp.maximum(n0_B, 1).astype(jnp.float32)
-    t_B = jnp.full((b,), (steps - s) / steps, jnp.float32)
+    t_B = jnp.full((b,), time_fn(s), jnp.float32)
     logits, loops_B = denoise(x, t_B, r_B)
     return logits.astype(jnp.float32), loops_B.astype(jnp.int32)
 
@@ -126,33 +152,50 @@ def _drive(denoise, rng, x_BxL, mask_id, steps, eligible_BxL, cache, update):
             unmasked_TxB.at[s].set(unmasked_B))
 
   init = (x_BxL, jnp.zeros(logits0.shape, jnp.float32), x_BxL, jnp.int32(0),
-          jnp.zeros((steps, b), jnp.int32), jnp.zeros((steps, b), jnp.int32))
-  x, _, _, nfe, loops_TxB, unmasked_TxB = jax.lax.fori_loop(0, steps, body, init)
+          jnp.zeros((calls, b), jnp.int32), jnp.zeros((calls, b), jnp.int32))
+  x, _, _, nfe, loops_TxB, unmasked_TxB = jax.lax.fori_loop(0, calls, body, init)
   return {"tokens": x, "nfe": nfe, "loops_TxB": loops_TxB, "unmasked_TxB": unmasked_TxB}
 
 
 def ancestral_sample(denoise, rng, x_BxL, mask_id: int, steps: int, schedule=None, *,
                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                     cache: bool = True, eligible_BxL=None):
-  """MDLM ancestral sampling on the grid t_j = 1 - j / steps.
+                     cache: bool = True, eligible_BxL=None, final_step: str = "sample",
+                     eps: float = 1e-3):
+  """MDLM ancestral sampling on the grid t_j = 1 - j / steps (final_step "sample") or
+  t_j = 1 - j (1 - eps) / steps followed by an argmax fill at t = eps ("argmax").
 
   Step t -> s: each masked position is unmasked with probability (m(t) - m(s)) / m(t),
   m = schedule.mask_prob (linear when schedule is None), its token drawn from the model;
-  unmasked tokens are carried over. m(0) = 0, so the last step unmasks everything left. Each
-  position is therefore unmasked at step j with probability m(t_j) - m(t_{j+1}).
+  unmasked tokens are carried over. "sample": m(0) = 0, so the last step unmasks everything
+  left; each position is unmasked at step j with probability m(t_j) - m(t_{j+1}). "argmax":
+  a position is still masked at t = eps with probability m(eps) and then takes the argmax.
   """
+  if final_step not in FINAL_STEPS:
+    raise ValueError(f"final_step must be one of {FINAL_STEPS}, got {final_step!r}")
+  if not 0.0 < eps < 1.0:
+    raise ValueError(f"eps must be in (0, 1), got {eps}")
+  argmax_end = final_step == "argmax"
+  if argmax_end:
+    time_fn = lambda s: 1.0 - s * (1.0 - eps) / steps
+  else:
+    time_fn = lambda s: (steps - s) / steps
+
   def update(rng, x, logits, masked, n0_B, s):
     del n0_B
-    t, t_next = (steps - s) / steps, (steps - s - 1) / steps
-    m_t, m_s = _mask_prob(schedule, t), _mask_prob(schedule, t_next)
+    m_t, m_s = _mask_prob(schedule, time_fn(s)), _mask_prob(schedule, time_fn(s + 1))
     p_unmask = jnp.where(m_t > 0, (m_t - m_s) / jnp.maximum(m_t, 1e-30), 1.0)
-    p_unmask = jnp.where(s == steps - 1, 1.0, p_unmask)
     r_tok, r_mask = jax.random.split(rng)
     ids, _ = sample_categorical(r_tok, logits, temperature, top_k, top_p)
+    if argmax_end:  # iteration `steps` is the noise removal: every remaining mask, argmax
+      p_unmask = jnp.where(s == steps, 1.0, p_unmask)
+      ids = jnp.where(s == steps, jnp.argmax(logits, axis=-1).astype(ids.dtype), ids)
+    else:
+      p_unmask = jnp.where(s == steps - 1, 1.0, p_unmask)
     go = masked & (jax.random.uniform(r_mask, masked.shape) < p_unmask)
     return jnp.where(go, ids.astype(x.dtype), x)
 
-  return _drive(denoise, rng, x_BxL, mask_id, steps, eligible_BxL, cache, update)
+  return _drive(denoise, rng, x_BxL, mask_id, steps, eligible_BxL, cache, update, time_fn,
+                steps + 1 if argmax_end else steps)
 
 
 def confidence_sample(denoise, rng, x_BxL, mask_id: int, steps: int, schedule=None, *,
@@ -183,13 +226,16 @@ def confidence_sample(denoise, rng, x_BxL, mask_id: int, steps: int, schedule=No
 
 def sample(denoise, rng, x_BxL, mask_id: int, steps: int, *, method: str = "ancestral",
            schedule=None, block_len: int = 0, temperature: float | None = None,
-           top_k: int = 0, top_p: float = 1.0, cache: bool = True):
+           top_k: int = 0, top_p: float = 1.0, cache: bool = True, final_step: str = "sample",
+           eps: float = 1e-3):
   """Fills every [MASK] of x_BxL. block_len > 0: semi-autoregressive block decoding.
 
   Semi-AR: positions are cut into blocks of `block_len`, decoded left to right, each with
   max(1, steps // num_blocks) steps of `method`; later blocks stay masked (and visible to the
   bidirectional denoiser as masks) until their turn. temperature None: the method's default
-  (1 for ancestral, 0 = greedy for confidence).
+  (1 for ancestral, 0 = greedy for confidence). final_step / eps: the ancestral sampler's
+  endpoint (module docstring; `sampler_endpoint` reads them from a config); the confidence
+  sampler commits every remaining position at its last step either way.
 
   Returns {"tokens", "nfe" (model calls), "loops_TxB" (loops executed per step and sequence, 0
   for cached steps), "unmasked_TxB" (tokens unmasked per step and sequence)}.
@@ -199,6 +245,10 @@ def sample(denoise, rng, x_BxL, mask_id: int, steps: int, *, method: str = "ance
   fn = ancestral_sample if method == "ancestral" else confidence_sample
   temp = (1.0 if method == "ancestral" else 0.0) if temperature is None else float(temperature)
   kw = dict(temperature=temp, top_k=top_k, top_p=top_p, cache=cache)
+  if method == "ancestral":
+    kw.update(final_step=final_step, eps=eps)
+  elif final_step not in FINAL_STEPS:
+    raise ValueError(f"final_step must be one of {FINAL_STEPS}, got {final_step!r}")
   length = x_BxL.shape[1]
   if not block_len or block_len >= length:
     return fn(denoise, rng, x_BxL, mask_id, steps, schedule, **kw)

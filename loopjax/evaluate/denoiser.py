@@ -87,8 +87,12 @@ def make_denoiser(model, params, policy: LoopPolicy, segment_ids_BxL=None, loop_
 
 def make_sampler(model, policy: LoopPolicy, *, steps: int, method: str = "ancestral",
                  schedule=None, block_len: int = 0, temperature=None, top_k: int = 0,
-                 top_p: float = 1.0, cache: bool | None = None):
+                 top_p: float = 1.0, cache: bool | None = None, final_step: str = "sample",
+                 eps: float = 1e-3):
   """Jitted fn(params, rng, x_BxL, segment_ids_BxL, loop_args(policy)) -> sampler output.
+
+  final_step / eps: the ancestral sampler's endpoint (`samplers.sampler_endpoint(config.diffusion)`
+  gives a run's).
 
   Fixed and adaptive policies share one program (their numbers are arguments). cache None: on
   whenever it is exact (`cache_valid`); True where it is not exact is an error.
@@ -100,10 +104,10 @@ def make_sampler(model, policy: LoopPolicy, *, steps: int, method: str = "ancest
   use_cache = exact if cache is None else bool(cache)
   policy = compiled_policy(policy)
   key = ("sampler", id(model), policy, steps, method, schedule, block_len, temperature, top_k,
-         top_p, use_cache)
+         top_p, use_cache, final_step, eps)
   return memo(key, model, lambda: _build_sampler(model, policy, steps, method, schedule,
                                                  block_len, temperature, top_k, top_p,
-                                                 use_cache))
+                                                 use_cache, final_step, eps))
 
 
 _MEMO: dict = {}
@@ -118,13 +122,13 @@ def memo(key, owner, build):
 
 
 def _build_sampler(model, policy, steps, method, schedule, block_len, temperature, top_k, top_p,
-                   use_cache):
+                   use_cache, final_step="sample", eps=1e-3):
   @jax.jit
   def fn(params, rng, x_BxL, segment_ids_BxL, loop_arr):
     denoise = make_denoiser(model, params, policy, segment_ids_BxL, loop_arr)
     return sample(denoise, rng, x_BxL, model.cfg.mask_id, steps, method=method,
                   schedule=schedule, block_len=block_len, temperature=temperature,
-                  top_k=top_k, top_p=top_p, cache=use_cache)
+                  top_k=top_k, top_p=top_p, cache=use_cache, final_step=final_step, eps=eps)
 
   return fn
 

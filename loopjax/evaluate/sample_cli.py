@@ -29,6 +29,7 @@ import numpy as np
 
 from loopjax.data import make_eval_batches, tokenizer_for
 from loopjax.diffusion import make_schedule
+from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.evaluate.cli_args import output_dir, parse_loops_arg, warn_loop_cost
 from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler, resolve_policy,
                                        timed)
@@ -104,7 +105,8 @@ def sample_main(argv) -> int:
   warn_loop_cost(cfg, policy.largest, length=x.shape[1], calls=steps, samples=a.num)
   fn = make_sampler(model, policy, steps=steps, method=a.sampler,
                     schedule=make_schedule(config.diffusion), block_len=a.block_len,
-                    temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+                    temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                    **sampler_endpoint(config.diffusion))
   seg = None if batch is None else jnp.asarray(batch["segment_ids"])
   out, secs, compile_s = timed(fn, params, jax.random.PRNGKey(a.seed), jnp.asarray(x, jnp.int32),
                                seg, loop_args(policy))

@@ -7,6 +7,7 @@ from the `model` section of an ml_collections experiment config with `ModelConfi
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Mapping
 
 from loopjax.model.kernels import KERNELS
@@ -14,6 +15,11 @@ from loopjax.model.kernels import KERNELS
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 MLP_TYPES = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16")
+EMBED_INITS = ("normal", "mdlm")
+DENSE_INITS = ("lecun_normal", "torch")
+
+log = logging.getLogger(__name__)
+_WARNED: set = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +40,20 @@ class ModelConfig:
   mlp_ratio: float = 4.0
   mlp_type: str = "gelu"
   dropout: float = 0.0
+  # Dropout also on the MLP's hidden activation (after the GELU). MDLM's DDiTBlock has none
+  # there: only on the attention output and on the MLP output, before their gates.
+  mlp_hidden_dropout: bool = True
+  # Initialisation (the defaults are the legacy ones; experiments/ paper configs set MDLM's).
+  # "normal": N(0, 1) token embedding. "mdlm": U(-1/sqrt(D), 1/sqrt(D)), std 1/sqrt(3 D)
+  # (0.0208 at D = 768), as torch's kaiming_uniform_(a=sqrt(5)) on MDLM's (V, D) table
+  # (models/dit.py EmbeddingLayer; fan_in = D).
+  embed_init: str = "normal"
+  # Kernels of the attention, MLP and time-embedding projections. "lecun_normal": N(0, 1/fan_in),
+  # zero MLP biases, N(0, 0.02^2) time MLP. "torch": torch nn.Linear's default (MDLM's, which
+  # leaves them as constructed), kernels and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+  dense_init: str = "lecun_normal"
+  zero_init_head: bool = False  # zero output projection, as MDLM's DDitFinalLayer.linear.
+  norm_eps: float = 1e-6  # LayerNorm epsilon; MDLM's LayerNorm (torch F.layer_norm) uses 1e-5.
   time_conditioning: bool = False
   cond_dim: int = 128
   loop_start: int = 0
@@ -113,8 +133,27 @@ class ModelConfig:
       bad("dropout", f"must be in [0, 1), got {self.dropout}")
     if self.mlp_ratio <= 0:
       bad("mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
-    for field, allowed in (("mlp_type", MLP_TYPES), ("remat", REMAT_POLICIES),
+    if not 0.0 < self.norm_eps < 1.0:
+      bad("norm_eps", f"must be in (0, 1), got {self.norm_eps}")
+    for field, allowed in (("mlp_type", MLP_TYPES), ("embed_init", EMBED_INITS),
+                           ("dense_init", DENSE_INITS), ("remat", REMAT_POLICIES),
                            ("loop_remat", REMAT_POLICIES),
                            ("kernels", KERNELS), ("dtype", DTYPES)):
       if getattr(self, field) not in allowed:
         bad(field, f"{getattr(self, field)!r} is not one of {allowed}")
+    self._warn_cut_gradient()
+
+  def _warn_cut_gradient(self) -> None:
+    """Warns (once per setting) when grad_last_k leaves the embedding and head without gradient."""
+    if not (self.looped and 0 < self.grad_last_k < self.max_loops and not self.loop_inject):
+      return
+    key = (self.grad_last_k, self.max_loops, self.loop_start)
+    if key in _WARNED:
+      return
+    _WARNED.add(key)
+    log.warning(
+        "model.grad_last_k=%d without model.loop_inject: whenever S > %d the gradient is cut "
+        "at the input of iteration S-%d, so the token embedding and the head layers [0, %d) get "
+        "exactly zero gradient on those steps (S_max = %d); set model.loop_inject=True to "
+        "re-inject the head output after the cut", self.grad_last_k, self.grad_last_k,
+        self.grad_last_k, self.loop_start, self.max_loops)

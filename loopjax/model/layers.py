@@ -38,9 +38,28 @@ BLD = ("act_batch", "act_length", "act_embed")
 BLHK = ("act_batch", "act_length", "act_heads", "act_kv")
 
 
-def dense_init(axes, scale: float = 1.0):
-  return nn.with_logical_partitioning(nn.initializers.variance_scaling(scale, "fan_in", "normal"),
-                                      axes)
+def kernel_initializer(kind: str = "lecun_normal", scale: float = 1.0):
+  """A Dense kernel initializer (fan_in = the input size). "torch": torch nn.Linear's default,
+  kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance 1/(3 fan_in)."""
+  if kind == "torch":
+    return nn.initializers.variance_scaling(scale / 3.0, "fan_in", "uniform")
+  return nn.initializers.variance_scaling(scale, "fan_in", "normal")
+
+
+def dense_init(axes, scale: float = 1.0, kind: str = "lecun_normal"):
+  return nn.with_logical_partitioning(kernel_initializer(kind, scale), axes)
+
+
+def bias_init(fan_in: int, kind: str = "lecun_normal"):
+  """Zero biases, or torch nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kind "torch"."""
+  if kind != "torch":
+    return nn.initializers.zeros_init()
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(rng, shape, dtype=jnp.float32):
+    return jax.random.uniform(rng, shape, dtype, -bound, bound)
+
+  return init
 
 
 @functools.lru_cache(maxsize=64)
@@ -92,10 +111,11 @@ class _Kernel(nn.Module):
   shape: tuple
   axes: tuple
   n_in: int = 1
+  init_kind: str = "lecun_normal"  # see `kernel_initializer`
 
   @nn.compact
   def __call__(self):
-    init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+    init = kernel_initializer(self.init_kind)
 
     def flat_init(rng, shape, dtype=jnp.float32):
       # As DenseGeneral: initialise (inputs, outputs) flattened, so fan_in is the input size.
@@ -118,7 +138,8 @@ class Attention(nn.Module):
     # q, k, v: the D x H x K kernels of three DenseGenerals without bias, applied to their
     # shared input in one call.
     d = x_BxLxD.shape[-1]
-    ws = [_Kernel((d, h, k), ("embed", "heads", "kv"), name=n)().astype(dt).reshape(d, h * k)
+    ws = [_Kernel((d, h, k), ("embed", "heads", "kv"), init_kind=cfg.dense_init,
+                  name=n)().astype(dt).reshape(d, h * k)
           for n in ("query", "key", "value")]
     q, kk, v = ops.projections(x_BxLxD.astype(dt).reshape(-1, d), ws)
     shape = x_BxLxD.shape[:-1] + (h, k)
@@ -132,7 +153,8 @@ class Attention(nn.Module):
     else:
       out_BxLxHxK = ops.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL)
     out_BxLxHxK = constrain(out_BxLxHxK, *BLHK)
-    w_HxKxD = _Kernel((h, k, cfg.width), ("heads", "kv", "embed"), n_in=2, name="out")()
+    w_HxKxD = _Kernel((h, k, cfg.width), ("heads", "kv", "embed"), n_in=2,
+                      init_kind=cfg.dense_init, name="out")()
     out_BxLxD = constrain(ops.dot_general(out_BxLxHxK.astype(dt), w_HxKxD.astype(dt),
                                           (((2, 3), (0, 1)), ((), ()))), *BLD)
     out_BxLxD = nn.Dropout(cfg.dropout)(out_BxLxD, deterministic=not train)
@@ -147,23 +169,29 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, *, train: bool):
     cfg, dt = self.cfg, compute_dtype(self.cfg)
-    dense = lambda n, name, axes: Dense(n, use_bias=cfg.mlp_type == "gelu", dtype=dt,
-                                        kernel_init=dense_init(axes), kernels=cfg.kernels,
-                                        name=name)
+    def dense(n, name, axes, fan_in):
+      return Dense(n, use_bias=cfg.mlp_type == "gelu", dtype=dt,
+                   kernel_init=dense_init(axes, kind=cfg.dense_init),
+                   bias_init=bias_init(fan_in, cfg.dense_init), kernels=cfg.kernels,
+                   name=name)
+
+    d, f = cfg.width, cfg.mlp_dim
     if cfg.mlp_type == "swiglu":
-      gate = dense(cfg.mlp_dim, "wi_gate", ("embed", "mlp"))(x_BxLxD)
-      h_BxLxF = nn.silu(gate) * dense(cfg.mlp_dim, "wi_up", ("embed", "mlp"))(x_BxLxD)
+      gate = dense(f, "wi_gate", ("embed", "mlp"), d)(x_BxLxD)
+      h_BxLxF = nn.silu(gate) * dense(f, "wi_up", ("embed", "mlp"), d)(x_BxLxD)
     else:
-      h_BxLxF = nn.gelu(dense(cfg.mlp_dim, "wi", ("embed", "mlp"))(x_BxLxD), approximate=True)
+      h_BxLxF = nn.gelu(dense(f, "wi", ("embed", "mlp"), d)(x_BxLxD), approximate=True)
     h_BxLxF = constrain(h_BxLxF, "act_batch", "act_length", "act_mlp")
-    h_BxLxF = nn.Dropout(cfg.dropout)(h_BxLxF, deterministic=not train)
-    out = dense(cfg.width, "wo", ("mlp", "embed"))(h_BxLxF)
+    if cfg.mlp_hidden_dropout:
+      h_BxLxF = nn.Dropout(cfg.dropout)(h_BxLxF, deterministic=not train)
+    out = dense(d, "wo", ("mlp", "embed"), f)(h_BxLxF)
+    # As MDLM's bias_dropout_add_scale: dropout on the branch output, then the adaLN gate.
     return nn.Dropout(cfg.dropout)(out, deterministic=not train)
 
 
-def layer_norm(dt, name):
+def layer_norm(dt, name, eps: float = 1e-6):
   # MDLM's LayerNorm: scale, no bias; statistics in float32.
-  return nn.LayerNorm(use_bias=False, dtype=dt, param_dtype=jnp.float32,
+  return nn.LayerNorm(epsilon=eps, use_bias=False, dtype=dt, param_dtype=jnp.float32,
                       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                       name=name)
 
@@ -188,11 +216,11 @@ class Block(nn.Module):
     x_BxLxD = constrain(x_BxLxD, *BLD)
     shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(
         c_BxC, 6, self.cfg.width, "adaln")
-    y = layer_norm(dt, "norm_attn")(x_BxLxD) * (1 + scale1) + shift1
+    y = layer_norm(dt, "norm_attn", self.cfg.norm_eps)(x_BxLxD) * (1 + scale1) + shift1
     y, probs = Attention(self.cfg, name="attn")(
         y.astype(dt), mask_Bx1xLxL, train=train, return_probs=return_probs)
     x_BxLxD = x_BxLxD + (gate1 * y).astype(x_BxLxD.dtype)
-    y = layer_norm(dt, "norm_mlp")(x_BxLxD) * (1 + scale2) + shift2
+    y = layer_norm(dt, "norm_mlp", self.cfg.norm_eps)(x_BxLxD) * (1 + scale2) + shift2
     y = Mlp(self.cfg, name="mlp")(y.astype(dt), train=train)
     x_BxLxD = x_BxLxD + (gate2 * y).astype(x_BxLxD.dtype)
     return constrain(x_BxLxD, *BLD), probs

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from loopjax.model.config import ModelConfig
-from loopjax.model.layers import (BLD, Block, Dense, adaln_modulation, compute_dtype, constrain,
-                                  dense_init, layer_norm)
+from loopjax.model.layers import (BLD, Block, Dense, adaln_modulation, bias_init, compute_dtype,
+                                  constrain, dense_init, kernel_initializer, layer_norm)
 
 Array = jax.Array
 
@@ -159,6 +159,15 @@ class Loop(nn.Module):
     return h_BxLxD, ys
 
 
+def embedding_initializer(kind: str):
+  """Token table V x D: "normal" N(0, 1), or "mdlm" U(-1/sqrt(D), 1/sqrt(D)) (torch's
+  kaiming_uniform_(a=sqrt(5)) on a (V, D) tensor takes fan_in = D, the last axis)."""
+  if kind == "mdlm":
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=-1,
+                                            out_axis=-2)
+  return nn.initializers.normal(1.0)
+
+
 class Embed(nn.Embed):
   """nn.Embed whose lookup gathers the (FSDP-sharded) table, as every layer gathers its weights,
   instead of gathering the batch's token ids onto every device."""
@@ -174,6 +183,7 @@ class TimeEmbedding(nn.Module):
 
   cond_dim: int
   freq_dim: int = 256
+  init_kind: str = "lecun_normal"  # ModelConfig.dense_init; "lecun_normal" here: N(0, 0.02^2)
 
   @nn.compact
   def __call__(self, t_B):
@@ -181,9 +191,13 @@ class TimeEmbedding(nn.Module):
     freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
     args = t_B.astype(jnp.float32)[:, None] * freqs[None, :]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-    init = lambda axes: nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
-    emb = nn.Dense(self.cond_dim, kernel_init=init((None, "cond")), name="fc1")(emb)
-    emb = nn.Dense(self.cond_dim, kernel_init=init((None, "cond")), name="fc2")(nn.silu(emb))
+    torch = self.init_kind == "torch"
+    kernel = kernel_initializer("torch") if torch else nn.initializers.normal(0.02)
+    init = lambda axes: nn.with_logical_partitioning(kernel, axes)
+    dense = lambda fan_in, name: nn.Dense(self.cond_dim, kernel_init=init((None, "cond")),
+                                          bias_init=bias_init(fan_in, self.init_kind), name=name)
+    emb = dense(self.freq_dim, "fc1")(emb)
+    emb = dense(self.cond_dim, "fc2")(nn.silu(emb))
     return nn.silu(emb)
 
 
@@ -196,9 +210,11 @@ class OutputLayer(nn.Module):
   def __call__(self, h_BxLxD, c_BxC):
     cfg, dt = self.cfg, compute_dtype(self.cfg)
     shift, scale = adaln_modulation(c_BxC, 2, cfg.width, "adaln")
-    h = layer_norm(dt, "norm")(h_BxLxD) * (1 + scale) + shift
+    h = layer_norm(dt, "norm", cfg.norm_eps)(h_BxLxD) * (1 + scale) + shift
+    kernel_init = (nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "vocab"))
+                   if cfg.zero_init_head else dense_init(("embed", "vocab"), kind=cfg.dense_init))
     logits = Dense(cfg.vocab_size, dtype=dt, kernels=cfg.kernels, name="proj",
-                   kernel_init=dense_init(("embed", "vocab")),
+                   kernel_init=kernel_init,
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))(
                        h.astype(dt))
     return constrain(logits.astype(jnp.float32), "act_batch", "act_length", "act_vocab")
@@ -212,8 +228,8 @@ class LoopedTransformer(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.embed = Embed(cfg.vocab_size + 1, cfg.width, embedding_init=nn.with_logical_partitioning(
-        nn.initializers.normal(1.0), ("vocab", "embed")))
-    self.time_embed = TimeEmbedding(cfg.cond_dim)
+        embedding_initializer(cfg.embed_init), ("vocab", "embed")))
+    self.time_embed = TimeEmbedding(cfg.cond_dim, init_kind=cfg.dense_init)
     head_n = cfg.loop_start if cfg.looped else cfg.num_layers
     tail_n = cfg.num_layers - cfg.loop_end if cfg.looped else 0
     self.head = Stack(cfg, head_n) if head_n else None

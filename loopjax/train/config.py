@@ -13,6 +13,8 @@ import ml_collections
 
 from loopjax.data import data_vocab_size, default_data_config
 from loopjax.diffusion import make_schedule
+from loopjax.diffusion.samplers import sampler_endpoint
+from loopjax.flops import FLOP_CONVENTIONS
 from loopjax.model import ModelConfig
 from loopjax.train.runtime import parse_profile_steps
 from loopjax.weights import run_model_config
@@ -30,11 +32,19 @@ def base_config() -> ml_collections.ConfigDict:
       train="fixed:1",  # S per step: fixed:S | uniform:LO:HI | table:p1,p2,...
       eval=0,           # S for held-out NELBO during training; 0 = S_max
   )
-  c.diffusion = dict(schedule="linear", exponent=1.0, eps=1e-3, antithetic=True)
+  c.diffusion = dict(
+      schedule="linear", exponent=1.0, eps=1e-3, antithetic=True,
+      # Ancestral sampler endpoint (loopjax/diffusion/samplers.py): "sample" runs the grid to
+      # t = 0 and samples every position left at the last step; "argmax" (MDLM) stops at
+      # t = sample_eps and fills what is still masked with the argmax. sample_eps 0: eps above.
+      final_step="sample", sample_eps=0.0,
+  )
   c.data = default_data_config()
   c.train = dict(
       steps=1000, batch_size=32, seed=0,
       lr=1e-3, lr_schedule="cosine", warmup_steps=100, min_lr_ratio=0.1,
+      # b2 0.98 (a ~50-step second-moment horizon) for the 1k-step built-in tasks; the paper
+      # configs set MDLM's 0.999 (variants.paper_backbone).
       weight_decay=0.01, b1=0.9, b2=0.98, adam_eps=1e-8, clip_norm=1.0,
       ema_decay=0.999, grad_accum=1,
       log_every=50, checkpoint_every=500, keep_checkpoints=3, async_checkpoints=True,
@@ -58,7 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   # The comparison run this is (loopjax/train/variants.py), resolved after the overrides:
   # name "" = the config as written; else one of variants.VARIANTS, whose block, loops and
   # FLOP-matched steps derive from this base and `baseline_steps` (mdm's step count).
-  c.variant = dict(name="", baseline_steps=0, block=(1, 3), s_max=12)
+  # flop_convention: the F_base of the matching rule (loopjax.flops.FLOP_CONVENTIONS).
+  c.variant = dict(name="", baseline_steps=0, block=(1, 3), s_max=12,
+                   flop_convention="all_forward")
   return c
 
 
@@ -71,6 +83,11 @@ def validate(config) -> None:
   """Checks everything that can be checked without devices or data files; raises ValueError."""
   model = model_config(config)
   make_schedule(config.diffusion)
+  sampler_endpoint(config.diffusion)
+  convention = config.get("variant", {}).get("flop_convention", "all_forward")
+  if convention not in FLOP_CONVENTIONS:
+    raise ValueError(f"variant.flop_convention must be one of {FLOP_CONVENTIONS}, got "
+                     f"{convention!r}")
   t = config.train
   positive = ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
               "eval_every", "grad_accum", "eval_time_points")

@@ -15,7 +15,8 @@ An experiment file describes the plain same-size MDM (the base) and names the va
 
 Derived keys: model.loop_start, model.loop_end, loops.train, model.num_layers (deep_mdm) and
 train.steps. A derived key that was overridden explicitly keeps the override; every other one is
-set and logged. Step counts come from loopjax.flops, never typed by hand. An empty name leaves
+set and logged. Step counts come from loopjax.flops, never typed by hand, with F_base counted by
+`variant.flop_convention` (loopjax.flops.FLOP_CONVENTIONS). An empty name leaves
 the config as written.
 """
 
@@ -37,15 +38,30 @@ _INPUT_KEYS = ("data.seq_len", "train.batch_size")
 log = logging.getLogger(__name__)
 
 
-def paper_backbone(c, *, vocab_size: int, length: int, dropout: float = 0.0):
-  """The paper's MDLM backbone and optimiser (12 x 768, 12 heads, batch 512) on config `c`."""
+def paper_backbone(c, *, vocab_size: int, length: int, dropout: float = 0.1):
+  """The paper's MDLM backbone and recipe (12 x 768, 12 heads, batch 512) on config `c`.
+
+  Every value is MDLM's published one (kuleshov-group/mdlm configs/config.yaml,
+  configs/model/small.yaml, configs/lr_scheduler/constant_warmup.yaml, models/dit.py,
+  diffusion.py); tests/test_recipe.py holds the resolved configs against that table.
+  """
   c.data.seq_len = length
   c.model.update(vocab_size=vocab_size, max_length=length, width=768, num_layers=12,
-                 num_heads=12, cond_dim=128, dropout=dropout, dtype="bfloat16",
-                 remat="dots_no_batch")
+                 num_heads=12, cond_dim=128, dropout=dropout, mlp_hidden_dropout=False,
+                 embed_init="mdlm", dense_init="torch", zero_init_head=True, norm_eps=1e-5,
+                 time_conditioning=False, dtype="bfloat16", remat="dots_no_batch")
   c.train.update(batch_size=512, lr=3e-4, warmup_steps=2500, lr_schedule="constant",
-                 weight_decay=0.0, ema_decay=0.9999, log_every=100, checkpoint_every=10_000,
+                 weight_decay=0.0, b1=0.9, b2=0.999, adam_eps=1e-8, clip_norm=1.0,
+                 ema_decay=0.9999, log_every=100, checkpoint_every=10_000,
                  eval_every=10_000, eval_batches=8)
+  # MDLM's sampler: steps from t = 1 to t = 1e-5 (diffusion.py `_sample(eps=1e-5)`), then one
+  # argmax denoising of the positions still masked (`sampling.noise_removal: True`).
+  c.diffusion.update(schedule="linear", eps=1e-3, antithetic=True, final_step="argmax",
+                     sample_eps=1e-5)
+  # The paper's F_loop = F_base + (E[S] - 1) n_m F_layer leaves F_base unstated; the variants
+  # match with F_base = every forward matmul (head included). `loopjax flops --match` also
+  # reports the layers-only and 6ND step counts.
+  c.variant.flop_convention = "all_forward"
   return c
 
 
@@ -99,8 +115,9 @@ def resolve_variant(c, overrides: Mapping[str, Any] | None = None):
   s_max = int(v.s_max)
   base, _ = _model(c, "fixed:1", loop_start=0, loop_end=0)
   loop_cfg, loop_dist = _model(c, f"uniform:1:{s_max}", loop_start=start, loop_end=end)
+  convention = v.get("flop_convention", "all_forward")
   loop_steps = round(flops.matched_steps(loop_cfg, loop_dist, base, None, baseline, length,
-                                         batch))
+                                         batch, convention=convention))
   matched = f"FLOP-matched to mdm's {baseline} steps"
 
   if v.name == "mdm":
@@ -127,6 +144,6 @@ def resolve_variant(c, overrides: Mapping[str, Any] | None = None):
     put("model.loop_end", block[1], why, computed=not fixed)
     put("loops.train", loops, why, computed=not fixed)
     cfg, dist = _model(c)
-    put("train.steps", round(flops.matched_steps(cfg, dist, base, None, baseline, length, batch)),
-        matched)
+    put("train.steps", round(flops.matched_steps(cfg, dist, base, None, baseline, length, batch,
+                                                 convention=convention)), matched)
   return c
