@@ -244,6 +244,8 @@ def gen_ppl_sweep(model, params, config, judge: Judge, *, specs, steps, samples:
              "entropy": float(np.mean(entropies)), "entropy_std": float(np.std(entropies)),
              "loops_mean": avg("loops_mean"), "loops_max": max(s["loops_max"] for s in stats),
              "nfe": avg("nfe"), "flops_per_sample": avg("flops_per_sample"),
+             "executed_loops_mean": avg("executed_loops_mean"),
+             "executed_flops_per_sample": avg("executed_flops_per_sample"),
              "seconds": seconds, "judge_seconds": judge_s}
       rows.append(row)
       log(f"gen-ppl S={policy.label!s:<14} steps {n:<5} ppl {row['gen_ppl']:.3f}  entropy "

@@ -46,6 +46,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from loopjax.data import tokenizer_for
 from loopjax.data.tokenizers import bos_id, fill_id
 from loopjax.diffusion import make_schedule
+from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.evaluate.conditional import check_estimator, conditional_loglik
 from loopjax.evaluate.denoiser import loop_args, make_sampler, resolve_policy
 from loopjax.evaluate.gsm8k import build_rows, decode_answer
@@ -180,7 +181,8 @@ class LoopjaxLM(TemplateLM):
     out = [""] * len(requests)
     for (until, n, temp), idx in groups.items():
       fn = make_sampler(self.model, self.policy, steps=self.steps or n, method=self.sampler,
-                        block_len=self.block_len, temperature=temp)
+                        block_len=self.block_len, temperature=temp,
+                        **sampler_endpoint(self.config.diffusion))
       for k in range(0, len(idx), self.batch_size):
         chunk = idx[k:k + self.batch_size]
         texts = [requests[i].args[0] for i in chunk]

@@ -29,6 +29,7 @@ import jax
 
 from loopjax.data import make_eval_batches, tokenizer_for
 from loopjax.diffusion import make_schedule
+from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.evaluate import plots, tables
 from loopjax.evaluate.cli_args import output_dir, parse_loops_arg, warn_loop_cost
 from loopjax.evaluate.denoiser import resolve_policy
@@ -186,7 +187,8 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
     summary["gen_ppl"] = gen_ppl_sweep(
         model, weights, config, judge, specs=specs, steps=steps, samples=g["samples"],
         method=g.get("method", "ancestral"), batch_size=batch_size, prompt=g.get("prompt"),
-        seed=seed, sampler_kw=sampler_kw, judge_batch_size=g.get("batch_size", 8),
+        seed=seed, sampler_kw={**sampler_kw, **sampler_endpoint(config.diffusion)},
+        judge_batch_size=g.get("batch_size", 8),
         workdir=workdir_out, header=summary, log=_log)
 
   if lm_eval:  # {tasks, args, include_path}: lm-eval's tasks with the "loopjax" model
