@@ -122,7 +122,9 @@ def test_eval_gen_ppl_writes_the_table_and_samples(tmp_path, judge_dir, tokenize
              "--steps", "6", "--loops", "1,2,adaptive:0.5:1:3", "--batch-size", "2"])
   stdout = capsys.readouterr().out
   assert rc == 0
-  result = json.load(open(os.path.join(out, "eval", "gen_ppl.json")))
+  # Beside the export folder, never into it.
+  result = json.load(open(os.path.join(out + ".outputs", "eval", "gen_ppl.json")))
+  assert os.path.exists(os.path.join(out + ".outputs", "eval", "gen_ppl.md"))
   rows = result["rows"]
   assert [(r["steps"], r["loops"]) for r in rows] == [(6, 1), (6, 2), (6, "adaptive:0.5:1:3")]
   assert [r["loops_mean"] for r in rows[:2]] == [1, 2] and 1 <= rows[2]["loops_mean"] <= 3

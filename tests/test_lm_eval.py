@@ -259,7 +259,7 @@ def test_loopjax_eval_writes_lm_eval_json(export_dir, tasks_dir, offline, capsys
              "--lm-eval", "loopjax_mc", "--include-path", str(tasks_dir), "--batch-size", "2",
              "--time-points", "3", "--lm-eval-args", "limit=3"])
   assert rc == 0, capsys.readouterr().err[-3000:]
-  with open(os.path.join(export_dir, "eval", "lm_eval.json"), encoding="utf-8") as f:
+  with open(os.path.join(export_dir + ".outputs", "eval", "lm_eval.json"), encoding="utf-8") as f:
     got = json.load(f)
   assert got["tasks"] == "loopjax_mc" and [r["loops"] for r in got["rows"]] == ["1", "2"]
   for row in got["rows"]:

@@ -109,3 +109,27 @@ def test_second_trainer_is_refused_and_a_killed_holder_is_taken_over(tmp_path):
   assert "took over the stale lock" in third.stderr
   assert f"at step {saved}" in third.stderr  # resumed
   assert not (wd / lock_lib.LOCK_FILE).exists()  # released at the end
+
+
+def test_a_refused_multi_process_job_stops_on_every_process(tmp_path):
+  """Process 0 alone checks the lock; the others learn its answer instead of waiting at the
+  first barrier for a peer that has already exited."""
+  wd = tmp_path / "run"
+  wd.mkdir()
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  with lock_lib.WorkdirLock(str(wd)):  # a live holder: this test process
+    start = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch", "local_multiprocess.py"),
+         "--num-processes", "2", "--devices-per-process", "1", "--timeout", "600", "--",
+         "loopjax", *_train_cmd(wd, 10)[3:]], capture_output=True, text=True, env=env, cwd=ROOT,
+        timeout=900)
+    took = time.monotonic() - start
+  out = r.stdout + r.stderr
+  assert r.returncode not in (0, 124), out[-3000:]  # refused, not timed out
+  for pid in (0, 1):  # both processes name the holder, neither prints a traceback
+    lines = [l for l in out.splitlines() if l.startswith(f"[{pid}]")]
+    assert any(f"pid {os.getpid()}" in l for l in lines), out[-3000:]
+  assert "Traceback" not in out, out[-3000:]
+  assert not (wd / "config.json").exists()
+  print(f"both processes refused after {took:.1f} s")

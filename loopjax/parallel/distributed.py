@@ -122,6 +122,20 @@ def barrier(name: str) -> None:
   jax_distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=barrier_timeout() * 1000)
 
 
+def from_process0(name: str, value: str | None = None) -> str | None:
+  """Process 0's `value`, returned on every process (process 0 passes it, the others wait for
+  it in the coordination service's key-value store); in a single-process run, `value`."""
+  if jax.process_count() == 1:
+    return value
+  from jax._src import distributed as jax_distributed
+  client = jax_distributed.global_state.client
+  if jax.process_index() == 0:
+    client.key_value_set(name, value or "")
+    return value
+  got = client.blocking_key_value_get(name, barrier_timeout() * 1000)
+  return got or None
+
+
 def uses_preemption_notices() -> bool:
   """Whether stop requests go through JAX's preemption service: a multi-process job, whose
   SIGTERM handler (installed by jax.distributed.initialize) records the notice and shares it."""
@@ -152,7 +166,9 @@ def session(command: str):
   a non-zero code, skipping the shutdown barrier: its peers may be blocked in a collective with
   it and would never arrive there, so waiting would only hide the error for the whole shutdown
   timeout (a final barrier that times out is such an exception). The launcher, or the
-  coordination service when the heartbeats stop, ends the peers.
+  coordination service when the heartbeats stop, ends the peers. An error every process raised
+  together (its `agreed` attribute is true, e.g. a workdir held by another run) is the exception:
+  then they all shut down together and exit with the same code.
   """
   if not jax.distributed.is_initialized():
     yield
@@ -174,6 +190,12 @@ def session(command: str):
       code = 1
     from jax._src import distributed as jax_distributed  # needs no backend, unlike jax.process_*
     state = jax_distributed.global_state
+    if getattr(e, "agreed", False):  # every process raised it: leave together, cleanly
+      sys.stderr.flush()
+      try:
+        jax.distributed.shutdown()
+      finally:
+        os._exit(code)
     print(f"loopjax {command}: process {state.process_id} of {state.num_processes} failed; "
           f"exiting with code {code} without waiting for the other processes", file=sys.stderr)
     sys.stdout.flush()

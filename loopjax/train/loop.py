@@ -44,7 +44,7 @@ from loopjax.parallel import distributed
 from loopjax.parallel import mesh as mesh_lib
 from loopjax.train import config as config_lib
 from loopjax.train.checkpoint import Checkpointer
-from loopjax.train.lock import WorkdirLock
+from loopjax.train.lock import WorkdirLock, WorkdirLockedError
 from loopjax.train.metrics import MetricsWindow, MetricsWriter
 from loopjax.train.runtime import Profiler, enable_compile_cache
 from loopjax.train.step import TrainProgram, all_finite, build_train_step, make_eval_step
@@ -203,8 +203,18 @@ def _setup(config, workdir: str) -> _Run:
   os.makedirs(workdir, exist_ok=True)
   # Which rows of each global batch this process loads (processes that share rows load the same).
   run = _Run(config, workdir, program, mesh_lib.process_row_shards(mesh, t.batch_size))
+  refused = None
   if jax.process_index() == 0:  # one run per workdir: refused here, before anything is written
-    run.lock = WorkdirLock(workdir).acquire()
+    try:
+      run.lock = WorkdirLock(workdir).acquire()
+    except WorkdirLockedError as e:
+      refused = str(e)
+  # Every process learns process 0's outcome, so a refused job stops everywhere at once.
+  refused = distributed.from_process0("loopjax_workdir_lock", refused)
+  if refused is not None:
+    err = WorkdirLockedError(refused)
+    err.agreed = True  # every process raises it: they may leave together
+    raise err
   try:
     check_workdir(workdir, config)
     if jax.process_index() == 0:  # written whole or not at all (a stop signal may come)
