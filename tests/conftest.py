@@ -20,3 +20,27 @@ def compile_cache(tmp_path_factory):
   session keeps other sessions' entries out. Not for tests that time or count compilations.
   """
   return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture
+def in_process_compile_cache(compile_cache):
+  """Turns JAX's persistent compilation cache on in the pytest process for one test.
+
+  For a test that compiles the same programs many times through fresh model objects (each new
+  object misses jax's in-memory caches; the persistent cache is keyed by the program itself).
+  The previous settings are restored afterwards, so other tests compile as before.
+  """
+  import jax
+  from jax._src import compilation_cache  # reset_cache: the documented way to re-read settings
+
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  old = {name: getattr(jax.config, name) for name in names}
+  jax.config.update("jax_compilation_cache_dir", str(compile_cache / "in_process"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    for name, value in old.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
