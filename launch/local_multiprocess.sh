@@ -11,7 +11,9 @@ set -euo pipefail
 
 NUM_PROCESSES="${NUM_PROCESSES:-2}"
 DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-4}"
-PORT="${PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("localhost",0)); print(s.getsockname()[1])')}"
+# A free port below the ephemeral range (see free_port in the Python twin): process 0 binds it
+# only after importing JAX, and an ephemeral one may meanwhile go to an outgoing connection.
+PORT="${PORT:-$(cd "$(dirname "$0")" && python3 -c 'from local_multiprocess import free_port; print(free_port())')}"
 
 if [[ $# -eq 0 ]]; then
   sed -n '2,10p' "$0" >&2

@@ -164,6 +164,11 @@ def _model_inputs():
   return x, seg
 
 
+def _init(model, *args):
+  # Jitted: eager initialisation dispatches (and compiles) every op of the scans one by one.
+  return jax.jit(lambda key: nn.unbox(model.init(key, *args)["params"]))(jax.random.PRNGKey(1))
+
+
 @pytest.mark.parametrize("extra,tol", [(dict(), 2e-4),
                                        (dict(mlp_type="swiglu", dtype="bfloat16"), 5e-2)],
                          ids=["f32_gelu", "bf16_swiglu"])
@@ -172,36 +177,37 @@ def test_model_xla_cpu_matches_reference(extra, tol):
   x, seg = _model_inputs()
   ref = LoopedTransformer(ref_cfg)
   cpu = LoopedTransformer(dataclasses.replace(ref_cfg, kernels="xla_cpu"))
-  params = nn.unbox(ref.init(jax.random.PRNGKey(1), x, 1)["params"])
+  params = _init(ref, x, 1)
   # The same parameter tree, initialised identically, whatever the kernels.
-  jax.tree_util.tree_map(np.testing.assert_array_equal, params,
-                         nn.unbox(cpu.init(jax.random.PRNGKey(1), x, 1)["params"]))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, _init(cpu, x, 1))
   # Non-zero adaLN projections, so every gate is open and every layer contributes.
   params = jax.tree_util.tree_map_with_path(
       lambda p, a: a + 0.02 * jax.random.normal(jax.random.PRNGKey(hash(jax.tree_util.keystr(p))
                                                                    % 2**31), a.shape)
       if "adaln" in jax.tree_util.keystr(p) else a, params)
 
-  def loss(model):
-    return lambda p: jnp.mean(jnp.sin(model.apply({"params": p}, x, 2, None, seg)))
+  def logits_and_grad(model):
+    """One program per kernel set: the logits and the gradient of a loss on them."""
+    logits = lambda p: model.apply({"params": p}, x, 2, None, seg)
+    loss = lambda p: jnp.mean(jnp.sin(logits(p)))
+    return jax.jit(lambda p: (logits(p), jax.grad(loss)(p)))(params)
 
-  _close(cpu.apply({"params": params}, x, 2, None, seg),
-         ref.apply({"params": params}, x, 2, None, seg), tol, "logits")
-  _close(jax.jit(jax.grad(loss(cpu)))(params), jax.jit(jax.grad(loss(ref)))(params), tol * 5,
-         "grad")
+  (got, got_grad), (want, want_grad) = logits_and_grad(cpu), logits_and_grad(ref)
+  _close(got, want, tol, "logits")
+  _close(got_grad, want_grad, tol * 5, "grad")
 
 
 def test_jvp_through_the_reference_model_matches_the_gradient():
   model = LoopedTransformer(ModelConfig(**TINY, time_conditioning=True))
   x, seg = _model_inputs()
   t = jnp.array([0.3, 0.7])
-  params = nn.unbox(model.init(jax.random.PRNGKey(1), x, 1, t)["params"])
+  params = _init(model, x, 1, t)
   leaves, tree = jax.tree_util.tree_flatten(params)
   tangent = jax.tree_util.tree_unflatten(tree, [
       jax.random.normal(jax.random.PRNGKey(i), a.shape) for i, a in enumerate(leaves)])
   loss = lambda p: jnp.mean(jnp.sin(model.apply({"params": p}, x, 2, t, seg)))
   _, directional = jax.jit(lambda p, v: jax.jvp(loss, (p,), (v,)))(params, tangent)
-  grad = jax.grad(loss)(params)
+  grad = jax.jit(jax.grad(loss))(params)
   want = sum(jnp.vdot(g, v) for g, v in zip(jax.tree_util.tree_leaves(grad),
                                              jax.tree_util.tree_leaves(tangent)))
   np.testing.assert_allclose(directional, want, rtol=1e-4)

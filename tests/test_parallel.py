@@ -4,8 +4,9 @@ the per-device memory report.
 
 Multi-device cases run in subprocesses with 8 fake CPU devices (the pytest process has one). The
 expensive runs share one module fixture (a 1-device reference and an 8-device driver that trains
-on several meshes in turn, side by side; then a 2-process x 4-device job alone) and a persistent
-compilation cache, so the file stays within a few minutes on 2 cores. Every run has a deadline
+on several meshes in turn, side by side; then a 2-process x 4-device job alone), the one-command
+checks share one 8-device process, and all share a persistent compilation cache, so the file
+stays within a few minutes on 2 cores. Every run has a deadline
 and a failure reports each process's exit code and the tail of its output.
 """
 
@@ -43,16 +44,20 @@ TINY = ["--config.model.width=32", "--config.model.num_layers=2", "--config.mode
 # Float32 sums in another order (sharded reductions): equal to ~1e-6; a wrong batch slice,
 # a dropped gradient shard or a mis-restored optimizer moves the loss by 1e-2 or more.
 RTOL = 1e-5
-# Deadlines (s) for the reference and 8-device driver together, and for each 2-process job. They
-# take 1-5 min on a 2-core machine loaded 5x over; a hang fails with its log, not a stall.
-DRIVER_TIMEOUT, MP_TIMEOUT = 720, 300
+# Deadlines (s) for the reference and 8-device driver together, for each 2-process job and for
+# the commands' driver. They take 1-5 min on a 2-core machine loaded 5x over, and may take twice
+# that loaded 10x over; a hang fails with every process's log, not a stall. Each 2-process job
+# is stopped by the launcher at MP_TIMEOUT, well before its processes' own barrier and shutdown
+# timeouts (LOOPJAX_BARRIER_TIMEOUT, set below), so what every process did is reported.
+DRIVER_TIMEOUT, MP_TIMEOUT, CLI_TIMEOUT = 1200, 600, 600
+BARRIER_TIMEOUT = 1800
 
 
 def _mesh(d, f, t):
   return [f"--config.mesh.data={d}", f"--config.mesh.fsdp={f}", f"--config.mesh.tensor={t}"]
 
 
-def _env(tmp, devices=None):
+def _env(cache, devices=None):
   env = dict(os.environ)
   # Cheaper LLVM code generation: these programs run a few tiny steps, compiling dominates.
   flags = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
@@ -60,11 +65,14 @@ def _env(tmp, devices=None):
     flags.append(f"--xla_force_host_platform_device_count={devices}")
   env["XLA_FLAGS"] = " ".join(flags)
   env["JAX_PLATFORMS"] = "cpu"
-  env["JAX_COMPILATION_CACHE_DIR"] = str(tmp / "jax_cache")
+  # Shared by this file's subprocesses: the memory report, for one, compiles the very step the
+  # fsdp=8 training did. Entries are keyed by the program, its flags and the jax version.
+  env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   # libtpu (TPU ahead-of-time compiles) otherwise takes a machine-wide lock file, which a
   # concurrent run holding it makes fail; no TPU is driven here.
   env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+  env["LOOPJAX_BARRIER_TIMEOUT"] = str(BARRIER_TIMEOUT)
   return env
 
 
@@ -92,11 +100,11 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def _driver(tmp, name, runs, devices):
-  """Starts the driver; its output goes to a file (a pipe nobody reads yet could fill up)."""
+def _driver(tmp, cache, name, runs, devices, script=DRIVER, args=(EXPERIMENT,)):
+  """Starts a driver script; its output goes to a file (a pipe nobody reads yet could fill up)."""
   log = open(tmp / f"{name}.log", "w+")
-  proc = subprocess.Popen([sys.executable, "-c", DRIVER, EXPERIMENT, json.dumps(runs)],
-                          env=_env(tmp, devices), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen([sys.executable, "-c", script, *args, json.dumps(runs)],
+                          env=_env(cache, devices), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
   proc.log, proc.name = log, name
   return proc
 
@@ -151,12 +159,13 @@ def _losses(workdir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, compile_cache):
   tmp = tmp_path_factory.mktemp("parallel")
   w = lambda name: str(tmp / name)
   steps = lambda n: [f"--config.train.steps={n}"]
-  ref = _driver(tmp, "ref", [["ref", w("ref"), TINY + steps(STEPS) + _mesh(1, 1, 1)]], None)
-  eight = _driver(tmp, "eight", [
+  ref = _driver(tmp, compile_cache, "ref",
+                [["ref", w("ref"), TINY + steps(STEPS) + _mesh(1, 1, 1)]], None)
+  eight = _driver(tmp, compile_cache, "eight", [
       ["m811", w("m811"), TINY + steps(STEPS) + _mesh(8, 1, 1)],
       ["m181", w("m181"), TINY + steps(STEPS) + _mesh(1, 8, 1)],
       ["m222", w("m222"), TINY + steps(STEPS) + _mesh(2, 2, 2)],
@@ -175,7 +184,7 @@ def runs(tmp_path_factory):
     # Alone, so that its processes, which meet at barriers and collectives, compete with as
     # little else as possible.
     for n in (HALF, STEPS):
-      mp_log += _launch(train(n), _env(tmp), MP_TIMEOUT, tmp / f"mp_to_{n}.log")
+      mp_log += _launch(train(n), _env(compile_cache), MP_TIMEOUT, tmp / f"mp_to_{n}.log")
   finally:
     for p in (ref, eight):
       if p.poll() is None:
@@ -300,39 +309,72 @@ FAILING = textwrap.dedent("""
 """)
 
 
-def test_a_failing_process_exits_at_once_with_its_error(tmp_path):
+def test_a_failing_process_exits_at_once_with_its_error(tmp_path, compile_cache):
   log = tmp_path / "job.log"
   with open(log, "w") as out:
     start = time.monotonic()
-    code = _load_launcher().launch([sys.executable, "-c", FAILING], 2, 1, timeout=240,
-                                   env=_env(tmp_path), cwd=ROOT, grace=5, out=out)
+    code = _load_launcher().launch([sys.executable, "-c", FAILING], 2, 1, timeout=MP_TIMEOUT,
+                                   env=_env(compile_cache), cwd=ROOT, grace=5, out=out)
   text = log.read_text()
+  # Not after JAX's shutdown timeout (BARRIER_TIMEOUT, longer than the launcher's, which would
+  # have stopped the job with code 124): the failed process skips the shutdown barrier.
   assert code == 2, text
-  # Not after JAX's shutdown timeout: the failed process skips the shutdown barrier.
-  assert time.monotonic() - start < 200, text
+  assert time.monotonic() - start < MP_TIMEOUT < BARRIER_TIMEOUT, text
   assert "[1] loopjax test: error: process 1 cannot go on" in text
   assert "process 1: exited with code 2;" in text
   # (JAX's preemption notifier catches SIGTERM, so the launcher may have to SIGKILL it.)
   assert "process 0: killed by SIG" in text and "(stopped after process 1 failed" in text
 
 
-def _cli(tmp, *args, devices=8):
-  return subprocess.run([sys.executable, "-m", "loopjax.cli", *args], capture_output=True,
-                        text=True, timeout=300, env=_env(tmp, devices), cwd=ROOT)
+# Runs `loopjax` commands in turn in one 8-device process (one JAX start-up for all of them);
+# prints each one's exit code and output.
+CLI_DRIVER = textwrap.dedent("""
+  import contextlib, io, json, sys, traceback
+  from loopjax.cli import main
+  out = []
+  for argv in json.loads(sys.argv[1]):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+      try:
+        code = main(argv)
+      except SystemExit as e:
+        code = e.code
+      except Exception:  # a bug: reported as this command's result, the others still run
+        traceback.print_exc()
+        code = "traceback"
+    out.append(dict(code=code, stdout=stdout.getvalue(), stderr=stderr.getvalue()))
+  print("RESULT " + json.dumps(out), flush=True)
+""")
 
-
-@pytest.mark.parametrize("extra, message", [
+BAD_MESHES = [
     (_mesh(3, 1, 1), "has 3 devices but 8 are available"),
     (_mesh(-1, 3, 1), "do not divide the 8 available devices"),
     (_mesh(4, 2, 1) + ["--config.train.batch_size=12"],
      "train.batch_size 12 must be divisible by the data-parallel size 8"),
-])
-def test_bad_mesh_or_batch_fails_before_anything_runs(tmp_path, extra, message):
-  wd = tmp_path / "run"
-  r = _cli(tmp_path, "train", "--config", EXPERIMENT, "--workdir", str(wd), *TINY, *extra)
-  assert r.returncode == 2, r.stderr[-2000:]
+]
+
+
+@pytest.fixture(scope="module")
+def commands(tmp_path_factory, compile_cache):
+  """The bad-mesh trainings and the memory report, each command's result by name."""
+  tmp = tmp_path_factory.mktemp("commands")
+  runs = {f"bad{i}": ["train", "--config", EXPERIMENT, "--workdir", str(tmp / f"bad{i}"), *TINY,
+                      *extra] for i, (extra, _) in enumerate(BAD_MESHES)}
+  runs["memory"] = ["memory", "--config", EXPERIMENT, *TINY, "--mesh", "fsdp=8", "--json"]
+  proc = _driver(tmp, compile_cache, "commands", list(runs.values()), 8, script=CLI_DRIVER,
+                 args=())
+  out = _result(proc, time.monotonic() + CLI_TIMEOUT)
+  return SimpleNamespace(tmp=tmp, **{name: SimpleNamespace(**r) for name, r in zip(runs, out)})
+
+
+@pytest.mark.parametrize("case", range(len(BAD_MESHES)),
+                         ids=["too_few_devices", "not_dividing", "batch_not_divisible"])
+def test_bad_mesh_or_batch_fails_before_anything_runs(commands, case):
+  r, message = getattr(commands, f"bad{case}"), BAD_MESHES[case][1]
+  assert r.code == 2, r.stderr[-2000:]
   assert message in r.stderr
-  assert not wd.exists()  # refused before the workdir, the data and any compilation
+  # Refused before the workdir, the data and any compilation.
+  assert not (commands.tmp / f"bad{case}").exists()
 
 
 def test_mesh_shape_and_spec_fitting():
@@ -367,9 +409,9 @@ def test_hybrid_mesh_puts_dcn_axes_across_slices():
   assert [{d.process_index for d in row.ravel()} for row in grid] == [{0}, {1}]
 
 
-def test_memory_report_shows_fsdp_sharding(tmp_path):
-  r = _cli(tmp_path, "memory", "--config", EXPERIMENT, *TINY, "--mesh", "fsdp=8", "--json")
-  assert r.returncode == 0, r.stderr[-3000:]
+def test_memory_report_shows_fsdp_sharding(commands):
+  r = commands.memory
+  assert r.code == 0, r.stderr[-3000:]
   rep = json.loads(r.stdout.strip().splitlines()[-1])
   assert rep["num_devices"] == 8 and rep["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
   assert rep["params_global"] == 4 * rep["param_count"]  # float32
@@ -382,9 +424,11 @@ def test_memory_report_shows_fsdp_sharding(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="TPU ahead-of-time compile needs the libtpu wheel")
-def test_memory_report_for_a_tpu_topology(tmp_path):
-  r = _cli(tmp_path, "memory", "--config", EXPERIMENT, *TINY, "--topology", "v5e:2x2",
-           "--mesh", "fsdp=4", "--json", devices=None)
+def test_memory_report_for_a_tpu_topology(compile_cache):
+  r = subprocess.run([sys.executable, "-m", "loopjax.cli", "memory", "--config", EXPERIMENT,
+                      *TINY, "--topology", "v5e:2x2", "--mesh", "fsdp=4", "--json"],
+                     capture_output=True, text=True, timeout=CLI_TIMEOUT, env=_env(compile_cache),
+                     cwd=ROOT)
   assert r.returncode == 0, r.stderr[-3000:]
   rep = json.loads(r.stdout.strip().splitlines()[-1])
   assert rep["device_kind"].startswith("TPU v5") and rep["num_devices"] == 4

@@ -7,7 +7,9 @@ from loopjax.cli import main
 from loopjax.evaluate.study import run_study
 
 
-def test_study_pipeline_tiny(tmp_path):
+def test_study_pipeline_tiny(tmp_path, in_process_compile_cache):
+  # (The cache: every checkpoint of a run is scored through a freshly loaded model, which
+  # compiles the same sampler again.)
   result = run_study(str(tmp_path), task="sudoku", scale="tiny", log=lambda *_: None)
   assert set(result["runs"]) == {"mdm", "loopmdm", "deep_mdm", "mdm_matched"}
   runs = result["runs"]

@@ -3,7 +3,7 @@ profiler window.
 
 The compilation cache (JAX's persistent cache) stores compiled executables keyed by the program,
 the devices and the compiler flags, so a resumed, requeued or repeated run skips its compile.
-`train.compile_cache`: "auto" uses $JAX_COMPILATION_CACHE_DIR if set, else
+`train.compile_cache`: "auto" uses $JAX_COMPILATION_CACHE_DIR if set (set but empty: off), else
 ~/.cache/loopjax/jax_cache; a path (local or gs://) uses that; "" turns it off.
 """
 
@@ -21,10 +21,10 @@ DEFAULT_CACHE = os.path.join("~", ".cache", "loopjax", "jax_cache")
 
 def compile_cache_dir(setting: str) -> str | None:
   """The cache folder `train.compile_cache` names, or None when it is off."""
+  if setting == "auto":
+    setting = os.environ.get("JAX_COMPILATION_CACHE_DIR", DEFAULT_CACHE)
   if not setting:
     return None
-  if setting == "auto":
-    setting = os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_CACHE
   return setting if "://" in setting else os.path.expanduser(setting)
 
 
