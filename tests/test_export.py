@@ -22,6 +22,7 @@ from loopjax import checkpoints, cli, export, weights
 from loopjax import reference as ref
 from loopjax.model import LoopedTransformer, ModelConfig
 from loopjax.train.config import base_config, model_config
+from word_tokenizer import word_level_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=9, max_length=16, width=32, num_layers=3, num_heads=2, cond_dim=16)
@@ -67,13 +68,8 @@ def _run_config(cfg, tok_path):
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
-  from tokenizers import Tokenizer, models, pre_tokenizers
   words = ["<unk>", "<pad>", "</s>", "a", "b", "c", "d", "e", "f"]  # 9 ids, as vocab_size
-  tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  path = str(tmp_path_factory.mktemp("tok") / "tokenizer.json")
-  tok.save(path)
-  return path
+  return word_level_tokenizer(tmp_path_factory.mktemp("tok"), words)
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,14 @@ import pytest
 
 from loopjax.errors import UserError
 from loopjax.evaluate import gen_ppl
+from word_tokenizer import word_level_tokenizer
 
 WORDS = ["<unk>", "<pad>", "</s>"] + [f"w{i}" for i in range(13)]  # 16 ids
 
 
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  path = str(tmp_path_factory.mktemp("tok") / "tokenizer.json")
-  tok.save(path)
-  return path
+  return word_level_tokenizer(tmp_path_factory.mktemp("tok"), WORDS)
 
 
 @pytest.fixture(scope="module")

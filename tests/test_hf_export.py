@@ -29,6 +29,7 @@ from loopjax.diffusion.loop_policy import LoopPolicy  # noqa: E402
 from loopjax.evaluate.denoiser import make_denoiser  # noqa: E402
 from loopjax.hf import tokenizer_files  # noqa: E402
 from loopjax.model import LoopedTransformer  # noqa: E402
+from word_tokenizer import word_level_tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["<unk>", "<pad>", "</s>", "a", "b", "c", "d", "e", "f"]  # 9 ids, as TINY's vocab_size
@@ -53,12 +54,7 @@ def hf_offline(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok_path(tmp_path_factory):
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  path = str(tmp_path_factory.mktemp("tok") / "tokenizer.json")
-  tok.save(path)
-  return path
+  return word_level_tokenizer(tmp_path_factory.mktemp("tok"), WORDS)
 
 
 def _load(d, **kw):
