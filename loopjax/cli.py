@@ -6,7 +6,7 @@
   loopjax prepare --input PATH [PATH ...] --tokenizer SPEC --out DIR [--text-field F] [--stats]
   loopjax sample --workdir DIR [--loops N|adaptive:TAU] [--steps T] [--prompt TEXT] ...
   loopjax eval --workdir DIR [--loops 1,2,4,8,12,24] [--steps 0,8] [--gsm8k F] [--corpus F] ...
-  loopjax study --workdir DIR [--task sudoku|arithmetic] [--scale small|tiny]
+  loopjax study --workdir DIR [--preset cpu|gpu|tiny]
   loopjax analyze attention --workdir DIR [--loops 1,2,4,...] [--examples N]
   loopjax memory --config A [--mesh data=..,fsdp=..,tensor=..] [--devices N | --topology v5e:2x4]
   loopjax export --workdir DIR --out OUT [--params ema|raw] [--dtype float32|bfloat16] [--step N]
