@@ -130,6 +130,8 @@ def test_export_of_a_padded_model_gives_the_real_vocabulary(padded, tmp_path):
   assert config["vocab_size"] == V and config["vocab_padding"] == {
       "multiple": 8, "output_columns": 16, "embedding_rows": 16,
       "logits": "columns >= vocab_size are padding: sliced off"}
+  with open(os.path.join(out, "README.md"), encoding="utf-8") as f:
+    assert "tables padded to 16 columns / 16 rows" in f.read()
   cfg, w = reference.load(out)
   ref = reference.forward(cfg, w, np.asarray(noisy), loops=2)
   assert ref.shape == (2, 8, V)
