@@ -87,13 +87,14 @@ def rederive(saved: Sequence[dict], fresh: Sequence[dict], *, global_batch_size:
   out = []
   for f in fresh:
     mine = {k: v for k, v in f["fingerprint"].items() if k not in _LAYOUT_KEYS}
-    theirs = {k: v for k, v in saved[0]["fingerprint"].items() if k not in _LAYOUT_KEYS}
-    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-    if diff:
-      raise ResumeLayoutError(
-          "the checkpoint's data pipeline differs from this run's in more than which rows "
-          "each process loads: " + ", ".join(f"{k}: saved {theirs.get(k)!r} vs now "
-                                             f"{mine.get(k)!r}" for k in diff))
+    for s in saved:
+      theirs = {k: v for k, v in s["fingerprint"].items() if k not in _LAYOUT_KEYS}
+      diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+      if diff:
+        raise ResumeLayoutError(
+            "the checkpoint's data pipeline differs from this run's in more than which rows "
+            "each process loads: " + ", ".join(f"{k}: saved {theirs.get(k)!r} vs now "
+                                               f"{mine.get(k)!r}" for k in diff))
     new, g = copy.deepcopy(f), f["grain"]
     mine_rows = _rows(f, global_batch_size)
     if set(g) == {"next_index"}:
