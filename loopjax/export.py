@@ -143,6 +143,10 @@ def export_params(out: str, cfg, params, *, run_config=None, dtype: str = "float
       "format": FORMAT, "format_version": FORMAT_VERSION, **_hf_fields(cfg, dtype),
       "architecture": dataclasses.asdict(cfg), "vocab_size": cfg.vocab_size,
       "input_vocab_size": cfg.vocab_size + 1, "mask_id": cfg.mask_id,
+      # The tensors keep loopjax's padded tables (exact round trip); readers slice the logits.
+      "vocab_padding": {"multiple": cfg.vocab_multiple, "output_columns": cfg.padded_vocab,
+                        "embedding_rows": cfg.input_vocab,
+                        "logits": "columns >= vocab_size are padding: sliced off"},
       "loop": {"looped": cfg.looped, "block": [a, b], "block_layers": cfg.block_layers,
                "default_loops": s, "max_train_loops": cfg.max_loops,
                "train_loops": run.loops.train if run is not None else None,

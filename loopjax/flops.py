@@ -76,9 +76,10 @@ def layer_flops_per_seq(cfg: ModelConfig, length: int) -> int:
 
 
 def nonlayer_flops_per_seq(cfg: ModelConfig, length: int) -> int:
-  """Forward FLOPs outside the transformer layers: time MLP, final adaLN, output head."""
+  """Forward FLOPs outside the transformer layers: time MLP, final adaLN, output head (all
+  `padded_vocab` columns: the padded ones are computed too)."""
   _check(length)
-  d, c, v = cfg.width, cfg.cond_dim, cfg.vocab_size
+  d, c, v = cfg.width, cfg.cond_dim, cfg.padded_vocab
   time_mlp = 2 * TIME_FREQ_DIM * c + 2 * c * c
   final_adaln = 2 * c * 2 * d
   head = 2 * length * d * v
@@ -214,11 +215,11 @@ def _plain(cfg: ModelConfig, num_layers: int) -> ModelConfig:
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
   """Analytic parameter count by component (matches `count_params` of an initialised model)."""
-  d, f, c, v = cfg.width, cfg.mlp_dim, cfg.cond_dim, cfg.vocab_size
+  d, f, c, v = cfg.width, cfg.mlp_dim, cfg.cond_dim, cfg.padded_vocab
   mlp = 3 * d * f if cfg.mlp_type == "swiglu" else 2 * d * f + f + d
   layer = 4 * d * d + mlp + (c * 6 * d + 6 * d) + 2 * d  # attention, MLP, adaLN, two norms.
   out = {
-      "embedding": (v + 1) * d,
+      "embedding": cfg.input_vocab * d,  # vocab_size + 1 ([MASK]), padded
       "time_mlp": TIME_FREQ_DIM * c + c + c * c + c,
       "per_layer": layer,
       "layers": cfg.num_layers * layer,

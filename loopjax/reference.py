@@ -146,4 +146,6 @@ def forward(cfg, w, tokens_BxL, loops=None, t_B=None, segment_ids_BxL=None):
   shift, scale = np.split((c @ w["output.adaln.kernel"] + w["output.adaln.bias"])[:, None, :], 2,
                           axis=-1)
   h = _layer_norm(h, w["output.norm.scale"], eps) * (1 + scale) + shift
-  return h @ w["output.proj.kernel"] + w["output.proj.bias"]
+  # The head may hold padded columns (config "vocab_padding"): the real vocabulary comes first.
+  v = int(cfg["vocab_size"])
+  return h @ w["output.proj.kernel"][:, :v] + w["output.proj.bias"][:v]

@@ -21,8 +21,8 @@ from loopjax.train.variants import VARIANTS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OWT = os.path.join(ROOT, "experiments", "owt.py")
 SUDOKU = os.path.join(ROOT, "experiments", "sudoku.py")
-PAPER = dict(vocab_size=50258, max_length=1024, width=768, num_heads=12, cond_dim=128,
-             dropout=0.0, dtype="bfloat16", remat="dots_no_batch")
+PAPER = dict(vocab_size=50258, vocab_multiple=128, max_length=1024, width=768, num_heads=12,
+             cond_dim=128, dropout=0.0, dtype="bfloat16", remat="dots_no_batch")
 
 
 def _owt_steps(num_layers, loops="uniform:1:12", block=(1, 3)):
@@ -37,11 +37,11 @@ def _owt_steps(num_layers, loops="uniform:1:12", block=(1, 3)):
 def test_paper_variants_resolve_to_the_paper_numbers():
   got = {v: load_config(f"{OWT}:{v}") for v in VARIANTS}
   assert got["mdm"].train.steps == 1_000_000 and not model_config(got["mdm"]).looped
-  assert got["loopmdm"].train.steps == _owt_steps(12) == 599_440
+  assert got["loopmdm"].train.steps == _owt_steps(12) == 599_500
   assert (got["loopmdm"].model.loop_start, got["loopmdm"].model.loop_end) == (1, 3)
   assert got["loopmdm"].loops.train == "uniform:1:12"
-  assert got["deep_mdm"].model.num_layers == 23 and got["deep_mdm"].train.steps == 599_440
-  assert got["mdm_matched"].train.steps == 599_440
+  assert got["deep_mdm"].model.num_layers == 23 and got["deep_mdm"].train.steps == 599_500
+  assert got["mdm_matched"].train.steps == 599_500
   assert got["mdm_matched"].model.num_layers == 12
   u = got["uniform_loop"]
   assert (u.model.loop_start, u.model.loop_end, u.loops.train) == (0, 12, "uniform:1:3")
@@ -76,7 +76,7 @@ def test_explicit_derived_keys_keep_the_override(caplog):
   caplog.set_level(logging.INFO)
   c = load_config(f"{OWT}:loopmdm", ["--config.train.steps=100"])
   assert c.train.steps == 100
-  assert "kept from --config.train.steps; loopmdm would derive 599440" in caplog.text
+  assert "kept from --config.train.steps; loopmdm would derive 599500" in caplog.text
   # An overridden loop distribution is used by the derivations that follow it.
   c = load_config(f"{OWT}:loopmdm", ["--config.loops.train=uniform:1:3"])
   assert c.loops.train == "uniform:1:3" and c.train.steps == _owt_steps(12, "uniform:1:3")

@@ -191,12 +191,14 @@ def test_flop_conventions_by_hand():
   assert steps("6nd") == pytest.approx(1_000_000 * n / (n + 5.5 * 2 * n_layer), rel=1e-12)
   assert F.train_flops_per_step_as(base, L, 512, None, "6nd") == 6 * n * 512 * L
   # The three counts the paper's unstated F_base leaves open at the 1M-step budget
-  # (experiments/owt.py's vocabulary: GPT-2's 50257 tokens + EOS separator).
+  # (experiments/owt.py's vocabulary: GPT-2's 50257 tokens + EOS separator; unpadded, and
+  # padded to 128 as experiments/ trains it: the padded head columns are computed, so counted).
   owt = {**PAPER, "vocab_size": 50258}
-  assert [round(F.matched_steps(ModelConfig(**owt, loop_start=1, loop_end=3, max_loops=12),
-                                "uniform:1:12", ModelConfig(**owt), None, 1_000_000, L, 512,
-                                convention=c)) for c in F.FLOP_CONVENTIONS] == [
-                                    599_440, 521_739, 667_610]
+  for multiple, want in ((1, [599_440, 521_739, 667_610]), (128, [599_500, 521_739, 667_701])):
+    cfg = {**owt, "vocab_multiple": multiple}
+    assert [round(F.matched_steps(ModelConfig(**cfg, loop_start=1, loop_end=3, max_loops=12),
+                                  "uniform:1:12", ModelConfig(**cfg), None, 1_000_000, L, 512,
+                                  convention=c)) for c in F.FLOP_CONVENTIONS] == want
   with pytest.raises(ValueError, match="FLOP convention"):
     steps("kaplan")
 

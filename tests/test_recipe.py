@@ -59,7 +59,8 @@ MDLM = {
 }
 # bf16 compute as MDLM's configs/config.yaml trainer.precision; not a recipe value, but a check
 # that the paper backbone stays the one measured.
-OWN = {"model.dtype": "bfloat16", "variant.flop_convention": "all_forward"}
+OWN = {"model.dtype": "bfloat16", "variant.flop_convention": "all_forward",
+       "model.vocab_multiple": 128}
 
 
 def _get(c, key):

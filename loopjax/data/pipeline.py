@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import sys
 from types import SimpleNamespace
 
 import grain
@@ -38,6 +37,15 @@ from loopjax.data.tokenizers import Tokenizer, fill_id, make_tokenizer
 
 SOURCES = ("sudoku", "arithmetic", "text", "tfds", "prompt_answer", "prepared")
 _SYNTHETIC = ("sudoku", "arithmetic")
+# Rows of an endless training stream. Not sys.maxsize (grain's `repeat()`): grain computes the
+# length of a one-row batch of that beyond Py_ssize_t, which a process loading one row per
+# pipeline shard would hit.
+_ENDLESS = 2**62
+
+
+def _endless(ds: grain.MapDataset) -> grain.MapDataset:
+  """`ds` repeated (in the same order every epoch) to about _ENDLESS elements."""
+  return ds.repeat(max(1, _ENDLESS // max(1, len(ds))))
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -214,14 +222,14 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
       ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=c.prefetch)
     return DataIterator(iter(ds), fingerprint=fingerprint)
   if c.source in _SYNTHETIC:
-    rows = grain.MapDataset.range(sys.maxsize).map(functools.partial(
+    rows = grain.MapDataset.range(_ENDLESS).map(functools.partial(
         _synthetic_row, c=c, seed=dseed, heldout_split=False))
   elif c.source == "prompt_answer":
     rows = grain.MapDataset.source(_pair_rows(c, tok, train=True)).shuffle(
-        seed=dseed % 2**32).repeat()
+        seed=dseed % 2**32).pipe(_endless)
   else:
     docs = grain.MapDataset.source(_documents(c, train=True))
-    token_docs = docs.shuffle(seed=dseed % 2**32).repeat().map(
+    token_docs = docs.shuffle(seed=dseed % 2**32).pipe(_endless).map(
         functools.partial(text.encode_document, tok))
     if not c.packing:
       rows = token_docs.map(functools.partial(packing.padded_row, seq_len=c.seq_len,

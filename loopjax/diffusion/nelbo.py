@@ -30,7 +30,8 @@ def diffusion_loss(logits_BxLxV, tokens_BxL, masked_BxL, t_B, schedule, loss_mas
 
   Args:
     logits_BxLxV: denoiser output over the real vocabulary (any float dtype; the log-softmax is
-      computed in float32).
+      computed in float32), possibly padded with columns of a large negative logit (which add
+      nothing to the normaliser).
     tokens_BxL: clean targets x_0, ints in [0, V). A target outside that range at a scored masked
       position makes the loss NaN (it is a bug, not something to clamp silently); elsewhere it is
       ignored.

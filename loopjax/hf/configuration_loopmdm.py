@@ -13,7 +13,8 @@ class LoopMDMConfig(PretrainedConfig):
 
   `architecture`, `loop` and `math` are the export's entries of the same names; every other
   config.json entry is kept as an attribute. `vocab_size` is the output vocabulary; the input
-  vocabulary has one more id, `mask_id = vocab_size` ([MASK]).
+  vocabulary has one more id, `mask_id = vocab_size` ([MASK]). The weights' tables may be
+  padded (architecture `vocab_multiple`): `padded_vocab` head columns, `embedding_rows` rows.
   """
 
   model_type = "loopmdm"
@@ -25,6 +26,9 @@ class LoopMDMConfig(PretrainedConfig):
     kwargs.setdefault("tie_word_embeddings", False)
     super().__init__(**kwargs)
     self.architecture, self.loop, self.math, self.vocab_size = arch, loop, math, vocab
+    multiple = int(arch.get("vocab_multiple", 1))
+    self.padded_vocab = -(-vocab // multiple) * multiple
+    self.embedding_rows = -(-(vocab + 1) // multiple) * multiple
     self.width = int(arch.get("width", 256))
     self.num_layers = int(arch.get("num_layers", 4))
     self.num_heads = int(arch.get("num_heads", 4))

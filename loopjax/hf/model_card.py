@@ -58,7 +58,10 @@ def render(config: dict, training: dict, eval_summary: dict | None, name: str) -
   lines += _table(["field", "value"], [
       ["layers", arch["num_layers"]], ["width", arch["width"]], ["heads", arch["num_heads"]],
       ["MLP", f"{arch['mlp_type']}, ratio {arch['mlp_ratio']}"],
-      ["vocabulary", f"{config['vocab_size']} + [MASK] (id {config['mask_id']})"],
+      ["vocabulary", f"{config['vocab_size']} + [MASK] (id {config['mask_id']})" + (
+          f"; tables padded to {pad['output_columns']} columns / {pad['embedding_rows']} rows "
+          "(padding sliced off the logits)" if (pad := config.get("vocab_padding") or {})
+          and pad.get("multiple", 1) > 1 else "")],
       ["max length", arch["max_length"]], ["time conditioning", arch["time_conditioning"]],
       ["unique parameters", rep["unique_params"]],
       [f"non-looped model of the executed depth (S={rep['default_loops']})",

@@ -164,11 +164,13 @@ class OutputLayer(nn.Module):
     super().__init__()
     self.adaln = Dense(config.cond_dim, 2 * config.width, zero=True)
     self.norm = LayerNorm(config.width, config.norm_eps)
-    self.proj = Dense(config.width, config.vocab_size)
+    self.proj = Dense(config.width, config.padded_vocab)
+    self.vocab_size = config.vocab_size
 
   def forward(self, h, c_BxC):
     shift, scale = self.adaln(c_BxC)[:, None, :].chunk(2, -1)
-    return self.proj(self.norm(h) * (1 + scale) + shift).float()
+    # Columns past the vocabulary are padding of the table (no token): sliced off.
+    return self.proj(self.norm(h) * (1 + scale) + shift).float()[..., :self.vocab_size]
 
 
 class LoopMDMPreTrainedModel(PreTrainedModel):
@@ -202,7 +204,8 @@ class LoopMDMForMaskedLM(LoopMDMPreTrainedModel):
     a, b, n = config.loop_start, config.loop_end, config.num_layers
     if not config.looped:
       a = b = n
-    self.embed = Embedding(config.vocab_size + 1, config.width)
+    self.embed = Embedding(config.embedding_rows,
+                           config.width)
     self.time_embed = TimeEmbedding(config)
     # Absolute layer indices: head [0, a) and tail [b, n); the looped block's layers a..b-1
     # are loop_block.0 .. loop_block.(b-a-1), stored once.

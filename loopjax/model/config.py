@@ -12,6 +12,10 @@ from typing import Any, Mapping
 
 from loopjax.model.kernels import KERNELS
 
+# The logit of a padded head column: exp(MASKED_LOGIT - any real logit) is exactly 0 in float32,
+# so padded ids get no probability and never win an argmax or a Gumbel/exponential race, while
+# staying finite (0 * MASKED_LOGIT is 0, not NaN, in entropies and expectations).
+MASKED_LOGIT = -1e9
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 MLP_TYPES = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16")
@@ -30,9 +34,16 @@ class ModelConfig:
   `[loop_end, num_layers)`. `loop_start == loop_end` means no looped block (a plain MDM).
   The input vocabulary has `vocab_size + 1` ids; id `vocab_size` is `[MASK]`. The head outputs
   `vocab_size` logits, so the mask is never predicted.
+
+  `vocab_multiple` > 1 pads both tables to a multiple of it (`padded_vocab` head columns,
+  `input_vocab` embedding rows), so that a mesh axis divides them (and TPU matmul tiles fill):
+  a vocabulary no mesh axis divides stays whole on every device, and so do the logits. The
+  padded head columns hold MASKED_LOGIT, so they carry no probability and are never sampled;
+  padded embedding rows are never looked up (ids stop at the [MASK] id).
   """
 
   vocab_size: int = 256
+  vocab_multiple: int = 1  # 1: no padding (the paper configs in experiments/ set 128)
   max_length: int = 128
   width: int = 256
   num_layers: int = 4
@@ -92,6 +103,16 @@ class ModelConfig:
     return self.vocab_size
 
   @property
+  def padded_vocab(self) -> int:
+    """Columns of the output head: vocab_size rounded up to a multiple of vocab_multiple."""
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+  @property
+  def input_vocab(self) -> int:
+    """Rows of the token embedding: vocab_size + 1 ([MASK]) rounded up the same way."""
+    return -(-(self.vocab_size + 1) // self.vocab_multiple) * self.vocab_multiple
+
+  @property
   def head_dim(self) -> int:
     return self.width // self.num_heads
 
@@ -115,7 +136,8 @@ class ModelConfig:
     def bad(field, msg):
       raise ValueError(f"model.{field}: {msg}")
 
-    for field in ("vocab_size", "max_length", "width", "num_layers", "num_heads", "cond_dim"):
+    for field in ("vocab_size", "vocab_multiple", "max_length", "width", "num_layers",
+                  "num_heads", "cond_dim"):
       if int(getattr(self, field)) < 1:
         bad(field, f"must be >= 1, got {getattr(self, field)}")
     if self.width % self.num_heads:

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from loopjax.model.config import ModelConfig
+from loopjax.model.config import MASKED_LOGIT, ModelConfig
 from loopjax.model.layers import (BLD, Block, Dense, adaln_modulation, bias_init, compute_dtype,
                                   constrain, dense_init, kernel_initializer, layer_norm)
 
@@ -202,7 +202,8 @@ class TimeEmbedding(nn.Module):
 
 
 class OutputLayer(nn.Module):
-  """Final adaLN-modulated norm and the untied head producing V logits (no [MASK] output)."""
+  """Final adaLN-modulated norm and the untied head producing V logits (no [MASK] output),
+  padded to cfg.padded_vocab columns whose logits are MASKED_LOGIT."""
 
   cfg: ModelConfig
 
@@ -213,11 +214,15 @@ class OutputLayer(nn.Module):
     h = layer_norm(dt, "norm", cfg.norm_eps)(h_BxLxD) * (1 + scale) + shift
     kernel_init = (nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "vocab"))
                    if cfg.zero_init_head else dense_init(("embed", "vocab"), kind=cfg.dense_init))
-    logits = Dense(cfg.vocab_size, dtype=dt, kernels=cfg.kernels, name="proj",
+    logits = Dense(cfg.padded_vocab, dtype=dt, kernels=cfg.kernels, name="proj",
                    kernel_init=kernel_init,
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))(
                        h.astype(dt))
-    return constrain(logits.astype(jnp.float32), "act_batch", "act_length", "act_vocab")
+    logits = constrain(logits.astype(jnp.float32), "act_batch", "act_length", "act_vocab")
+    if cfg.padded_vocab > cfg.vocab_size:  # padded columns: no probability (ModelConfig)
+      real = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
+      logits = jnp.where(real, logits, MASKED_LOGIT)
+    return logits
 
 
 class LoopedTransformer(nn.Module):
@@ -227,7 +232,7 @@ class LoopedTransformer(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    self.embed = Embed(cfg.vocab_size + 1, cfg.width, embedding_init=nn.with_logical_partitioning(
+    self.embed = Embed(cfg.input_vocab, cfg.width, embedding_init=nn.with_logical_partitioning(
         embedding_initializer(cfg.embed_init), ("vocab", "embed")))
     self.time_embed = TimeEmbedding(cfg.cond_dim, init_kind=cfg.dense_init)
     head_n = cfg.loop_start if cfg.looped else cfg.num_layers
@@ -240,7 +245,8 @@ class LoopedTransformer(nn.Module):
   def __call__(self, tokens_BxL: Array, loops: Any = 1, t_B: Array | None = None,
                segment_ids_BxL: Array | None = None, *, train: bool = False,
                collect: bool = False):
-    """Logits B x L x V (float32), or (logits, aux) when `collect`.
+    """Logits B x L x cfg.padded_vocab (float32; the padded columns hold MASKED_LOGIT), or
+    (logits, aux) when `collect`.
 
     `loops` is S: a Python int or a traced int32 scalar, 1 <= S <= max_loops (a traced S above
     max_loops runs max_loops; for more loops rebuild the model with a larger max_loops, which

@@ -1,6 +1,7 @@
 """The training loop: set up a run (or resume it), step, log, evaluate, checkpoint, stop cleanly.
 
-Running the same command on the same workdir resumes from the newest readable checkpoint.
+Running the same command on the same workdir resumes from the newest readable checkpoint, also
+with another number of processes or another mesh (train/checkpoint.py).
 
 Stop requests: once training has started, SIGTERM and SIGINT save a checkpoint at the current step
 and return normally (exit code 0); in a multi-process job every process saves the same step (the
@@ -43,7 +44,7 @@ from loopjax.errors import Interrupted, UserError
 from loopjax.parallel import distributed
 from loopjax.parallel import mesh as mesh_lib
 from loopjax.train import config as config_lib
-from loopjax.train.checkpoint import Checkpointer
+from loopjax.train.checkpoint import Checkpointer, process_layout
 from loopjax.train.lock import WorkdirLock, WorkdirLockedError
 from loopjax.train.metrics import MetricsWindow, MetricsWriter
 from loopjax.train.runtime import Profiler, enable_compile_cache
@@ -57,6 +58,8 @@ _COMPAT_SECTIONS = ("model", "loops")
 # ...except these, which change how the same weights are computed, not what they are.
 _RUNTIME_KEYS = {("model", k) for k in ("kernels", "remat", "loop_remat", "dtype",
                                         "scan_unroll", "unroll_layers")}
+# Keys that runs saved before the key existed lack: they were trained with this value.
+_IMPLIED = {("model", "vocab_multiple"): 1}
 
 
 class NonFiniteLossError(UserError):
@@ -72,9 +75,10 @@ def check_workdir(workdir: str, config) -> None:
     return
   saved = read_run_config(workdir).to_dict()  # a damaged file: an error naming it
   now = json.loads(config.to_json())
-  diffs = [f"{sec}.{k}: saved {saved.get(sec, {}).get(k)!r}, now {v!r}"
+  was = lambda sec, k: saved.get(sec, {}).get(k, _IMPLIED.get((sec, k)))
+  diffs = [f"{sec}.{k}: saved {was(sec, k)!r}, now {v!r}"
            for sec in _COMPAT_SECTIONS for k, v in now[sec].items()
-           if saved.get(sec, {}).get(k) != v and (sec, k) not in _RUNTIME_KEYS]
+           if was(sec, k) != v and (sec, k) not in _RUNTIME_KEYS]
   if diffs:
     raise ValueError(f"{workdir} holds checkpoints of an incompatible run ("
                      + "; ".join(diffs) + "). Use a new --workdir or the original config.")
@@ -231,8 +235,11 @@ def _setup(config, workdir: str) -> _Run:
     check_batch(run.first, program.model.cfg.vocab_size, config.data.seq_len)
     # Hosts reach this point at different times (data set-up); Orbax's first barrier follows.
     distributed.barrier("loopjax_setup")
+    # Recorded with every checkpoint: a resume with another layout re-derives the data position.
+    layout = process_layout(t.batch_size, [mesh_lib.process_row_shards(mesh, t.batch_size, p)
+                                           for p in range(jax.process_count())])
     run.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
-                            async_save=t.async_checkpoints)
+                            async_save=t.async_checkpoints, layout=layout)
   except BaseException:
     run.close()
     raise

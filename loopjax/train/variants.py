@@ -46,8 +46,9 @@ def paper_backbone(c, *, vocab_size: int, length: int, dropout: float = 0.1):
   diffusion.py); tests/test_recipe.py holds the resolved configs against that table.
   """
   c.data.seq_len = length
-  c.model.update(vocab_size=vocab_size, max_length=length, width=768, num_layers=12,
-                 num_heads=12, cond_dim=128, dropout=dropout, mlp_hidden_dropout=False,
+  # vocab_multiple: not MDLM's; a padded vocabulary that mesh axes divide (no numerical change).
+  c.model.update(vocab_size=vocab_size, vocab_multiple=128, max_length=length, width=768,
+                 num_layers=12, num_heads=12, cond_dim=128, dropout=dropout, mlp_hidden_dropout=False,
                  embed_init="mdlm", dense_init="torch", zero_init_head=True, norm_eps=1e-5,
                  time_conditioning=False, dtype="bfloat16", remat="dots_no_batch")
   c.train.update(batch_size=512, lr=3e-4, warmup_steps=2500, lr_schedule="constant",
