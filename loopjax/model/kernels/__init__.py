@@ -7,6 +7,7 @@ for a backend and are tested against it:
   reference  plain jnp: nn.Dense's matmul and bias, einsum-softmax attention
   xla_cpu    custom-VJP matmuls, bias and attention arranged for XLA:CPU's GEMMs (xla_cpu.py)
   cudnn      the reference dense layers with cuDNN's fused attention (NVIDIA GPUs)
+  splash     the reference dense layers with Pallas splash attention (TPUs)
   auto       one of the above, chosen by `resolve` from the devices the step is compiled for
 
 A new set is a `Kernels` entry in `_SETS` (and, if `auto` should pick it, a line in `_AUTO`).
@@ -19,7 +20,8 @@ from typing import Any, Callable, Iterable
 
 import jax
 
-from loopjax.model.kernels import cudnn, reference, xla_cpu
+from loopjax.model.kernels import cudnn, reference, splash, xla_cpu
+from loopjax.model.kernels.masks import AttentionMask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,18 +33,31 @@ class Kernels:
   # lax.dot_general's signature: the dense layers' contraction (Dense, DenseGeneral).
   dot_general: Callable
   add_bias: Callable  # (y_NxM, b_M) -> y + b
-  # (q, k, v B x L x H x K, bool mask B x 1 x L x L) -> softmax(q k^T / sqrt(K), masked) v.
+  # (q, k, v B x L x H x K, bool mask B x 1 x L x L, segment ids B x L or None)
+  #   -> softmax(q k^T / sqrt(K), masked) v. The mask is `masks.dense_mask` of the segment ids
+  # (the document mask); a set reads whichever of the two forms its kernel takes.
   attention: Callable
 
 
+def _dense_mask_only(attention: Callable) -> Callable:
+  """An attention of (q, k, v, mask) as a kernel-set attention (the segment ids unused)."""
+  def attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL, segment_ids_BxL=None):
+    del segment_ids_BxL
+    return attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL)
+  return attend
+
+
 _REFERENCE = Kernels(projections=reference.projections, dot_general=jax.lax.dot_general,
-                     add_bias=reference.add_bias, attention=reference.attention)
+                     add_bias=reference.add_bias,
+                     attention=_dense_mask_only(reference.attention))
 
 _SETS = {
     "reference": _REFERENCE,
     "xla_cpu": Kernels(projections=xla_cpu.projections, dot_general=xla_cpu.dot_general,
-                       add_bias=xla_cpu.add_bias, attention=xla_cpu.attention),
+                       add_bias=xla_cpu.add_bias,
+                       attention=_dense_mask_only(xla_cpu.attention)),
     "cudnn": dataclasses.replace(_REFERENCE, attention=cudnn.attention),
+    "splash": dataclasses.replace(_REFERENCE, attention=splash.attention),
 }
 
 KERNELS = ("auto",) + tuple(_SETS)
