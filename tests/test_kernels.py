@@ -184,8 +184,8 @@ _SPLASH_MESH = textwrap.dedent("""
 def test_splash_runs_per_shard_under_a_mesh():
   # 4 fake CPU devices: rows over `data`, heads over `tensor`; each shard's kernel sees its own
   # rows and heads, and the result is the unsharded reference's.
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
   out = subprocess.run([sys.executable, "-c", _SPLASH_MESH], env=env, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -370,11 +370,12 @@ def test_explicit_kernels_are_kept_and_validated():
     ModelConfig.from_dict({"kernels": "xla"})
 
 
-def test_cudnn_is_selectable_but_never_automatic():
-  assert "cudnn" in KERNELS and kernels.get("cudnn").attention is cudnn.attention
-  assert kernels.get("cudnn").projections is reference.projections
-  for platform in ("cpu", "tpu", "gpu", "cuda", "rocm"):
-    assert kernels.resolve("auto", _devices(platform)) != "cudnn"
+def test_accelerator_attention_is_selectable_but_never_automatic():
+  for name, attention in (("cudnn", cudnn.attention), ("splash", splash.attention)):
+    assert name in KERNELS and kernels.get(name).attention is attention
+    assert kernels.get(name).projections is reference.projections
+    for platform in ("cpu", "tpu", "gpu", "cuda", "rocm"):
+      assert kernels.resolve("auto", _devices(platform)) != name
 
 
 # --- an ahead-of-time compile for TPU from this host -----------------------------------------

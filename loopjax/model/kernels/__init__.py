@@ -6,9 +6,14 @@ for a backend and are tested against it:
 
   reference  plain jnp: nn.Dense's matmul and bias, einsum-softmax attention
   xla_cpu    custom-VJP matmuls, bias and attention arranged for XLA:CPU's GEMMs (xla_cpu.py)
-  cudnn      the reference dense layers with cuDNN's fused attention (NVIDIA GPUs)
-  splash     the reference dense layers with Pallas splash attention (TPUs)
+  cudnn      the reference dense layers with cuDNN's fused attention in bf16 (NVIDIA GPUs;
+             cudnn.py)
+  splash     the reference dense layers with Pallas splash attention from segment ids (TPUs;
+             splash.py; sharded per device with shard_map under the model's mesh)
   auto       one of the above, chosen by `resolve` from the devices the step is compiled for
+
+Attention gets the document mask in both forms (masks.py): the dense B x 1 x L x L mask and the
+segment ids it is built from; a set reads the one its kernel takes.
 
 A new set is a `Kernels` entry in `_SETS` (and, if `auto` should pick it, a line in `_AUTO`).
 """
@@ -63,7 +68,10 @@ _SETS = {
 KERNELS = ("auto",) + tuple(_SETS)
 
 # What `auto` picks per device platform. Accelerators get the reference until a kernel set for
-# them has been checked on the hardware; cudnn is chosen explicitly.
+# them has been run on the hardware: splash and cudnn are chosen explicitly. splash is checked
+# against the reference in Pallas' interpreter and compiles for real TPU topologies (any L, K:
+# it pads L to its blocks), but has not been run on a TPU; cudnn cannot even be lowered without
+# a GPU (jax asks the cuDNN library while tracing).
 _AUTO = {"cpu": "xla_cpu", "tpu": "reference", "gpu": "reference", "cuda": "reference",
          "rocm": "reference"}
 
