@@ -365,9 +365,13 @@ def test_resolve_refuses_mixed_unknown_or_no_devices():
 def test_explicit_kernels_are_kept_and_validated():
   for name in KERNELS[1:]:
     cfg = ModelConfig.from_dict({"kernels": name})
-    assert resolve_kernels(cfg, _devices("tpu")) is cfg
+    assert resolve_kernels(cfg, _devices("gpu" if name == "cudnn" else "tpu")) is cfg
   with pytest.raises(ValueError, match="model.kernels"):
     ModelConfig.from_dict({"kernels": "xla"})
+  # Device-bound kernels on other devices: refused before anything is traced.
+  for name, platform in (("splash", "cpu"), ("splash", "gpu"), ("cudnn", "tpu")):
+    with pytest.raises(ValueError, match=rf"model.kernels='{name}' runs on .* \['{platform}'\]"):
+      resolve_kernels(ModelConfig(kernels=name), _devices(platform))
 
 
 def test_accelerator_attention_is_selectable_but_never_automatic():

@@ -76,6 +76,10 @@ _AUTO = {"cpu": "xla_cpu", "tpu": "reference", "gpu": "reference", "cuda": "refe
          "rocm": "reference"}
 
 
+# Kernel sets bound to one kind of device (the others run anywhere XLA does).
+_PLATFORMS = {"splash": {"tpu"}, "cudnn": {"gpu", "cuda"}}
+
+
 def get(name: str) -> Kernels:
   """The kernel set `name`; `auto` must have been resolved first (see `resolve`)."""
   if name == "auto":
@@ -89,10 +93,14 @@ def get(name: str) -> Kernels:
 def resolve(name: str, devices: Iterable[Any]) -> str:
   """`name`, or for `auto` the kernel set for the platform of `devices` (mesh devices or AOT
   topology devices: anything with a `.platform`)."""
+  platforms = sorted({d.platform for d in devices})
   if name != "auto":
     get(name)
+    wrong = sorted(set(platforms) - _PLATFORMS.get(name, set(platforms)))
+    if wrong:
+      raise ValueError(f"model.kernels={name!r} runs on {sorted(_PLATFORMS[name])} devices only, "
+                       f"but the step is compiled for {wrong}; use 'auto' or 'reference'")
     return name
-  platforms = sorted({d.platform for d in devices})
   if len(platforms) != 1:
     raise ValueError(f"model.kernels='auto' needs devices of one platform, got "
                      f"{platforms or 'none'}; set model.kernels to one of {KERNELS[1:]}")
@@ -104,7 +112,6 @@ def resolve(name: str, devices: Iterable[Any]) -> str:
 
 def resolve_kernels(cfg, devices: Iterable[Any]):
   """`cfg` (a ModelConfig) unchanged unless `cfg.kernels == "auto"`; then with the kernel set
-  `resolve` picks for `devices`."""
-  if cfg.kernels != "auto":
-    return cfg
-  return dataclasses.replace(cfg, kernels=resolve(cfg.kernels, devices))
+  `resolve` picks for `devices`. A set bound to other devices than `devices` is an error."""
+  name = resolve(cfg.kernels, devices)
+  return cfg if name == cfg.kernels else dataclasses.replace(cfg, kernels=name)
