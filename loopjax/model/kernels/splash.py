@@ -12,8 +12,9 @@ of 128 with positions of their own segment (attending to nothing else) and slice
 
 Under a mesh the kernel, a Pallas custom call that the SPMD partitioner cannot split, runs per
 shard in a `shard_map` over the activations' logical batch and heads axes (the rules table of
-loopjax/parallel): every shard holds whole sequences (`act_length` is never sharded), so the
-per-shard result is the global one. An axis whose mesh size does not divide it is replicated.
+loopjax/parallel). The length and head-dim axes are whole on every shard (the specs leave them
+unsharded), so each shard's result is its part of the global one. A batch or heads axis that
+its mesh axes do not divide is replicated instead (correct, at the cost of a gather).
 """
 
 from __future__ import annotations
