@@ -5,6 +5,7 @@ No timing here: throughput is measured by benchmarks/ (see BENCHMARKS.md).
 """
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
@@ -23,7 +24,7 @@ import pytest
 from loopjax.model import KERNELS, LoopedTransformer, ModelConfig, resolve_kernels
 from loopjax.model import kernels
 from loopjax.model import layers
-from loopjax.model.kernels import cudnn, reference, xla_cpu
+from loopjax.model.kernels import cudnn, masks, reference, splash, xla_cpu
 
 TINY = dict(vocab_size=11, max_length=16, width=32, num_layers=4, num_heads=4, cond_dim=16,
             loop_start=1, loop_end=3, max_loops=3)
@@ -32,6 +33,17 @@ TINY = dict(vocab_size=11, max_length=16, width=32, num_layers=4, num_heads=4, c
 def _segment_mask(seg_BxL):
   eye = jnp.eye(seg_BxL.shape[1], dtype=bool)
   return (((seg_BxL[:, :, None] == seg_BxL[:, None, :]) & (seg_BxL[:, None, :] > 0)) | eye)[:, None]
+
+
+def test_the_model_mask_is_the_document_mask():
+  seg = jnp.array([[1] * 5 + [2] * 4 + [0] * 3, [3] * 12])
+  mask = masks.AttentionMask.from_segment_ids(seg, 2, 12)
+  np.testing.assert_array_equal(mask.dense_Bx1xLxL, _segment_mask(seg))
+  assert mask.segment_ids_BxL is seg
+  # With padding ids made unique, "same id" alone is that mask (what splash is given).
+  ids = masks.unique_padding_ids(seg)
+  np.testing.assert_array_equal((ids[:, :, None] == ids[:, None, :])[:, None], _segment_mask(seg))
+  assert masks.dense_mask(None, 2, 12).all()
 
 
 def _f32(tree):
@@ -101,6 +113,116 @@ def test_bfloat16_attention_dots_stay_bfloat16():
     assert shapes[a].startswith("bf16") and shapes[b].startswith("bf16"), (shapes[a], shapes[b])
 
 
+def _loss_and_grads(attend, q, k, v, w, mask, seg):
+  loss = lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, mask, seg).astype(jnp.float32)) * w)
+  return jax.jit(lambda q, k, v: (attend(q, k, v, mask, seg),
+                                  jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))(q, k, v)
+
+
+REFERENCE_ATTENTION = kernels.get("reference").attention
+
+
+@pytest.mark.parametrize("length,documents", [(128, False), (40, True)],
+                         ids=["one_block_one_document", "padded_to_a_block_documents"])
+def test_splash_attention_matches_reference(length, documents):
+  # Pallas' interpreter runs the TPU kernel on CPU. 128 positions are one kernel block, no
+  # segment ids; 40 are padded to a block, with three documents and padding in a row.
+  q, k, v, w, _ = _qkv(jnp.float32, length=length, h=2, k=16)
+  seg = (jnp.array([[1] * 15 + [2] * 15 + [3] * 6 + [0] * 4, [4] * 20 + [6] * 20])
+         if documents else None)
+  mask = masks.dense_mask(seg, 2, length)
+  got, want = (_loss_and_grads(fn, q, k, v, w, mask, seg)
+               for fn in (splash.interpreted, REFERENCE_ATTENTION))
+  _close(got, want, 1e-5, "splash ")
+
+
+def test_splash_model_matches_reference(monkeypatch):
+  # Segment ids reach the looped block's layer (under the loop's scan and cond) and the kernel
+  # set reads them; the TPU kernel runs interpreted. One layer and forward only: the kernel's
+  # gradient is checked above, and each interpreted kernel in a program adds seconds of compile.
+  monkeypatch.setitem(kernels._SETS, "splash", dataclasses.replace(
+      kernels.get("splash"), attention=splash.interpreted))
+  cfg = ModelConfig(**dict(TINY, num_layers=1, loop_start=0, loop_end=1, max_loops=2))
+  x, seg = _model_inputs()
+  ref, spl = (LoopedTransformer(dataclasses.replace(cfg, kernels=n))
+              for n in ("reference", "splash"))
+  params = _open_gates(_init(ref, x, 1))
+  # S = 1 of 2 (a traced S): the iteration runs under the loop's cond.
+  logits = lambda model: jax.jit(lambda p, s: model.apply({"params": p}, x, s, None, seg))(
+      params, jnp.int32(1))
+  _close(logits(spl), logits(ref), 1e-4, "splash model logits")
+
+
+_SPLASH_MESH = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from loopjax.model import kernels
+    from loopjax.model.kernels import masks, splash
+    from loopjax.parallel import mesh as mesh_lib
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, jax.devices())
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    q, k, v, w = (jax.random.normal(key, (2, 40, 2, 16)) for key in keys)
+    seg = jnp.array([[1] * 15 + [2] * 15 + [3] * 6 + [0] * 4, [4] * 20 + [6] * 20])
+    mask = masks.dense_mask(seg, 2, 40)
+    # The program spans the mesh's devices as the train step's sharded arguments make it.
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    q, k, v, w, seg, mask = jax.device_put((q, k, v, w, seg, mask), rows)
+
+    def run(attend):
+      loss = lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, mask, seg)) * w)
+      return jax.jit(mesh_lib.with_rules(lambda q, k, v: (
+          attend(q, k, v, mask, seg), jax.grad(loss, (0, 1, 2))(q, k, v)), mesh))(q, k, v)
+
+    lowered = jax.jit(mesh_lib.with_rules(lambda q, k, v: splash.interpreted(
+        q, k, v, mask, seg), mesh)).lower(q, k, v).as_text()
+    print("SHARD_MAP", "sdy.manual_computation" in lowered)
+    got, want = run(splash.interpreted), run(kernels.get("reference").attention)
+    err = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(got),
+                                                           jax.tree_util.tree_leaves(want)))
+    print("MAX_ERR", err)
+""")
+
+
+def test_splash_runs_per_shard_under_a_mesh():
+  # 4 fake CPU devices: rows over `data`, heads over `tensor`; each shard's kernel sees its own
+  # rows and heads, and the result is the unsharded reference's.
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+  out = subprocess.run([sys.executable, "-c", _SPLASH_MESH], env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "SHARD_MAP True" in out.stdout, out.stdout
+  assert float(re.search(r"MAX_ERR (\S+)", out.stdout)[1]) < 1e-5, out.stdout
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 3e-2), (jnp.bfloat16, 1e-2)],
+                         ids=["f32_cast_to_bf16", "bf16"])
+@pytest.mark.parametrize("documents", [True, False], ids=["documents", "one_document"])
+def test_cudnn_prepared_call_matches_reference(dtype, tol, documents):
+  # cuDNN itself needs an NVIDIA GPU; the same call (bfloat16 casts, mask as given to cuDNN)
+  # with XLA's attention in its place runs anywhere.
+  q, k, v, w, mask = _qkv(dtype)
+  seg = jnp.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12]) if documents else None
+  mask = masks.dense_mask(seg, 2, 12)
+  prepared = functools.partial(cudnn.attention, implementation="xla")
+  got, want = (_loss_and_grads(fn, q, k, v, w, mask, seg)
+               for fn in (prepared, REFERENCE_ATTENTION))
+  assert got[0].dtype == dtype and all(g.dtype == dtype for g in got[1])
+  _close(got, want, tol, "cudnn-prepared ")
+  if dtype == jnp.float32:  # the fused call does see bfloat16 operands
+    assert not np.array_equal(np.asarray(got[0]), np.asarray(want[0]))
+
+
+def test_cudnn_refuses_shapes_it_cannot_fuse_before_compiling():
+  mask = jnp.ones((1, 1, 12, 12), bool)
+  for shape, match in (((1, 12, 2, 12), "multiple of 8"), ((1, 12, 2, 264), "at most 256")):
+    q = jnp.zeros(shape, jnp.bfloat16)
+    with pytest.raises(ValueError, match=match):
+      cudnn.attention(q, q, q, mask, None)
+  q = jnp.zeros((1, 11, 2, 8), jnp.bfloat16)
+  with pytest.raises(ValueError, match="even sequence length"):
+    cudnn.attention(q, q, q, jnp.ones((1, 1, 11, 11), bool), jnp.ones((1, 11), jnp.int32))
+
+
 # --- dense layers ---------------------------------------------------------------------------
 
 DTYPE_TOL = [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)]
@@ -164,6 +286,15 @@ def _model_inputs():
   return x, seg
 
 
+def _open_gates(params):
+  """Non-zero adaLN projections, so every gate is open and every layer contributes (at init
+  they are zero, and no attention output reaches the logits)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, a: a + 0.02 * jax.random.normal(jax.random.PRNGKey(hash(jax.tree_util.keystr(p))
+                                                                   % 2**31), a.shape)
+      if "adaln" in jax.tree_util.keystr(p) else a, params)
+
+
 def _init(model, *args):
   # Jitted: eager initialisation dispatches (and compiles) every op of the scans one by one.
   return jax.jit(lambda key: nn.unbox(model.init(key, *args)["params"]))(jax.random.PRNGKey(1))
@@ -180,11 +311,7 @@ def test_model_xla_cpu_matches_reference(extra, tol):
   params = _init(ref, x, 1)
   # The same parameter tree, initialised identically, whatever the kernels.
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, _init(cpu, x, 1))
-  # Non-zero adaLN projections, so every gate is open and every layer contributes.
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, a: a + 0.02 * jax.random.normal(jax.random.PRNGKey(hash(jax.tree_util.keystr(p))
-                                                                   % 2**31), a.shape)
-      if "adaln" in jax.tree_util.keystr(p) else a, params)
+  params = _open_gates(params)
 
   def logits_and_grad(model):
     """One program per kernel set: the logits and the gradient of a loss on them."""
@@ -244,16 +371,21 @@ def test_resolve_refuses_mixed_unknown_or_no_devices():
 def test_explicit_kernels_are_kept_and_validated():
   for name in KERNELS[1:]:
     cfg = ModelConfig.from_dict({"kernels": name})
-    assert resolve_kernels(cfg, _devices("tpu")) is cfg
+    assert resolve_kernels(cfg, _devices("gpu" if name == "cudnn" else "tpu")) is cfg
   with pytest.raises(ValueError, match="model.kernels"):
     ModelConfig.from_dict({"kernels": "xla"})
+  # Device-bound kernels on other devices: refused before anything is traced.
+  for name, platform in (("splash", "cpu"), ("splash", "gpu"), ("cudnn", "tpu")):
+    with pytest.raises(ValueError, match=rf"model.kernels='{name}' runs on .* \['{platform}'\]"):
+      resolve_kernels(ModelConfig(kernels=name), _devices(platform))
 
 
-def test_cudnn_is_selectable_but_never_automatic():
-  assert "cudnn" in KERNELS and kernels.get("cudnn").attention is cudnn.attention
-  assert kernels.get("cudnn").projections is reference.projections
-  for platform in ("cpu", "tpu", "gpu", "cuda", "rocm"):
-    assert kernels.resolve("auto", _devices(platform)) != "cudnn"
+def test_accelerator_attention_is_selectable_but_never_automatic():
+  for name, attention in (("cudnn", cudnn.attention), ("splash", splash.attention)):
+    assert name in KERNELS and kernels.get(name).attention is attention
+    assert kernels.get(name).projections is reference.projections
+    for platform in ("cpu", "tpu", "gpu", "cuda", "rocm"):
+      assert kernels.resolve("auto", _devices(platform)) != name
 
 
 # --- an ahead-of-time compile for TPU from this host -----------------------------------------
@@ -298,3 +430,29 @@ def test_tpu_aot_compile_takes_the_reference_kernels():
   assert "BARRIERS False False" in out.stdout, out.stdout
   # The check can fail: the CPU kernels do put barriers in the program.
   assert "CPU_KERNEL_BARRIERS True" in out.stdout, out.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed: no TPU compiler for an AOT compile")
+def test_tpu_train_step_with_splash_compiles_and_keeps_activations_sharded(monkeypatch):
+  # The trainer's step for a tiny model with kernels=splash, compiled by the TPU compiler for a
+  # real topology (FSDP over 4 chips): the Pallas kernel is in the program, run per shard, and
+  # no collective moves activations.
+  from loopjax.parallel.topology import tpu_topology_devices
+  from loopjax.train import memory
+  from loopjax.train.config_load import load_config
+  hlo = []
+  optimized = memory._optimized_hlo
+  monkeypatch.setattr(memory, "_optimized_hlo", lambda *a: hlo.append(optimized(*a)) or hlo[-1])
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = load_config(os.path.join(root, "experiments", "sudoku.py"), [
+      "--config.model.width=64", "--config.model.num_layers=2", "--config.model.num_heads=2",
+      "--config.model.cond_dim=16", "--config.train.batch_size=16",
+      "--config.model.dtype=bfloat16", "--config.model.kernels=splash"])
+  r = memory.memory_report(config, tpu_topology_devices("v5e:2x2"),
+                           {"data": 1, "fsdp": 4, "tensor": 1})
+  assert r["kernels"] == "splash" and r["fits"]
+  assert r["activation_collectives"] == [], r["activation_collectives"][:4]
+  # Forward, and the backward's dq and dkv kernels (the reference has no custom call at all).
+  calls = len(re.findall(r"custom_call_target=\"tpu_custom_call\"", hlo[0]))
+  assert calls >= 3, hlo[0][:2000]

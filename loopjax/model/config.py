@@ -80,7 +80,8 @@ class ModelConfig:
   # skipped ones), so the backward's time and memory then grow with S_max instead of S.
   loop_remat: str = "full"
   # Kernel set computing the matmuls and attention (loopjax/model/kernels): reference,
-  # xla_cpu, cudnn, or auto (chosen from the devices by `resolve_kernels` before the model runs).
+  # xla_cpu, cudnn, splash, or auto (chosen from the devices by `resolve_kernels` before the
+  # model runs).
   kernels: str = "reference"
   rope_base: float = 10000.0
   scan_unroll: bool = False  # unroll layer/loop scans (exact XLA cost analysis; slower compile).

@@ -131,7 +131,8 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, mask_Bx1xLxL, *, train: bool, return_probs: bool = False):
+  def __call__(self, x_BxLxD, mask: kernels_lib.AttentionMask, *, train: bool,
+               return_probs: bool = False):
     cfg, dt = self.cfg, compute_dtype(self.cfg)
     ops = kernels_lib.get(cfg.kernels)
     h, k = cfg.num_heads, cfg.head_dim
@@ -148,10 +149,11 @@ class Attention(nn.Module):
     v_BxLxHxK = constrain(v.reshape(shape), *BLHK)
     probs = None
     if return_probs:  # analysis path: the reference math, probabilities materialised
-      probs = reference.attention_probs(q_BxLxHxK, k_BxLxHxK, mask_Bx1xLxL)
+      probs = reference.attention_probs(q_BxLxHxK, k_BxLxHxK, mask.dense_Bx1xLxL)
       out_BxLxHxK = jnp.einsum("bhqt,bthk->bqhk", probs.astype(dt), v_BxLxHxK)
     else:
-      out_BxLxHxK = ops.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL)
+      out_BxLxHxK = ops.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask.dense_Bx1xLxL,
+                                  mask.segment_ids_BxL)
     out_BxLxHxK = constrain(out_BxLxHxK, *BLHK)
     w_HxKxD = _Kernel((h, k, cfg.width), ("heads", "kv", "embed"), n_in=2,
                       init_kind=cfg.dense_init, name="out")()
@@ -210,7 +212,7 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, c_BxC, mask_Bx1xLxL, train: bool = False,
+  def __call__(self, x_BxLxD, c_BxC, mask: kernels_lib.AttentionMask, train: bool = False,
                return_probs: bool = False):
     dt = compute_dtype(self.cfg)
     x_BxLxD = constrain(x_BxLxD, *BLD)
@@ -218,7 +220,7 @@ class Block(nn.Module):
         c_BxC, 6, self.cfg.width, "adaln")
     y = layer_norm(dt, "norm_attn", self.cfg.norm_eps)(x_BxLxD) * (1 + scale1) + shift1
     y, probs = Attention(self.cfg, name="attn")(
-        y.astype(dt), mask_Bx1xLxL, train=train, return_probs=return_probs)
+        y.astype(dt), mask, train=train, return_probs=return_probs)
     x_BxLxD = x_BxLxD + (gate1 * y).astype(x_BxLxD.dtype)
     y = layer_norm(dt, "norm_mlp", self.cfg.norm_eps)(x_BxLxD) * (1 + scale2) + shift2
     y = Mlp(self.cfg, name="mlp")(y.astype(dt), train=train)

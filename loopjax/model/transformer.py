@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from loopjax.model.config import MASKED_LOGIT, ModelConfig
+from loopjax.model.kernels.masks import AttentionMask
 from loopjax.model.layers import (BLD, Block, Dense, adaln_modulation, bias_init, compute_dtype,
                                   constrain, dense_init, kernel_initializer, layer_norm)
 
@@ -53,9 +54,9 @@ class _ScanLayer(nn.Module):
   remat: bool = True
 
   @nn.compact
-  def __call__(self, x_BxLxD, c_BxC, mask_Bx1xLxL):
+  def __call__(self, x_BxLxD, c_BxC, mask):
     return _block_class(self.cfg, self.remat)(self.cfg, name="layer")(
-        x_BxLxD, c_BxC, mask_Bx1xLxL, self.train, self.collect)
+        x_BxLxD, c_BxC, mask, self.train, self.collect)
 
 
 class Stack(nn.Module):
@@ -66,13 +67,13 @@ class Stack(nn.Module):
   remat: bool = True  # remat each layer per cfg.remat (False: the caller remats around it)
 
   @nn.compact
-  def __call__(self, x_BxLxD, c_BxC, mask_Bx1xLxL, train: bool = False, collect: bool = False):
+  def __call__(self, x_BxLxD, c_BxC, mask, train: bool = False, collect: bool = False):
     scan = nn.scan(_ScanLayer, variable_axes={"params": 0},
                    split_rngs={"params": True, "dropout": True},
                    in_axes=(nn.broadcast, nn.broadcast), length=self.num,
                    metadata_params={nn.PARTITION_NAME: "layers"},
                    unroll=True if self.cfg.scan_unroll or self.cfg.unroll_layers else 1)
-    return scan(self.cfg, train, collect, self.remat, name="scan")(x_BxLxD, c_BxC, mask_Bx1xLxL)
+    return scan(self.cfg, train, collect, self.remat, name="scan")(x_BxLxD, c_BxC, mask)
 
 
 class _LoopIteration(nn.Module):
@@ -84,7 +85,7 @@ class _LoopIteration(nn.Module):
   static_full: bool  # S == number of iterations is known statically: no conditional needed.
 
   @nn.compact
-  def __call__(self, carry, i, c_BxC, mask_Bx1xLxL):
+  def __call__(self, carry, i, c_BxC, mask):
     cfg = self.cfg
     h_BxLxD, h0_BxLxD, loops = carry
     h_in = h_BxLxD
@@ -102,7 +103,7 @@ class _LoopIteration(nn.Module):
     def run(mdl, h):
       # Remat (if any) is applied around the whole iteration (see Loop), not per layer.
       return Stack(cfg, cfg.block_layers, remat=False, name="block")(
-          h, c_BxC, mask_Bx1xLxL, self.train, self.collect)
+          h, c_BxC, mask, self.train, self.collect)
 
     def skip(mdl, h):
       probs = None
@@ -124,7 +125,7 @@ class Loop(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, h_BxLxD, c_BxC, mask_Bx1xLxL, loops, train: bool = False,
+  def __call__(self, h_BxLxD, c_BxC, mask, loops, train: bool = False,
                collect: bool = False, start: Any = 0, length: int | None = None,
                h0_BxLxD: Array | None = None):
     """Runs iterations start .. start+length-1 (default all S_max), the first `loops` of them.
@@ -155,7 +156,7 @@ class Loop(nn.Module):
     h0_BxLxD = h_BxLxD if h0_BxLxD is None else h0_BxLxD
     carry = (h_BxLxD, h0_BxLxD, jnp.asarray(loops, jnp.int32))
     (h_BxLxD, _, _), ys = scan(cfg, train, collect, static_full, name="scan")(
-        carry, iters, c_BxC, mask_Bx1xLxL)
+        carry, iters, c_BxC, mask)
     return h_BxLxD, ys
 
 
@@ -272,7 +273,8 @@ class LoopedTransformer(nn.Module):
   # through `model.apply(params, ..., method=...)` by samplers that drive the loop themselves.
 
   def encode(self, tokens_BxL, t_B=None, segment_ids_BxL=None, *, train=False, collect=False):
-    """Embedding + head layers. Returns (h, c, attention mask, head attention probs)."""
+    """Embedding + head layers. Returns (h, c, attention mask (an AttentionMask), head
+    attention probs)."""
     cfg = self.cfg
     if tokens_BxL.shape[1] > cfg.max_length:
       raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds model.max_length "
@@ -281,30 +283,25 @@ class LoopedTransformer(nn.Module):
     if not cfg.time_conditioning or t_B is None:
       t_B = jnp.zeros((b,), jnp.float32)  # MDLM feeds a constant when conditioning is off.
     c_BxC = self.time_embed(t_B)
-    if segment_ids_BxL is None:
-      mask_Bx1xLxL = jnp.ones((b, 1, length, length), bool)
-    else:
-      same = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-      # Padding (segment 0) attends only to itself, so no softmax row is empty.
-      eye = jnp.eye(length, dtype=bool)[None]
-      mask_Bx1xLxL = ((same & (segment_ids_BxL[:, None, :] > 0)) | eye)[:, None]
+    # Document masking from the segment ids (padding, segment 0, attends only to itself).
+    mask = AttentionMask.from_segment_ids(segment_ids_BxL, b, length)
     h = constrain(self.embed(tokens_BxL).astype(jnp.float32), *BLD)
     probs = None
     if self.head is not None:
-      h, probs = self.head(h, c_BxC, mask_Bx1xLxL, train, collect)
-    return h, c_BxC, mask_Bx1xLxL, probs
+      h, probs = self.head(h, c_BxC, mask, train, collect)
+    return h, c_BxC, mask, probs
 
-  def loop_chunk(self, h_BxLxD, h0_BxLxD, c_BxC, mask_Bx1xLxL, start, length: int):
+  def loop_chunk(self, h_BxLxD, h0_BxLxD, c_BxC, mask, start, length: int):
     """Iterations start .. start+length-1 of the looped block, all executed (inference)."""
     if self.loop is None:
       return h_BxLxD
-    h, _ = self.loop(h_BxLxD, c_BxC, mask_Bx1xLxL, RUN_ALL, False, False, start, length,
+    h, _ = self.loop(h_BxLxD, c_BxC, mask, RUN_ALL, False, False, start, length,
                      h0_BxLxD)
     return h
 
-  def decode(self, h_BxLxD, c_BxC, mask_Bx1xLxL, *, train=False, collect=False):
+  def decode(self, h_BxLxD, c_BxC, mask, *, train=False, collect=False):
     """Tail layers, final norm and output head. Returns (logits, tail attention probs)."""
     probs = None
     if self.tail is not None:
-      h_BxLxD, probs = self.tail(h_BxLxD, c_BxC, mask_Bx1xLxL, train, collect)
+      h_BxLxD, probs = self.tail(h_BxLxD, c_BxC, mask, train, collect)
     return self.output(h_BxLxD, c_BxC), probs
