@@ -196,3 +196,25 @@ def test_missing_gcs_client_is_named_before_anything_runs(tmp_path):
   assert "gcsfs" in proc.stderr and "pip install 'loopjax[gcs]'" in proc.stderr
   assert "compiling" not in proc.stderr
   assert not os.listdir(tmp_path)
+
+
+def test_gs_lock_refuses_a_second_run_and_metrics_rows_are_cut_on_resume(gcs):
+  from loopjax.train.lock import WorkdirLock, WorkdirLockedError
+  from loopjax.train.metrics import keep_rows_through
+  workdir = f"gs://{BUCKET}/locked"
+  with WorkdirLock(workdir):
+    with pytest.raises(WorkdirLockedError, match="in use by another"):
+      WorkdirLock(workdir).acquire()
+  assert not storage.exists(storage.join(workdir, "lock.json"))
+  log = storage.AppendLog(storage.join(workdir, "metrics.jsonl"))
+  for step in (1, 2, 3):
+    log.write(json.dumps({"step": step}) + "\n")
+    log.flush()
+  log.write('{"step": 4, "lo')  # a row cut short by a kill
+  log.close()
+  assert keep_rows_through(storage.join(workdir, "metrics.jsonl"), 2) == 2
+  assert [r["step"] for r in _rows(workdir)] == [1, 2]
+  log = storage.AppendLog(storage.join(workdir, "metrics.jsonl"))  # a resumed run appends
+  log.write(json.dumps({"step": 3}) + "\n")
+  log.close()
+  assert [r["step"] for r in _rows(workdir)] == [1, 2, 3]
