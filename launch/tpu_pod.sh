@@ -82,7 +82,7 @@ install() {
   on_all "set -e; command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; \
     export PATH=\$HOME/.local/bin:\$PATH; cd ~/$REMOTE_DIR; \
     uv venv --python $PYTHON --allow-existing ~/$VENV; \
-    VIRTUAL_ENV=~/$VENV uv pip install '$PIP_JAX' -e '.[tpu]'; \
+    VIRTUAL_ENV=~/$VENV uv pip install '$PIP_JAX' -e '.[tpu,gcs]'; \
     ~/$VENV/bin/python -c 'import jax, loopjax; print(\"jax\", jax.__version__)'"
 }
 

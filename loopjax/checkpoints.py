@@ -15,12 +15,12 @@ skipped; an explicit step that is damaged is an error naming it.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 
+from loopjax import storage
 from loopjax.errors import UserError
 
 log = logging.getLogger("loopjax")
@@ -75,7 +75,7 @@ def newest_readable(directory: str, steps: list[int], read: Callable[[int], Any]
   steps = sorted(steps)
   if step is not None:
     if step not in steps:
-      raise ValueError(f"{os.path.dirname(directory)} has no checkpoint {step}; it has {steps}")
+      raise ValueError(f"{storage.dirname(directory)} has no checkpoint {step}; it has {steps}")
     try:
       return read(step), step, []
     except CheckpointMismatchError:
@@ -123,9 +123,9 @@ def restore_params(directory: str, abstract_params, *, step: int | None = None,
   """
   if params not in PARAMS:
     raise ValueError(f"params must be one of {sorted(PARAMS)}, got {params!r}")
-  directory = os.path.abspath(directory)
-  run = os.path.dirname(directory)
-  if not os.path.isdir(directory):
+  directory = storage.resolve(directory)
+  run = storage.dirname(directory)
+  if not storage.isdir(directory):
     raise FileNotFoundError(f"{run} has no checkpoints yet")
   key = PARAMS[params]
   manager = _reader(directory)

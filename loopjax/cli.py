@@ -42,6 +42,8 @@ def _train(argv) -> int:
   args = p.parse_args(rest)
   if spec is None:
     p.error("--config experiments/NAME.py[:VARIANT] is required")
+  from loopjax import storage
+  storage.check_client(args.workdir)  # a gs:// workdir without its client: named up front
   config = load_config(spec, overrides)  # overrides first, then the variant's derived values
   from loopjax.parallel import distributed
   distributed.maybe_initialize(args.coordinator, args.num_processes, args.process_id)
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
     print("usage:\n" + USAGE, file=sys.stderr)
     return 0 if argv and argv[0] in ("-h", "--help") else 2
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  for noisy in ("absl", "orbax", "jax._src"):
+  for noisy in ("absl", "orbax", "jax._src", "gcsfs", "fsspec"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   from loopjax.errors import UserError, raise_interrupted  # no heavy imports: --help stays instant
   # SIGTERM unwinds like Ctrl-C (train saves a checkpoint instead, once it is training).

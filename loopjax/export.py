@@ -10,7 +10,9 @@ folder that needs neither loopjax nor JAX to read, and that is a Hugging Face mo
   README.md              the model card (architecture, loops, training, the run's eval table)
 
 No absolute local path is written: paths in the training config become file names.
-OUT is written to a temporary sibling and renamed into place (complete or absent).
+OUT is written to a temporary sibling and renamed into place (complete or absent). A `gs://`
+OUT is written to a local temporary folder and uploaded file by file, config.json last: a reader
+recognises an export by its config.json, so it sees the folder complete or not at all.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import warnings
 import numpy as np
 from safetensors.numpy import save_file
 
-from loopjax import flops
+from loopjax import flops, storage
 from loopjax.data import tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.hf import MODEL_TYPE, TEMPLATES, model_card, tokenizer_files
@@ -195,10 +197,13 @@ def export_params(out: str, cfg, params, *, run_config=None, dtype: str = "float
 
 
 def _write_atomically(out: str, write, overwrite: bool) -> None:
-  """write(tmp) fills a fresh sibling folder that is renamed to `out` only when complete."""
-  out = os.path.abspath(out)
-  if os.path.exists(out) and not overwrite and not (os.path.isdir(out) and not os.listdir(out)):
+  """write(tmp) fills a fresh folder that becomes `out` only when complete."""
+  out = storage.resolve(out)
+  if storage.exists(out) and not overwrite and not (storage.isdir(out) and not storage.listdir(out)):
     raise ValueError(f"{out} already exists; choose another --out or pass --overwrite")
+  if storage.is_remote(out):
+    _upload(out, write)
+    return
   os.makedirs(os.path.dirname(out), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
   old = tmp + "-old"
@@ -216,18 +221,30 @@ def _write_atomically(out: str, write, overwrite: bool) -> None:
   shutil.rmtree(old, ignore_errors=True)
 
 
+def _upload(out: str, write) -> None:
+  """The object-store form of _write_atomically: no folder rename exists, so the old export is
+  removed, the files are uploaded, and config.json (what makes it an export) goes last."""
+  storage.check_client(out)
+  with tempfile.TemporaryDirectory(prefix="loopjax-export-") as tmp:
+    write(tmp)
+    files = sorted(os.path.relpath(os.path.join(d, f), tmp)
+                   for d, _, fs in os.walk(tmp) for f in fs)
+    storage.rmtree(out)
+    for rel in sorted(files, key=lambda r: r == CONFIG):
+      storage.copy_file(os.path.join(tmp, rel), storage.join(out, *rel.split(os.sep)))
+
+
 def export_run(workdir: str, out: str, *, params: str = "ema", dtype: str = "float32",
                step: int | None = None, overwrite: bool = False) -> dict:
   """Exports a training run's checkpoint (EMA or raw params); returns the written config.json."""
   config, model, tree, got = load_run(workdir, step=step, params=params)
   summary = None
-  path = os.path.join(workdir, "eval", "summary.json")
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      summary = json.load(f)
+  path = storage.join(workdir, "eval", "summary.json")
+  if storage.isfile(path):
+    summary = json.loads(storage.read_text(path))
   return export_params(out, model.cfg, tree, run_config=config, dtype=dtype, overwrite=overwrite,
                        source={"params": params, "step": int(got),
-                               "workdir": os.path.basename(os.path.abspath(workdir))},
+                               "workdir": storage.basename(storage.resolve(workdir))},
                        eval_summary=summary)
 
 
@@ -254,7 +271,9 @@ def export_main(argv) -> int:
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
   args = p.parse_args(argv)
+  for path in (args.workdir, args.out):  # a gs:// path without its client: named up front
+    storage.check_client(path)
   config = export_run(args.workdir, args.out, params=args.params, dtype=args.dtype,
                       step=args.step, overwrite=args.overwrite)
-  print(f"{os.path.abspath(args.out)}\n{format_report(config)}")
+  print(f"{storage.resolve(args.out)}\n{format_report(config)}")
   return 0

@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 
 import flax.linen as nn
 import jax
@@ -39,6 +40,7 @@ import numpy as np
 import safetensors
 from flax import traverse_util
 
+from loopjax import storage
 from loopjax import checkpoints
 from loopjax.data import data_vocab_size
 from loopjax.model import LoopDistribution, LoopedTransformer, ModelConfig, resolve_kernels
@@ -109,6 +111,8 @@ def _restack(cfg, abstract: dict, tensors: dict, dtype) -> dict:
 
 
 def file_sha256(path: str) -> str:
+  if storage.is_remote(path):
+    return hashlib.sha256(storage.read_bytes(path)).hexdigest()
   with open(path, "rb") as f:
     return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -118,19 +122,17 @@ def file_sha256(path: str) -> str:
 
 def is_export(path: str) -> bool:
   try:
-    with open(os.path.join(path, CONFIG), encoding="utf-8") as f:
-      return json.load(f).get("format") == FORMAT
+    return json.loads(storage.read_text(storage.join(path, CONFIG))).get("format") == FORMAT
   except (OSError, ValueError, AttributeError):
     return False
 
 
 def read_export_config(out: str) -> dict:
-  path = os.path.join(out, CONFIG)
-  if not os.path.isfile(path):
+  path = storage.join(out, CONFIG)
+  if not storage.isfile(path):
     raise FileNotFoundError(f"{out} is not a loopjax export: no {CONFIG}")
   try:
-    with open(path, encoding="utf-8") as f:
-      config = json.load(f)
+    config = json.loads(storage.read_text(path))
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON: {e}") from None
   if not isinstance(config, dict) or config.get("format") != FORMAT:
@@ -142,12 +144,21 @@ def read_export_config(out: str) -> dict:
 
 
 def _read_tensors(out: str, dtype: str) -> dict[str, np.ndarray]:
-  path = os.path.join(out, WEIGHTS)
-  if not os.path.isfile(path):
+  path = storage.join(out, WEIGHTS)
+  if not storage.isfile(path):
     raise FileNotFoundError(f"{out}: {WEIGHTS} is missing")
+  if storage.is_remote(path):  # safetensors reads (memory-maps) a local file
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as local:
+      local.write(storage.read_bytes(path))
+      local.flush()
+      return _read_local_tensors(local.name, path, dtype)
+  return _read_local_tensors(path, path, dtype)
+
+
+def _read_local_tensors(local: str, path: str, dtype: str) -> dict[str, np.ndarray]:
   want = DTYPES[dtype][0]
   try:
-    with safetensors.safe_open(path, framework="np") as f:
+    with safetensors.safe_open(local, framework="np") as f:
       bad = {k: d for k in f.keys() if (d := f.get_slice(k).get_dtype()) != want}
       if bad:
         raise ValueError(f"{path}: config.json says {dtype} ({want}) but tensor(s) have other "
@@ -228,13 +239,12 @@ def runnable(cfg: ModelConfig) -> ModelConfig:
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was trained with (its workdir's config.json)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.exists(path):
     raise FileNotFoundError(f"{workdir} is not a loopjax run: no config.json (train one with "
                             "`loopjax train --config ... --workdir DIR`)")
   try:
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
+    saved = json.loads(storage.read_text(path))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{path} is damaged, not a JSON config ({e}): restore the run's "
                      "config.json or train into a new --workdir") from None
@@ -268,7 +278,7 @@ def load_run(workdir: str, *, step: int | None = None, params: str = "ema"):
   config = read_run_config(workdir)
   model = LoopedTransformer(runnable(run_model_config(config)))
   target = abstract_params(model, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-  tree, step = checkpoints.restore_params(os.path.join(workdir, "checkpoints"), target,
+  tree, step = checkpoints.restore_params(storage.join(workdir, "checkpoints"), target,
                                           step=step, params=params)
   return config, model, tree, step
 
@@ -295,7 +305,7 @@ def load_model_dir(path: str, *, params: str | None = None, step: int | None = N
   if not is_export(path):
     config, model, tree, got = load_run(path, step=step, params=params or "ema")
     model = LoopedTransformer(with_runtime(model.cfg, runtime))
-    config.source = {"kind": "workdir", "path": os.path.abspath(path),
+    config.source = {"kind": "workdir", "path": storage.resolve(path),
                      "params": params or "ema", "step": int(got)}
     return config, model, tree
   model, tree, exp = load_export(path, param_dtype=param_dtype, verify_checksum=verify_checksum,
@@ -312,7 +322,7 @@ def load_model_dir(path: str, *, params: str | None = None, step: int | None = N
       "data": {"seq_len": arch["max_length"], "tokenizer": tok.get("spec")}})
   if tok.get("files") and tok.get("spec"):  # the copied file, not the training machine's path
     kind = tok["spec"].partition(":")[0]
-    config.data.tokenizer = f"{kind}:{os.path.join(os.path.abspath(path), tok['files'][0])}"
-  config.source = {"kind": "export", "path": os.path.abspath(path),
+    config.data.tokenizer = f"{kind}:{storage.join(storage.resolve(path), tok['files'][0])}"
+  config.source = {"kind": "export", "path": storage.resolve(path),
                    "params": w.get("params"), "step": w.get("step")}
   return config, model, tree

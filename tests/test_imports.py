@@ -17,6 +17,8 @@ LAYERS = {
     "loopjax": 0,  # the package's own __init__.py
     "loopjax.model": 0, "loopjax.diffusion": 0, "loopjax.data": 0, "loopjax.parallel": 0,
     "loopjax.flops": 0, "loopjax.errors": 0,
+    # Local or gs:// paths for every file a run reads or writes.
+    "loopjax.storage": 0,
     # NumPy forward pass of an export; the Hugging Face templates, tokenizer files, model card.
     "loopjax.reference": 0, "loopjax.hf": 0,
     # Trained weights in, from a run's checkpoints or an export folder.

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 
+from loopjax import storage
 from loopjax.evaluate.tasks import heldout_batches, task_accuracy
 
 
@@ -24,9 +24,9 @@ def report_task_accuracy(config, out: dict, workdir: str) -> dict | None:
   acc = task_accuracy(model, jax.device_get(params), batches, source=source, loops=loops,
                       steps=config.eval.steps)
   acc = {"loops": loops, "examples": sum(len(b["tokens"]) for b in batches), **acc}
-  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-  with open(os.path.join(workdir, "eval", "final_task_accuracy.json"), "w") as f:
-    json.dump(acc, f, indent=2)
+  storage.makedirs(storage.join(workdir, "eval"))
+  storage.write_text(storage.join(workdir, "eval", "final_task_accuracy.json"),
+                     json.dumps(acc, indent=2))
   print("held-out " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                 for k, v in acc.items()), flush=True)
   return acc

@@ -4,8 +4,9 @@ step, rng) and the grain data-iterator state in one atomic step directory
 weights (evaluation, export, fine-tuning) is `loopjax.checkpoints`.
 
 Orbax writes into a temporary directory and renames it when complete, so a step directory that
-exists is complete; one whose files were damaged later is detected at restore, reported, and the
-previous step is used instead (`loopjax.checkpoints.newest_readable`, shared with every reader).
+exists is complete (on gs://, which has no rename, it writes the step directory in place and
+marks it complete with commit_success.txt; an unmarked one is not a step); one whose files were
+damaged later is detected at restore, reported, and the previous step is used instead (`loopjax.checkpoints.newest_readable`, shared with every reader).
 
 A checkpoint also records its process layout (item `layout`: process count, global batch size,
 the batch rows each process loaded). A run with another layout (another number of processes or
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -29,6 +29,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from loopjax import storage
 from loopjax.checkpoints import STATE, CheckpointMismatchError, check_same_params, newest_readable
 from loopjax.data import reshard
 from loopjax.parallel import distributed
@@ -50,7 +51,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
                layout: dict | None = None):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.resolve(directory)
     self.layout = layout  # this run's `process_layout` (None: not recorded, not checked)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
@@ -137,9 +138,9 @@ class Checkpointer:
     """Renames damaged step directories (kept for inspection) so their steps can be re-saved."""
     if jax.process_index() == 0:
       for step in steps:
-        src = os.path.join(self.directory, str(step))
+        src = storage.join(self.directory, str(step))
         dst = f"{src}.damaged-{int(time.time())}"
-        os.rename(src, dst)
+        storage.rename(src, dst)
         log.warning("moved damaged checkpoint %d to %s", step, dst)
     distributed.barrier("loopjax_set_aside_damaged_checkpoints")
     self.manager.reload()

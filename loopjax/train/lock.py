@@ -8,6 +8,10 @@ heartbeat is older than `STALE_AFTER_S`. Takeover renames the stale file away fi
 step only one contender wins), then creates a fresh one.
 
 In a multi-process job only process 0 takes the lock; the others follow its outcome.
+
+On an object store (gs:// workdirs) the same steps run through `loopjax.storage`: the create is
+an upload that GCS refuses when the object exists, the heartbeat re-uploads the file, and the
+takeover deletes the stale object before creating a fresh one (no rename on object stores).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import threading
 import time
 import uuid
 
+from loopjax import storage
 from loopjax.errors import UserError
 
 log = logging.getLogger("loopjax")
@@ -56,8 +61,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _read(path: str) -> dict | None:
   try:
-    with open(path, encoding="utf-8") as f:
-      holder = json.load(f)
+    holder = json.loads(storage.read_text(path))
     return holder if isinstance(holder, dict) else None
   except (OSError, ValueError):
     return None
@@ -84,7 +88,7 @@ class WorkdirLock:
   """Held for the life of a run; `release()` (or the context manager) removes the file."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.path = storage.join(storage.resolve(workdir), LOCK_FILE)
     self.token = uuid.uuid4().hex
     self._stop = threading.Event()
     self._thread = None
@@ -95,13 +99,9 @@ class WorkdirLock:
           "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
           "token": self.token}
     for _ in range(3):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
+      if not storage.create_exclusive(self.path, json.dumps(me)):
         self._take_over_if_stale()
         continue
-      with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(me, f)
       self._thread = threading.Thread(target=self._beat, name="loopjax-lock", daemon=True)
       self._thread.start()
       return self
@@ -109,7 +109,7 @@ class WorkdirLock:
 
   def _take_over_if_stale(self) -> None:
     try:
-      mtime = os.stat(self.path).st_mtime
+      mtime = storage.mtime(self.path)
     except FileNotFoundError:
       return
     holder = _read(self.path)
@@ -121,24 +121,29 @@ class WorkdirLock:
       holder = {}
     elif holder_alive(holder, mtime):
       raise WorkdirLockedError(
-          f"{os.path.dirname(self.path)} is in use by another `loopjax train` ({describe(holder)}); "
+          f"{storage.dirname(self.path)} is in use by another `loopjax train` ({describe(holder)}); "
           f"wait for it to finish, stop it, or use another --workdir (a lock left by a killed run "
           f"is taken over automatically; {self.path} names the holder)")
-    stale = f"{self.path}.stale-{self.token}"
     try:
-      os.rename(self.path, stale)
+      if storage.is_remote(self.path):
+        storage.remove(self.path)
+      else:
+        stale = f"{self.path}.stale-{self.token}"
+        os.rename(self.path, stale)
+        os.remove(stale)
     except FileNotFoundError:  # another contender took it over first
       return
-    os.remove(stale)
     log.warning("took over the stale lock of a run that is gone (%s)", describe(holder) if holder
                 else "unreadable lock file")
 
   def _beat(self) -> None:
     while not self._stop.wait(HEARTBEAT_S):
       try:
-        os.utime(self.path)
-      except OSError:
+        storage.touch(self.path)
+      except FileNotFoundError:  # removed under us: nothing left to refresh
         return
+      except OSError as e:  # a transient storage error; the next beat tries again
+        log.warning("could not refresh the lock %s: %s", self.path, e)
 
   def release(self) -> None:
     self._stop.set()
@@ -148,7 +153,7 @@ class WorkdirLock:
     holder = _read(self.path)
     if holder is not None and holder.get("token") == self.token:
       try:
-        os.remove(self.path)
+        storage.remove(self.path)
       except FileNotFoundError:
         pass
 

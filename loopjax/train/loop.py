@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import time
 from typing import Any
@@ -34,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopjax import flops
+from loopjax import flops, storage
 from loopjax.checkpoints import param_shape_diff
 from loopjax.data import prepared
 from loopjax.data import shards as data_shards
@@ -69,9 +68,9 @@ class NonFiniteLossError(UserError):
 
 def check_workdir(workdir: str, config) -> None:
   """Refuses to resume a workdir whose checkpoints come from another model."""
-  path = os.path.join(workdir, "config.json")
-  ckpts = os.path.join(workdir, "checkpoints")
-  if not (os.path.exists(path) and os.path.isdir(ckpts) and os.listdir(ckpts)):
+  path = storage.join(workdir, "config.json")
+  ckpts = storage.join(workdir, "checkpoints")
+  if not (storage.exists(path) and storage.listdir(ckpts)):
     return
   saved = read_run_config(workdir).to_dict()  # a damaged file: an error naming it
   now = json.loads(config.to_json())
@@ -144,7 +143,7 @@ class _StopRequests:
 
 def init_from(state, shardings, path: str):
   """`state` with params and EMA replaced by the weights of a run or export at `path`."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f"train.init_from: {path!r} does not exist (want a run workdir or "
                             "a `loopjax export` folder)")
   _, _, source = load_model_dir(path)
@@ -200,11 +199,17 @@ class _Run:
 def _setup(config, workdir: str) -> _Run:
   """Validates the config and mesh, builds the step, writes the workdir and opens the data."""
   config_lib.validate(config)
+  workdir = storage.resolve(workdir)
+  storage.check_client(workdir)  # a missing gs:// client is named before anything is built
+  if config.data.source == "prepared" and storage.is_remote(config.data.path):
+    # ArrayRecord's reader (grain's source) opens local files only.
+    raise UserError(f"data.path {config.data.path!r}: a prepared corpus is read from a local or "
+                    "mounted folder (e.g. gcsfuse), not a gs:// URL; copy it to the host first")
   t = config.train
   enable_compile_cache(t.compile_cache)
   mesh = mesh_lib.make_mesh(config.mesh)
   program = build_train_step(config, mesh)  # refuses a batch the mesh cannot split
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   # Which rows of each global batch this process loads (processes that share rows load the same).
   run = _Run(config, workdir, program, mesh_lib.process_row_shards(mesh, t.batch_size))
   refused = None
@@ -222,14 +227,10 @@ def _setup(config, workdir: str) -> _Run:
   try:
     check_workdir(workdir, config)
     if jax.process_index() == 0:  # written whole or not at all (a stop signal may come)
-      path = os.path.join(workdir, "config.json")
-      with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-        f.write(config.to_json(indent=2))
-      os.replace(f"{path}.tmp", path)
+      storage.write_text(storage.join(workdir, "config.json"), config.to_json(indent=2))
       if config.data.source == "prepared":  # what the run reads, kept beside what it made
-        path = os.path.join(workdir, "data_manifest.json")
-        shutil.copyfile(data_shards.manifest_path(config.data.path), f"{path}.tmp")
-        os.replace(f"{path}.tmp", path)
+        storage.copy_file(data_shards.manifest_path(config.data.path),
+                          storage.join(workdir, "data_manifest.json"))
     run.data_iter = run.open_data()
     run.first = next(run.data_iter)
     check_batch(run.first, program.model.cfg.vocab_size, config.data.seq_len)
@@ -238,7 +239,7 @@ def _setup(config, workdir: str) -> _Run:
     # Recorded with every checkpoint: a resume with another layout re-derives the data position.
     layout = process_layout(t.batch_size, [mesh_lib.process_row_shards(mesh, t.batch_size, p)
                                            for p in range(jax.process_count())])
-    run.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
+    run.ckpt = Checkpointer(storage.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
                             async_save=t.async_checkpoints, layout=layout)
   except BaseException:
     run.close()

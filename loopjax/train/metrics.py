@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import sys
 import time
 from typing import NamedTuple
@@ -24,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from loopjax import storage
 
 # Per-step metrics whose window mean is logged (sums over finite steps).
 MEAN_KEYS = ("loss", "bits_per_token", "grad_norm", "masked_fraction", "scored_tokens")
@@ -163,24 +164,20 @@ def _first_bad(w: dict, first_step: int, last_step: int) -> dict | None:
 
 
 def keep_rows_through(path: str, step: int) -> int:
-  """Rewrites the metrics.jsonl at `path` (atomically) with only its rows of steps <= `step`,
+  """Rewrites the metrics.jsonl at `path` (whole, at once) with only its rows of steps <= `step`,
   dropping a torn last line; returns the number of rows dropped."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return 0
   kept, dropped = [], 0
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        ok = int(json.loads(line)["step"]) <= step
-      except (ValueError, KeyError, TypeError):  # a row cut short by a kill
-        ok = False
-      kept += [line if line.endswith("\n") else line + "\n"] * ok
-      dropped += not ok
+  for line in storage.read_text(path).splitlines(keepends=True):
+    try:
+      ok = int(json.loads(line)["step"]) <= step
+    except (ValueError, KeyError, TypeError):  # a row cut short by a kill
+      ok = False
+    kept += [line if line.endswith("\n") else line + "\n"] * ok
+    dropped += not ok
   if dropped:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+    storage.write_text(path, "".join(kept))
   return dropped
 
 
@@ -222,11 +219,10 @@ class MetricsWriter:
     self._start_step = None
     if not enabled:
       return
-    from tensorboardX import SummaryWriter
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = storage.join(workdir, "metrics.jsonl")
     keep_rows_through(path, start_step)
-    self._jsonl = open(path, "a", encoding="utf-8")
-    self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+    self._jsonl = storage.AppendLog(path)
+    self._tb = storage.summary_writer(storage.join(workdir, "tb"))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:

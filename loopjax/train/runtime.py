@@ -14,6 +14,8 @@ import os
 
 import jax
 
+from loopjax import storage
+
 log = logging.getLogger("loopjax")
 
 DEFAULT_CACHE = os.path.join("~", ".cache", "loopjax", "jax_cache")
@@ -59,7 +61,7 @@ class Profiler:
 
   def __init__(self, spec: str, workdir: str):
     self.window = parse_profile_steps(spec)
-    self.path = os.path.join(workdir, "profile")
+    self.path = storage.join(workdir, "profile")
     self.active = False
 
   def before_step(self, step: int) -> None:
