@@ -14,6 +14,7 @@ import pytest
 from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.model import ModelConfig
 from loopjax.model import config as model_config_module
+from loopjax.model.kernels.masks import AttentionMask
 from loopjax.model.layers import Block, Mlp, layer_norm
 from loopjax.model.transformer import OutputLayer, TimeEmbedding, embedding_initializer
 from loopjax.train.config_load import load_config
@@ -113,7 +114,7 @@ def test_mdlm_initialisation():
   cfg = ModelConfig(**TINY, **MDLM_INIT)
   d, f, c, key = cfg.width, cfg.mlp_dim, cfg.cond_dim, jax.random.PRNGKey(0)
   x, c_BxC = jnp.ones((1, 8, d)), jnp.ones((1, c))
-  modules = {"block": (Block(cfg), (x, c_BxC, jnp.ones((1, 1, 8, 8), bool))),
+  modules = {"block": (Block(cfg), (x, c_BxC, AttentionMask.from_segment_ids(None, 1, 8))),
              "time": (TimeEmbedding(c, init_kind=cfg.dense_init), (jnp.ones(1),)),
              "output": (OutputLayer(cfg), (x, c_BxC))}
   init = jax.jit(lambda key: {name: m.init(key, *args) for name, (m, args) in modules.items()})
