@@ -221,8 +221,9 @@ class Block(nn.Module):
     y = layer_norm(dt, "norm_attn", self.cfg.norm_eps)(x_BxLxD) * (1 + scale1) + shift1
     y, probs = Attention(self.cfg, name="attn")(
         y.astype(dt), mask, train=train, return_probs=return_probs)
-    x_BxLxD = x_BxLxD + (gate1 * y).astype(x_BxLxD.dtype)
+    # Residual adds in float32, rounded once to the stream's dtype.
+    x_BxLxD = (x_BxLxD.astype(jnp.float32) + gate1 * y).astype(x_BxLxD.dtype)
     y = layer_norm(dt, "norm_mlp", self.cfg.norm_eps)(x_BxLxD) * (1 + scale2) + shift2
     y = Mlp(self.cfg, name="mlp")(y.astype(dt), train=train)
-    x_BxLxD = x_BxLxD + (gate2 * y).astype(x_BxLxD.dtype)
+    x_BxLxD = (x_BxLxD.astype(jnp.float32) + gate2 * y).astype(x_BxLxD.dtype)
     return constrain(x_BxLxD, *BLD), probs
