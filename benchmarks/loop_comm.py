@@ -25,7 +25,7 @@ _OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-
 _HEADER = re.compile(r"^\s*(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
 _REFS = re.compile(r"(?:body|condition|to_apply|calls|true_computation|false_computation|"
                    r"branch_computations|called_computations|async_execution_thread)="
-                   r"\{?(?P<names>%?[\w.\-]+(?:,\s*%?[\w.\-]+)*)\}?")
+                   r"\{?(?P<names>%[\w.\-]+(?:,\s*%[\w.\-]+)*)\}?")
 _OP = re.compile(r"\s(?P<op>[a-z][a-z0-9\-]*)\(")
 _CUSTOM = re.compile(r'custom_call_target="(?P<t>[^"]+)"')
 
@@ -107,7 +107,7 @@ def loop_collectives(hlo_text: str) -> list[dict]:
     for line in comps[c]:
       op = _collective(line)
       if op:
-        out.append({"op": op, "computation": c, "line": line.strip()[:300]})
+        out.append({"op": op, "computation": c, "line": line.strip()})
   return out
 
 
@@ -145,12 +145,13 @@ def main(argv) -> int:
   by_op = {}
   for c in inloop:
     by_op[c["op"]] = by_op.get(c["op"], 0) + 1
+  in_bytes = sum(c["bytes"] for line in inloop for c in hlo.collectives(line["line"]))
   report = {"topology": args.topology, "mesh": args.mesh, "kernels": program.model.cfg.kernels,
             "overrides": overrides,
             "peak_gib": round(int(m.peak_memory_in_bytes) / 2 ** 30, 3),
             "collectives": len(colls), "collective_bytes": sum(c["bytes"] for c in colls),
             "loop_bodies": loop_bodies(computations(text)),
-            "in_loop": len(inloop), "in_loop_by_op": by_op}
+            "in_loop": len(inloop), "in_loop_by_op": by_op, "in_loop_bytes": in_bytes}
   print(json.dumps(report, indent=1))
   if args.out:
     with open(args.out, "w", encoding="utf-8") as f:

@@ -178,7 +178,7 @@ class Loop(nn.Module):
                                                                      "dropout": True},
                       in_axes=(0, None, 0, None, 0, 0), out_axes=0, axis_size=groups,
                       spmd_axis_name=axes)
-    h_GxBxLxD = constrain(split(h_BxLxD), "loop_group", None, "act_length", "act_embed")
+    h_GxBxLxD = constrain(split(h_BxLxD), "loop_group", None, *BLD[1:])
     grouped = (h_GxBxLxD, iters, split(h0_BxLxD), args[3], split(c_BxC),
                jax.tree_util.tree_map(split, mask))
     with mesh_lib.per_group_rules():
@@ -285,6 +285,9 @@ class OutputLayer(nn.Module):
     ops = kernels_lib.get(cfg.kernels)
     shift, scale = adaln_modulation(c_BxC, 2, cfg.width, "adaln")
     h = layer_norm(dt, "norm", cfg.norm_eps)(h_BxLxD) * (1 + scale) + shift
+    # Whole length from here (gathered once from the sequence-parallel stream): the head's
+    # chunks split the length, the vocabulary is split over tensor.
+    h = constrain(h, "act_batch", "act_length", "act_embed")
     kernel, bias = _HeadParams(cfg, name="proj")(h.shape[-1])
 
     def logits_fn(h_BxCxD):

@@ -45,6 +45,9 @@ LOGICAL_RULES = (
     # moves activations; heads, MLP units and vocabulary over tensor (tensor parallelism).
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),
+    # Sequence parallelism: between the attention and MLP blocks (the residual stream, norms,
+    # adaLN, dropout) the length is split over tensor; inside them, heads and MLP units are.
+    ("act_seq", "tensor"),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv", None),
@@ -59,6 +62,20 @@ def gathered_axes(names: tuple) -> tuple:
   spans = {name for name, axes in LOGICAL_RULES if not name.startswith("act_")
            and {"data", "fsdp"} & set((axes,) if isinstance(axes, str) else axes or ())}
   return tuple(None if n in spans else n for n in names)
+
+
+def fit_logical(names: tuple, shape) -> tuple:
+  """Logical activation axes with those whose mesh axes do not divide their dimension (in the
+  current rules context) left unsharded: a constraint must split evenly."""
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = nn.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return tuple(names)
+  out = []
+  for name, axes, size in zip(names, nn.logical_to_mesh_axes(names, rules), shape):
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    out.append(name if size % math.prod(mesh.shape[a] for a in axes) == 0 else None)
+  return tuple(out)
 
 
 def loop_groups(batch: int) -> tuple[int, tuple]:
