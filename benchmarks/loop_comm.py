@@ -119,7 +119,7 @@ def main(argv) -> int:
   p.add_argument("--topology", default="v5p:2x4x4")
   p.add_argument("--out", default=None)
   p.add_argument("--hlo-out", default=None)
-  args = p.parse_args(rest if spec is not None else argv)
+  args = p.parse_args(rest)
   import jax
   jax.config.update("jax_platforms", "cpu")
   from loopjax.parallel import hlo
