@@ -82,6 +82,11 @@ def _split_args(rest: str) -> tuple[str, str]:
   return rest, ""
 
 
+def _instr(m: re.Match) -> Instr:
+  args, attrs = _split_args(m["rest"])
+  return Instr(m["name"], m["type"], m["op"], re.findall(r"%([\w.\-]+)", args), attrs, args)
+
+
 def parse_module(text: str) -> tuple[dict[str, list[Instr]], str | None]:
   """({computation name: its instructions}, name of the ENTRY computation)."""
   comps, entry, current = {}, None, None
@@ -91,16 +96,19 @@ def parse_module(text: str) -> tuple[dict[str, list[Instr]], str | None]:
       if m:
         current = comps.setdefault(m["name"], [])
         entry = m["name"] if m["entry"] else entry
+        continue
+      # Instructions outside any computation (a snippet of lines): one unnamed computation.
+      m = _INSTR.match(line)
+      if m:
+        comps.setdefault("", []).append(_instr(m))
       continue
     if line.startswith("}"):
       current = None
       continue
     m = _INSTR.match(line)
     if m:
-      args, attrs = _split_args(m["rest"])
-      current.append(Instr(m["name"], m["type"], m["op"], re.findall(r"%([\w.\-]+)", args),
-                           attrs, args))
-  return comps, entry
+      current.append(_instr(m))
+  return comps, entry if entry is not None or "" not in comps else ""
 
 
 def _called(ins: Instr) -> list[tuple[str, str]]:
