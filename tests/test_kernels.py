@@ -352,7 +352,7 @@ def _devices(*platforms):
   return [SimpleNamespace(platform=p) for p in platforms]
 
 
-@pytest.mark.parametrize("platform,want", [("cpu", "xla_cpu"), ("tpu", "reference"),
+@pytest.mark.parametrize("platform,want", [("cpu", "xla_cpu"), ("tpu", "splash"),
                                            ("gpu", "reference"), ("cuda", "reference"),
                                            ("rocm", "reference")])
 def test_auto_picks_from_the_device_platform(platform, want):
@@ -380,12 +380,17 @@ def test_explicit_kernels_are_kept_and_validated():
       resolve_kernels(ModelConfig(kernels=name), _devices(platform))
 
 
-def test_accelerator_attention_is_selectable_but_never_automatic():
-  for name, attention in (("cudnn", cudnn.attention), ("splash", splash.attention)):
+def test_accelerator_attention_is_automatic_only_where_it_compiles():
+  # splash: TPUs only, by `auto`; cudnn (cannot be lowered without a GPU): only when named.
+  for name, attention, auto_on in (("cudnn", cudnn.attention, ()),
+                                   ("splash", splash.attention, ("tpu",))):
     assert name in KERNELS and kernels.get(name).attention is attention
     assert kernels.get(name).projections is reference.projections
     for platform in ("cpu", "tpu", "gpu", "cuda", "rocm"):
-      assert kernels.resolve("auto", _devices(platform)) != name
+      assert (kernels.resolve("auto", _devices(platform)) == name) == (platform in auto_on)
+  # The reference is one key away on a TPU.
+  assert resolve_kernels(ModelConfig(kernels="reference"), _devices("tpu")).kernels == \
+      "reference"
 
 
 # --- an ahead-of-time compile for TPU from this host -----------------------------------------
@@ -410,9 +415,9 @@ _TPU_AOT = textwrap.dedent("""
       loss = lambda p, x: jnp.mean(model.apply({"params": p}, x) ** 2)
       return cfg.kernels, jax.jit(jax.value_and_grad(loss)).lower(params, x)
 
-    chosen, tpu = lowered("auto")
+    print("CHOSEN", resolve_kernels(ModelConfig(kernels="auto"), devices).kernels)
+    _, tpu = lowered("reference")
     compiled = tpu.compile()
-    print("CHOSEN", chosen)
     print("BARRIERS", "optimization_barrier" in tpu.as_text(), "opt-barrier" in compiled.as_text())
     print("CPU_KERNEL_BARRIERS", "optimization_barrier" in lowered("xla_cpu")[1].as_text())
 """)
@@ -420,13 +425,13 @@ _TPU_AOT = textwrap.dedent("""
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu is not installed: no TPU compiler for an AOT compile")
-def test_tpu_aot_compile_takes_the_reference_kernels():
+def test_tpu_aot_auto_is_splash_and_reference_compiles_without_barriers():
   # In a subprocess, so the CPU kernels' lowering below is traced in a process of its own.
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", _TPU_AOT], env=env, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "CHOSEN reference" in out.stdout, out.stdout
+  assert "CHOSEN splash" in out.stdout, out.stdout
   assert "BARRIERS False False" in out.stdout, out.stdout
   # The check can fail: the CPU kernels do put barriers in the program.
   assert "CPU_KERNEL_BARRIERS True" in out.stdout, out.stdout

@@ -20,7 +20,57 @@ from loopjax.diffusion.masking import mask_tokens
 
 
 def diffusion_loss(logits_BxLxV, tokens_BxL, masked_BxL, t_B, schedule, loss_mask_BxL=None):
-  """NELBO of one batch at the sampled times.
+  """NELBO of one batch at the sampled times (`nelbo_terms` of the tokens' `token_nll`).
+
+  Args:
+    logits_BxLxV: denoiser output over the real vocabulary (any float dtype; the log-softmax is
+      computed in float32), possibly padded with columns of a large negative logit (which add
+      nothing to the normaliser).
+    tokens_BxL, masked_BxL, t_B, schedule, loss_mask_BxL: as `nelbo_terms`.
+  """
+  return nelbo_terms(token_nll(logits_BxLxV, tokens_BxL), masked_BxL, t_B, schedule,
+                     loss_mask_BxL)
+
+
+def token_nll(logits_BxLxV, tokens_BxL):
+  """-log softmax(logits)[token] per position, float32 B x L.
+
+  A target outside [0, V) gives NaN (see `nelbo_terms`): it is a bug, not something to clamp."""
+  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+  # logsumexp(logits) - logits[token]: no [B,L,V] log-softmax array.
+  lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+  target_BxL = jnp.take_along_axis(
+      logits_BxLxV, tokens_BxL[..., None].astype(jnp.int32), axis=-1,
+      mode="fill", fill_value=jnp.nan)[..., 0]
+  return lse_BxL - target_BxL
+
+
+def chunked_token_nll(logits_fn, h_BxLxD, tokens_BxL, chunk: int):
+  """`token_nll(logits_fn(h), tokens)` computed `chunk` positions of the length at a time.
+
+  Each chunk's logits (B x chunk x V, float32 for the log-softmax) are built, reduced to its
+  B x chunk NLLs and dropped; under differentiation each chunk is rematerialised, so the
+  backward rebuilds one chunk's logits at a time instead of keeping B x L x V. The
+  projection's gradient is summed over the chunks. `chunk` >= L (or not dividing L): one
+  chunk, no rematerialisation, the same program as `token_nll(logits_fn(h), tokens)`.
+  """
+  b, length = tokens_BxL.shape
+  if chunk <= 0 or chunk >= length or length % chunk:
+    return token_nll(logits_fn(h_BxLxD), tokens_BxL)
+  n = length // chunk
+
+  def one(h_and_tokens):
+    h_BxCxD, tokens_BxC = h_and_tokens
+    return token_nll(logits_fn(h_BxCxD), tokens_BxC)
+
+  # Chunks on a leading axis: the batch keeps its (sharded) place on every chunk.
+  chunks = lambda x: x.reshape((b, n, chunk) + x.shape[2:]).swapaxes(0, 1)
+  nll_NxBxC = jax.lax.map(jax.checkpoint(one), (chunks(h_BxLxD), chunks(tokens_BxL)))
+  return nll_NxBxC.swapaxes(0, 1).reshape(b, length)
+
+
+def nelbo_terms(nll_BxL, masked_BxL, t_B, schedule, loss_mask_BxL=None):
+  """NELBO of one batch from the per-position NLLs of the clean tokens.
 
   Normaliser: `loss = nelbo_sum / max(num_tokens, 1)` where `num_tokens = loss_mask_BxL.sum()`
   counts the *scored* positions (masked or not; loss_mask defaults to all ones, and the caller
@@ -29,12 +79,8 @@ def diffusion_loss(logits_BxLxV, tokens_BxL, masked_BxL, t_B, schedule, loss_mas
   mask counts. It is not divided by the number of masked positions (that would bias the bound).
 
   Args:
-    logits_BxLxV: denoiser output over the real vocabulary (any float dtype; the log-softmax is
-      computed in float32), possibly padded with columns of a large negative logit (which add
-      nothing to the normaliser).
-    tokens_BxL: clean targets x_0, ints in [0, V). A target outside that range at a scored masked
-      position makes the loss NaN (it is a bug, not something to clamp silently); elsewhere it is
-      ignored.
+    nll_BxL: -log p_theta(x_0^l | x_t), float32 (`token_nll`); NaN where the target was out of
+      range, which makes the loss NaN at a scored masked position and is ignored elsewhere.
     masked_BxL: bool, True where x_t holds [MASK] (from `mask_tokens`).
     t_B: diffusion time of each sequence.
     schedule: a `Schedule`.
@@ -44,18 +90,10 @@ def diffusion_loss(logits_BxLxV, tokens_BxL, masked_BxL, t_B, schedule, loss_mas
     dict of float32 scalars: `loss`, `nelbo_sum` (sum over the batch of weight * NLL, nats),
     `num_tokens` (scored positions), `masked_fraction` (masked scored / scored).
   """
-  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
   if loss_mask_BxL is None:
-    loss_mask_BxL = jnp.ones(tokens_BxL.shape, bool)
+    loss_mask_BxL = jnp.ones(nll_BxL.shape, bool)
   loss_mask_BxL = loss_mask_BxL.astype(bool)
   scored_BxL = masked_BxL.astype(bool) & loss_mask_BxL
-
-  # -log softmax(logits)[token] = logsumexp(logits) - logits[token]: no [B,L,V] log-softmax array.
-  lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-  target_BxL = jnp.take_along_axis(
-      logits_BxLxV, tokens_BxL[..., None].astype(jnp.int32), axis=-1,
-      mode="fill", fill_value=jnp.nan)[..., 0]
-  nll_BxL = lse_BxL - target_BxL
 
   weight_B = schedule.weight(t_B)
   # `where`, not a product: unscored positions may hold out-of-range targets (NaN above).

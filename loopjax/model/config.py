@@ -19,6 +19,7 @@ MASKED_LOGIT = -1e9
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 MLP_TYPES = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16")
+LOOP_WEIGHTS = ("gathered", "per_iteration")
 EMBED_INITS = ("normal", "mdlm")
 DENSE_INITS = ("lecun_normal", "torch")
 
@@ -79,11 +80,21 @@ class ModelConfig:
   # saves more makes the scan stack those residuals for all S_max iterations (zeros for the
   # skipped ones), so the backward's time and memory then grow with S_max instead of S.
   loop_remat: str = "full"
+  # How the looped block's FSDP-sharded weights reach the loop. "gathered": once per step before
+  # the loop, their gradient summed over the iterations and reduce-scattered once after it
+  # (costs one unsharded copy of the block's weights and of its gradient per device for the
+  # step). "per_iteration": gathered inside every iteration (and again in the recompute), the
+  # gradient reduce-scattered every iteration: S times the communication, no extra memory.
+  loop_weights: str = "gathered"
   # Kernel set computing the matmuls and attention (loopjax/model/kernels): reference,
   # xla_cpu, cudnn, splash, or auto (chosen from the devices by `resolve_kernels` before the
   # model runs).
   kernels: str = "reference"
   rope_base: float = 10000.0
+  # Training loss: the output head's logits and their log-softmax are built this many positions
+  # of the length at a time (rematerialised in the backward), never B x L x V at once. >= L
+  # (or not dividing L): all at once, as the logits of inference.
+  loss_chunk: int = 256
   scan_unroll: bool = False  # unroll layer/loop scans (exact XLA cost analysis; slower compile).
   # Unroll the layer stacks' scans only (never the loop): no stacked per-layer activations,
   # 1.4x faster f32 steps on CPU at the reference config; compile time grows with depth.
@@ -154,13 +165,15 @@ class ModelConfig:
       bad("grad_last_k", f"must be >= 0, got {self.grad_last_k}")
     if not 0.0 <= self.dropout < 1.0:
       bad("dropout", f"must be in [0, 1), got {self.dropout}")
+    if self.loss_chunk < 0:
+      bad("loss_chunk", f"must be >= 0 (0: no chunking), got {self.loss_chunk}")
     if self.mlp_ratio <= 0:
       bad("mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
     if not 0.0 < self.norm_eps < 1.0:
       bad("norm_eps", f"must be in (0, 1), got {self.norm_eps}")
     for field, allowed in (("mlp_type", MLP_TYPES), ("embed_init", EMBED_INITS),
                            ("dense_init", DENSE_INITS), ("remat", REMAT_POLICIES),
-                           ("loop_remat", REMAT_POLICIES),
+                           ("loop_remat", REMAT_POLICIES), ("loop_weights", LOOP_WEIGHTS),
                            ("kernels", KERNELS), ("dtype", DTYPES)):
       if getattr(self, field) not in allowed:
         bad(field, f"{getattr(self, field)!r} is not one of {allowed}")

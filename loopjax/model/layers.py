@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from loopjax.model import kernels as kernels_lib
 from loopjax.model.config import ModelConfig
 from loopjax.model.kernels import reference
+from loopjax.parallel import mesh as mesh_lib
 
 Array = jax.Array
 
@@ -30,11 +31,13 @@ def compute_dtype(cfg: ModelConfig):
 
 
 def constrain(x, *names):
-  """x's layout by logical activation axes (`act_*`; a no-op outside a rules context)."""
-  return nn.with_logical_constraint(x, names)
+  """x's layout by logical activation axes (`act_*`; a no-op outside a rules context); an axis
+  whose mesh axes do not divide its dimension stays whole."""
+  return nn.with_logical_constraint(x, mesh_lib.fit_logical(names, x.shape))
 
 
-BLD = ("act_batch", "act_length", "act_embed")
+# The residual stream between blocks: length split over tensor (sequence parallelism).
+BLD = ("act_batch", "act_seq", "act_embed")
 BLHK = ("act_batch", "act_length", "act_heads", "act_kv")
 
 
@@ -186,7 +189,8 @@ class Mlp(nn.Module):
     h_BxLxF = constrain(h_BxLxF, "act_batch", "act_length", "act_mlp")
     if cfg.mlp_hidden_dropout:
       h_BxLxF = nn.Dropout(cfg.dropout)(h_BxLxF, deterministic=not train)
-    out = dense(d, "wo", ("mlp", "embed"), f)(h_BxLxF)
+    # Summed over the tensor-sharded units straight into the length-split stream.
+    out = constrain(dense(d, "wo", ("mlp", "embed"), f)(h_BxLxF), *BLD)
     # As MDLM's bias_dropout_add_scale: dropout on the branch output, then the adaLN gate.
     return nn.Dropout(cfg.dropout)(out, deterministic=not train)
 
@@ -221,8 +225,9 @@ class Block(nn.Module):
     y = layer_norm(dt, "norm_attn", self.cfg.norm_eps)(x_BxLxD) * (1 + scale1) + shift1
     y, probs = Attention(self.cfg, name="attn")(
         y.astype(dt), mask, train=train, return_probs=return_probs)
-    x_BxLxD = x_BxLxD + (gate1 * y).astype(x_BxLxD.dtype)
+    # Residual adds in float32, rounded once to the stream's dtype.
+    x_BxLxD = (x_BxLxD.astype(jnp.float32) + gate1 * y).astype(x_BxLxD.dtype)
     y = layer_norm(dt, "norm_mlp", self.cfg.norm_eps)(x_BxLxD) * (1 + scale2) + shift2
     y = Mlp(self.cfg, name="mlp")(y.astype(dt), train=train)
-    x_BxLxD = x_BxLxD + (gate2 * y).astype(x_BxLxD.dtype)
+    x_BxLxD = (x_BxLxD.astype(jnp.float32) + gate2 * y).astype(x_BxLxD.dtype)
     return constrain(x_BxLxD, *BLD), probs

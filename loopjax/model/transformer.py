@@ -19,9 +19,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from loopjax.diffusion.nelbo import chunked_token_nll
+from loopjax.model import kernels as kernels_lib
 from loopjax.model.config import MASKED_LOGIT, ModelConfig
 from loopjax.model.kernels.masks import AttentionMask
+from loopjax.parallel import mesh as mesh_lib
 from loopjax.model.layers import (BLD, Block, Dense, adaln_modulation, bias_init, compute_dtype,
                                   constrain, dense_init, kernel_initializer, layer_norm)
 
@@ -77,7 +81,10 @@ class Stack(nn.Module):
 
 
 class _LoopIteration(nn.Module):
-  """One loop iteration: the shared block when i < S, else h passes through unchanged."""
+  """One loop iteration: the shared block when i < S, else h passes through unchanged.
+
+  The carry is h alone: h0, S, c and the mask are loop-invariant (scan broadcasts), so the
+  scan stacks one B x L x D carry per iteration for the backward, in the stream dtype."""
 
   cfg: ModelConfig
   train: bool
@@ -85,9 +92,8 @@ class _LoopIteration(nn.Module):
   static_full: bool  # S == number of iterations is known statically: no conditional needed.
 
   @nn.compact
-  def __call__(self, carry, i, c_BxC, mask):
+  def __call__(self, h_BxLxD, i, h0_BxLxD, loops, c_BxC, mask):
     cfg = self.cfg
-    h_BxLxD, h0_BxLxD, loops = carry
     h_in = h_BxLxD
     if cfg.grad_last_k > 0:
       # Iterations before S - k get no gradient: cut the graph where iteration S - k starts
@@ -98,7 +104,8 @@ class _LoopIteration(nn.Module):
     if cfg.loop_embedding:
       table = self.param("loop_embedding", nn.with_logical_partitioning(
           nn.initializers.normal(0.02), ("loops", "embed")), (cfg.max_loops, cfg.width))
-      h_in = h_in + table[jnp.minimum(i, cfg.max_loops - 1)][None, None, :]
+      h_in = (h_in + table[jnp.minimum(i, cfg.max_loops - 1)][None, None, :]).astype(
+          h_BxLxD.dtype)
 
     def run(mdl, h):
       # Remat (if any) is applied around the whole iteration (see Loop), not per layer.
@@ -116,7 +123,7 @@ class _LoopIteration(nn.Module):
       h_out, probs = run(self, h_in)
     else:
       h_out, probs = nn.cond(i < loops, run, skip, self, h_in)
-    return (h_out, h0_BxLxD, loops), ((h_out, probs) if self.collect else None)
+    return h_out, ((h_out, probs) if self.collect else None)
 
 
 class Loop(nn.Module):
@@ -150,14 +157,60 @@ class Loop(nn.Module):
         _LoopIteration, policy=_REMAT[cfg.loop_remat], prevent_cse=False)
     scan = nn.scan(body, variable_broadcast="params",
                    split_rngs={"params": False, "dropout": True},
-                   in_axes=(0, nn.broadcast, nn.broadcast), length=length,
+                   in_axes=(0,) + (nn.broadcast,) * 4, length=length,
                    unroll=length if cfg.scan_unroll else 1)
     iters = jnp.asarray(start, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
     h0_BxLxD = h_BxLxD if h0_BxLxD is None else h0_BxLxD
-    carry = (h_BxLxD, h0_BxLxD, jnp.asarray(loops, jnp.int32))
-    (h_BxLxD, _, _), ys = scan(cfg, train, collect, static_full, name="scan")(
-        carry, iters, c_BxC, mask)
-    return h_BxLxD, ys
+    args = (h_BxLxD, iters, h0_BxLxD, jnp.asarray(loops, jnp.int32), c_BxC, mask)
+    if cfg.loop_weights != "gathered" or self.is_initializing():
+      return scan(cfg, train, collect, static_full, name="scan")(*args)
+    groups, axes = (1, ()) if collect else mesh_lib.loop_groups(h_BxLxD.shape[0])
+    gather = _gather_fn(cfg, body, args, groups)
+    if groups == 1:
+      return nn.map_variables(scan, "params", trans_in_fn=gather)(
+          cfg, train, collect, static_full, name="scan")(*args)
+    # One copy of the gathered weights per data-parallel block of the batch, each block's
+    # iterations vmapped over: a copy's gradient is that block's alone, so it is summed over
+    # the iterations on its own device and reduced across devices once, after the loop (one
+    # shared copy would be all-reduced in every iteration, inside the cond).
+    split = lambda x: x.reshape((groups, x.shape[0] // groups) + x.shape[1:])
+    vmapped = nn.vmap(scan, variable_axes={"params": 0}, split_rngs={"params": False,
+                                                                     "dropout": True},
+                      in_axes=(0, None, 0, None, 0, 0), out_axes=0, axis_size=groups,
+                      spmd_axis_name=axes)
+    h_GxBxLxD = constrain(split(h_BxLxD), "loop_group", None, *BLD[1:])
+    grouped = (h_GxBxLxD, iters, split(h0_BxLxD), args[3], split(c_BxC),
+               jax.tree_util.tree_map(split, mask))
+    with mesh_lib.per_group_rules():
+      h_GxBxLxD, _ = nn.map_variables(vmapped, "params", trans_in_fn=gather)(
+          cfg, train, collect, static_full, name="scan")(*grouped)
+    return constrain(h_GxBxLxD.reshape(h_BxLxD.shape), *BLD), None
+
+
+def _gather_fn(cfg: ModelConfig, body, args, groups: int):
+  """The looped block's parameters with their FSDP-sharded dimensions made whole (tensor
+  sharding kept), applied once before the loop: the scan then takes the gathered weights as
+  loop-invariant inputs, and the transpose of the constraint reduce-scatters their gradient,
+  accumulated over the iterations, once after the loop. `groups` > 1: that many copies on a
+  leading axis sharded like the batch."""
+  def init(*xs):
+    return body(cfg, False, False, True, parent=None).init(
+        {"params": jax.random.PRNGKey(0)}, xs[0], xs[1][0], *xs[2:])
+  shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+  specs = nn.get_partition_spec(jax.eval_shape(init, *shapes))["params"]
+
+  def one(spec, x):
+    axes = mesh_lib.gathered_axes(tuple(spec))
+    x = nn.with_logical_constraint(x, axes)
+    if groups == 1:
+      return x
+    return nn.with_logical_constraint(jnp.broadcast_to(x, (groups,) + x.shape),
+                                      ("loop_group",) + axes)
+
+  def gather(variables):
+    return {"params": jax.tree_util.tree_map(one, specs, variables["params"],
+                                             is_leaf=lambda x: isinstance(x, P))}
+  return gather
 
 
 def embedding_initializer(kind: str):
@@ -202,6 +255,22 @@ class TimeEmbedding(nn.Module):
     return nn.silu(emb)
 
 
+class _HeadParams(nn.Module):
+  """The output projection's kernel D x V and bias V (nn.Dense's names, shapes and inits)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, d: int):
+    cfg = self.cfg
+    kernel_init = (nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "vocab"))
+                   if cfg.zero_init_head else dense_init(("embed", "vocab"), kind=cfg.dense_init))
+    kernel = self.param("kernel", kernel_init, (d, cfg.padded_vocab))
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                      (cfg.padded_vocab,))
+    return kernel, bias
+
+
 class OutputLayer(nn.Module):
   """Final adaLN-modulated norm and the untied head producing V logits (no [MASK] output),
   padded to cfg.padded_vocab columns whose logits are MASKED_LOGIT."""
@@ -209,21 +278,30 @@ class OutputLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, h_BxLxD, c_BxC):
+  def __call__(self, h_BxLxD, c_BxC, targets_BxL=None):
+    """Logits B x L x padded V (float32); with `targets_BxL`, their NLL B x L (float32) instead,
+    computed model.loss_chunk positions at a time (`chunked_token_nll`)."""
     cfg, dt = self.cfg, compute_dtype(self.cfg)
+    ops = kernels_lib.get(cfg.kernels)
     shift, scale = adaln_modulation(c_BxC, 2, cfg.width, "adaln")
     h = layer_norm(dt, "norm", cfg.norm_eps)(h_BxLxD) * (1 + scale) + shift
-    kernel_init = (nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "vocab"))
-                   if cfg.zero_init_head else dense_init(("embed", "vocab"), kind=cfg.dense_init))
-    logits = Dense(cfg.padded_vocab, dtype=dt, kernels=cfg.kernels, name="proj",
-                   kernel_init=kernel_init,
-                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))(
-                       h.astype(dt))
-    logits = constrain(logits.astype(jnp.float32), "act_batch", "act_length", "act_vocab")
-    if cfg.padded_vocab > cfg.vocab_size:  # padded columns: no probability (ModelConfig)
-      real = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
-      logits = jnp.where(real, logits, MASKED_LOGIT)
-    return logits
+    # Whole length from here (gathered once from the sequence-parallel stream): the head's
+    # chunks split the length, the vocabulary is split over tensor.
+    h = constrain(h, "act_batch", "act_length", "act_embed")
+    kernel, bias = _HeadParams(cfg, name="proj")(h.shape[-1])
+
+    def logits_fn(h_BxCxD):
+      y = ops.dot_general(h_BxCxD.astype(dt), kernel.astype(dt), (((2,), (0,)), ((), ())))
+      logits = constrain(ops.add_bias(y, bias).astype(jnp.float32),
+                         "act_batch", "act_length", "act_vocab")
+      if cfg.padded_vocab > cfg.vocab_size:  # padded columns: no probability (ModelConfig)
+        real = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
+        logits = jnp.where(real, logits, MASKED_LOGIT)
+      return logits
+
+    if targets_BxL is None:
+      return logits_fn(h)
+    return chunked_token_nll(logits_fn, h, targets_BxL, cfg.loss_chunk)
 
 
 class LoopedTransformer(nn.Module):
@@ -245,9 +323,11 @@ class LoopedTransformer(nn.Module):
 
   def __call__(self, tokens_BxL: Array, loops: Any = 1, t_B: Array | None = None,
                segment_ids_BxL: Array | None = None, *, train: bool = False,
-               collect: bool = False):
+               collect: bool = False, targets_BxL: Array | None = None):
     """Logits B x L x cfg.padded_vocab (float32; the padded columns hold MASKED_LOGIT), or
-    (logits, aux) when `collect`.
+    (logits, aux) when `collect`. With `targets_BxL` (training): -log p(target) per position,
+    float32 B x L, in place of the logits, which are then built model.loss_chunk positions at a
+    time and never whole.
 
     `loops` is S: a Python int or a traced int32 scalar, 1 <= S <= max_loops (a traced S above
     max_loops runs max_loops; for more loops rebuild the model with a larger max_loops, which
@@ -266,7 +346,8 @@ class LoopedTransformer(nn.Module):
       h, ys = self.loop(h, c, mask, loops, train, collect)
       if collect:
         aux["loop_hiddens_SxBxLxD"], aux["attn"]["loop"] = ys
-    logits, aux["attn"]["tail"] = self.decode(h, c, mask, train=train, collect=collect)
+    logits, aux["attn"]["tail"] = self.decode(h, c, mask, train=train, collect=collect,
+                                              targets_BxL=targets_BxL)
     return (logits, aux) if collect else logits
 
   # encode / loop_chunk / decode are the same pieces `__call__` uses, callable on their own
@@ -285,7 +366,8 @@ class LoopedTransformer(nn.Module):
     c_BxC = self.time_embed(t_B)
     # Document masking from the segment ids (padding, segment 0, attends only to itself).
     mask = AttentionMask.from_segment_ids(segment_ids_BxL, b, length)
-    h = constrain(self.embed(tokens_BxL).astype(jnp.float32), *BLD)
+    # The residual stream is in the compute dtype (norm statistics, softmax and loss stay f32).
+    h = constrain(self.embed(tokens_BxL).astype(compute_dtype(cfg)), *BLD)
     probs = None
     if self.head is not None:
       h, probs = self.head(h, c_BxC, mask, train, collect)
@@ -299,9 +381,10 @@ class LoopedTransformer(nn.Module):
                      h0_BxLxD)
     return h
 
-  def decode(self, h_BxLxD, c_BxC, mask, *, train=False, collect=False):
-    """Tail layers, final norm and output head. Returns (logits, tail attention probs)."""
+  def decode(self, h_BxLxD, c_BxC, mask, *, train=False, collect=False, targets_BxL=None):
+    """Tail layers, final norm and output head. Returns (logits, tail attention probs), or
+    (target NLLs, probs) with `targets_BxL` (see __call__)."""
     probs = None
     if self.tail is not None:
       h_BxLxD, probs = self.tail(h_BxLxD, c_BxC, mask, train, collect)
-    return self.output(h_BxLxD, c_BxC), probs
+    return self.output(h_BxLxD, c_BxC, targets_BxL), probs

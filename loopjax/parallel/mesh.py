@@ -38,16 +38,66 @@ LOGICAL_RULES = (
     ("cond", None),
     ("layers", None),
     ("loops", None),
+    # The looped block's gathered weights, one copy per data-parallel block of the batch (see
+    # loop_groups): the copies' gradients stay per device until the loop ends.
+    ("loop_group", ("data", "fsdp")),
     # Activations: the batch over data x fsdp, so FSDP gathers each layer's weights and never
     # moves activations; heads, MLP units and vocabulary over tensor (tensor parallelism).
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),
+    # Sequence parallelism: between the attention and MLP blocks (the residual stream, norms,
+    # adaLN, dropout) the length is split over tensor; inside them, heads and MLP units are.
+    ("act_seq", "tensor"),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv", None),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
 )
+
+
+def gathered_axes(names: tuple) -> tuple:
+  """A parameter's logical axes with the dimensions FSDP (or data) shards made whole: the
+  layout of a weight gathered for use, tensor sharding kept."""
+  spans = {name for name, axes in LOGICAL_RULES if not name.startswith("act_")
+           and {"data", "fsdp"} & set((axes,) if isinstance(axes, str) else axes or ())}
+  return tuple(None if n in spans else n for n in names)
+
+
+def fit_logical(names: tuple, shape) -> tuple:
+  """Logical activation axes with those whose mesh axes do not divide their dimension (in the
+  current rules context) left unsharded: a constraint must split evenly."""
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = nn.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return tuple(names)
+  out = []
+  for name, axes, size in zip(names, nn.logical_to_mesh_axes(names, rules), shape):
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    out.append(name if size % math.prod(mesh.shape[a] for a in axes) == 0 else None)
+  return tuple(out)
+
+
+def loop_groups(batch: int) -> tuple[int, tuple]:
+  """(G, mesh axes): the data-parallel blocks the batch is split into under the current rules
+  context (G = 1 outside one, or when they do not divide `batch`)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = dict(nn.get_logical_axis_rules())
+  axes = rules.get("loop_group")
+  if mesh.empty or not axes:
+    return 1, ()
+  names = (axes,) if isinstance(axes, str) else tuple(axes)
+  g = math.prod(mesh.shape[n] for n in names)
+  return (g, names) if g > 1 and batch % g == 0 else (1, ())
+
+
+@contextlib.contextmanager
+def per_group_rules():
+  """While a function of one data-parallel block of the batch is traced (vmapped over the
+  blocks, `loop_groups`): its batch axis is unsharded, the vmapped axis carries the sharding."""
+  rules = tuple((n, None if n == "act_batch" else a) for n, a in nn.get_logical_axis_rules())
+  with nn.logical_axis_rules(rules):
+    yield
 
 
 @contextlib.contextmanager

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from loopjax.diffusion import (Schedule, diffusion_loss, make_schedule, mask_tokens,
-                               nelbo_on_grid, sample_times)
+from loopjax.diffusion import (Schedule, make_schedule, mask_tokens, nelbo_on_grid,
+                               nelbo_terms, sample_times)
 from loopjax.model import LoopDistribution, LoopedTransformer, resolve_kernels
 from loopjax.parallel import mesh as mesh_lib
 from loopjax.train import config as config_lib
@@ -41,9 +41,10 @@ def make_train_step(model: LoopedTransformer, tx: optax.GradientTransformation,
     x_t, masked = mask_tokens(r_mask, tokens, schedule.alpha(t_B), mask_id, batch["fixed"])
 
     def nelbo_sum(p):
-      logits = model.apply({"params": p}, x_t, loops, t_B, batch["segment_ids"], train=True,
-                           rngs={"dropout": r_drop})
-      out = diffusion_loss(logits, tokens, masked, t_B, schedule, batch["loss_mask"])
+      # The model returns the clean tokens' NLLs: its head never holds B x L x V logits.
+      nll = model.apply({"params": p}, x_t, loops, t_B, batch["segment_ids"], train=True,
+                        rngs={"dropout": r_drop}, targets_BxL=tokens)
+      out = nelbo_terms(nll, masked, t_B, schedule, batch["loss_mask"])
       return out["nelbo_sum"], out
 
     return jax.grad(nelbo_sum, has_aux=True)(params)

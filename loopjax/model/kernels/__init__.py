@@ -67,12 +67,12 @@ _SETS = {
 
 KERNELS = ("auto",) + tuple(_SETS)
 
-# What `auto` picks per device platform. Accelerators get the reference until a kernel set for
-# them has been run on the hardware: splash and cudnn are chosen explicitly. splash is checked
-# against the reference in Pallas' interpreter and compiles for real TPU topologies (any L, K:
-# it pads L to its blocks), but has not been run on a TPU; cudnn cannot even be lowered without
-# a GPU (jax asks the cuDNN library while tracing).
-_AUTO = {"cpu": "xla_cpu", "tpu": "reference", "gpu": "reference", "cuda": "reference",
+# What `auto` picks per device platform. TPUs get splash (flash attention from segment ids, no
+# L x L arrays): it compiles for real TPU topologies (any L, K: it pads L to its blocks) and
+# equals the reference in Pallas' interpreter; `model.kernels=reference` is the fallback. GPUs
+# get the reference: cudnn cannot even be lowered without a GPU (jax asks the cuDNN library
+# while tracing), so it is chosen explicitly.
+_AUTO = {"cpu": "xla_cpu", "tpu": "splash", "gpu": "reference", "cuda": "reference",
          "rocm": "reference"}
 
 
