@@ -8,6 +8,7 @@ generic `async-start` wrapper and an NCCL-style custom call other compilers emit
 """
 
 import os
+import re
 
 import pytest
 
@@ -188,14 +189,16 @@ def test_roofline_against_a_hand_computed_bound():
 
 
 @pytest.mark.skipif(not have_libtpu(), reason="TPU compiles need the libtpu wheel (test extra)")
-def test_report_of_a_real_tpu_compile():
+@pytest.mark.parametrize("loop_weights", ["gathered", "per_iteration"])
+def test_report_of_a_real_tpu_compile(loop_weights):
   from loopjax.parallel.topology import tpu_topology_devices
   from loopjax.train import memory
   from loopjax.train.config_load import load_config
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   tiny = ["--config.model.width=64", "--config.model.num_layers=3", "--config.model.num_heads=2",
           "--config.model.cond_dim=16", "--config.train.batch_size=16",
-          "--config.loops.train=uniform:1:2", "--config.model.dtype=bfloat16"]
+          "--config.loops.train=uniform:1:2", "--config.model.dtype=bfloat16",
+          f"--config.model.loop_weights={loop_weights}"]
   config = load_config(os.path.join(root, "experiments", "sudoku.py"), tiny)
   r = memory.memory_report(config, tpu_topology_devices("v5p:2x2x1"),
                            {"data": 1, "fsdp": 4, "tensor": 1})
@@ -204,9 +207,14 @@ def test_report_of_a_real_tpu_compile():
   # The call graph and the source scopes agree on what is inside the loop (a collective the
   # compiler hoisted out of the loop may keep its loop scope, so only one way round).
   for x in c["list"]:
-    assert not x["in_loop"] or "/loop/while/body/" in x["scope"], x
+    assert not x["in_loop"] or re.search(r"/loop/(vmap\(\)/)?while/body/", x["scope"]), x
     if not x["in_loop"]:  # no E[S] / S_max factor outside the loop: whole trip counts
       assert x["runs"] == int(x["runs"]) >= 1, x
+  if loop_weights == "gathered":  # the block's weights are gathered once, before the loop
+    assert c["in_loop"]["count"] == 0, [x for x in c["list"] if x["in_loop"]][:4]
+  else:  # gathered in the block's branch: E[S] = 1.5 of the S_max = 2 iterations
+    assert c["in_loop"]["count"] > 0
+    assert {x["runs"] for x in c["list"] if x["in_loop"]} <= {1.5, 2.0, 3.0}
   assert r["activation_collectives"] == [], r["activation_collectives"][:4]
   rl = r["roofline"]
   assert rl["chip"] == "v5p" and 0 < rl["mfu_upper_bound"] <= 1

@@ -102,12 +102,14 @@ def parse_module(text: str) -> tuple[dict[str, list[Instr]], str | None]:
       if m:
         comps.setdefault("", []).append(_instr(m))
       continue
-    if line.startswith("}"):
+    if line.strip() == "}":
       current = None
       continue
     m = _INSTR.match(line)
     if m:
       current.append(_instr(m))
+    elif current:  # an attribute (e.g. a kernel's metadata) that spans several lines
+      current[-1].attrs += "\n" + line
   return comps, entry if entry is not None or "" not in comps else ""
 
 
@@ -254,10 +256,12 @@ def _walk(comps, entry, loop_scope: str, loop_fraction: float):
 
 
 def _loop_whiles(op_name: str, scope: str) -> int:
-  """`while` components up to and including the loop's own (`.../loop/while`)."""
+  """`while` components up to and including the loop's own, the first after the loop's scope
+  (`.../loop/while`, or `.../loop/vmap()/while` when the loop runs under a vmap)."""
   parts = op_name.split("/")
   idx = parts.index(scope)
-  return parts[:idx + 2].count("while")
+  own = next((i for i in range(idx, len(parts)) if parts[i] == "while"), len(parts) - 1)
+  return parts[:own + 1].count("while")
 
 
 def _trip_count_of(cond: list[Instr]) -> int | None:
