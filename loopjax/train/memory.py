@@ -27,8 +27,11 @@ import tempfile
 import jax
 import numpy as np
 
+from loopjax import flops as flops_lib
+from loopjax.model import LoopDistribution
 from loopjax.parallel import hlo
 from loopjax.parallel import mesh as mesh_lib
+from loopjax.parallel import roofline
 from loopjax.parallel.topology import tpu_topology_devices
 from loopjax.train.config_load import load_config, split_config_args
 from loopjax.train.step import build_train_step
@@ -143,15 +146,53 @@ def memory_report(config, devices=None, mesh_cfg=None, memory_gib: float | None 
   if gib:
     out["device_memory"] = int(gib * GIB)
     out["fits"] = out["needed"] <= out["device_memory"]
-  # Collectives of the partitioned program; one that spans the global batch moves activations.
-  colls = hlo.collectives(hlo_text)
   out["kernels"] = program.model.cfg.kernels
-  out["collectives"] = {"count": len(colls), "bytes": sum(c["bytes"] for c in colls),
-                        "by_op": {op: sum(c["op"] == op for c in colls)
-                                  for op in sorted({c["op"] for c in colls})}}
-  out["activation_collectives"] = [
-      {"op": c["op"], "shapes": c["shapes"], "bytes": c["bytes"]}
-      for c in hlo.activation_collectives(colls, out["batch_size"], out["seq_len"])]
+  out.update(_collective_report(hlo_text, config, program.model.cfg, out["mesh"]))
+  out.update(_roofline_report(compiled, config, program.model.cfg, out))
+  return out
+
+
+def _collective_report(hlo_text: str, config, cfg, mesh_shape: dict) -> dict:
+  """The partitioned program's collectives (loopjax.parallel.hlo), each flagged, and totals."""
+  dist = LoopDistribution.parse(config.loops.train)
+  fraction = dist.expected / cfg.max_loops if cfg.looped else 1.0
+  colls = hlo.classify(hlo.collectives(hlo_text, loop_fraction=fraction),
+                       batch=int(config.train.batch_size), length=int(config.data.seq_len),
+                       batch_shards=mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1),
+                       tensor=mesh_shape.get("tensor", 1))
+  keys = ("op", "bytes", "runs", "async", "in_loop", "activation", "expected", "group",
+          "wire_bytes", "shapes", "scope")
+  listed = [{k: c[k] for k in keys} for c in colls]
+  return {"collectives": {**hlo.totals(colls), "list": listed},
+          "activation_collectives": [c for c in listed if c["activation"] and not c["expected"]]}
+
+
+def _roofline_report(compiled, config, cfg, r: dict) -> dict:
+  """FLOPs per device (the compiler's count, which covers each while body once, and the model's,
+  loopjax.flops) and the roofline bound for the chip compiled for (loopjax.parallel.roofline)."""
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  n, batch, length = r["num_devices"], int(config.train.batch_size), int(config.data.seq_len)
+  dist = LoopDistribution.parse(config.loops.train)
+  loops = dist.expected if cfg.looped else 1.0
+  model = flops_lib.expected_train_flops_per_step(cfg, length, batch, dist) / n
+  executed = model + flops_lib.remat_overhead_flops_per_seq(cfg, length, loops) * batch / n
+  loop_share = (cfg.block_layers * loops * flops_lib.layer_flops_per_seq(cfg, length)
+                / flops_lib.forward_flops_per_seq(cfg, length, loops)) if cfg.looped else 0.0
+  out = {"flops": {"xla": float(cost.get("flops", 0.0)),
+                   "xla_bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+                   "model": model, "executed": executed, "loop_share": loop_share,
+                   "expected_loops": loops}}
+  out["flops"]["xla_over_executed"] = out["flops"]["xla"] / executed if executed else None
+  gen = roofline.generation(r["device_kind"])
+  c = r["collectives"]
+  out["roofline"] = None if gen is None else roofline.estimate(
+      gen, flops=executed, hbm_bytes=out["flops"]["xla_bytes_accessed"], model_flops=model,
+      loop_share=loop_share, sync_wire=c["sync"]["wire_bytes"],
+      async_loop_wire=sum(x["wire_bytes"] * x["runs"] for x in c["list"]
+                          if x["async"] and x["in_loop"]),
+      async_other_wire=sum(x["wire_bytes"] * x["runs"] for x in c["list"]
+                           if x["async"] and not x["in_loop"]))
   return out
 
 
@@ -184,20 +225,43 @@ def format_report(r: dict) -> str:
   if "device_memory" in r:
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
     lines.append(f"  device memory     {g(r['device_memory'])}   -> {verdict}")
-  c = r["collectives"]
-  ops = ", ".join(f"{n} {op}" for op, n in c["by_op"].items()) or "none"
-  lines.append(f"collectives: {c['count']} ({ops}), {g(c['bytes']).strip()} of operands; "
-               f"kernels {r['kernels']}")
-  act = r["activation_collectives"]
-  if act:
-    lines.append(f"  {len(act)} ACTIVATION-SIZED (span the global batch of "
-                 f"{r['batch_size']} x {r['seq_len']}): activations are replicated, not sharded")
-    lines += [f"    {a['op']} {a['shapes']} ({g(a['bytes']).strip()})" for a in act[:8]]
-  else:
-    lines.append("  none spans the global batch (activations stay sharded over data x fsdp)")
+  lines += _format_collectives(r, g)
   if r["device_kind"] == "cpu":
     lines.append("(fake CPU devices: temp is the CPU compiler's estimate; use --topology for TPU)")
   return "\n".join(lines)
+
+
+def _format_collectives(r: dict, g) -> list[str]:
+  c = r["collectives"]
+  ops = ", ".join(f"{n} {op}" for op, n in c["by_op"].items()) or "none"
+  lines = [f"collectives: {c['count']} ({ops}); per step {c['runs']:.0f} runs, "
+           f"{g(c['bytes']).strip()}; in the loop {c['in_loop']['count']} "
+           f"({g(c['in_loop']['bytes']).strip()} per step); synchronous {c['sync']['count']} "
+           f"({g(c['sync']['bytes']).strip()} per step); kernels {r['kernels']}"]
+  act = r["activation_collectives"]
+  expected = [x for x in c["list"] if x["expected"]]
+  if expected:
+    lines.append(f"  {len(expected)} move per-shard activations as the mesh calls for "
+                 f"({expected[0]['expected']})")
+  if act:
+    lines.append(f"  {len(act)} ACTIVATION-SIZED, not called for by the mesh (global: spans "
+                 f"{r['batch_size']} x {r['seq_len']}; per_shard: this device's rows):")
+    lines += [f"    {a['activation']} {a['op']} {a['shapes'][:2]} ({g(a['bytes']).strip()})"
+              f"{' in loop' if a['in_loop'] else ''}" for a in act[:8]]
+  else:
+    lines.append("  none moves an activation the mesh does not call for")
+  f, rl = r["flops"], r.get("roofline")
+  lines.append(f"FLOPs per device per step: model {f['model']:.3g} (E[S] = "
+               f"{f['expected_loops']:.2f}), executed with remat {f['executed']:.3g}; "
+               f"the compiler counts {f['xla']:.3g} (each while body once)")
+  if rl:
+    lines.append(f"roofline ({rl['chip']}): step >= {rl['step_s_lower_bound'] * 1e3:.1f} ms "
+                 f"(compute {rl['compute_s'] * 1e3:.1f}, HBM {rl['hbm_s'] * 1e3:.1f}, comm sync "
+                 f"{rl['comm_sync_s'] * 1e3:.1f} / async loop {rl['comm_async_loop_s'] * 1e3:.1f}"
+                 f" / async other {rl['comm_async_other_s'] * 1e3:.1f} ms); MFU <= "
+                 f"{rl['mfu_upper_bound']:.3f}; exposed communication "
+                 f"{rl['exposed_comm_share']:.1%} of the step")
+  return lines
 
 
 def parse_mesh(text: str) -> dict[str, int]:
