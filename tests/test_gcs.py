@@ -349,3 +349,57 @@ def test_prepare_to_bucket_two_processes_sigkill_resume_on_one_equals_local(gcs,
   got = {r["step"]: r["loss"] for r in _rows(str(run))}
   assert sorted(got) == list(range(1, CORPUS_STEPS + 1))
   assert got == want, [(s, got[s], want[s]) for s in want if got[s] != want[s]]
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_each_process_opens_only_the_shards_under_its_rows(where, tmp_path, monkeypatch,
+                                                           request):
+  """20 shards of 20 documents (20 tokens each); 8 rows over 2 processes: slot s owns positions
+  [50s, 50s+50) of the epoch's shard order. 10 batches of 30 stream tokens per row read 15
+  documents of each slot, i.e. its first two windows of 8: the shards under positions
+  [50s, 50s+16), and no other, are opened (and, from the bucket, copied) by its process."""
+  import numpy as np
+  from loopjax import data as D
+  from loopjax.data import prepare, shard_reader
+  corpus = str(tmp_path / "corpus")
+  manifest = prepare.write_tokenized(corpus, [np.full(20, i % 256) for i in range(400)],
+                                     "byte", shard_tokens=400)
+  entries = manifest["splits"]["train"]["shards"]
+  assert len(entries) == 20 and all(e["docs"] == 20 for e in entries)
+  if where == "bucket":
+    request.getfixturevalue("gcs")
+    url = f"gs://{BUCKET}/spy"
+    for e in entries:
+      storage.upload(os.path.join(corpus, e["path"]), storage.join(url, e["path"]))
+    storage.upload(os.path.join(corpus, "manifest.json"), storage.join(url, "manifest.json"))
+    corpus = url
+  opened, copied = [], []
+  real_open, real_download = shard_reader.open_shard, storage.download
+  monkeypatch.setattr(shard_reader, "open_shard",
+                      lambda path: opened.append(os.path.basename(path)) or real_open(path))
+  monkeypatch.setattr(storage, "download",
+                      lambda src, dst: copied.append(src) or real_download(src, dst))
+  order = np.random.default_rng([5, 0, 0]).permutation(20)  # the epoch-0 shard order, seed 5
+  cfg = D.default_data_config()
+  cfg.update(source="prepared", path=corpus, seq_len=32, prefetch=0, shuffle_window=8,
+             stage_dir=str(tmp_path / "stage"))
+  seen = []
+  for p in range(2):
+    opened.clear(), copied.clear()
+    it = D.make_train_iterator(cfg, global_batch_size=8, seed=5, process_index=p,
+                               process_count=2)
+    assert not opened and not copied  # start-up opens no shard
+    for _ in range(10):
+      next(it)
+    it.close()
+    want = {int(order[q // 20]) for s in range(4 * p, 4 * p + 4) for q in range(50 * s,
+                                                                             50 * s + 16)}
+    names = {entries[k]["path"].split("/")[-1] for k in want}
+    assert {n.split("_")[-1] for n in opened} == names, (p, sorted(opened), sorted(names))
+    assert len(opened) == len(names)  # each opened once
+    if where == "bucket":
+      assert sorted(copied) == sorted(storage.join(url, entries[k]["path"]) for k in want)
+    else:
+      assert not copied
+    seen.append(want)
+  assert not seen[0] & seen[1] and len(seen[0] | seen[1]) < 20
