@@ -21,6 +21,7 @@ Writes benchmarks/results/data_throughput.json.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import platform
@@ -112,7 +113,8 @@ def start_emulator(tmp: str):
       time.sleep(0.1)
 
 
-def emulator_ceilings(url: str, manifest: dict, *, reads: int, doc_bytes: int) -> dict:
+def emulator_ceilings(url: str, manifest: dict, *, reads: int, doc_bytes: int,
+                      threads: int = 16) -> dict:
   """Sequential whole-object reads and random document-sized range reads of shard objects."""
   from loopjax import storage
   fs = storage._fs(url)  # noqa: SLF001  (the client the pipeline uses)
@@ -122,15 +124,25 @@ def emulator_ceilings(url: str, manifest: dict, *, reads: int, doc_bytes: int) -
   size = sum(len(fs.cat_file(o)) for o in objs)
   seq = size / (time.perf_counter() - t0)
   rng = np.random.default_rng(0)
-  t0 = time.perf_counter()
+  picks = []
   for _ in range(reads):
     e = entries[rng.integers(len(entries))]
     start = int(rng.integers(0, e["bytes"] - doc_bytes))
-    fs.cat_file(storage.join(url, e["path"]), start=start, end=start + doc_bytes)
+    picks.append((storage.join(url, e["path"]), start))
+  read = lambda pick: fs.cat_file(pick[0], start=pick[1], end=pick[1] + doc_bytes)
+  t0 = time.perf_counter()
+  for pick in picks:
+    read(pick)
   per_s = reads / (time.perf_counter() - t0)
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # as grain's read threads
+    t0 = time.perf_counter()
+    list(pool.map(read, picks))
+    per_s_threads = reads / (time.perf_counter() - t0)
   return {"sequential_mb_per_s": seq / 1e6, "sequential_tokens_per_s": seq / 2,
           "random_reads_per_s": per_s, "random_read_bytes": doc_bytes,
-          "random_tokens_per_s": per_s * doc_bytes / 2}
+          "random_tokens_per_s": per_s * doc_bytes / 2, "threads": threads,
+          "random_reads_per_s_threads": per_s_threads,
+          "random_tokens_per_s_threads": per_s_threads * doc_bytes / 2}
 
 
 def upload_corpus(local: str, url: str, manifest: dict) -> float:
@@ -203,9 +215,17 @@ def peak_rss(tmp: str, *, tokens: int, mean_len: int, seq_len: int, rows: int,
   return result
 
 
+def _median_of(runs: list[dict]) -> dict:
+  """The run of median tokens/s, with every run's tokens/s beside it."""
+  runs = sorted(runs, key=lambda r: r["tokens_per_s"])
+  return {**runs[len(runs) // 2], "runs_tokens_per_s": [r["tokens_per_s"] for r in runs]}
+
+
 def _show(r: dict, where: str) -> None:
   print(f"pipeline {where:>8} {r['wrap']:>8}: {r['tokens_per_s'] / 1e6:6.2f}M tokens/s "
-        f"({r['tokens_per_cpu_s'] / 1e6:.2f}M per CPU-s), {r['rows']} x {r['seq_len']} rows, "
+        f"median of {len(r['runs_tokens_per_s'])} "
+        f"({', '.join(f'{x / 1e6:.1f}' for x in r['runs_tokens_per_s'])}), "
+        f"{r['tokens_per_cpu_s'] / 1e6:.2f}M per CPU-s, {r['rows']} x {r['seq_len']} rows, "
         f"process 0 of {r['processes']}")
 
 
@@ -219,6 +239,7 @@ def main(argv=None) -> int:
   p.add_argument("--processes", type=int, default=8, help="processes sharing the global batch")
   p.add_argument("--batches", type=int, default=280)
   p.add_argument("--random-reads", type=int, default=2000, help="emulator random reads")
+  p.add_argument("--repeats", type=int, default=3, help="pipeline runs (the median is kept)")
   p.add_argument("--prepare-mb", type=float, default=20.0, help="text for the prepare run")
   p.add_argument("--no-emulator", action="store_true")
   p.add_argument("--no-prepare", action="store_true")
@@ -229,7 +250,7 @@ def main(argv=None) -> int:
                                                "data_throughput.json"))
   a = p.parse_args(argv)
   if a.quick:
-    a.tokens, a.batches, a.prepare_mb, a.random_reads = 20_000_000, 40, 4.0, 200
+    a.tokens, a.batches, a.prepare_mb, a.random_reads, a.repeats = 20_000_000, 40, 4.0, 200, 1
   res = {"machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
                     f"python {platform.python_version()}",
          "load_average_before": os.getloadavg(), "note": a.note, "command": " ".join(sys.argv)}
@@ -244,7 +265,8 @@ def main(argv=None) -> int:
                        "mb": sum(s["bytes"] for s in m["splits"]["train"]["shards"]) / 1e6,
                        "write_s": time.perf_counter() - t0}
       kw = dict(seq_len=a.seq_len, rows=a.rows, processes=a.processes, batches=a.batches)
-      res["pipeline"] = [pipeline(path, wrap=w, **kw) for w in ("mdlm", "document")]
+      res["pipeline"] = [_median_of([pipeline(path, wrap=w, **kw) for _ in range(a.repeats)])
+                         for w in ("mdlm", "document")]
       for r in res["pipeline"]:
         _show(r, "local")
       if not a.no_emulator:
@@ -258,9 +280,12 @@ def main(argv=None) -> int:
           print(f"emulator ceiling: sequential {c['sequential_mb_per_s']:.0f} MB/s "
                 f"({c['sequential_tokens_per_s'] / 1e6:.1f}M tokens/s); random "
                 f"{c['random_read_bytes']} B reads {c['random_reads_per_s']:.0f}/s "
-                f"({c['random_tokens_per_s'] / 1e6:.2f}M tokens/s)")
-          res["pipeline_emulator"] = [
-              pipeline(url, wrap="mdlm", stage_dir=os.path.join(tmp, "stage"), **kw)]
+                f"({c['random_tokens_per_s'] / 1e6:.2f}M tokens/s), with {c['threads']} threads "
+                f"{c['random_reads_per_s_threads']:.0f}/s "
+                f"({c['random_tokens_per_s_threads'] / 1e6:.2f}M tokens/s)")
+          res["pipeline_emulator"] = [_median_of([
+              pipeline(url, wrap="mdlm", stage_dir=os.path.join(tmp, "stage"), **kw)
+              for _ in range(a.repeats)])]
           _show(res["pipeline_emulator"][0], "emulator")
         finally:
           server.terminate()
