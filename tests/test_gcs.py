@@ -357,7 +357,8 @@ def test_each_process_opens_only_the_shards_under_its_rows(where, tmp_path, monk
   """20 shards of 20 documents (20 tokens each); 8 rows over 2 processes: slot s owns positions
   [50s, 50s+50) of the epoch's shard order. 10 batches of 30 stream tokens per row read 15
   documents of each slot, i.e. its first two windows of 8: the shards under positions
-  [50s, 50s+16), and no other, are opened (and, from the bucket, copied) by its process."""
+  [50s, 50s+16), and no other, are opened by its process (from the bucket, copied, with the
+  next shard of each slot's range copied ahead; all copies removed at close)."""
   import numpy as np
   from loopjax import data as D
   from loopjax.data import prepare, shard_reader
@@ -397,8 +398,13 @@ def test_each_process_opens_only_the_shards_under_its_rows(where, tmp_path, monk
     names = {entries[k]["path"].split("/")[-1] for k in want}
     assert {n.split("_")[-1] for n in opened} == names, (p, sorted(opened), sorted(names))
     assert len(opened) == len(names)  # each opened once
-    if where == "bucket":
-      assert sorted(copied) == sorted(storage.join(url, entries[k]["path"]) for k in want)
+    if where == "bucket":  # each window read also copies ahead the next shard of its range
+      ahead = {int(order[(50 * s + w + 7) // 20 + 1]) for s in range(4 * p, 4 * p + 4)
+               for w in (0, 8) if (50 * s + w + 7) // 20 + 1 < (50 * s + 50 + 19) // 20}
+      assert sorted(copied) == sorted(storage.join(url, entries[k]["path"])
+                                      for k in want | ahead)
+      stage = tmp_path / "stage"
+      assert not [f for d in os.listdir(stage) for f in os.listdir(stage / d)]
     else:
       assert not copied
     seen.append(want)

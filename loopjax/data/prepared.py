@@ -122,10 +122,15 @@ class _ShardWindows:
     self.files, self.dtype = files, dtype
     self.docs = np.array([e["docs"] for e in files.entries], np.int64)
 
-  def read(self, order: np.ndarray, ends: np.ndarray, begin: int, end: int) -> list[np.ndarray]:
+  def close(self) -> None:
+    self.files.close()
+
+  def read(self, order: np.ndarray, ends: np.ndarray, begin: int, end: int,
+           reader_end: int) -> list[np.ndarray]:
     """Documents [begin, end) of the concatenation of shards `order` (`ends`: its cumulative
-    document counts)."""
-    out, pos = [], begin
+    document counts), by a reader whose documents go on to `reader_end`: the next shard it will
+    need is copied ahead (from a bucket)."""
+    out, pos, t = [], begin, 0
     while pos < end:
       t = int(np.searchsorted(ends, pos, side="right"))
       first = int(ends[t] - self.docs[order[t]])
@@ -133,6 +138,8 @@ class _ShardWindows:
       out += [np.frombuffer(r, self.dtype)
               for r in self.files.read(int(order[t]), pos - first, stop - first)]
       pos = stop
+    if t + 1 < len(order) and ends[t] < reader_end:
+      self.files.prefetch(int(order[t + 1]))
     return out
 
 
@@ -150,7 +157,7 @@ class Sequential(_ShardWindows):
       raise IndexError(j)
     begin = j - j % self.window_size
     return begin, self.read(self.order, self.ends, begin,
-                            min(self.limit, begin + self.window_size))
+                            min(self.limit, begin + self.window_size), self.limit)
 
 
 class ShardRanges(_ShardWindows):
@@ -185,7 +192,7 @@ class ShardRanges(_ShardWindows):
     epoch, i = divmod(j, n)
     begin = i - i % self.window_size
     size = min(self.window_size, n - begin)
-    docs = self.read(*self.epoch_order(epoch), lo + begin, lo + begin + size)
+    docs = self.read(*self.epoch_order(epoch), lo + begin, lo + begin + size, lo + n)
     perm = _rng(self.seed, 1, epoch, slot, begin).permutation(size)
     return epoch * n + begin, [docs[p] for p in perm]
 
@@ -241,6 +248,12 @@ class _PackedRowsIterator(grain.DatasetIterator):
       d = (j, np.concatenate([w[1][j - w[0]].astype(np.int32), self._eos]))
       self._cache[i] = d
     return d[1]
+
+  def close(self) -> None:
+    """Closes the shards the stream opened (and removes their copies)."""
+    if not self._closed:
+      getattr(self._ds.stream, "close", lambda: None)()
+    super().close()
 
   def _fill(self, i: int, out: np.ndarray, seg: np.ndarray | None) -> None:
     pos, segment = 0, 1
