@@ -140,6 +140,9 @@ def stats(out_dir: str) -> str:
   """Token counts per split and a log2 histogram of document lengths (reads every shard's
   record sizes, one shard at a time)."""
   from array_record.python.array_record_module import ArrayRecordReader
+  if storage.is_remote(out_dir):
+    raise ValueError(f"--stats {out_dir}: reads a local corpus (the shards' record sizes); run it "
+                     "on the folder prepare wrote, or on a copy")
   m = load_manifest(out_dir)
   item = np.dtype(m["dtype"]).itemsize
   lines = [f"{out_dir}: tokenizer {m['tokenizer'].get('spec', m['tokenizer']['type'])} "
