@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("EPATH_USE_TF", "false")  # before epath picks a backend (see above)
@@ -164,6 +165,37 @@ def write_bytes(path, data: bytes) -> None:
 def copy_file(src, dst) -> None:
   """Copies one file, written at `dst` whole (local or remote on either side)."""
   write_bytes(dst, read_bytes(src))
+
+
+def _fs(path):
+  """The fsspec filesystem epath uses for a remote path."""
+  from etils.epath import backend
+  check_client(path)
+  return backend.fsspec_backend.fs(resolve(path))
+
+
+def download(src, local: str) -> None:
+  """Copies the file `src` (local or remote) to the local path `local`, streamed (not held in
+  memory) to a temporary sibling that is renamed when complete."""
+  tmp = f"{local}.part{os.getpid()}"
+  try:
+    if is_remote(src):
+      _fs(src).get_file(resolve(src), tmp)
+    else:
+      shutil.copyfile(resolve(src), tmp)
+    os.replace(tmp, local)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def upload(local: str, dst) -> None:
+  """Copies the local file `local` to `dst` (local or remote), streamed; a remote object is one
+  upload, so readers see it whole or not at all."""
+  if is_remote(dst):
+    _fs(dst).put_file(local, resolve(dst))
+  else:
+    download(local, resolve(dst))
 
 
 def remove(path) -> None:

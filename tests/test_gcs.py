@@ -8,6 +8,7 @@ by TENSORSTORE_GCS_HTTP_URL with a fixed test token."""
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -218,3 +219,193 @@ def test_gs_lock_refuses_a_second_run_and_metrics_rows_are_cut_on_resume(gcs):
   log.write(json.dumps({"step": 3}) + "\n")
   log.close()
   assert [r["step"] for r in _rows(workdir)] == [1, 2, 3]
+
+
+# ------------------------------------------------------ prepared corpora read from the bucket
+
+LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.py")
+OWT = os.path.join(ROOT, "experiments", "owt.py") + ":loopmdm"
+CORPUS_STEPS, CORPUS_CKPT = 40, 4  # steps take milliseconds: the kill lands mid-run
+OWT_TINY = ["--config.data.tokenizer=byte", "--config.data.seq_len=32",
+            "--config.data.shuffle_window=8", "--config.model.vocab_size=257",
+            "--config.model.max_length=32", "--config.model.width=16",
+            "--config.model.num_layers=3", "--config.model.num_heads=2",
+            "--config.model.cond_dim=8", "--config.model.dtype=float32",
+            "--config.model.remat=none", "--config.loops.train=uniform:1:2",
+            "--config.train.batch_size=4", "--config.train.warmup_steps=2",
+            "--config.train.log_every=1", "--config.train.eval_every=100000",
+            "--config.train.eval_batches=1", "--config.train.eval_time_points=2",
+            "--config.train.async_checkpoints=False",
+            f"--config.train.checkpoint_every={CORPUS_CKPT}",
+            "--config.train.keep_checkpoints=5", f"--config.train.steps={CORPUS_STEPS}",
+            "--config.mesh.data=-1"]
+# Two processes of one CPU device each, or one process of two: the same program and sums.
+ONE_PROCESS = ("import logging, sys; logging.basicConfig(level=logging.WARNING); "
+               "logging.getLogger('loopjax').setLevel(logging.INFO); "
+               "from loopjax.train.config_load import load_config; "
+               "from loopjax.train.loop import train; "
+               "train(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2])")
+
+
+def _job_env(tmp, devices=1):
+  return dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+              XLA_FLAGS="--xla_backend_optimization_level=0 "
+                        "--xla_llvm_disable_expensive_passes=true "
+                        f"--xla_force_host_platform_device_count={devices}",
+              JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def _raw_corpus(tmp):
+  rng = __import__("numpy").random.default_rng(0)
+  words = "the a cat dog sat on mat ran far away quick brown fox jumps over lazy".split()
+  raw = tmp / "raw"
+  raw.mkdir()
+  for f in range(2):
+    with open(raw / f"part{f}.jsonl", "w") as fh:
+      for i in range(60):
+        fh.write(json.dumps({"text": f"{f} {i} " + " ".join(rng.choice(words, 20))}) + "\n")
+  return str(raw)
+
+
+def _prepare(raw, out, cwd, *extra):
+  return _run(_cmd("prepare", "--input", raw, "--tokenizer", "byte", "--out", out,
+                   "--shard-tokens", "1500", "--heldout", "0.1", "--workers", "1",
+                   "--stage-dir", str(cwd / "stage"), *extra), cwd=cwd)
+
+
+def _two_process_job(tmp, corpus, workdir):
+  argv = [sys.executable, LAUNCH, "--num-processes", "2", "--devices-per-process", "1",
+          "--timeout", "400", "--", "loopjax", "train", "--config", OWT, "--workdir",
+          str(workdir), f"--config.data.path={corpus}", *OWT_TINY]
+  return subprocess.Popen(argv, env=_job_env(tmp), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, errors="replace",
+                          start_new_session=True)
+
+
+def _one_process(tmp, corpus, workdir):
+  return subprocess.run([sys.executable, "-c", ONE_PROCESS, OWT, str(workdir),
+                         f"--config.data.path={corpus}", *OWT_TINY],
+                        env=_job_env(tmp, devices=2), cwd=ROOT, capture_output=True, text=True,
+                        errors="replace", timeout=400)
+
+
+def _saved(run):
+  d = run / "checkpoints"
+  return d.is_dir() and any(n.isdigit() for n in os.listdir(d))
+
+
+def _children(pid):
+  try:
+    return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+  except OSError:
+    return []
+
+
+def test_prepare_to_bucket_two_processes_sigkill_resume_on_one_equals_local(gcs, tmp_path):
+  from loopjax.data import shards
+  raw = _raw_corpus(tmp_path)
+  local_corpus, corpus = str(tmp_path / "corpus"), f"gs://{BUCKET}/corpus"
+  for out in (local_corpus, corpus):
+    proc = _prepare(raw, out, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  manifest = shards.load_manifest(corpus)
+  assert {**manifest, "command": None} == {**shards.load_manifest(local_corpus), "command": None}
+  assert len(manifest["splits"]["train"]["shards"]) >= 4
+  for s in manifest["splits"]["train"]["shards"]:  # the shards themselves are in the bucket
+    assert storage.read_bytes(storage.join(corpus, s["path"])) == \
+        open(os.path.join(local_corpus, s["path"]), "rb").read()
+  again = _prepare(raw, corpus, tmp_path)  # done: nothing rewritten
+  assert again.returncode == 0, again.stderr[-3000:]
+  other = _prepare(raw, corpus, tmp_path, "--heldout", "0.2")
+  assert other.returncode == 2 and "made with different ['arguments']" in other.stderr, \
+      other.stderr[-2000:]
+
+  ref = tmp_path / "ref"  # one process of two devices reading the local copy, straight through
+  proc = _one_process(tmp_path, local_corpus, ref)
+  assert proc.returncode == 0, proc.stderr[-6000:]
+
+  run = tmp_path / "run"
+  job = _two_process_job(tmp_path, corpus, run)
+  try:
+    t0 = time.time()
+    while not _saved(run) and job.poll() is None and time.time() - t0 < 400:
+      time.sleep(0.05)
+    for pid in _children(job.pid):  # every process of the job at once, no chance to save
+      os.killpg(pid, signal.SIGKILL)
+    job.kill()
+    log, _ = job.communicate(timeout=60)
+  finally:
+    if job.poll() is None:
+      job.kill()
+  assert len(_rows(str(run))) < CORPUS_STEPS, f"not killed mid-run:\n{log[-6000:]}"
+
+  resumed = _one_process(tmp_path, corpus, run)
+  assert resumed.returncode == 0, resumed.stderr[-6000:]
+  at = re.search(rf"resumed {run} at step (\d+)", resumed.stderr)
+  assert at and int(at[1]) % CORPUS_CKPT == 0 and int(at[1]) < CORPUS_STEPS, resumed.stderr[-3000:]
+  assert "data position re-derived" in resumed.stderr
+  want = {r["step"]: r["loss"] for r in _rows(str(ref))}
+  got = {r["step"]: r["loss"] for r in _rows(str(run))}
+  assert sorted(got) == list(range(1, CORPUS_STEPS + 1))
+  assert got == want, [(s, got[s], want[s]) for s in want if got[s] != want[s]]
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_each_process_opens_only_the_shards_under_its_rows(where, tmp_path, monkeypatch,
+                                                           request):
+  """20 shards of 20 documents (20 tokens each); 8 rows over 2 processes: slot s owns positions
+  [50s, 50s+50) of the epoch's shard order. 10 batches of 30 stream tokens per row read 15
+  documents of each slot, i.e. its first two windows of 8: the shards under positions
+  [50s, 50s+16), and no other, are opened by its process (from the bucket, copied, with the
+  next shard of each slot's range copied ahead; all copies removed at close)."""
+  import numpy as np
+  from loopjax import data as D
+  from loopjax.data import prepare, shard_reader
+  corpus = str(tmp_path / "corpus")
+  manifest = prepare.write_tokenized(corpus, [np.full(20, i % 256) for i in range(400)],
+                                     "byte", shard_tokens=400)
+  entries = manifest["splits"]["train"]["shards"]
+  assert len(entries) == 20 and all(e["docs"] == 20 for e in entries)
+  if where == "bucket":
+    request.getfixturevalue("gcs")
+    url = f"gs://{BUCKET}/spy"
+    for e in entries:
+      storage.upload(os.path.join(corpus, e["path"]), storage.join(url, e["path"]))
+    storage.upload(os.path.join(corpus, "manifest.json"), storage.join(url, "manifest.json"))
+    corpus = url
+  opened, copied = [], []
+  real_open, real_download = shard_reader.open_shard, storage.download
+  monkeypatch.setattr(shard_reader, "open_shard",
+                      lambda path: opened.append(os.path.basename(path)) or real_open(path))
+  monkeypatch.setattr(storage, "download",
+                      lambda src, dst: copied.append(src) or real_download(src, dst))
+  order = np.random.default_rng([5, 0, 0]).permutation(20)  # the epoch-0 shard order, seed 5
+  cfg = D.default_data_config()
+  cfg.update(source="prepared", path=corpus, seq_len=32, prefetch=0, shuffle_window=8,
+             stage_dir=str(tmp_path / "stage"))
+  seen = []
+  for p in range(2):
+    opened.clear(), copied.clear()
+    it = D.make_train_iterator(cfg, global_batch_size=8, seed=5, process_index=p,
+                               process_count=2)
+    assert not opened and not copied  # start-up opens no shard
+    for _ in range(10):
+      next(it)
+    it.close()
+    want = {int(order[q // 20]) for s in range(4 * p, 4 * p + 4) for q in range(50 * s,
+                                                                             50 * s + 16)}
+    names = {entries[k]["path"].split("/")[-1] for k in want}
+    assert {n.split("_")[-1] for n in opened} == names, (p, sorted(opened), sorted(names))
+    assert len(opened) == len(names)  # each opened once
+    if where == "bucket":  # each window read also copies ahead the next shard of its range
+      ahead = {int(order[(50 * s + w + 7) // 20 + 1]) for s in range(4 * p, 4 * p + 4)
+               for w in (0, 8) if (50 * s + w + 7) // 20 + 1 < (50 * s + 50 + 19) // 20}
+      assert sorted(copied) == sorted(storage.join(url, entries[k]["path"])
+                                      for k in want | ahead)
+      stage = tmp_path / "stage"
+      assert not [f for d in os.listdir(stage) for f in os.listdir(stage / d)]
+    else:
+      assert not copied
+    seen.append(want)
+  assert not seen[0] & seen[1] and len(seen[0] | seen[1]) < 20

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import grain
 import numpy as np
 import pytest
 
@@ -218,17 +219,43 @@ def token_corpus(tmp_path_factory):
   return out, docs
 
 
+def _slot_streams(out, g, seed, window, epochs):
+  """Reference, from the module's stated rule: per epoch the train shards in the order
+  default_rng([seed, 0, epoch]).permutation, slot s taking positions [s*N//g, (s+1)*N//g) of
+  their concatenation in windows of `window`, each reordered by
+  default_rng([seed, 1, epoch, s, window start]).permutation. Documents read with grain's own
+  ArrayRecord source, shard by shard."""
+  m = shards.load_manifest(out)
+  per_shard = []
+  for e in m["splits"]["train"]["shards"]:
+    src = grain.sources.ArrayRecordDataSource([os.path.join(out, e["path"])])
+    per_shard.append([np.frombuffer(src[i], m["dtype"]) for i in range(len(src))])
+  n = sum(len(d) for d in per_shard)
+  streams = [[] for _ in range(g)]
+  for ep in range(epochs):
+    docs = [d for k in np.random.default_rng([seed, 0, ep]).permutation(len(per_shard))
+            for d in per_shard[k]]
+    for s in range(g):
+      lo, hi = s * n // g, (s + 1) * n // g
+      for w in range(lo, hi, window):
+        size = min(window, hi - w)
+        perm = np.random.default_rng([seed, 1, ep, s, w - lo]).permutation(size)
+        streams[s] += [docs[w + p] for p in perm]
+  return streams, n
+
+
 @pytest.mark.parametrize("wrap", ["mdlm", "document"])
-def test_rows_pack_the_shuffled_document_stream(token_corpus, wrap):
+def test_rows_pack_each_slots_range_of_the_shuffled_shards(token_corpus, wrap):
   out, docs = token_corpus
-  g, n = 4, 12
-  it = D.make_train_iterator(_cfg(out, wrap=wrap), global_batch_size=g, seed=3)
+  g, n, window = 4, 12, 16
+  it = D.make_train_iterator(_cfg(out, wrap=wrap, shuffle_window=window), global_batch_size=g,
+                             seed=3)
   batches = [next(it) for _ in range(n)]
   it.close()
-  m = shards.load_manifest(out)
-  order = prepared.split_documents(out, m, "train").shuffle(seed=3).repeat()
-  for s in range(g):  # slot s reads documents s, s+g, ... of the shuffled stream
-    stream = np.concatenate([np.append(np.asarray(order[s + g * k]), 256) for k in range(100)])
+  streams, total = _slot_streams(out, g, seed=3, window=window, epochs=2)
+  assert total == 270 and len(shards.load_manifest(out)["splits"]["train"]["shards"]) > 2
+  for s in range(g):
+    stream = np.concatenate([np.append(d, 256) for d in streams[s]])
     rows = np.stack([b["tokens"][s] for b in batches])
     if wrap == "mdlm":
       assert (rows[:, 0] == 256).all() and (rows[:, -1] == 256).all()
@@ -242,8 +269,11 @@ def test_rows_pack_the_shuffled_document_stream(token_corpus, wrap):
   for b in batches:
     D.validate_batch(b, vocab_size=257, seq_len=32)
     assert b["loss_mask"].all() and not b["fixed"].any()
-  train_docs = {tuple(d) for i, d in enumerate(docs) if i % 10}
-  assert {tuple(np.asarray(order[i]).tolist()) for i in range(270)} == train_docs
+  # An epoch of the slots is every train document once; the next epoch orders them anew.
+  first = [tuple(d.tolist()) for s in range(g) for d in streams[s][:len(streams[s]) // 2]]
+  train_docs = [tuple(d) for i, d in enumerate(docs) if i % 10]
+  assert sorted(first) == sorted(train_docs)
+  assert [tuple(d) for d in streams[0][:67]] != [tuple(d) for d in streams[0][67:134]]
 
 
 @pytest.mark.parametrize("wrap", ["mdlm", "document"])
@@ -284,19 +314,21 @@ def test_resume_from_a_saved_state(token_corpus):
   other.close()
 
 
-def test_worker_processes_give_the_same_batches_and_resume(token_corpus):
+def test_worker_processes_give_the_same_batches_and_resume_with_another_count(token_corpus):
   out, _ = token_corpus
   ref = D.make_train_iterator(_cfg(out), global_batch_size=5, seed=2)
-  want = [next(ref) for _ in range(8)]
+  want = [next(ref) for _ in range(12)]
   ref.close()
-  it = D.make_train_iterator(_cfg(out, workers=2), global_batch_size=5, seed=2)
-  got = [next(it) for _ in range(4)]
-  state = it.get_state()
-  it.close()
-  it = D.make_train_iterator(_cfg(out, workers=2), global_batch_size=5, seed=2)
-  it.set_state(state)
-  got += [next(it) for _ in range(4)]
-  it.close()
+  got = []
+  # 2 workers save; 3 workers resume from that state; then no worker process at all.
+  for workers, n in ((2, 4), (3, 4), (0, 4)):
+    it = D.make_train_iterator(_cfg(out, workers=workers), global_batch_size=5, seed=2)
+    if got:
+      it.set_state(state)
+    got += [next(it) for _ in range(n)]
+    state = json.loads(json.dumps(it.get_state()))
+    assert set(state["grain"]) == {"doc", "offset"} and len(state["grain"]["doc"]) == 5
+    it.close()
   for g, w in zip(got, want):
     for k in D.BATCH_KEYS:
       np.testing.assert_array_equal(g[k], w[k])
@@ -414,16 +446,19 @@ def test_truncated_or_corrupt_shard(tmp_path):
   first = os.path.join(out, m["splits"]["train"]["shards"][0]["path"])
   data = open(first, "rb").read()
   open(first, "wb").write(data[: len(data) // 2])
+  # A shard is checked when a row first reads it; with 40 rows, every row reads one document.
+  first_batch = lambda **kw: next(D.make_train_iterator(_cfg(out, **kw), global_batch_size=40,
+                                                        seed=0))
   with pytest.raises(ValueError, match="truncated"):
-    D.make_train_iterator(_cfg(out), global_batch_size=2, seed=0)
+    first_batch()
   flipped = bytearray(data)
   flipped[len(data) // 3] ^= 0xFF
   open(first, "wb").write(bytes(flipped))
   with pytest.raises(ValueError, match="sha256"):
-    D.make_train_iterator(_cfg(out, verify_shards=True), global_batch_size=2, seed=0)
+    first_batch(verify_shards=True)
   os.remove(first)
   with pytest.raises(ValueError, match="missing"):
-    D.make_train_iterator(_cfg(out), global_batch_size=2, seed=0)
+    first_batch()
 
 
 # ---------------------------------------------------------------- end to end

@@ -9,9 +9,10 @@ Row streams:
                         (data seed, i); evaluation uses the disjoint held-out partition.
   prompt_answer         GSM8K-format JSONL pairs (prompt_answer.py), one example per row,
                         shuffled per epoch and repeated; held out: `eval_examples` fixed pairs.
-  prepared              token shards of `loopjax prepare` (prepared.py): documents shuffled
-                        per epoch, packed by per-row slots with MDLM's wrap or per-document
-                        attention; held out: the corpus's held-out split, packed in order.
+  prepared              token shards of `loopjax prepare` (prepared.py), local or gs://: each
+                        row's slot reads its own range of the documents (shards in a new
+                        order each epoch, windows of documents shuffled), packed with MDLM's
+                        wrap or per-document attention; held out: the held-out split in order.
   text / tfds           documents shuffled per epoch (grain index shuffle), repeated forever,
                         tokenized, then packed (see packing.py) or one padded doc per row.
                         Held out: `eval_examples` fixed documents (text) or `eval_split` (tfds).
@@ -73,6 +74,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       path="",                  # the prepared corpus directory (holds manifest.json)
       wrap="mdlm",              # mdlm: BOS..EOS rows across documents | document: per-doc
       workers=0,                # grain worker processes packing rows (0: in this process)
+      shuffle_window=256,       # documents read at once by a row and shuffled among themselves
+      stage_dir="",             # gs:// corpora: local folder for shard copies ("": $TMPDIR)
       verify_shards=False,      # also check every shard's sha256 at open (reads the corpus)
       # rows
       packing=False,            # concatenate-and-chunk text with EOS between documents
@@ -110,6 +113,8 @@ def _resolve(data_cfg) -> SimpleNamespace:
       raise ValueError(f"data.wrap must be one of {prepared.WRAPS}, got {c.wrap!r}")
     if c.workers < 0:
       raise ValueError(f"data.workers must be >= 0, got {c.workers}")
+    if c.shuffle_window < 1:
+      raise ValueError(f"data.shuffle_window must be >= 1 documents, got {c.shuffle_window}")
   if c.source == "sudoku":
     if c.seq_len != sudoku.SUDOKU_LEN:
       raise ValueError(f"sudoku rows are 81 cells: set data.seq_len=81 (got {c.seq_len})")
@@ -213,11 +218,12 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
   if c.source == "prepared":
     manifest = prepared.open_manifest(c.path, tok)
     fingerprint.update(corpus=prepared.corpus_fingerprint(manifest), wrap=c.wrap,
-                       workers=c.workers)
+                       shuffle_window=c.shuffle_window)
     ds = prepared.train_batches(c.path, manifest, seq_len=c.seq_len, wrap=c.wrap, seed=dseed,
                                 global_batch_size=global_batch_size,
                                 first_row=process_index * local, num_rows=local,
-                                workers=c.workers, verify=c.verify_shards)
+                                workers=c.workers, window=c.shuffle_window,
+                                verify=c.verify_shards, stage_dir=c.stage_dir)
     if c.prefetch > 0:
       ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=c.prefetch)
     return DataIterator(iter(ds), fingerprint=fingerprint)
@@ -263,7 +269,7 @@ def make_eval_batches(data_cfg, *, batch_size: int, num_batches: int, seed: int,
   elif c.source == "prepared":
     manifest = prepared.open_manifest(c.path, make_tokenizer(c.tokenizer))
     batch = prepared.eval_rows(c.path, manifest, seq_len=c.seq_len, wrap=c.wrap, num_rows=need,
-                               verify=c.verify_shards)
+                               verify=c.verify_shards, stage_dir=c.stage_dir)
     lo = process_index * local
     return [{k: v[k0 + lo:k0 + lo + local] for k, v in batch.items()}
             for k0 in range(0, need, batch_size)]

@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import multiprocessing
 import os
 import queue as queue_lib
 import shlex
+import shutil
 import sys
 import time
 
 import numpy as np
 
+from loopjax import storage
 from loopjax.data import corpus, shards
 from loopjax.data.tokenizers import bos_id, make_tokenizer
+from loopjax.errors import UserError
 
 DEFAULT_SHARD_TOKENS = 50_000_000
 DEFAULT_HELDOUT = 0.005
@@ -231,18 +235,11 @@ def _manifest(record: dict, parts: list[dict], tok, command: str | None) -> dict
   }
 
 
-def prepare(inputs, tokenizer_spec: str, out_dir: str, *, text_field: str = "text",
-            txt_split: str = "paragraph", input_format: str | None = None,
-            heldout_inputs=(), num_workers: int = 1,
-            shard_tokens: int = DEFAULT_SHARD_TOKENS, heldout: float = DEFAULT_HELDOUT,
-            command: str | None = None, progress: bool = True,
-            _stop_after_parts: int | None = None) -> dict:
-  """Tokenizes `inputs` into token shards under `out_dir`; returns the manifest.
-
-  Documents of `heldout_inputs` (e.g. a corpus's official test files) are all held out; the
-  others by the hash rule with fraction `heldout`. Re-running with the same arguments resumes an interrupted run (or returns the finished
-  manifest). `num_workers` processes tokenize files in parallel (1: in this process).
-  """
+def _plan(inputs, tokenizer_spec: str, *, text_field: str, txt_split: str,
+          input_format: str | None, heldout_inputs, num_workers: int, shard_tokens: int,
+          heldout: float):
+  """(input files, held-out input files, tokenizer, the run's record) after checking every
+  argument and input, before any work."""
   if num_workers < 1:
     raise ValueError(f"--workers must be >= 1, got {num_workers}")
   if shard_tokens < 1:
@@ -255,16 +252,89 @@ def prepare(inputs, tokenizer_spec: str, out_dir: str, *, text_field: str = "tex
   for f in files + held_files:
     corpus.check_input(f, text_field=text_field, txt_split=txt_split,
                        input_format=input_format)
-  out_dir = os.path.abspath(os.path.expanduser(out_dir))
-  for d in (out_dir, *(os.path.join(out_dir, s) for s in (*shards.SPLITS, "parts"))):
-    os.makedirs(d, exist_ok=True)
-  record = {"out_dir": out_dir, "tokenizer": shards.tokenizer_identity(tok.describe()),
+  record = {"tokenizer": shards.tokenizer_identity(tok.describe()),
             "inputs": [{"path": os.path.abspath(f), "bytes": os.path.getsize(f)}
                        for f in files],
             "heldout_inputs": [{"path": os.path.abspath(f), "bytes": os.path.getsize(f)}
                                for f in held_files],
             "text_field": text_field, "txt_split": txt_split, "format": input_format,
             "shard_tokens": shard_tokens, "heldout": heldout}
+  return files, held_files, tok, record
+
+
+def default_stage_dir(url: str) -> str:
+  """Where `prepare --out gs://...` writes the shards before uploading them (so a killed run
+  resumes from its completed parts): a folder of the user's cache named by the URL."""
+  digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+  return os.path.join(os.path.expanduser("~"), ".cache", "loopjax", "prepare", digest)
+
+
+def _check_remote(url: str, record: dict) -> dict | None:
+  """The manifest already at `url` if it is this same prepare run's, None if there is none;
+  ValueError if another corpus is there (nothing is overwritten)."""
+  if not storage.exists(shards.manifest_path(url)):
+    return None
+  old = shards.load_manifest(url)
+  mine = {"tokenizer": record["tokenizer"], "inputs": record["inputs"],
+          "heldout_inputs": record["heldout_inputs"],
+          "arguments": {k: record[k] for k in ("text_field", "txt_split", "format",
+                                               "shard_tokens", "heldout")}}
+  diff = sorted(k for k in mine if old.get(k) != mine[k])
+  if diff:
+    raise ValueError(f"{url} already holds a prepared corpus made with different {diff}; use "
+                     "a new --out or delete it")
+  return old
+
+
+def _upload(stage: str, url: str, manifest: dict) -> None:
+  """The shards (those not yet there whole), then the manifest, which readers look for first."""
+  for split in manifest["splits"].values():
+    for s in split["shards"]:
+      dst = storage.join(url, s["path"])
+      if storage.isfile(dst) and storage.Path(dst).stat().length == s["bytes"]:
+        continue
+      storage.upload(os.path.join(stage, s["path"]), dst)
+  storage.upload(shards.manifest_path(stage), shards.manifest_path(url))
+
+
+def prepare(inputs, tokenizer_spec: str, out_dir: str, *, text_field: str = "text",
+            txt_split: str = "paragraph", input_format: str | None = None,
+            heldout_inputs=(), num_workers: int = 1,
+            shard_tokens: int = DEFAULT_SHARD_TOKENS, heldout: float = DEFAULT_HELDOUT,
+            command: str | None = None, progress: bool = True, stage_dir: str = "",
+            _stop_after_parts: int | None = None) -> dict:
+  """Tokenizes `inputs` into token shards under `out_dir`; returns the manifest.
+
+  Documents of `heldout_inputs` (e.g. a corpus's official test files) are all held out; the
+  others by the hash rule with fraction `heldout`. Re-running with the same arguments resumes
+  an interrupted run (or returns the finished manifest). `num_workers` processes tokenize files
+  in parallel (1: in this process). A `gs://` out_dir is written in `stage_dir` (default:
+  default_stage_dir, removed after the upload) and uploaded when complete, the manifest last.
+  """
+  storage.check_client(out_dir)
+  files, held_files, tok, record = _plan(
+      inputs, tokenizer_spec, text_field=text_field, txt_split=txt_split,
+      input_format=input_format, heldout_inputs=heldout_inputs, num_workers=num_workers,
+      shard_tokens=shard_tokens, heldout=heldout)
+  if storage.is_remote(out_dir):
+    url = storage.resolve(out_dir)
+    done = _check_remote(url, record)
+    if done is not None:
+      return done
+    stage = stage_dir or default_stage_dir(url)
+    manifest = prepare(inputs, tokenizer_spec, stage, text_field=text_field,
+                       txt_split=txt_split, input_format=input_format,
+                       heldout_inputs=heldout_inputs, num_workers=num_workers,
+                       shard_tokens=shard_tokens, heldout=heldout, command=command,
+                       progress=progress, _stop_after_parts=_stop_after_parts)
+    _upload(stage, url, manifest)
+    if not stage_dir:  # the default stage was only a step towards the bucket
+      shutil.rmtree(stage, ignore_errors=True)
+    return manifest
+  out_dir = os.path.abspath(os.path.expanduser(out_dir))
+  for d in (out_dir, *(os.path.join(out_dir, s) for s in (*shards.SPLITS, "parts"))):
+    os.makedirs(d, exist_ok=True)
+  record = {"out_dir": out_dir, **record}
   _check_arguments(out_dir, record)
   tasks = [dict(out_dir=out_dir, file_idx=i, path=f, bytes=os.path.getsize(f),
                 text_field=text_field, txt_split=txt_split, format=input_format,
@@ -358,7 +428,10 @@ def prepare_main(argv=None) -> int:
                  help="read every input as this format, whatever its extension")
   p.add_argument("--tokenizer", default="byte",
                  help="byte | sentencepiece:PATH.model | hf:PATH/tokenizer.json")
-  p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("--out", required=True, help="output directory or gs:// URL")
+  p.add_argument("--stage-dir", default="",
+                 help="--out gs://: local folder the shards are written to before the upload "
+                      "(default: ~/.cache/loopjax/prepare/<hash of the URL>, removed after)")
   p.add_argument("--text-field", default="text", help="JSONL field / Parquet, Arrow column")
   p.add_argument("--txt-split", default="paragraph", choices=("paragraph", "line"),
                  help=".txt documents: blank-line separated paragraphs or single lines")
@@ -376,8 +449,8 @@ def prepare_main(argv=None) -> int:
     m = prepare(a.input, a.tokenizer, a.out, text_field=a.text_field, txt_split=a.txt_split,
                 input_format=a.format, heldout_inputs=a.heldout_input, num_workers=a.workers,
                 shard_tokens=a.shard_tokens, heldout=a.heldout,
-                command=command)
-  except (ValueError, FileNotFoundError) as e:
+                command=command, stage_dir=a.stage_dir)
+  except (ValueError, FileNotFoundError, UserError) as e:
     p.exit(2, f"loopjax prepare: error: {e}\n")
   s = m["splits"]
   print(f"prepared {a.out}: train {s['train']['docs']:,} docs / {s['train']['tokens']:,} "

@@ -9,10 +9,11 @@ with another layout can be positioned there without replaying it:
   packed text/tfds and prepared corpora: every row of the global batch has its own packing slot
       whose state (document index and offset) does not depend on which process runs it, so a new
       shard's state is the saved states of its rows' slots, taken from the old shards that held
-      them.
+      them. Prepared corpora save that per-slot state with grain worker processes too
+      (`data.workers > 0`, see prepared.py), so any worker count resumes any other.
 
-Anything else (grain worker processes, `data.workers > 0`) keeps state that cannot be split by
-row, and is refused with an error that names what would make the resume exact.
+Anything else keeps state that cannot be split by row, and is refused with an error that names
+what would make the resume exact.
 """
 
 from __future__ import annotations
@@ -59,9 +60,8 @@ def _row_states(saved: Sequence[dict], global_batch_size: int, step: int) -> dic
       out.update((r, (d, o)) for r, d, o in zip(rows, g["doc"], g["offset"]))
     else:
       raise ResumeLayoutError(
-          "the saved data iterator keeps state that is not per row (e.g. data.workers > 0 "
-          "grain worker processes), so it cannot be split over another process layout; resume "
-          "with the original number of processes and mesh, or train with data.workers=0")
+          "the saved data iterator keeps state that is not per row, so it cannot be split over "
+          "another process layout; resume with the original number of processes and mesh")
   return out
 
 
@@ -108,8 +108,8 @@ def rederive(saved: Sequence[dict], fresh: Sequence[dict], *, global_batch_size:
                       "offset": [rows[r][1] for r in mine_rows]}
     else:
       raise ResumeLayoutError(
-          "this run's data iterator keeps state that is not per row (data.workers > 0); "
-          "resume with the original number of processes and mesh, or data.workers=0")
+          "this run's data iterator keeps state that is not per row; resume with the original "
+          "number of processes and mesh")
     if any(rows[r] is None for r in mine_rows) and set(g) != {"next_index"}:
       raise ResumeLayoutError("the saved data states are of another kind than this run's")
     out.append(new)

@@ -21,6 +21,8 @@ import os
 
 import numpy as np
 
+from loopjax import storage
+
 FORMAT = "loopjax-token-shards"
 FORMAT_VERSION = 1
 SPLITS = ("train", "heldout")
@@ -77,49 +79,59 @@ def num_records(path: str) -> int:
 
 
 def manifest_path(out_dir: str) -> str:
-  return os.path.join(out_dir, "manifest.json")
+  return storage.join(out_dir, "manifest.json")
 
 
 def load_manifest(out_dir: str) -> dict:
-  """The manifest of a prepared corpus; ValueError if `out_dir` is not one."""
-  path = manifest_path(os.path.expanduser(out_dir))
-  if not os.path.isfile(path):
+  """The manifest of a prepared corpus (a local folder or a gs:// URL); ValueError if `out_dir`
+  is not one."""
+  path = storage.join(storage.resolve(out_dir), "manifest.json")
+  if not storage.isfile(path):
     raise ValueError(f"{out_dir!r} is not a prepared corpus: no manifest.json in it (make one "
                      "with `loopjax prepare --input ... --tokenizer ... --out DIR`; an "
                      "interrupted prepare writes its manifest only when it finishes)")
-  with open(path) as f:
-    try:
-      m = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path!r} is not valid JSON ({e.msg})") from None
+  try:
+    m = json.loads(storage.read_text(path))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path!r} is not valid JSON ({e.msg})") from None
   if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{path!r} is not a {FORMAT} manifest of version {FORMAT_VERSION} "
                      f"(format {m.get('format')!r}, version {m.get('format_version')!r})")
   return m
 
 
-def check_shards(out_dir: str, manifest: dict, split: str, *, full_hash: bool = False):
-  """Paths of `split`'s shards after checking each against the manifest: size and record
-  count always, sha256 when `full_hash`. ValueError naming the first bad shard."""
+def split_entries(out_dir: str, manifest: dict, split: str) -> list[dict]:
+  """The manifest entries of `split`'s shards; ValueError if the corpus has no such split."""
   if split not in manifest["splits"]:
     raise ValueError(f"prepared corpus {out_dir!r} has no split {split!r} "
                      f"(has {sorted(manifest['splits'])})")
+  return list(manifest["splits"][split]["shards"])
+
+
+def check_shard(name: str, local: str, entry: dict, *, full_hash: bool = False) -> None:
+  """Checks the shard file `local` (whose name in the corpus is `name`) against its manifest
+  entry: size and record count always, sha256 when `full_hash`. ValueError naming it."""
+  if not os.path.isfile(local):
+    raise ValueError(f"token shard {name!r} listed in the manifest is missing")
+  size = os.path.getsize(local)
+  if size != entry["bytes"]:
+    raise ValueError(f"token shard {name!r} has {size} bytes, the manifest says "
+                     f"{entry['bytes']}: it is truncated or was replaced; re-run prepare")
+  n = num_records(local)
+  if n != entry["docs"]:
+    raise ValueError(f"token shard {name!r} holds {n} records, the manifest says "
+                     f"{entry['docs']}; re-run prepare")
+  if full_hash and file_sha256(local) != entry["sha256"]:
+    raise ValueError(f"token shard {name!r} does not match its sha256 in the manifest; "
+                     "re-run prepare")
+
+
+def check_shards(out_dir: str, manifest: dict, split: str, *, full_hash: bool = False):
+  """Paths of `split`'s shards in a local corpus, each checked (see check_shard)."""
   paths = []
-  for s in manifest["splits"][split]["shards"]:
+  for s in split_entries(out_dir, manifest, split):
     path = os.path.join(out_dir, s["path"])
-    if not os.path.isfile(path):
-      raise ValueError(f"token shard {path!r} listed in the manifest is missing")
-    size = os.path.getsize(path)
-    if size != s["bytes"]:
-      raise ValueError(f"token shard {path!r} has {size} bytes, the manifest says "
-                       f"{s['bytes']}: it is truncated or was replaced; re-run prepare")
-    n = num_records(path)
-    if n != s["docs"]:
-      raise ValueError(f"token shard {path!r} holds {n} records, the manifest says "
-                       f"{s['docs']}; re-run prepare")
-    if full_hash and file_sha256(path) != s["sha256"]:
-      raise ValueError(f"token shard {path!r} does not match its sha256 in the manifest; "
-                       "re-run prepare")
+    check_shard(path, path, s, full_hash=full_hash)
     paths.append(path)
   return paths
 
@@ -128,6 +140,9 @@ def stats(out_dir: str) -> str:
   """Token counts per split and a log2 histogram of document lengths (reads every shard's
   record sizes, one shard at a time)."""
   from array_record.python.array_record_module import ArrayRecordReader
+  if storage.is_remote(out_dir):
+    raise ValueError(f"--stats {out_dir}: reads a local corpus (the shards' record sizes); run it "
+                     "on the folder prepare wrote, or on a copy")
   m = load_manifest(out_dir)
   item = np.dtype(m["dtype"]).itemsize
   lines = [f"{out_dir}: tokenizer {m['tokenizer'].get('spec', m['tokenizer']['type'])} "

@@ -201,10 +201,8 @@ def _setup(config, workdir: str) -> _Run:
   config_lib.validate(config)
   workdir = storage.resolve(workdir)
   storage.check_client(workdir)  # a missing gs:// client is named before anything is built
-  if config.data.source == "prepared" and storage.is_remote(config.data.path):
-    # ArrayRecord's reader (grain's source) opens local files only.
-    raise UserError(f"data.path {config.data.path!r}: a prepared corpus is read from a local or "
-                    "mounted folder (e.g. gcsfuse), not a gs:// URL; copy it to the host first")
+  if config.data.source == "prepared":
+    storage.check_client(config.data.path)  # a gs:// corpus needs the same client
   t = config.train
   enable_compile_cache(t.compile_cache)
   mesh = mesh_lib.make_mesh(config.mesh)
