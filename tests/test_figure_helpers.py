@@ -82,3 +82,18 @@ def test_coinciding_points_are_spread_and_axes_use_the_data_units():
   assert plots.spread_coinciding([4.0, 4.0], 0.1, occupied=[4.0]) == pytest.approx([4.4, 4.8])
   assert plots.power_of_ten([2.77e11, 2.22e12]) == 12
   assert plots.power_of_ten([0.004]) == -3 and plots.power_of_ten([]) == 0
+
+
+def test_tick_labels_at_the_data_s_are_thinned_only_where_they_would_overlap():
+  assert plots.thin_ticks([1, 2, 3, 4, 6, 8, 16], log=True) == [1, 2, 3, 4, 6, 8, 16]
+  assert plots.thin_ticks([1, 3, 6, 12], log=True) == [1, 3, 6, 12]
+  many = plots.thin_ticks(list(range(1, 25)), log=True)
+  assert many[0] == 1 and many[-1] == 24
+  gaps = np.diff(np.log2(many)) / np.log2(24)
+  assert gaps.min() >= 0.045 - 1e-12 and {1, 2, 3, 4, 6, 8, 12, 16}.issubset(many)
+
+
+def test_attention_curves_that_repeat_each_other_are_recognised():
+  from loopjax.evaluate.attention import same_prefixes
+  assert same_prefixes([[0.4], [0.4, 0.43], [0.4, 0.43, 0.42]])
+  assert not same_prefixes([[0.4], [0.41, 0.43]])

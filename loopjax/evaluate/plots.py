@@ -82,11 +82,27 @@ def loop_axis(ax, s_values) -> None:
   s = sorted({int(v) for v in s_values})
   if not s:
     return
-  if s[-1] / max(s[0], 1) > 8:
+  log = s[-1] / max(s[0], 1) > 8
+  if log:
     ax.set_xscale("log", base=2)
-  ax.xaxis.set_major_locator(FixedLocator(s))
+  ax.xaxis.set_major_locator(FixedLocator(thin_ticks(s, log)))
   ax.xaxis.set_minor_locator(NullLocator())
   ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+
+
+def thin_ticks(values, log: bool, min_gap: float = 0.045) -> list:
+  """`values` (sorted) less those closer than `min_gap` of the axis span (on a log axis, in log
+  units) to a kept one, so that tick labels do not overlap. The ends are kept first, then
+  powers of two, then the rest in order."""
+  pos = dict(zip(values, np.log2(values) if log else np.asarray(values, float)))
+  span = max(pos[values[-1]] - pos[values[0]], 1e-12)
+  power = lambda v: v > 0 and float(v).is_integer() and (int(v) & (int(v) - 1)) == 0
+  order = sorted(values, key=lambda v: (v not in (values[0], values[-1]), not power(v), v))
+  kept = []
+  for v in order:
+    if all(abs(pos[v] - pos[k]) / span >= min_gap for k in kept):
+      kept.append(v)
+  return sorted(kept)
 
 
 def power_of_ten(values) -> int:
