@@ -30,6 +30,7 @@ import numpy as np
 
 from loopjax.data import make_eval_batches
 from loopjax.diffusion import eval_time_grid, make_schedule, mask_tokens
+from loopjax.evaluate import plots
 from loopjax.evaluate.cli_args import output_dir, parse_loops_arg, warn_loop_cost
 from loopjax.model import LoopedTransformer
 from loopjax.weights import load_model_dir
@@ -129,7 +130,6 @@ def plot_attention(result: dict, plots_dir: str) -> list[str]:
   of loopjax.evaluate.plots. Curves of several S that repeat one another (each S's iterations
   are the start of the longest S's) are drawn once, beside the tail layers' and the mean share
   as functions of S, which do differ."""
-  from loopjax.evaluate import plots  # lazy: matplotlib is a slow import only plotting needs
   plt = plots.plt
 
   os.makedirs(plots_dir, exist_ok=True)

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from loopjax.evaluate import labels
+from loopjax.evaluate import labels, plots
 from loopjax.evaluate.intervals import wilson_interval
 
 PAPER = {  # arXiv 2605.26106's claims, as the paper states them
@@ -248,7 +248,6 @@ def plot_study(r: dict, plots_dir: str) -> list[str]:
   and held-out bits vs training FLOPs (seed mean, band = range over seeds, accuracy bars = 95 %
   Wilson interval of the seeds' pooled problems), accuracy vs inference loops (adaptive rows at
   their executed loops per call) and the learning-rate sweep."""
-  from loopjax.evaluate import plots  # lazy: matplotlib is a slow import only plotting needs
   plt = plots.plt
 
   os.makedirs(plots_dir, exist_ok=True)

@@ -60,12 +60,16 @@ class Checkpointer:
     the lowest `BEST_METRIC` (saved with `metrics`); the others are deleted."""
     self.directory = storage.resolve(directory)
     self.layout = layout  # this run's `process_layout` (None: not recorded, not checked)
-    metric = lambda m: m[BEST_METRIC]
+    # A step saved without an evaluation has empty metrics ({}: Orbax warns on None): it ranks
+    # last (BestN keeps the lowest, sorting descending with reverse=True).
+    metric = lambda m: m.get(BEST_METRIC, float("inf"))
     policies = [ocp.checkpoint_managers.LatestN(n=keep)]
     if keep_best:  # BestN sorts ascending with reverse=False and keeps the last n: the highest
-      policies.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=metric, reverse=True, n=keep_best,
-          keep_checkpoints_without_metrics=False))
+      # Steps with no metrics at all (saved before checkpoints carried them) are kept only
+      # while among the newest.
+      policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=metric, reverse=True,
+                                                    n=keep_best,
+                                                    keep_checkpoints_without_metrics=False))
     # best_fn makes Orbax write the metrics of a save into the step (read back after a restart).
     options = ocp.CheckpointManagerOptions(
         create=True, enable_async_checkpointing=async_save, best_fn=metric, best_mode="min",
@@ -84,7 +88,8 @@ class Checkpointer:
              DATA: grain.checkpoint.CheckpointSave(data_iter)}
     if self.layout is not None:
       items[LAYOUT] = ocp.args.JsonSave(self.layout)
-    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics or {},
+                      force=True)
 
   def restore_latest(self, abstract_state, data_iter) -> tuple[Any, int] | None:
     """Restores the newest readable checkpoint; skips damaged ones with a warning (and sets
