@@ -9,12 +9,16 @@ EMA; no optimizer state is read) for evaluation, export and fine-tuning.
 
 Every reader of a run's checkpoints goes through `newest_readable`: without an explicit step it
 takes the newest checkpoint that reads back, warning on one line about each damaged one it
-skipped; an explicit step that is damaged is an error naming it.
+skipped; an explicit step that is damaged is an error naming it. `step="best"` (`--step best`)
+takes the checkpoint with the lowest held-out NELBO the train loop recorded with it (Orbax's step
+metrics, `BEST_METRIC`), and the next lowest past a damaged one.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
+import math
 from typing import Any, Callable
 
 import jax
@@ -26,6 +30,10 @@ from loopjax.errors import UserError
 log = logging.getLogger("loopjax")
 
 STATE = "state"  # the checkpoint item that holds the train state
+# The step metric (Orbax's, saved by the train loop with each evaluated checkpoint) that ranks
+# checkpoints: held-out NELBO in nats per token; `--step best` takes the lowest.
+BEST_METRIC = "eval_nats_per_token"
+BEST = "best"
 PARAMS = {"ema": "ema_params", "raw": "params"}  # which weights -> their key in the train state
 
 
@@ -86,23 +94,61 @@ def newest_readable(directory: str, steps: list[int], read: Callable[[int], Any]
           f"checkpoint {step} in {directory} is unreadable ({first_line(e)}); "
           + (f"ask for another step (the run also has {others}) or omit the step to use the "
              "newest readable one" if others else "the run has no other checkpoint")) from None
+  return first_readable(directory, list(reversed(steps)), read)
+
+
+def first_readable(directory: str, candidates: list[int], read: Callable[[int], Any],
+                   why: str = "") -> tuple[Any, int, list[int]]:
+  """(read(s), s, damaged steps skipped) for the first of `candidates` whose `read` succeeds,
+  warning about each damaged one; `why`: what the used step is, for the warning."""
   skipped = []
-  for s in reversed(steps):
+  for s in candidates:
     try:
       out = read(s)
     except CheckpointMismatchError:
       raise
-    except Exception as e:  # noqa: BLE001  (damage, see above)
+    except Exception as e:  # noqa: BLE001  (damage, see newest_readable)
       log.warning("checkpoint %d in %s is unreadable, skipping it: %s", s, directory,
                   first_line(e))
       skipped.append(s)
       continue
     if skipped:
-      log.warning("using checkpoint %d instead (skipped damaged %s)", s, skipped)
+      log.warning("using checkpoint %d%s instead (skipped damaged %s)", s, why, skipped)
     return out, s, skipped
   raise DamagedCheckpointError(
       f"no readable checkpoint in {directory}: steps {skipped} are all damaged (truncated or "
       "garbled files); start a new --workdir, or restore the files from a copy")
+
+
+def parse_step(value) -> int | str | None:
+  """A `--step` value: a checkpoint step (int), BEST, or None (the newest readable); argparse's
+  `type` (its ArgumentTypeError prints the message as the one-line error)."""
+  if value is None or value == BEST:
+    return value
+  try:
+    return int(value)
+  except (TypeError, ValueError):
+    raise argparse.ArgumentTypeError(f"--step {value!r}: want a checkpoint step (an integer) or {BEST!r} (the "
+                     "lowest held-out NELBO of training); omit it for the newest") from None
+
+
+def ranked_by_metric(manager, directory: str) -> list[tuple[int, float]]:
+  """[(step, BEST_METRIC)] of the checkpoints saved with one, lowest first (ties: newest
+  first); a UserError when none has it."""
+  scored = []
+  for s in sorted(manager.all_steps()):
+    try:
+      value = (manager.metrics(s) or {}).get(BEST_METRIC)
+    except Exception:  # noqa: BLE001  (a damaged metrics file: the step is not ranked)
+      value = None
+    if value is not None and math.isfinite(float(value)):
+      scored.append((s, float(value)))
+  if not scored:
+    raise UserError(
+        f"--step {BEST}: no checkpoint in {directory} was saved with a held-out NELBO (only "
+        "steps the train loop evaluated at have one: train.eval_every must divide the saved "
+        f"step); ask for a step instead (the run has {sorted(manager.all_steps())})")
+  return sorted(scored, key=lambda x: (x[1], -x[0]))
 
 
 def _reader(directory: str) -> ocp.CheckpointManager:
@@ -113,10 +159,10 @@ def _reader(directory: str) -> ocp.CheckpointManager:
                                handler_registry=reg)
 
 
-def restore_params(directory: str, abstract_params, *, step: int | None = None,
+def restore_params(directory: str, abstract_params, *, step: int | str | None = None,
                    params: str = "ema"):
   """(params, step): the raw or EMA weights of checkpoint `step` (default: the newest
-  readable one; see newest_readable).
+  readable one; see newest_readable; BEST: the readable one with the lowest held-out NELBO).
 
   abstract_params: the model's parameter tree of jax.ShapeDtypeStruct with shardings (the
   restore target layout); the checkpoint's names and shapes must equal it.
@@ -142,7 +188,14 @@ def restore_params(directory: str, abstract_params, *, step: int | None = None,
     steps = sorted(manager.all_steps())
     if not steps:
       raise FileNotFoundError(f"{run} has no checkpoints yet")
-    tree, step, _ = newest_readable(directory, steps, read, step=step)
+    if step == BEST:
+      ranked = ranked_by_metric(manager, directory)
+      tree, step, _ = first_readable(directory, [s for s, _ in ranked], read,
+                                     " (the lowest held-out NELBO of the readable ones)")
+      log.info("--step best: checkpoint %d, held-out NELBO %.4f nats/token", step,
+               dict(ranked)[step])
+    else:
+      tree, step, _ = newest_readable(directory, steps, read, step=step)
   finally:
     manager.close()
   return tree, step

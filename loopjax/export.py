@@ -30,6 +30,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from loopjax import flops, storage
+from loopjax.checkpoints import parse_step
 from loopjax.data import tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.hf import MODEL_TYPE, TEMPLATES, model_card, tokenizer_files
@@ -268,7 +269,7 @@ def export_main(argv) -> int:
   p.add_argument("--out", required=True, help="output folder (written atomically)")
   p.add_argument("--params", choices=("ema", "raw"), default="ema")
   p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  p.add_argument("--step", type=parse_step, default=None, help="checkpoint step, or best (the lowest held-out NELBO of training); default: the newest")
   p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
   args = p.parse_args(argv)
   for path in (args.workdir, args.out):  # a gs:// path without its client: named up front

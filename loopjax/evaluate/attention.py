@@ -30,6 +30,7 @@ import numpy as np
 
 from loopjax.data import make_eval_batches
 from loopjax.diffusion import eval_time_grid, make_schedule, mask_tokens
+from loopjax.evaluate import plots
 from loopjax.evaluate.cli_args import output_dir, parse_loops_arg, warn_loop_cost
 from loopjax.model import LoopedTransformer
 from loopjax.weights import load_model_dir
@@ -117,10 +118,19 @@ def attention_profile(model, params, batches, *, loops_list, time_points: int = 
   return out
 
 
+def same_prefixes(curves, tol: float = 1e-6) -> bool:
+  """Whether every curve equals the start of the longest one (the looped block's iteration i
+  computes the same thing whatever S follows it)."""
+  longest = max(curves, key=len, default=[])
+  return all(np.allclose(c, longest[:len(c)], atol=tol, rtol=0) for c in curves)
+
+
 def plot_attention(result: dict, plots_dir: str) -> list[str]:
-  import matplotlib  # lazy: a slow import that only plotting needs
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  """The heatmap (executed layer x S) and the share per loop iteration, in the one-column style
+  of loopjax.evaluate.plots. Curves of several S that repeat one another (each S's iterations
+  are the start of the longest S's) are drawn once, beside the tail layers' and the mean share
+  as functions of S, which do differ."""
+  plt = plots.plt
 
   os.makedirs(plots_dir, exist_ok=True)
   rows = result["per_loops"]
@@ -128,37 +138,54 @@ def plot_attention(result: dict, plots_dir: str) -> list[str]:
   grid = np.full((depth, len(rows)), np.nan)
   for j, r in enumerate(rows):
     grid[:len(r["share"]), j] = r["share"]
-  fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(rows), 1.5 + 0.18 * depth))
-  im = ax.imshow(grid, aspect="auto", origin="upper", cmap="viridis")
-  ax.set_xticks(range(len(rows)), [str(r["loops"]) for r in rows])
-  ax.set_xlabel("loops S")
-  ax.set_ylabel("executed layer (head, loop iterations, tail)")
-  ax.set_title("masked-to-masked attention share")
-  fig.colorbar(im, ax=ax)
-  fig.tight_layout()
-  heat = os.path.join(plots_dir, "attention_heatmap.png")
-  fig.savefig(heat, dpi=110)
-  plt.close(fig)
+  with plt.rc_context(plots.PAPER_STYLE):
+    fig, ax = plt.subplots(figsize=(3.4, min(1.2 + 0.16 * depth, 4.5)))
+    im = ax.imshow(grid, aspect="auto", origin="upper", cmap="viridis")
+    ax.set_xticks(range(len(rows)), [str(r["loops"]) for r in rows])
+    ax.set_xlabel("loops S")
+    ax.set_ylabel("executed layer (head, loop iterations, tail)")
+    ax.spines[["top", "right"]].set_visible(True)
+    fig.colorbar(im, ax=ax, label="masked-to-masked attention share")
+    heat = plots.save_figure(fig, os.path.join(plots_dir, "attention_heatmap.png"))
 
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for r in rows:
-    if r["loop_iteration_share"]:
-      its = range(1, len(r["loop_iteration_share"]) + 1)
-      ax.plot(its, r["loop_iteration_share"], "o-", markersize=3, label=f"S={r['loops']}")
-  finals = [(r["loops"], r["final_iteration_share"]) for r in rows
-            if r["final_iteration_share"] is not None]
-  if finals:
-    ax.plot(*zip(*finals), "k--", label="last iteration, by S")
-  ax.axhline(rows[0]["chance"], color="gray", lw=0.8, label="uniform attention")
-  ax.set_xlabel("loop iteration (or S for the dashed line)")
-  ax.set_ylabel("masked-to-masked share (looped block)")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  line = os.path.join(plots_dir, "attention_vs_loops.png")
-  fig.savefig(line, dpi=110)
-  plt.close(fig)
+  with plt.rc_context(plots.PAPER_STYLE):
+    fig, ax = plt.subplots()
+    looped = [r for r in rows if r["loop_iteration_share"]]
+    curves = [r["loop_iteration_share"] for r in looped]
+    if curves and same_prefixes(curves):
+      longest = max(curves, key=len)
+      ax.plot(range(1, len(longest) + 1), longest, "o-", color=plots.series_style(0)[0],
+              label="looped block, iteration i (same for every S ≥ i)")
+    else:
+      for k, r in enumerate(looped):
+        color, marker, line = plots.series_style(k)
+        its = np.arange(1, len(r["loop_iteration_share"]) + 1) * plots.dodge(k, len(looped))
+        ax.plot(its, r["loop_iteration_share"], marker=marker, ls=line, color=color,
+                label=f"looped block, S = {r['loops']}")
+    s_values = [r["loops"] for r in rows]
+    tail = [(r["loops"], float(np.mean(r["share"][len(r["share"]) - n_tail:])))
+            for r in rows if (n_tail := _tail_layers(r))]
+    if tail:
+      color, marker, line = plots.series_style(1)
+      ax.plot(*zip(*tail), marker=marker, ls=line, color=color,
+              label="tail layers after S loops (mean)")
+    color, marker, line = plots.series_style(2)
+    ax.plot(s_values, [r["mean_share"] for r in rows], marker=marker, ls=line, color=color,
+            label="all executed layers at S (mean)")
+    ax.axhline(rows[0]["chance"], color="0.4", lw=0.8, ls=":", label="uniform attention")
+    plots.loop_axis(ax, s_values)
+    ax.set_xlabel("loop iteration i, or loops S")
+    ax.set_ylabel("masked-to-masked attention share")
+    plots.plain_axis(ax.yaxis)
+    ax.grid(which="major")
+    plots.legend_and_note(ax, "")
+    line = plots.save_figure(fig, os.path.join(plots_dir, "attention_vs_loops.png"))
   return [heat, line]
+
+
+def _tail_layers(row: dict) -> int:
+  """How many of a row's executed layers come after the looped block."""
+  return sum(1 for name in row["layers"] if str(name).startswith("tail"))
 
 
 def _fixed_loops(spec: str) -> int:

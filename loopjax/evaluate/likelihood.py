@@ -11,6 +11,8 @@ is masked and the NELBO draws no noise. Zero-shot corpora: zero_shot.py.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,7 @@ import numpy as np
 from loopjax.diffusion import eval_time_grid, metrics_from_nelbo, nelbo_on_grid
 from loopjax.evaluate.denoiser import (compiled_policy, loop_args, make_denoiser, memo,
                                        resolve_policy)
+from loopjax.evaluate.intervals import weighted_mean_se
 from loopjax.flops import forward_flops_per_seq
 
 
@@ -52,20 +55,27 @@ def heldout_nelbo(model, params, batches, *, schedule, loops, time_points: int =
                   seed: int = 0, nelbo_fn=None) -> dict:
   """NELBO metrics over `batches` at loop policy `loops` (int or spec).
 
-  Returns nats_per_token, bits_per_token, ppl_bound, tokens (scored) and forward FLOPs per
-  sequence at this S (fixed policies; None for adaptive / scheduled ones).
+  Returns nats_per_token, bits_per_token, ppl_bound, their standard errors over batches
+  (`nats_per_token_se`, `bits_per_token_se`; None for one batch), tokens (scored) and forward
+  FLOPs per sequence at this S (fixed policies; None for adaptive / scheduled ones).
   """
   cfg = model.cfg
   policy = resolve_policy(cfg, loops)
   fn = nelbo_fn or make_nelbo_fn(model, schedule, policy, time_points)
-  total, count = 0.0, 0.0
+  total, count, per_batch = 0.0, 0.0, []
   for k, b in enumerate(batches):
     fixed = jnp.asarray(b["fixed"], bool)
     s, n = fn(params, jax.random.PRNGKey(seed + k), jnp.asarray(b["tokens"]), fixed,
               jnp.asarray(b["loss_mask"], bool), jnp.asarray(b["segment_ids"]), loop_args(policy))
     total += float(s)
     count += float(n)
+    per_batch.append((float(s) / max(float(n), 1.0), float(n)))
   out = {k: float(v) for k, v in metrics_from_nelbo(total, count).items()}
+  # Each batch is one Monte-Carlo draw (times and masks): the spread of their per-token NELBO
+  # gives the estimate's standard error (None from a single batch).
+  _, se = weighted_mean_se(*zip(*per_batch)) if count else (None, None)
+  out["nats_per_token_se"] = se
+  out["bits_per_token_se"] = None if se is None else se / math.log(2.0)
   out["tokens"] = int(count)
   out["loops"] = policy.label
   out["forward_flops_per_seq"] = (float(forward_flops_per_seq(

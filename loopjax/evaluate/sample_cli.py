@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from loopjax.checkpoints import parse_step
 from loopjax.data import make_eval_batches, tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
@@ -75,12 +76,13 @@ def sample_main(argv) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--params", default=None, choices=("ema", "raw"),
                  help="workdir: which weights (default ema); an export holds one kind")
+  p.add_argument("--step", type=parse_step, default=None, help="checkpoint step, or best (the lowest held-out NELBO of training); default: the newest")
   p.add_argument("--out", default=None, help="write samples/ here (default: the workdir; beside "
                  "an export folder, EXPORT.outputs)")
   a = p.parse_args(argv)
 
   # A training workdir or a `loopjax export` folder.
-  config, model, params = load_model_dir(a.workdir, params=a.params)
+  config, model, params = load_model_dir(a.workdir, params=a.params, step=a.step)
   ckpt = config.source.get("step") or 0
   cfg, tok = model.cfg, tokenizer_for(config.data)
   policy = resolve_policy(cfg, parse_loops_arg(a.loops, cfg.max_loops))

@@ -15,6 +15,9 @@ import os
 
 import numpy as np
 
+from loopjax.evaluate import labels, plots
+from loopjax.evaluate.intervals import wilson_interval
+
 PAPER = {  # arXiv 2605.26106's claims, as the paper states them
     "flops": "LoopMDM matches the baseline MDM with 2.3-3.3x fewer training FLOPs",
     "deep": "LoopMDM beats a deeper MDM of comparable per-step compute",
@@ -232,74 +235,109 @@ def markdown_report(r: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def pooled_accuracy_interval(values, examples: int) -> tuple[float, float, float]:
+  """(mean, low, high): the mean of per-seed accuracies over `examples` problems each and the
+  95 % Wilson interval of the pooled proportion (len(values) * examples problems)."""
+  mean = float(np.mean(values))
+  low, high = wilson_interval(mean, len(values) * int(examples))
+  return mean, low, high
+
+
 def plot_study(r: dict, plots_dir: str) -> list[str]:
-  import matplotlib  # lazy: a slow import that only plotting needs
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  """The study's four figures in the one-column paper style of loopjax.evaluate.plots: accuracy
+  and held-out bits vs training FLOPs (seed mean, band = range over seeds, accuracy bars = 95 %
+  Wilson interval of the seeds' pooled problems), accuracy vs inference loops (adaptive rows at
+  their executed loops per call) and the learning-rate sweep."""
+  plt = plots.plt
 
   os.makedirs(plots_dir, exist_ok=True)
-  m = r["metric"]
+  m, n, seeds = r["metric"], int(r.get("examples") or 1), len(r["seeds"])
+  wilson_note = f"bars: 95% Wilson interval over {seeds} x {n} problems"
   paths = []
-  for key, label, name in ((m, m, "study_quality_vs_train_flops"),
-                           ("bits_per_token", "held-out bits/token", "study_bits_vs_train_flops")):
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for model, run in r["models"].items():
-      x, y, lo, hi = mean_curve(run, key, spread=True)
-      ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="o-", capsize=3,
-                  label=f"{model} (lr {run['best_lr']:g})")
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs")
-    ax.set_ylabel(label)
-    ax.set_title(f"{label} vs training compute (mean, range over {len(r['seeds'])} seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    paths.append(_save(fig, plots_dir, name + ".png"))
+  styles = {name: plots.series_style(k) for k, name in enumerate(r["models"])}
+  # Models side by side along x, so that equal values stay visible.
+  shift = {name: plots.dodge(k, len(r["models"]), 0.012) for k, name in enumerate(r["models"])}
+  dodged = "; models offset slightly along x" if len(r["models"]) > 1 else ""
+  for key, name in ((m, "study_quality_vs_train_flops"),
+                    ("bits_per_token", "study_bits_vs_train_flops")):
+    with plt.rc_context(plots.PAPER_STYLE):
+      fig, ax = plt.subplots()
+      scale = plots.flops_axis(ax, [x for run in r["models"].values()
+                                    for x in mean_curve(run, key)[0]], "training FLOPs")
+      for model, run in r["models"].items():
+        color, marker, line = styles[model]
+        x, y, lo, hi = mean_curve(run, key, spread=True)
+        x = x / scale * shift[model]
+        yerr = None
+        if key == m:
+          ci = np.array([wilson_interval(float(v), seeds * n) for v in y])
+          yerr = [y - ci[:, 0], ci[:, 1] - y]
+        ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
+        ax.errorbar(x, y, yerr=yerr, marker=marker, ls=line, color=color,
+                    label=f"{model} (lr {run['best_lr']:g})")
+      ax.set_ylabel(labels.metric_label(key))
+      plots.plain_axis(ax.yaxis)
+      ax.grid(which="major")
+      note = f"line: mean of {seeds} seeds; band: range over seeds{dodged}"
+      plots.legend_and_note(ax, note + ("\n" + wilson_note if key == m else ""))
+      paths.append(plots.save_figure(fig, os.path.join(plots_dir, name + ".png")))
 
-  fig, ax = plt.subplots(figsize=(6, 4))
   loops = r["summary"]["loops"]
-  fixed = sorted((int(k), v) for k, v in loops.items() if k.isdigit())
-  ys = np.array([v["accuracy"]["mean"] for _, v in fixed])
-  ax.errorbar([k for k, _ in fixed], ys,
-              yerr=[ys - [v["accuracy"]["min"] for _, v in fixed],
-                    [v["accuracy"]["max"] for _, v in fixed] - ys],
-              fmt="o-", capsize=3, label="LoopMDM, fixed S")
-  for k, v in loops.items():
-    if not k.isdigit():
-      a = v["accuracy"]
-      ax.errorbar([v["executed_loops_mean"]["mean"]], [a["mean"]],
-                  yerr=[[a["mean"] - a["min"]], [a["max"] - a["mean"]]], fmt="*",
-                  markersize=11, capsize=3, label=k)
-  ax.axvline(r["s_max"], ls=":", color="gray", label=f"S_max = {r['s_max']}")
-  for model, style in (("mdm", "--"), ("deep_mdm", "-.")):
-    if model in r["summary"]["models"]:
-      ax.axhline(r["summary"]["models"][model]["accuracy"]["mean"], ls=style, lw=1,
-                 color="black", label=f"{model} (mean)")
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("inference loops S (adaptive: executed loops per call)")
-  ax.set_ylabel(m)
-  ax.set_title("LoopMDM: quality vs inference loops")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  paths.append(_save(fig, plots_dir, "study_quality_vs_loops.png"))
+  by_spec = {spec: _sweep(r, spec) for spec in loops}
+  with plt.rc_context(plots.PAPER_STYLE):
+    fig, ax = plt.subplots()
+    color, marker, line = styles.get("loopmdm", plots.series_style(0))
+    fixed = sorted((int(k), v) for k, v in by_spec.items() if k.isdigit())
+    xs = [k for k, _ in fixed]
+    stats_ = [pooled_accuracy_interval([row[m] for row in v], n) for _, v in fixed]
+    ys = np.array([t[0] for t in stats_])
+    ax.errorbar(xs, ys, yerr=[ys - [t[1] for t in stats_], [t[2] for t in stats_] - ys],
+                marker=marker, ls=line, color=color, label="LoopMDM, fixed S")
+    for k, v in fixed:  # each seed's value, small and hollow behind the mean
+      ax.plot([k] * len(v), [row[m] for row in v], "o", mfc="none", ms=2.5, mew=0.5,
+              color=color, alpha=0.7)
+    adaptive = [k for k in by_spec if not k.isdigit()]
+    executed = [loops[k]["executed_loops_mean"]["mean"] for k in adaptive]
+    spread = plots.spread_coinciding(executed, plots.POLICY_DODGE, xs)
+    for j, (k, x) in enumerate(zip(adaptive, spread)):
+      mean, low, high = pooled_accuracy_interval([row[m] for row in by_spec[k]], n)
+      ax.errorbar([x], [mean], yerr=[[mean - low], [high - mean]],
+                  fmt=plots.POLICY_MARKERS[j % len(plots.POLICY_MARKERS)], markersize=6,
+                  color=plots.series_style(3 + j)[0],
+                  label=labels.policy_label(k))
+    ax.axvline(r["s_max"], ls=":", color="0.3", lw=1.0, label=f"S_max = {r['s_max']} (training)")
+    for model, style in (("mdm", "--"), ("deep_mdm", "-.")):
+      if model in r["summary"]["models"]:
+        ax.axhline(r["summary"]["models"][model]["accuracy"]["mean"], ls=style, lw=0.8,
+                   color="0.2", label=f"{model} (seed mean)")
+    plots.loop_axis(ax, xs)
+    ax.set_xlabel("inference loops S (adaptive: executed loops per call)")
+    ax.set_ylabel(labels.metric_label(m))
+    plots.plain_axis(ax.yaxis)
+    ax.grid(which="major")
+    note = f"{wilson_note}; dots: each seed"
+    if adaptive:
+      note += ("\nadaptive: executed " + ", ".join(f"{x:.2f}" for x in executed)
+               + " loops/call" + (", drawn offset along x" if spread != executed else ""))
+    plots.legend_and_note(ax, note)
+    paths.append(plots.save_figure(fig, os.path.join(plots_dir, "study_quality_vs_loops.png")))
 
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for model, run in r["models"].items():
-    ax.plot([x["lr"] for x in run["lr_sweep"]], [x["bits_per_token"] for x in run["lr_sweep"]],
-            "o-", label=model)
-  ax.set_xscale("log")
-  ax.set_xlabel("learning rate")
-  ax.set_ylabel("held-out bits/token (seed 0, end of training)")
-  ax.set_title("learning-rate sweep")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  paths.append(_save(fig, plots_dir, "study_lr_sweep.png"))
+  with plt.rc_context(plots.PAPER_STYLE):
+    fig, ax = plt.subplots()
+    for model, run in r["models"].items():
+      color, marker, line = styles[model]
+      ax.plot([x["lr"] * shift[model] for x in run["lr_sweep"]],
+              [x["bits_per_token"] for x in run["lr_sweep"]],
+              marker=marker, ls=line, color=color, label=model)
+    ax.set_xscale("log")
+    lrs = sorted({x["lr"] for run in r["models"].values() for x in run["lr_sweep"]})
+    ax.xaxis.set_major_locator(plots.FixedLocator(lrs))
+    ax.xaxis.set_minor_locator(plots.NullLocator())
+    ax.xaxis.set_major_formatter(plots.matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(labels.metric_label("bits_per_token"))
+    plots.plain_axis(ax.yaxis)
+    ax.grid(which="major")
+    plots.legend_and_note(ax, f"seed {r['seeds'][0]}, end of training{dodged}")
+    paths.append(plots.save_figure(fig, os.path.join(plots_dir, "study_lr_sweep.png")))
   return paths
-
-
-def _save(fig, d, name):
-  import matplotlib.pyplot as plt  # lazy: see plot_study
-  path = os.path.join(d, name)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path

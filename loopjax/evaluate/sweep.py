@@ -27,6 +27,7 @@ import time
 
 import jax
 
+from loopjax.checkpoints import parse_step
 from loopjax.data import make_eval_batches, tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
@@ -269,7 +270,7 @@ def eval_main(argv) -> int:
   p.add_argument("--judge-batch-size", type=int, default=8)
   p.add_argument("--params", default=None, choices=("ema", "raw"),
                  help="workdir: which weights (default ema); an export holds one kind")
-  p.add_argument("--step", type=int, default=None)
+  p.add_argument("--step", type=parse_step, default=None, help="checkpoint step, or best (the lowest held-out NELBO of training); default: the newest")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="write eval/ and plots/ here (default: the workdir; "
                  "beside an export folder, EXPORT.outputs)")

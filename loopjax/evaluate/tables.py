@@ -7,6 +7,9 @@ pipe table under the caption) and PATH_STEM.tex (a booktabs `table` float: \\top
 through `write_eval_tables`, which picks the columns of any row list (likelihood, tasks, GSM8K,
 zero-shot, generative perplexity, lm-eval rows): identifying keys first, then metrics, then
 compute; settings that are the same in every row go into the caption instead of a column.
+Headers are human names with units (loopjax/evaluate/labels.py: `exact_match` -> "exact match
+(fraction of problems)", `nats_per_token` -> "held-out NELBO (nats/token)"), so no header
+carries an escaped underscore.
 
 Numbers: integers as they are, floats with 4 decimals, and large or tiny magnitudes (FLOPs) in
 3-significant-digit scientific notation ($1.23\\times10^{9}$ in LaTeX). A missing value is "-".
@@ -17,6 +20,8 @@ from __future__ import annotations
 import math
 import os
 import re
+
+from loopjax.evaluate.labels import key_label, words
 
 # Keys that name a row (what was varied), in this order, before any metric.
 ID_KEYS = ("task", "corpus", "judge", "policy", "loops", "steps", "seed")
@@ -29,12 +34,6 @@ SETTING_KEYS = ("method", "sampler", "examples", "batch_size", "time_points", "t
 PATH_KEYS = ("corpus", "file", "judge")
 # Not table material (totals that duplicate a per-call column, bulky fields).
 SKIP_KEYS = ("loops_max", "executed_loops", "samples", "nelbo_sum", "num_tokens")
-
-HEADERS = {
-    "loops": "S", "loops_mean": "loops/call", "executed_loops_mean": "executed loops/call",
-    "flops_per_sample": "FLOPs/sample", "executed_flops_per_sample": "executed FLOPs/sample",
-    "forward_flops_per_seq": "forward FLOPs/seq", "nfe": "model calls", "seconds": "seconds",
-}
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
                   "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
@@ -71,7 +70,7 @@ def _columns(columns):
   """[(key, header)] from keys or (key, header) pairs."""
   out = []
   for c in columns:
-    key, head = (c, HEADERS.get(c, c)) if isinstance(c, str) else (c[0], c[1])
+    key, head = (c, key_label(c)) if isinstance(c, str) else (c[0], c[1])
     out.append((key, head))
   if not out:
     raise ValueError("a table needs at least one column")
@@ -157,7 +156,7 @@ def write_eval_tables(json_path: str, rows, caption: str = "") -> list[str]:
     return []
   columns, settings = default_columns(rows)
   name = os.path.splitext(os.path.basename(json_path))[0]
-  caption = caption or name.replace("_", " ")
+  caption = caption or words(name)
   if settings:
-    caption += " (" + ", ".join(f"{k} {v}" for k, v in settings.items()) + ")"
+    caption += " (" + ", ".join(f"{key_label(k)} {v}" for k, v in settings.items()) + ")"
   return write_tables(rows, columns, os.path.splitext(json_path)[0], caption)

@@ -8,6 +8,10 @@ exists is complete (on gs://, which has no rename, it writes the step directory 
 marks it complete with commit_success.txt; an unmarked one is not a step); one whose files were
 damaged later is detected at restore, reported, and the previous step is used instead (`loopjax.checkpoints.newest_readable`, shared with every reader).
 
+Kept: the newest `train.keep_checkpoints`, and besides them the `train.keep_best` with the lowest
+held-out NELBO (`BEST_METRIC`, Orbax's step metrics, saved with the checkpoints of evaluated
+steps; Orbax's LatestN and BestN preservation policies).
+
 A checkpoint also records its process layout (item `layout`: process count, global batch size,
 the batch rows each process loaded). A run with another layout (another number of processes or
 another mesh) restores the train state onto its own mesh (Orbax reshards from the abstract
@@ -30,7 +34,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from loopjax import storage
-from loopjax.checkpoints import STATE, CheckpointMismatchError, check_same_params, newest_readable
+from loopjax.checkpoints import (BEST_METRIC, STATE, CheckpointMismatchError, check_same_params,
+                                 newest_readable)
 from loopjax.data import reshard
 from loopjax.parallel import distributed
 
@@ -49,12 +54,26 @@ def process_layout(global_batch_size: int, row_shards: list) -> dict:
 class Checkpointer:
   """A run's checkpoint directory for training: saves steps, resumes from the newest readable."""
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
-               layout: dict | None = None):
+  def __init__(self, directory: str, *, keep: int = 3, keep_best: int = 0,
+               async_save: bool = True, layout: dict | None = None):
+    """keep: the newest checkpoints kept; keep_best: besides them, the checkpoints saved with
+    the lowest `BEST_METRIC` (saved with `metrics`); the others are deleted."""
     self.directory = storage.resolve(directory)
     self.layout = layout  # this run's `process_layout` (None: not recorded, not checked)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+    # A step saved without an evaluation has empty metrics ({}: Orbax warns on None): it ranks
+    # last (BestN keeps the lowest, sorting descending with reverse=True).
+    metric = lambda m: m.get(BEST_METRIC, float("inf"))
+    policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+    if keep_best:  # BestN sorts ascending with reverse=False and keeps the last n: the highest
+      # Steps with no metrics at all (saved before checkpoints carried them) are kept only
+      # while among the newest.
+      policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=metric, reverse=True,
+                                                    n=keep_best,
+                                                    keep_checkpoints_without_metrics=False))
+    # best_fn makes Orbax write the metrics of a save into the step (read back after a restart).
+    options = ocp.CheckpointManagerOptions(
+        create=True, enable_async_checkpointing=async_save, best_fn=metric, best_mode="min",
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         handler_registry=_registry())
@@ -62,12 +81,15 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state, data_iter) -> None:
+  def save(self, step: int, state, data_iter, metrics: dict | None = None) -> None:
+    """metrics: {BEST_METRIC: held-out NELBO} when the step was evaluated (None: it was not; it
+    is then kept only while among the newest)."""
     items = {STATE: ocp.args.StandardSave(state),
              DATA: grain.checkpoint.CheckpointSave(data_iter)}
     if self.layout is not None:
       items[LAYOUT] = ocp.args.JsonSave(self.layout)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics or {},
+                      force=True)
 
   def restore_latest(self, abstract_state, data_iter) -> tuple[Any, int] | None:
     """Restores the newest readable checkpoint; skips damaged ones with a warning (and sets

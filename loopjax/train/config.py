@@ -16,6 +16,7 @@ from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.flops import FLOP_CONVENTIONS
 from loopjax.model import ModelConfig
+from loopjax.train import writers
 from loopjax.train.runtime import parse_profile_steps
 from loopjax.weights import run_model_config
 
@@ -48,6 +49,11 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.01, b1=0.9, b2=0.98, adam_eps=1e-8, clip_norm=1.0,
       ema_decay=0.999, grad_accum=1,
       log_every=50, checkpoint_every=500, keep_checkpoints=3, async_checkpoints=True,
+      # Besides the newest keep_checkpoints: this many with the lowest held-out NELBO (the
+      # eval_every evaluation at a checkpoint's step); `--step best` reads the lowest. 0: none.
+      keep_best=1,
+      # Where logged rows go, a comma list (loopjax/train/writers.py): jsonl, tensorboard, wandb.
+      writers="jsonl,tensorboard", wandb_project="loopjax",
       eval_every=500, eval_batches=4, eval_time_points=8, eval_params="ema",
       on_nonfinite="error",  # error: stop with a message | skip: leave the state unchanged
       max_consecutive_skips=10,  # skip: stop with an error after this many skipped in a row
@@ -95,6 +101,10 @@ def validate(config) -> None:
     if int(t[key]) < 1:
       raise ValueError(f"train.{key} must be >= 1, got {t[key]}")
   parse_profile_steps(t.profile_steps)
+  writers.parse(t.writers)
+  if int(t.keep_best) < 0:
+    raise ValueError(f"train.keep_best must be >= 0 (0: keep no best checkpoint), got "
+                     f"{t.keep_best}")
   if t.batch_size % t.grad_accum:
     raise ValueError(f"train.batch_size {t.batch_size} is not divisible by train.grad_accum "
                      f"{t.grad_accum}")

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopjax import flops, storage
-from loopjax.checkpoints import param_shape_diff
+from loopjax.checkpoints import BEST_METRIC, param_shape_diff
 from loopjax.data import prepared
 from loopjax.data import shards as data_shards
 from loopjax.data.process_rows import make_shards_eval_batches, make_shards_iterator
@@ -238,7 +238,8 @@ def _setup(config, workdir: str) -> _Run:
     layout = process_layout(t.batch_size, [mesh_lib.process_row_shards(mesh, t.batch_size, p)
                                            for p in range(jax.process_count())])
     run.ckpt = Checkpointer(storage.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
-                            async_save=t.async_checkpoints, layout=layout)
+                            keep_best=t.keep_best, async_save=t.async_checkpoints,
+                            layout=layout)
   except BaseException:
     run.close()
     raise
@@ -367,7 +368,7 @@ def _loop(run: _Run, state, step: int, step_fn, evaluate, stop: _StopRequests):
   # together on every process.
   distributed.barrier("loopjax_start")
   writer = MetricsWriter(run.workdir, total_steps=t.steps, enabled=jax.process_index() == 0,
-                         start_step=step)
+                         start_step=step, writers=t.writers, config=run.config)
 
   data = run.config.data
   manifest = data_shards.load_manifest(data.path) if data.source == "prepared" else None
@@ -401,14 +402,17 @@ def _loop(run: _Run, state, step: int, step_fn, evaluate, stop: _StopRequests):
       eval_now = step % t.eval_every == 0 or step == t.steps
       stop_now = stop.reached(step)  # every step: the multi-process agreement needs each one
       save_now = step % t.checkpoint_every == 0 or step == t.steps or stop_now
+      evaluated = None  # this step's held-out NELBO, saved with its checkpoint to rank it
       if step % t.log_every == 0 or step == t.steps:
         pending = window.cut(step)
         if eval_now or save_now:  # these wait for the state anyway: no step to overlap
           last, pending = write(pending, state if eval_now else None), None
+          if eval_now and t.eval_batches:
+            evaluated = {BEST_METRIC: last[BEST_METRIC]}
       if save_now:
         _check_finite(window.peek(), t, warn=False)
         _check_weights(bool(weights_finite(state)), step, "saved")
-        run.ckpt.save(step, state, run.data_iter)
+        run.ckpt.save(step, state, run.data_iter, metrics=evaluated)
         window.restart_clock()  # keep checkpoint time out of the throughput
       if stop_now:
         who = (signal.Signals(stop.signal).name if stop.signal is not None

@@ -1,19 +1,15 @@
-"""Training metrics: summed on device over the steps since the last logged row, then written to
-metrics.jsonl, TensorBoard (tensorboardX) and a console line.
+"""Training metrics: summed on device over the steps since the last logged row, then given to the
+run's writers (metrics.jsonl, TensorBoard, W&B, ...: train/writers.py) and a console line.
 
 A row holds window means (loss, bits/token, grad norm, masked fraction, scored tokens over the
 window's finite steps), the mean S drawn, the loss and step count per drawn S (`loss_by_loops`,
 `steps_by_loops`, keyed by S as a string), the learning rate of the row's step and the window's
 throughput (tokens/s, step time, TFLOP/s and MFU from the FLOPs of the S each step drew).
-
-metrics.jsonl holds one row per logged step: a resumed run first drops the rows after the step
-it resumed from (they are logged again as the steps are replayed).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import sys
 import time
@@ -24,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from loopjax import storage
+from loopjax.train.writers import DEFAULT as DEFAULT_WRITERS, WriterContext, open_writers
+from loopjax.train.writers import keep_rows_through  # noqa: F401  (where callers look for it)
 
 # Per-step metrics whose window mean is logged (sums over finite steps).
 MEAN_KEYS = ("loss", "bits_per_token", "grad_norm", "masked_fraction", "scored_tokens")
@@ -163,34 +160,6 @@ def _first_bad(w: dict, first_step: int, last_step: int) -> dict | None:
           "longest_run": int(w["longest_bad_run"])}
 
 
-def keep_rows_through(path: str, step: int) -> int:
-  """Rewrites the metrics.jsonl at `path` (whole, at once) with only its rows of steps <= `step`,
-  dropping a torn last line; returns the number of rows dropped."""
-  if not storage.exists(path):
-    return 0
-  kept, dropped = [], 0
-  for line in storage.read_text(path).splitlines(keepends=True):
-    try:
-      ok = int(json.loads(line)["step"]) <= step
-    except (ValueError, KeyError, TypeError):  # a row cut short by a kill
-      ok = False
-    kept += [line if line.endswith("\n") else line + "\n"] * ok
-    dropped += not ok
-  if dropped:
-    storage.write_text(path, "".join(kept))
-  return dropped
-
-
-def _jsonable(v):
-  if isinstance(v, dict):
-    return {str(k): _jsonable(x) for k, x in v.items()}
-  if hasattr(v, "item"):
-    v = v.item()
-  if isinstance(v, float) and not math.isfinite(v):
-    return str(v)
-  return v
-
-
 def eval_label(step: int, row: dict) -> str:
   """The console text of a row's raw and EMA held-out figures while the EMA warms up (after
   "eval")."""
@@ -207,37 +176,24 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsWriter:
-  """Only process 0 writes (multi-host); the others get a writer that does nothing."""
+  """The run's writers (train.writers, see train/writers.py) and its console line. Only process 0
+  writes (multi-host); the others get a writer that does nothing."""
 
   def __init__(self, workdir: str, *, total_steps: int, enabled: bool = True,
-               start_step: int = 0):
-    """start_step: the step the run starts (or resumes) from; later rows already in
-    metrics.jsonl are dropped."""
+               start_step: int = 0, writers: str = DEFAULT_WRITERS, config=None):
+    """start_step: the step the run starts (or resumes) from (metrics.jsonl drops later rows);
+    config: the run's config, for writers that record it (W&B)."""
     self.enabled = enabled
     self.total = total_steps
     self._start = time.time()
     self._start_step = None
-    if not enabled:
-      return
-    path = storage.join(workdir, "metrics.jsonl")
-    keep_rows_through(path, start_step)
-    self._jsonl = storage.AppendLog(path)
-    self._tb = storage.summary_writer(storage.join(workdir, "tb"))
+    self._writers = []
+    if enabled:
+      self._writers = open_writers(writers, WriterContext(workdir, start_step, config))
 
   def write(self, step: int, metrics: dict) -> None:
-    if not self.enabled:
-      return
-    row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
-    for k, v in row.items():
-      if k != "step" and isinstance(v, (int, float)):
-        self._tb.add_scalar(k, v, step)
-      elif isinstance(v, dict):  # per-S breakdowns: one curve per S
-        for sub, x in v.items():
-          if isinstance(x, (int, float)):
-            self._tb.add_scalar(f"{k}/{sub}", x, step)
-    self._tb.flush()
+    for w in self._writers:
+      w.write(int(step), metrics)
 
   def console(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -265,6 +221,5 @@ class MetricsWriter:
     print(" | ".join(parts), file=sys.stderr, flush=True)
 
   def close(self) -> None:
-    if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
+    for w in self._writers:
+      w.close()
