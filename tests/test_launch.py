@@ -1,0 +1,133 @@
+"""The launchers' dry runs: every command a 2-slice v5p job would run, without gcloud or kubectl.
+
+Each printed line is one command, shell-quoted; the test splits it as a shell would (shlex) and
+compares argument lists, and splits the command each TPU worker runs once more."""
+
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from loopjax.parallel import xla_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GC = ["gcloud", "--project", "proj", "compute", "tpus"]
+ZONE = ["--zone", "us-east5-a"]
+
+
+def _tpu_pod(action, *extra, **env):
+  base = {k: v for k, v in os.environ.items() if k != "LIBTPU_INIT_ARGS"}
+  base.update({"DRY_RUN": "1", "PROJECT": "proj", "ZONE": "us-east5-a", "TPU_NAME": "lj",
+               "NUM_SLICES": "2", "ACCELERATOR_TYPE": "v5p-16", "RUNTIME_VERSION": "v2-alpha-tpuv5",
+               "SPOT": "1", "WORKDIR": "gs://bkt/run", "CONFIG": "experiments/owt.py:loopmdm",
+               "TMPDIR": "/tmp", **env})
+  run = subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), action, "--", *extra],
+                       env=base, capture_output=True, text=True, timeout=60, cwd="/")
+  assert run.returncode == 0, run.stderr
+  return [shlex.split(line) for line in run.stdout.splitlines()]
+
+
+def _ssh(node, command):
+  return GC + ["tpu-vm", "ssh", node, *ZONE, "--worker=all", "--command", command]
+
+
+def _split_ssh(cmds):
+  """(argv up to --command, the worker's command split as its shell would) per ssh line."""
+  return [(c[:-1], shlex.split(c[-1])) if "ssh" in c else (c, None) for c in cmds]
+
+
+CLEANUP = ("sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null | sort -u | xargs -r sudo kill -9; "
+           "sudo rm -f /tmp/libtpu_lockfile")
+DESCRIBE_QR = GC + ["queued-resources", "describe", "lj", *ZONE, "--format=value(state.state)"]
+COORDINATOR_IP = GC + ["tpu-vm", "describe", "lj-0", *ZONE,
+                       "--format=value(networkEndpoints[0].ipAddress)"]
+
+
+def _train_words(slice_id):
+  flags = xla_flags.flag_string("v5p")
+  return ["cd", "~/loopjax", "&&", "MEGASCALE_COORDINATOR_ADDRESS=10.0.0.2:8080",
+          "MEGASCALE_PORT=8080", "MEGASCALE_NUM_SLICES=2", f"MEGASCALE_SLICE_ID={slice_id}",
+          "LOOPJAX_DISTRIBUTED=1", f"LIBTPU_INIT_ARGS={flags}",
+          "JAX_COMPILATION_CACHE_DIR=gs://bkt/run/jax_cache", "~/.venv-loopjax/bin/python", "-m",
+          "loopjax.cli", "train", "--config", "experiments/owt.py:loopmdm", "--workdir",
+          "gs://bkt/run", "--config.train.steps=10", "2>&1"]
+
+
+def test_tpu_pod_run_dry_run_for_two_v5p_slices():
+  got = _split_ssh(_tpu_pod("run", "--config.train.steps=10"))
+  install = ("set -e; command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | "
+             "sh; export PATH=$HOME/.local/bin:$PATH; cd ~/loopjax; uv venv --python 3.11 "
+             "--allow-existing ~/.venv-loopjax; VIRTUAL_ENV=~/.venv-loopjax uv pip install -c "
+             "launch/constraints.txt -e '.[tpu,gcs]' requests; ~/.venv-loopjax/bin/python -c "
+             "'import jax, loopjax; print(\"jax\", jax.__version__)'")
+  untar = "mkdir -p ~/loopjax && tar xzf ~/loopjax.tar.gz -C ~/loopjax"
+  tar = (f"cd {ROOT} && git ls-files -z --cached --others --exclude-standard "
+         "| tar czf /tmp/loopjax-lj.tar.gz --null -T -")
+  want = [
+      DESCRIBE_QR,  # none yet (the dry run answers MISSING): create it
+      GC + ["queued-resources", "create", "lj", "--node-count", "2", "--node-prefix", "lj", *ZONE,
+            "--accelerator-type", "v5p-16", "--runtime-version", "v2-alpha-tpuv5", "--spot"],
+      DESCRIBE_QR,  # until ACTIVE
+      ["bash", "-c", tar],
+      GC + ["tpu-vm", "scp", "/tmp/loopjax-lj.tar.gz", "lj-0:loopjax.tar.gz", *ZONE, "--worker=all"],
+      GC + ["tpu-vm", "scp", "/tmp/loopjax-lj.tar.gz", "lj-1:loopjax.tar.gz", *ZONE, "--worker=all"],
+      _ssh("lj-0", untar), _ssh("lj-1", untar),
+      ["rm", "-f", "/tmp/loopjax-lj.tar.gz"],
+      _ssh("lj-0", install), _ssh("lj-1", install),
+      _ssh("lj-0", CLEANUP), _ssh("lj-1", CLEANUP),
+      COORDINATOR_IP,
+      _ssh("lj-0", shlex.join(_train_words(0))), _ssh("lj-1", shlex.join(_train_words(1))),
+      DESCRIBE_QR,  # still ACTIVE after training: not preempted, done
+  ]
+  want = _split_ssh(want)
+  assert [w[0] for w in got] == [w[0] for w in want]
+  assert got == want
+
+
+def test_tpu_pod_train_detached_and_the_flag_override():
+  cmds = _tpu_pod("train", LIBTPU_INIT_ARGS="--xla_a=1 --xla_b=2")
+  assert cmds[:3] == [_ssh("lj-0", CLEANUP), _ssh("lj-1", CLEANUP), COORDINATOR_IP]
+  for slice_id, c in enumerate(cmds[3:]):
+    assert c[:-1] == _ssh(f"lj-{slice_id}", "")[:-1]
+    nohup = shlex.split(c[-1])
+    assert nohup[:3] == ["nohup", "bash", "-c"] and nohup[4:] == [">", "~/loopjax_train.log",
+                                                                  "2>&1", "<", "/dev/null", "&"]
+    words = shlex.split(nohup[3])
+    assert f"MEGASCALE_SLICE_ID={slice_id}" in words
+    assert "LIBTPU_INIT_ARGS=--xla_a=1 --xla_b=2" in words  # the environment's flags win
+    assert words[-4:] == ["--config", "experiments/owt.py:loopmdm", "--workdir", "gs://bkt/run"]
+  assert len(cmds) == 5
+
+
+@pytest.mark.parametrize("accelerator,gen", [("v5litepod-32", "v5e"), ("v6e-16", "v6e"),
+                                             ("v4-32", "v4")])
+def test_tpu_pod_single_slice_takes_its_generations_flags(accelerator, gen):
+  cmds = _tpu_pod("train", NUM_SLICES="1", ACCELERATOR_TYPE=accelerator, DETACH="0")
+  assert [c[:8] for c in cmds] == [GC + ["tpu-vm", "ssh", "lj"]] * 2
+  words = shlex.split(cmds[1][-1])
+  assert not any(w.startswith("MEGASCALE") for w in words)
+  assert f"LIBTPU_INIT_ARGS={xla_flags.flag_string(gen)}" in words
+
+
+def test_flag_table_cli_prints_what_the_launchers_export():
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "loopjax", "parallel", "xla_flags.py"),
+                        "v5p-64", "--env"], capture_output=True, text=True, check=True).stdout
+  assert shlex.split(out) == [f"LIBTPU_INIT_ARGS={xla_flags.flag_string('v5p')}"]
+  bad = subprocess.run([sys.executable, "-m", "loopjax.parallel.xla_flags", "v3-8"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+  assert bad.returncode == 2 and "'v3-8'" in bad.stderr and "v5p:2x4x4" in bad.stderr
+
+
+def test_gpu_flags_are_known_to_this_jaxlib():
+  # XLA parses XLA_FLAGS when the first backend starts, also on CPU, and aborts on an unknown
+  # flag: the GPU set is checked here although no GPU is present.
+  env = {**os.environ, "XLA_FLAGS": xla_flags.flag_string("gpu"), "JAX_PLATFORMS": "cpu"}
+  ok = subprocess.run([sys.executable, "-c", "import jax; print(len(jax.devices()))"], env=env,
+                      capture_output=True, text=True, timeout=120)
+  assert ok.returncode == 0, ok.stderr[-500:]
+  env["XLA_FLAGS"] += " --xla_gpu_pipeline_all_gather=on"  # an old name: must be refused
+  bad = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "xla_gpu_pipeline_all_gather" in bad.stderr
