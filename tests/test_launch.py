@@ -7,8 +7,10 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 
 import pytest
+import yaml
 
 from loopjax.parallel import xla_flags
 
@@ -131,3 +133,71 @@ def test_gpu_flags_are_known_to_this_jaxlib():
   bad = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "xla_gpu_pipeline_all_gather" in bad.stderr
+
+
+def _gke(*args):
+  run = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "gke_jobset.py"), *args],
+                       capture_output=True, text=True, timeout=60, cwd="/")
+  return run
+
+
+GKE_JOB = ["--topology", "v5p:2x2x2", "--num-slices", "2", "--image", "reg/loopjax:1",
+           "--workdir", "gs://bkt/run", "--config", "experiments/owt.py:loopmdm", "--name", "lj"]
+
+
+def test_jobset_for_two_v5p_slices():
+  run = _gke("render", *GKE_JOB, "--", "--config.train.steps=10")
+  assert run.returncode == 0, run.stderr
+  js = yaml.safe_load(run.stdout)
+  assert js["kind"] == "JobSet" and js["metadata"]["name"] == "lj"
+  (job,) = js["spec"]["replicatedJobs"]
+  assert job["replicas"] == 2  # one replicated job per slice
+  spec = job["template"]["spec"]
+  assert spec["parallelism"] == spec["completions"] == 2  # v5p 2x2x2: 8 chips, 4 per host
+  pod = spec["template"]["spec"]
+  assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
+                                 "cloud.google.com/gke-tpu-topology": "2x2x2"}
+  (c,) = pod["containers"]
+  assert c["image"] == "reg/loopjax:1" and c["resources"]["limits"]["google.com/tpu"] == 4
+  assert c["command"][:2] == ["bash", "-c"]
+  assert shlex.split(c["command"][2]) == [
+      "exec", "python", "-m", "loopjax.cli", "train", "--config", "experiments/owt.py:loopmdm",
+      "--workdir", "gs://bkt/run", "--config.train.steps=10"]
+  env = {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
+  assert env["LIBTPU_INIT_ARGS"] == xla_flags.flag_string("v5p")
+  assert env["MEGASCALE_NUM_SLICES"] == "2"
+  assert env["MEGASCALE_SLICE_ID"]["fieldRef"]["fieldPath"].endswith("['jobset.sigs.k8s.io/job-index']")
+  assert env["MEGASCALE_COORDINATOR_ADDRESS"] == "$(JOBSET_NAME)-$(REPLICATED_JOB_NAME)-0-0.$(JOBSET_NAME)"
+  # One slice's render has no slice variables; v5e 2x4 is one host of 8 chips.
+  one = yaml.safe_load(_gke("render", "--topology", "v5e:2x4", "--image", "i", "--workdir",
+                            "gs://b/r").stdout)
+  one_spec = one["spec"]["replicatedJobs"][0]["template"]["spec"]
+  one_c = one_spec["template"]["spec"]["containers"][0]
+  assert one_spec["parallelism"] == 1 and one_c["resources"]["limits"]["google.com/tpu"] == 8
+  assert not any(e["name"].startswith("MEGASCALE") for e in one_c["env"])
+
+
+def test_jobset_submit_and_xpk_dry_runs_print_every_command():
+  run = _gke("submit", *GKE_JOB, "--build", "--dry-run")
+  assert run.returncode == 0, run.stderr
+  cmds = [shlex.split(line) for line in run.stdout.splitlines()
+          if line.startswith(("docker", "kubectl"))]
+  manifest = os.path.join(tempfile.gettempdir(), "lj-jobset.yaml")
+  assert cmds == [["docker", "build", "-f", os.path.join(ROOT, "launch", "Dockerfile"), "-t",
+                   "reg/loopjax:1", ROOT],
+                  ["docker", "push", "reg/loopjax:1"],
+                  ["kubectl", "apply", "-f", manifest]]
+  assert f"# {manifest}:" in run.stdout and "kind: JobSet" in run.stdout
+  xpk = _gke("xpk", *GKE_JOB, "--cluster", "c1", "--dry-run")
+  (cmd,) = [shlex.split(line) for line in xpk.stdout.splitlines()]
+  assert cmd[:-2] == ["xpk", "workload", "create", "--cluster", "c1", "--workload", "lj",
+                      "--tpu-type", "v5p-16", "--num-slices", "2", "--docker-image",
+                      "reg/loopjax:1", "--max-restarts", "10"]
+  words = shlex.split(cmd[-1])
+  assert words[0] == f"LIBTPU_INIT_ARGS={xla_flags.flag_string('v5p')}"
+  assert words[2:6] == ["exec", "python", "-m", "loopjax.cli"]
+
+
+def test_jobset_refuses_a_bad_topology_before_anything_runs():
+  run = _gke("submit", "--topology", "v5p", "--image", "i", "--workdir", "gs://b/r", "--dry-run")
+  assert run.returncode == 2 and "--topology 'v5p'" in run.stderr and run.stdout == ""
