@@ -5,9 +5,11 @@ compares argument lists, and splits the command each TPU worker runs once more."
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import yaml
@@ -201,3 +203,54 @@ def test_jobset_submit_and_xpk_dry_runs_print_every_command():
 def test_jobset_refuses_a_bad_topology_before_anything_runs():
   run = _gke("submit", "--topology", "v5p", "--image", "i", "--workdir", "gs://b/r", "--dry-run")
   assert run.returncode == 2 and "--topology 'v5p'" in run.stderr and run.stdout == ""
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# Two tasks that checkpoint on SIGTERM (exit 0), as slurmd would start them.
+echo "srun $* XLA_FLAGS=$XLA_FLAGS" >> "$LOG"
+for t in 0 1; do
+  bash -c 'trap "echo task $0 checkpointed >> \\"$LOG\\"; exit 0" TERM; while :; do sleep 0.1; done' $t &
+  echo $! >> "$PIDS"
+done
+wait
+"""
+FAKE_SCANCEL = """#!/usr/bin/env bash
+# slurmd's side of `scancel --signal=TERM JOBID`: the signal goes to every task of every step.
+echo "scancel $*" >> "$LOG"
+[[ "$1" == --signal=TERM && "$2" == 42 ]] && xargs kill -TERM < "$PIDS"
+"""
+
+
+def test_slurm_usr1_reaches_every_task_then_requeues(tmp_path):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for name, text in (("srun", FAKE_SRUN), ("scancel", FAKE_SCANCEL),
+                     ("scontrol", '#!/usr/bin/env bash\necho "scontrol $*" >> "$LOG"\n')):
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  (tmp_path / "venv" / "bin").mkdir(parents=True)
+  (tmp_path / "venv" / "bin" / "activate").write_text("")
+  log, pids = tmp_path / "log", tmp_path / "pids"
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+         "LOG": str(log), "PIDS": str(pids), "VENV": str(tmp_path / "venv"),
+         "SLURM_JOB_ID": "42", "SLURM_JOB_NAME": "lj", "SLURM_JOB_NUM_NODES": "2",
+         "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_SUBMIT_DIR": ROOT, "WORKDIR": str(tmp_path / "w"),
+         "XLA_FLAGS": "--xla_mine=1"}
+  job = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "slurm_gpu.sbatch")], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for _ in range(600):  # both tasks started
+    if pids.exists() and len(pids.read_text().split()) == 2:
+      break
+    time.sleep(0.05)
+  job.send_signal(signal.SIGUSR1)  # SLURM's --signal=B:USR1 near the time limit
+  out, _ = job.communicate(timeout=60)
+  assert job.returncode == 0, out
+  lines = log.read_text().splitlines()
+  srun = lines[0]
+  assert srun.startswith("srun --kill-on-bad-exit=1 --ntasks-per-node=8 python -m loopjax.cli "
+                         "train --config experiments/sudoku.py")
+  assert f"XLA_FLAGS={xla_flags.flag_string('gpu')} --xla_mine=1" in srun  # the user's last
+  assert "scancel --signal=TERM 42" in lines
+  assert sorted(l for l in lines if "checkpointed" in l) == ["task 0 checkpointed",
+                                                             "task 1 checkpointed"]
+  assert lines[-1] == "scontrol requeue 42"
