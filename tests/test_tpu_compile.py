@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from loopjax.parallel import mesh as mesh_lib
-from loopjax.parallel import xla_flags
+from loopjax.parallel import topology, xla_flags
 from loopjax.parallel.topology import have_libtpu, tpu_topology_devices
 from loopjax.train import memory
 from loopjax.train.config_load import load_config
@@ -86,3 +86,15 @@ def test_a_set_the_generation_refuses_fails_the_compile():
   run = _memory_cli(SMALLEST["v5p"], env_flags=xla_flags.flag_string("v5e"))
   assert run.returncode != 0
   assert "Continuation fusion for AllGather" in run.stderr
+
+
+def test_flags_cannot_change_once_libtpu_is_loaded(monkeypatch):
+  # libtpu applies the flags it read at load time to every later compile: asking for another
+  # generation's set in the same process is refused, not silently ignored.
+  monkeypatch.delenv("LIBTPU_INIT_ARGS", raising=False)
+  tpu_topology_devices("v5e:2x2")  # loads libtpu in this process if nothing has yet
+  loaded = topology.libtpu_flags() or ""
+  gen = next(g for g in SMALLEST if xla_flags.flag_string(g) != loaded)
+  with pytest.raises(ValueError, match="fresh process"):
+    topology.set_libtpu_flags(SMALLEST[gen])
+  assert "LIBTPU_INIT_ARGS" not in os.environ
