@@ -48,7 +48,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["--config.model.width=32", "--config.model.num_layers=3", "--config.model.num_heads=2",
          "--config.model.cond_dim=16", "--config.model.vocab_size=97",
          "--config.model.max_length=32", "--config.data.seq_len=32"]
-# Seconds a phase needs at least (compiles included) on the GPU; the smoke run scales them down.
+# Seconds a phase is given at least (compiles included) before it is skipped: rough allowances,
+# not measurements (the script has not run on a GPU); the smoke run scales them by 0.1.
 NEEDS = {"attention": 90, "loopmdm": 120, "mdm": 90, "sampling": 45}
 
 
