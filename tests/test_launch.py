@@ -254,3 +254,65 @@ def test_slurm_usr1_reaches_every_task_then_requeues(tmp_path):
   assert sorted(l for l in lines if "checkpointed" in l) == ["task 0 checkpointed",
                                                              "task 1 checkpointed"]
   assert lines[-1] == "scontrol requeue 42"
+
+
+FAKE_GCLOUD = """#!/usr/bin/env bash
+# Logs every call; `queued-resources describe` answers the next state of $STATES.
+echo "$*" >> "$LOG"
+case "$*" in
+  *"queued-resources describe"*) head -n 1 "$STATES"; sed -i 1d "$STATES" ;;
+  *"tpu-vm describe"*) echo 10.1.2.3 ;;
+esac
+"""
+
+
+def _run_with_states(tmp_path, states, **env):
+  (tmp_path / "bin").mkdir()
+  gcloud = tmp_path / "bin" / "gcloud"
+  gcloud.write_text(FAKE_GCLOUD)
+  gcloud.chmod(0o755)
+  (tmp_path / "states").write_text("\n".join(states) + "\n")
+  log = tmp_path / "log"
+  full = {k: v for k, v in os.environ.items() if k != "LIBTPU_INIT_ARGS"}
+  full.update({"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "LOG": str(log),
+               "STATES": str(tmp_path / "states"), "TMPDIR": str(tmp_path), "PROJECT": "proj",
+               "ZONE": "us-east5-a", "TPU_NAME": "lj", "NUM_SLICES": "2",
+               "ACCELERATOR_TYPE": "v5p-16", "SPOT": "1", "WORKDIR": "gs://bkt/run", **env})
+  run = subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "run"], env=full,
+                       capture_output=True, text=True, timeout=120, cwd="/")
+  return run, log.read_text().splitlines()
+
+
+def _kinds(lines):
+  """The calls, named: describe, create, delete, scp, cleanup, train, install, untar, ip."""
+  out = []
+  for line in lines:
+    if "queued-resources" in line:
+      out.append(line.split()[5])
+    elif "tpu-vm describe" in line:
+      out.append("ip")
+    elif "tpu-vm scp" in line:
+      out.append("scp")
+    elif "ssh" in line:
+      out.append("train" if "loopjax.cli train" in line else "cleanup" if "libtpu_lockfile"
+                 in line else "install" if "uv pip install" in line else "untar")
+  return out
+
+
+def test_tpu_pod_run_recreates_a_preempted_spot_slice_and_resumes(tmp_path):
+  # Attempt 1 trains on the existing slice, which is preempted (SUSPENDED) meanwhile; attempt 2
+  # deletes it, creates it again, ships and installs the code and trains again (resuming from
+  # WORKDIR); the slice is still ACTIVE afterwards: done.
+  run, lines = _run_with_states(tmp_path, ["ACTIVE", "SUSPENDED", "SUSPENDED", "ACTIVE", "ACTIVE"])
+  assert run.returncode == 0, run.stderr
+  attempt = ["cleanup", "cleanup", "ip", "train", "train", "describe"]
+  assert _kinds(lines) == (["describe"] + attempt + ["describe", "delete", "create", "describe",
+                           "scp", "scp", "untar", "untar", "install", "install"] + attempt)
+  assert "training finished" in run.stderr
+  assert sum("MEGASCALE_COORDINATOR_ADDRESS=10.1.2.3:8080" in l for l in lines) == 4
+
+
+def test_tpu_pod_run_gives_up_after_max_attempts(tmp_path):
+  run, lines = _run_with_states(tmp_path, ["ACTIVE", "SUSPENDED"], MAX_ATTEMPTS="1")
+  assert run.returncode == 1 and "gave up after 1 attempts" in run.stderr
+  assert _kinds(lines).count("train") == 2 and "delete" not in _kinds(lines)
