@@ -106,11 +106,11 @@ create() {
 }
 
 copy() {
-  # The tracked files plus uncommitted edits, without build outputs, local runs or corpora
-  # (data is read from gs:// by the workers).
+  # The tracked files plus uncommitted edits, without ignored files and without the top-level
+  # corpus and run folders (data/, raw/, runs/, workdirs/): workers read data from gs://.
   local tarball="${TMPDIR:-/tmp}/loopjax-$TPU_NAME.tar.gz" node
   x bash -c "cd $(printf '%q' "$ROOT") && git ls-files -z --cached --others --exclude-standard \
-| tar czf $tarball --null -T -"
+| grep -zv -E '^(data|raw|runs|workdirs)/' | tar czf $tarball --null -T -"
   for node in "${NODES[@]}"; do
     gc compute tpus tpu-vm scp "$tarball" "$node":loopjax.tar.gz --zone "$ZONE" --worker=all
   done

@@ -68,7 +68,7 @@ def test_tpu_pod_run_dry_run_for_two_v5p_slices():
              "'import jax, loopjax; print(\"jax\", jax.__version__)'")
   untar = "mkdir -p ~/loopjax && tar xzf ~/loopjax.tar.gz -C ~/loopjax"
   tar = (f"cd {ROOT} && git ls-files -z --cached --others --exclude-standard "
-         "| tar czf /tmp/loopjax-lj.tar.gz --null -T -")
+         "| grep -zv -E '^(data|raw|runs|workdirs)/' | tar czf /tmp/loopjax-lj.tar.gz --null -T -")
   want = [
       DESCRIBE_QR,  # none yet (the dry run answers MISSING): create it
       GC + ["queued-resources", "create", "lj", "--node-count", "2", "--node-prefix", "lj", *ZONE,
