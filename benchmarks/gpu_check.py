@@ -1,267 +1,343 @@
-"""Every GPU check in one command (< 5 minutes on one H100): bf16 MFU of the paper's
-170M config, step time vs S, sampling tokens/s, and whether fused (cuDNN) attention works.
+"""The GPU checks a 10-minute lease can finish: the paper's LoopMDM step as trained, cuDNN
+attention checked through the looped model, MFU and sampling, with the JSON written after
+every phase and a hard stop before the deadline.
 
-  python benchmarks/gpu_check.py            # on a GPU host
-  python benchmarks/gpu_check.py --smoke    # tiny config, any backend (CPU: tests this script)
+  python benchmarks/gpu_check.py --deadline-s 540     # on a GPU host (a 10-minute lease)
+  python benchmarks/gpu_check.py --smoke --attention xla_cpu   # tiny config, CPU: tests this script
 
-Checks, in order, printed as one table at the end (and written to results/gpu_check.json):
-1. attention: `model.kernels="cudnn"` (jax.nn.dot_product_attention, cuDNN fused
-   kernel, bf16 operands, rows of two documents so the mask is passed) compiles, runs and
-   matches the reference kernels in logits and gradients; if not, the reason is printed and
-   the rest runs with the reference kernels (labelled so in the table).
-2. LoopMDM (12 layers, width 768, 12 heads, vocab 50258, length 1024, block [1,3),
-   S ~ U{1..12}, bf16 compute, float32 params, AdamW + EMA): the largest batch of 32, 16, 8
-   whose compiled step fits in device memory; step time at S = 1, 4, 12 (one compiled program)
-   and MFU over steps with S drawn from U{1..12} (analytic FLOPs of the S each step ran / time /
-   the device's bf16 peak from `loopjax.flops`).
-3. the plain MDM (same model, no loop): MFU at the largest batch that fits.
-4. sampling: confidence decoding, 32 steps, batch 8, S = 1, 4, 12: generated tokens/s.
+Phases, in order; results/gpu_check.json is rewritten after each (and at the start), so a lease
+that ends mid-run leaves every finished phase. A phase is skipped (and says so) when less time
+is left than it needs; a watchdog writes the JSON and ends the process (exit 3) `--margin-s`
+before `--deadline-s`, even inside a compile.
+
+1. attention: the paper's LoopMDM (experiments/owt.py:loopmdm: 12 x 768, block [1,3),
+   vocabulary padded to a multiple of 128, bf16, remat as configured) at L = 1024 with S = 3,
+   so the loop (scan + cond) runs, and with the `--attention` kernels (default cudnn) against
+   the reference kernels: logits and gradients, for rows of one document (no segment ids: no
+   mask is passed) and rows of two documents (the mask, as cuDNN's bias). The tolerance comes
+   from bf16 itself: both runs are compared with the reference in float32, and the fused kernel
+   must be no further from it than 2x the bf16 reference's own distance (+1e-3). Both round
+   every matmul operand to bf16 (unit roundoff 2^-8) and differ only in summation order and
+   where the rounding happens, so a correct kernel lands at the same distance; a wrong mask or
+   layout is off by O(1). On failure the rest runs with the reference kernels (labelled).
+2. loopmdm: the trainer's own step (train/step.py) of experiments/owt.py:loopmdm on one device,
+   S drawn inside the step from loops.train (U{1..12}) as in training, rows of one document
+   (segment ids None, as MDLM's wrapped rows are); the largest batch of `--batches` whose
+   compiled step fits; MFU from the S each step drew (the step's `loops` metric).
+3. mdm: the same for experiments/owt.py:mdm at the largest batch that fits.
+4. sampling: confidence decoding, batch 8, S = 1, 4, 12: generated tokens/s.
+
+Not yet run on a GPU: no GPU has been available to this project. The CPU `--smoke` path
+(tests/test_gpu_check.py) exercises every phase's code on a tiny config.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
-import statistics
 import sys
+import threading
 import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-PAPER = dict(width=768, layers=12, heads=12, vocab=50258, length=1024)
-SMOKE = dict(width=64, layers=4, heads=4, vocab=97, length=32)
+SMOKE = ["--config.model.width=32", "--config.model.num_layers=3", "--config.model.num_heads=2",
+         "--config.model.cond_dim=16", "--config.model.vocab_size=97",
+         "--config.model.max_length=32", "--config.data.seq_len=32"]
+# Seconds a phase is given at least (compiles included) before it is skipped: rough allowances,
+# not measurements (the script has not run on a GPU); the smoke run scales them by 0.1.
+NEEDS = {"attention": 90, "loopmdm": 120, "mdm": 90, "sampling": 45}
+
+
+class Report:
+  """The JSON of the run, rewritten whole (to a temporary file, then renamed) after each phase."""
+
+  def __init__(self, path, payload):
+    self.path, self.data, self.lock = path, payload, threading.Lock()
+    self.write()
+
+  def phase(self, name, result):
+    with self.lock:
+      self.data["phases"][name] = result
+    self.write()
+
+  def write(self):
+    with self.lock:
+      self.data["seconds"] = round(time.perf_counter() - T0, 1)
+      tmp = f"{self.path}.tmp"
+      with open(tmp, "w") as f:
+        json.dump(self.data, f, indent=2)
+      os.replace(tmp, self.path)
+
+
+T0 = time.perf_counter()
 
 
 def log(msg):
-  print(msg, flush=True)
+  print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
 
 
-def check_attention(dims, dtype):
-  """(kernels to use, note). Logits and gradients with kernels='cudnn' against 'reference'."""
+def paper_config(variant, overrides):
+  from loopjax.train.config_load import load_config
+  return load_config(os.path.join(ROOT, "experiments", f"owt.py:{variant}"), overrides)
+
+
+def _rel(a, b):
+  """||a - b|| / ||b|| over all leaves of two trees, in float64."""
+  import jax
+  import numpy as np
+  num = den = 0.0
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    num += float(np.sum((x - y) ** 2))
+    den += float(np.sum(y ** 2))
+  return (num / max(den, 1e-300)) ** 0.5
+
+
+def check_attention(config, kernels, loops=3, batch=2):
+  """Through the looped model: `kernels` and the bf16 reference, each against the float32
+  reference, for one-document rows (no mask) and two-document rows (mask)."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
   import numpy as np
 
-  from loopjax.model import LoopedTransformer, ModelConfig
-  base = dict(vocab_size=dims["vocab"], max_length=dims["length"], width=dims["width"],
-              num_layers=2, num_heads=dims["heads"], dtype=dtype)
-  length = min(dims["length"], 256)
-  x = jax.random.randint(jax.random.PRNGKey(0), (2, length), 0, dims["vocab"])
-  seg = jnp.concatenate([jnp.ones((2, length // 2), jnp.int32),
-                         2 * jnp.ones((2, length - length // 2), jnp.int32)], axis=1)
-  xla = LoopedTransformer(ModelConfig(**base, kernels="reference"))
-  params = nn.unbox(xla.init(jax.random.PRNGKey(1), x, 1)["params"])
-  # adaLN projections start at zero, which closes every attention branch's gate: open them, so
-  # the logits depend on attention.
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, a: a + 0.02 * jax.random.normal(jax.random.PRNGKey(7), a.shape)
-      if "adaln" in jax.tree_util.keystr(p) else a, params)
+  from loopjax.model import LoopedTransformer, resolve_kernels
+  from loopjax.train import config as config_lib
 
-  def logits_and_grad(model):
-    logits = lambda p: model.apply({"params": p}, x, 1, None, seg)
-    loss = lambda p: jnp.mean(jnp.sin(logits(p)))
-    return jax.block_until_ready(jax.jit(lambda p: (logits(p), jax.grad(loss)(p)))(params))
+  cfg = config_lib.model_config(config)
+  length = int(config.data.seq_len)
+  models = {"candidate": LoopedTransformer(resolve_kernels(
+                dataclasses.replace(cfg, kernels=kernels), jax.devices())),
+            "reference": LoopedTransformer(dataclasses.replace(cfg, kernels="reference")),
+            "float32": LoopedTransformer(dataclasses.replace(cfg, kernels="reference",
+                                                             dtype="float32"))}
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, length)), jnp.int32)
+  target = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, length)), jnp.int32)
+  params = nn.unbox(models["reference"].init(jax.random.PRNGKey(1), x, 1)["params"])
+  # adaLN gates and the output head start at zero (logits would not depend on attention):
+  # every all-zero leaf gets small random values.
+  params = jax.tree_util.tree_map(
+      lambda a: a + 0.02 * jax.random.normal(jax.random.PRNGKey(a.size), a.shape, a.dtype)
+      if not np.any(np.asarray(a)) else a, params)
+  vocab = cfg.vocab_size
+  two_docs = jnp.asarray(np.repeat([[1] * (length // 2) + [2] * (length - length // 2)],
+                                   batch, 0), jnp.int32)
 
-  want, want_grad = logits_and_grad(xla)
-  try:
-    got, got_grad = logits_and_grad(LoopedTransformer(ModelConfig(**base, kernels="cudnn")))
-  except Exception as e:  # noqa: BLE001 - any failure means: fall back, say why
-    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    return "reference", (f"cuDNN attention unavailable ({type(e).__name__}: {reason}); "
-                         "using the reference kernels")
-  err = float(jnp.max(jnp.abs(got - want)))
-  # Gradients leaf by leaf, relative to each leaf's largest reference entry.
-  grad_err = max(float(jnp.max(jnp.abs(g - r)) / jnp.maximum(jnp.max(jnp.abs(r)), 1e-12))
-                 for g, r in zip(jax.tree_util.tree_leaves(got_grad),
-                                 jax.tree_util.tree_leaves(want_grad)))
-  tol, grad_tol = 0.1, 0.1  # cuDNN attends in bfloat16 whatever the model's dtype
-  if not (np.isfinite(err) and np.isfinite(grad_err)) or err > tol or grad_err > grad_tol:
-    return "reference", (f"cuDNN attention differs from the reference (max |logit diff| "
-                         f"{err:.3g}, tol {tol}; gradient {grad_err:.3g}, tol {grad_tol}); "
-                         "using the reference kernels")
-  return "cudnn", (f"cuDNN attention OK vs reference: max |logit diff| {err:.3g}, "
-                   f"gradient {grad_err:.3g} (relative)")
+  def run(model, seg):
+    def loss(p, s):
+      logits = model.apply({"params": p}, x, s, None, seg)
+      lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+      # The vocabulary's own columns (padding columns and [MASK] hold a constant -1e9-like
+      # value that would swamp the comparison).
+      return -jnp.mean(jnp.take_along_axis(lp, target[..., None], -1)), logits[..., :vocab]
+    fn = jax.jit(lambda p, s: jax.value_and_grad(loss, has_aux=True)(p, s))
+    (_, logits), grads = fn(params, jnp.int32(loops))  # S traced: the dynamic loop runs
+    return jax.block_until_ready((logits, grads))
+
+  out = {"loops": loops, "length": length, "batch": batch, "kernels": kernels}
+  ok = True
+  for name, seg in (("one_document_no_mask", None), ("two_documents_mask", two_docs)):
+    truth = run(models["float32"], seg)
+    ref = run(models["reference"], seg)
+    got = run(models["candidate"], seg)
+    r = {}
+    for i, what in enumerate(("logits", "grads")):
+      r[f"{what}_bf16_reference_vs_f32"] = _rel(ref[i], truth[i])
+      r[f"{what}_candidate_vs_f32"] = _rel(got[i], truth[i])
+      r[f"{what}_tolerance"] = 2 * r[f"{what}_bf16_reference_vs_f32"] + 1e-3
+      good = np.isfinite(r[f"{what}_candidate_vs_f32"]) and (
+          r[f"{what}_candidate_vs_f32"] <= r[f"{what}_tolerance"])
+      r[f"{what}_ok"] = bool(good)
+      ok &= bool(good)
+    out[name] = r
+    log(f"  {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in r.items() if isinstance(v, float)))
+  out["ok"] = ok
+  return out
 
 
-def device_bytes():
-  import jax
-  try:
-    stats = jax.devices()[0].memory_stats() or {}
-  except Exception:  # noqa: BLE001
-    stats = {}
-  return stats.get("bytes_limit")
-
-
-def fit_step(dims, batches, loop, loops_spec, dtype, attn, remat="none"):
-  """Compiles the train step for the first batch that fits; returns a dict or None."""
-  import jax
+def _batch(b, length, vocab):
   import jax.numpy as jnp
+  import numpy as np
+  rng = np.random.default_rng(0)
+  # One document per row (MDLM's wrapped rows): no segment ids, so no mask reaches attention.
+  return {"tokens": jnp.asarray(rng.integers(0, vocab, (b, length)), jnp.int32),
+          "fixed": jnp.zeros((b, length), bool), "loss_mask": jnp.ones((b, length), bool),
+          "segment_ids": None}
 
-  from common import build_step, lm_config
-  limit = device_bytes()
+
+def fit_and_time(variant, overrides, batches, steps, deadline):
+  """The trainer's step at the first batch that fits; `steps` steps with S drawn in the step."""
+  import jax
+  import numpy as np
+
+  from loopjax import flops
+  from loopjax.parallel import mesh as mesh_lib
+  from loopjax.train.step import build_train_step
+
+  stats = jax.devices()[0].memory_stats() if jax.devices()[0].platform != "cpu" else None
+  limit = (stats or {}).get("bytes_limit")
   for b in batches:
-    config = lm_config(width=dims["width"], layers=dims["layers"], heads=dims["heads"],
-                       vocab=dims["vocab"], length=dims["length"], batch=b, loop=loop,
-                       loops=loops_spec, dtype=dtype, remat=remat, kernels=attn)
+    config = paper_config(variant, overrides + [f"--config.train.batch_size={b}",
+                                                "--config.mesh.data=1", "--config.mesh.fsdp=1",
+                                                "--config.mesh.tensor=1"])
+    program = build_train_step(config, mesh_lib.make_mesh(config.mesh, jax.devices()[:1]))
+    cfg, length = program.model.cfg, program.seq_len
+    batch = _batch(b, length, cfg.vocab_size)
+    t = time.perf_counter()
     try:
-      step, state, batch, cfg = build_step(config)
-      t = time.perf_counter()
-      compiled = step.lower(state, batch, jnp.int32(1)).compile()
+      state = program.init_state()
+      compiled = program.step.lower(state, batch).compile()
       compile_s = time.perf_counter() - t
       ma = compiled.memory_analysis()
       need = (ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
               - ma.alias_size_in_bytes) if ma is not None else None
       if limit and need and need > 0.95 * limit:
-        log(f"  batch {b}: needs {need / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB, trying smaller")
-        del state
+        log(f"  batch {b}: needs {need / 2**30:.1f} of {limit / 2**30:.1f} GiB, trying smaller")
         continue
-      state, m = compiled(state, batch, jnp.int32(1))  # run once: a real OOM shows here
+      state, m = compiled(state, batch)  # the first step: a real OOM shows here
       jax.block_until_ready(m)
-      return dict(step=compiled, state=state, batch=batch, cfg=cfg, batch_size=b,
-                  compile_s=compile_s, need_gib=need / 2**30 if need else None)
     except Exception as e:  # noqa: BLE001
-      msg = str(e)
-      if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower():
+      if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
         log(f"  batch {b}: out of memory, trying smaller")
         continue
       raise
-  return None
-
-
-def time_at(run, s, repeats):
-  import jax
-  import jax.numpy as jnp
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    run["state"], m = run["step"](run["state"], run["batch"], jnp.int32(s))
-    jax.block_until_ready(m)
-    ts.append(time.perf_counter() - t)
-  return statistics.median(ts), float(m["loss"])
-
-
-def mfu_over(run, loops_list, peak, length):
-  """MFU over steps at the given S values (same compiled program)."""
-  import jax
-  import jax.numpy as jnp
-
-  from loopjax import flops
-  time_at(run, loops_list[0], 1)  # warm
-  total_f, total_t = 0.0, 0.0
-  for s in loops_list:
-    t = time.perf_counter()
-    run["state"], m = run["step"](run["state"], run["batch"], jnp.int32(s))
-    jax.block_until_ready(m)
-    total_t += time.perf_counter() - t
-    total_f += flops.train_flops_per_step(run["cfg"], length, run["batch_size"], s)
-  return dict(tflops=total_f / total_t / 1e12, mfu=total_f / total_t / peak if peak else None,
-              step_s=total_t / len(loops_list),
-              tokens_per_sec=run["batch_size"] * length * len(loops_list) / total_t)
+    times, loops, losses = [], [], []
+    for _ in range(steps):
+      if time.perf_counter() > deadline:
+        break
+      t = time.perf_counter()
+      state, m = compiled(state, batch)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t)
+      loops.append(int(m["loops"]))
+      losses.append(float(m["loss"]))
+    peak = flops.peak_flops_per_device(jax.devices()[0], dtype=cfg.dtype)
+    total_f = sum(flops.train_flops_per_step(cfg, length, b, s) for s in loops)
+    total_t = sum(times)
+    return {"batch_size": b, "seq_len": length, "padded_vocab": cfg.padded_vocab,
+            "remat": cfg.remat, "loop_remat": cfg.loop_remat, "dtype": cfg.dtype, "kernels": cfg.kernels, "loops_train": config.loops.train,
+            "compile_s": compile_s, "need_gib": need / 2**30 if need else None,
+            "steps": len(times), "loops_drawn": loops, "losses": losses,
+            "step_s_median": float(np.median(times)) if times else None,
+            "tflops": total_f / total_t / 1e12 if total_t else None,
+            "mfu": total_f / total_t / peak if total_t and peak else None,
+            "tokens_per_sec": b * length * len(times) / total_t if total_t else None}
+  return {"skipped": f"no batch of {batches} fits"}
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--smoke", action="store_true", help="tiny config; runs on CPU in ~1 minute")
-  p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--smax", type=int, default=12)
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--smoke", action="store_true", help="tiny config; runs on CPU")
+  p.add_argument("--attention", default="cudnn", help="kernel set checked against the reference")
   p.add_argument("--batches", default="32,16,8")
-  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--steps", type=int, default=12, help="timed train steps per model")
   p.add_argument("--sample-steps", type=int, default=32)
-  p.add_argument("--json", default="gpu_check.json")
+  p.add_argument("--deadline-s", type=float, default=540,
+                 help="seconds after start by which the script has stopped")
+  p.add_argument("--margin-s", type=float, default=10,
+                 help="the watchdog ends the process this long before the deadline")
+  p.add_argument("--phases", default=",".join(NEEDS),
+                 help=f"comma-separated subset of {','.join(NEEDS)}")
+  p.add_argument("--json", default=None, help="default results/gpu_check[_smoke].json")
   args = p.parse_args(argv)
+  phases = [x for x in args.phases.split(",") if x]
+  if set(phases) - set(NEEDS):
+    p.error(f"--phases {args.phases!r}: unknown {sorted(set(phases) - set(NEEDS))}; "
+            f"choose from {','.join(NEEDS)}")
+  deadline = T0 + args.deadline_s - args.margin_s
+  path = args.json or os.path.join(os.path.dirname(__file__), "results",
+                                   "gpu_check_smoke.json" if args.smoke else "gpu_check.json")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  report = Report(path, {"smoke": args.smoke, "deadline_s": args.deadline_s, "phases": {},
+                         "status": "running"})
 
-  import jax
-  import numpy as np
+  def stop():  # the watchdog: even a compile that would run past the deadline ends here
+    report.data["status"] = f"stopped by the watchdog at {time.perf_counter() - T0:.0f}s"
+    report.write()
+    print(f"gpu_check: {report.data['status']}; wrote {path}", flush=True)
+    os._exit(3)
 
-  from common import machine, write_json
-  from loopjax import flops
-  from loopjax.model import ModelConfig
+  watchdog = threading.Timer(max(deadline - time.perf_counter(), 0), stop)
+  watchdog.daemon = True
+  watchdog.start()
+
+  from common import machine
   from sampling_throughput import run as run_sampling
-
-  t_start = time.perf_counter()
-  dims = SMOKE if args.smoke else PAPER
-  smax = 4 if args.smoke else args.smax
+  report.data["machine"] = machine()
+  report.write()
+  overrides = SMOKE if args.smoke else []
   batches = [4, 2] if args.smoke else [int(b) for b in args.batches.split(",")]
-  sample_steps = 4 if args.smoke else args.sample_steps
-  dev = jax.devices()[0]
-  peak = flops.peak_flops_per_device(dev, dtype=args.dtype)
-  log(f"machine: {machine()}; peak {args.dtype} FLOP/s: "
-      f"{peak / 1e12 if peak else float('nan'):.4g} TFLOP/s"
-      f"{' (CPU: measured float32 matmul)' if dev.platform == 'cpu' else ''}")
-  table = []
+  scale = 0.1 if args.smoke else 1.0
+  log(f"machine: {report.data['machine']}; deadline in {deadline - time.perf_counter():.0f}s")
 
-  # 1. fused attention
-  attn, note = check_attention(dims, args.dtype)
-  log(f"[1] {note}")
-  table.append(("attention", attn, note))
+  def time_left(name):
+    if name not in phases:
+      return False
+    left = deadline - time.perf_counter()
+    if left < NEEDS[name] * scale:
+      report.phase(name, {"skipped": f"{left:.0f}s left before the deadline, needs "
+                                     f"{NEEDS[name] * scale:.0f}s"})
+      log(f"[{name}] skipped: deadline")
+      return False
+    return True
 
-  # 2. LoopMDM
-  log(f"[2] LoopMDM {dims}, block [1,3), S ~ U{{1..{smax}}}, {args.dtype}, attention {attn}")
-  loop = fit_step(dims, batches, (1, 3), f"uniform:1:{smax}", args.dtype, attn)
-  rows = {}
-  if loop is None:
-    table.append(("LoopMDM", "n/a", f"no batch of {batches} fits"))
+  attn = args.attention
+  if time_left("attention"):
+    log(f"[attention] {attn} vs reference through the looped model")
+    try:
+      r = check_attention(paper_config("loopmdm", overrides), attn)
+    except Exception as e:  # noqa: BLE001 - any failure means: fall back, say why
+      traceback.print_exc()
+      r = {"ok": False, "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
+    if not r["ok"]:
+      log(f"  {attn} not usable; the rest runs with the reference kernels")
+      attn = "reference"
+    r["used_for_the_rest"] = attn
+    report.phase("attention", r)
   else:
-    b = loop["batch_size"]
-    log(f"  batch {b}; compile {loop['compile_s']:.1f}s; compiled memory "
-        f"{loop['need_gib'] if loop['need_gib'] is not None else float('nan'):.1f} GiB")
-    svals = sorted({1, min(4, smax), smax})
-    for s in svals:
-      rows[s] = time_at(loop, s, args.repeats)[0]
-      log(f"  S={s}: step {rows[s] * 1e3:.1f} ms")
-    draws = list(np.random.default_rng(0).integers(1, smax + 1, size=max(6, args.repeats * 2)))
-    m = mfu_over(loop, [int(s) for s in draws], peak, dims["length"])
-    f1 = flops.train_flops_per_step(loop["cfg"], dims["length"], b, 1)
-    for s in svals:
-      fr = flops.train_flops_per_step(loop["cfg"], dims["length"], b, s) / f1
-      table.append((f"LoopMDM step S={s}", f"{rows[s] * 1e3:.1f} ms",
-                    f"time ratio {rows[s] / rows[svals[0]]:.2f}, FLOP ratio {fr:.2f}"))
-    table.append((f"LoopMDM S~U{{1..{smax}}} B={b}",
-                  f"MFU {m['mfu']:.3f}" if m["mfu"] else "MFU n/a",
-                  f"{m['tflops']:.1f} TFLOP/s, {m['tokens_per_sec']:.0f} tokens/s, "
-                  f"{m['step_s'] * 1e3:.0f} ms/step"))
-    del loop
+    attn = "reference"
+  kernels = [f"--config.model.kernels={attn}"]
 
-  # 3. plain MDM
-  log(f"[3] MDM (no loop) {dims}, {args.dtype}")
-  mdm = fit_step(dims, batches, (0, 0), "fixed:1", args.dtype, attn)
-  if mdm is None:
-    table.append(("MDM", "n/a", f"no batch of {batches} fits"))
-  else:
-    m = mfu_over(mdm, [1] * max(5, args.repeats * 2), peak, dims["length"])
-    table.append((f"MDM B={mdm['batch_size']}", f"MFU {m['mfu']:.3f}" if m["mfu"] else "MFU n/a",
-                  f"{m['tflops']:.1f} TFLOP/s, {m['tokens_per_sec']:.0f} tokens/s, "
-                  f"{m['step_s'] * 1e3:.0f} ms/step"))
-    del mdm
+  loop_cfg = None
+  for name in ("loopmdm", "mdm"):
+    if not time_left(name):
+      continue
+    log(f"[{name}] experiments/owt.py:{name}, kernels {attn}")
+    try:
+      r = fit_and_time(name, overrides + kernels, batches, args.steps, deadline)
+    except Exception as e:  # noqa: BLE001
+      traceback.print_exc()
+      r = {"error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
+    log(f"  {json.dumps({k: v for k, v in r.items() if k not in ('losses', 'loops_drawn')})}")
+    report.phase(name, r)
 
-  # 4. sampling
-  log(f"[4] sampling: confidence decoding, {sample_steps} steps, batch 8")
-  cfg = ModelConfig(vocab_size=dims["vocab"], max_length=dims["length"], width=dims["width"],
-                    num_layers=dims["layers"], num_heads=dims["heads"], loop_start=1, loop_end=3,
-                    max_loops=smax, dtype=args.dtype, kernels=attn)
-  try:
-    srows = run_sampling(cfg, batch=8 if not args.smoke else 2, length=dims["length"],
-                         steps=sample_steps, loops=sorted({1, min(4, smax), smax}), repeats=2)
-    for r in srows:
-      table.append((f"sampling S={r['loops']}", f"{r['tokens_per_sec']:.0f} tokens/s",
-                    f"{r['seconds']:.2f} s per batch, fwd {r['gflops_per_sec'] / 1e3:.2f} TFLOP/s"))
-  except Exception as e:  # noqa: BLE001
-    traceback.print_exc()
-    table.append(("sampling", "failed", f"{type(e).__name__}: {str(e)[:150]}"))
+  if time_left("sampling"):
+    from loopjax.train import config as config_lib
+    loop_cfg = config_lib.model_config(paper_config("loopmdm", overrides + kernels))
+    smax = loop_cfg.max_loops
+    log(f"[sampling] confidence decoding, {args.sample_steps} steps, batch 8")
+    try:
+      rows = run_sampling(loop_cfg, batch=2 if args.smoke else 8,
+                          length=loop_cfg.max_length, steps=4 if args.smoke else args.sample_steps,
+                          loops=sorted({1, min(4, smax), smax}), repeats=2)
+      r = {"rows": rows}
+    except Exception as e:  # noqa: BLE001
+      traceback.print_exc()
+      r = {"error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
+    report.phase("sampling", r)
 
-  total = time.perf_counter() - t_start
-  log(f"\n{'check':<28} {'result':<16} detail")
-  for name, res, detail in table:
-    log(f"{name:<28} {res:<16} {detail}")
-  log(f"total wall time {total:.0f}s (target < 300 s)")
-  path = write_json(args.json if not args.smoke else "gpu_check_smoke.json",
-                    dict(machine=machine(), smoke=args.smoke, dtype=args.dtype, dims=dims,
-                         table=[dict(check=a, result=b, detail=c) for a, b, c in table],
-                         seconds=total))
+  watchdog.cancel()
+  report.data["status"] = "done"
+  report.write()
   log(f"wrote {path}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

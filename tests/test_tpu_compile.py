@@ -5,11 +5,15 @@ would get: the kernel set `auto` picks there, that the program fits, and that no
 moves activations (every collective operand is per-device, none spans the global batch).
 """
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from loopjax.parallel import mesh as mesh_lib
+from loopjax.parallel import topology, xla_flags
 from loopjax.parallel.topology import have_libtpu, tpu_topology_devices
 from loopjax.train import memory
 from loopjax.train.config_load import load_config
@@ -47,3 +51,51 @@ def test_the_check_sees_replicated_activations(monkeypatch):
   glob = [a for a in r["activation_collectives"] if a["activation"] == "global"]
   assert glob, "replicated activations went unnoticed"
   assert all(any(16 in d or 16 * 81 in d for d in a["shapes"]) for a in glob)
+
+
+def _memory_cli(topology, env_flags=None):
+  """`loopjax memory --topology` in a fresh process: libtpu reads its flags once per process."""
+  env = {k: v for k, v in os.environ.items() if k != "LIBTPU_INIT_ARGS"}
+  env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  if env_flags is not None:
+    env["LIBTPU_INIT_ARGS"] = env_flags
+  cmd = [sys.executable, "-m", "loopjax.cli", "memory", "--config",
+         os.path.join(ROOT, "experiments", "sudoku.py"), *TINY, "--topology", topology,
+         "--mesh", "fsdp=-1", "--json"]
+  return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+# The smallest slice of each generation; every one has several chips, so FSDP's all-gathers and
+# reduce-scatters (what the overlap flags act on) are in the program.
+SMALLEST = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
+
+
+def test_every_generation_compiles_with_its_flags_from_the_table():
+  assert set(SMALLEST) == set(xla_flags.TPU_FLAGS)
+  for gen, topology in SMALLEST.items():
+    run = _memory_cli(topology)
+    assert run.returncode == 0, f"{gen} flags do not compile:\n{run.stderr[-2000:]}"
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    assert r["libtpu_init_args"] == xla_flags.flag_string(gen)
+    assert xla_flags.generation(r["device_kind"]) == gen
+    assert r["fits"] and r["collectives"]["by_op"].get("all-gather", 0) > 0
+
+
+def test_a_set_the_generation_refuses_fails_the_compile():
+  # v5e's continuation fusion of all-gathers is refused on v5p; the environment's
+  # LIBTPU_INIT_ARGS (as a launcher would export them) win over the table and are reported.
+  run = _memory_cli(SMALLEST["v5p"], env_flags=xla_flags.flag_string("v5e"))
+  assert run.returncode != 0
+  assert "Continuation fusion for AllGather" in run.stderr
+
+
+def test_flags_cannot_change_once_libtpu_is_loaded(monkeypatch):
+  # libtpu applies the flags it read at load time to every later compile: asking for another
+  # generation's set in the same process is refused, not silently ignored.
+  monkeypatch.delenv("LIBTPU_INIT_ARGS", raising=False)
+  tpu_topology_devices("v5e:2x2")  # loads libtpu in this process if nothing has yet
+  loaded = topology.libtpu_flags() or ""
+  gen = next(g for g in SMALLEST if xla_flags.flag_string(g) != loaded)
+  with pytest.raises(ValueError, match="fresh process"):
+    topology.set_libtpu_flags(SMALLEST[gen])
+  assert "LIBTPU_INIT_ARGS" not in os.environ

@@ -4,12 +4,20 @@
 coordinates, which host owns which chip) without a TPU attached, so the TPU compiler can lower,
 lay out and size a program from a CPU machine. libtpu normally lets one process at a time load
 it (a lock file); compile-only use touches no chip, so several processes may (ALLOW_MULTIPLE_LIBTPU_LOAD).
+
+libtpu reads its flags (LIBTPU_INIT_ARGS) once, when the process loads it, and the compiler
+applies them to every later compile: `set_libtpu_flags` must run before the first topology is
+built, and a process compiles with one generation's flags only.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+
+from loopjax.parallel import xla_flags
+
+_loaded_flags: str | None = None  # LIBTPU_INIT_ARGS as libtpu read them in this process
 
 
 def have_libtpu() -> bool:
@@ -21,8 +29,11 @@ def tpu_topology_devices(name: str, num_slices: int = 1) -> list:
   if not have_libtpu():
     raise ValueError(f"compiling for TPU topology {name!r} needs the libtpu wheel: "
                      "pip install -e '.[tpu]'")
+  global _loaded_flags
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # loads libtpu: only when a topology is asked for
+  if not _libtpu_initialized():
+    _loaded_flags = os.environ.get("LIBTPU_INIT_ARGS", "")
   try:
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
     return list(topologies.get_topology_desc(name, "tpu", **kwargs).devices)
@@ -30,3 +41,30 @@ def tpu_topology_devices(name: str, num_slices: int = 1) -> list:
     raise ValueError(f"cannot build TPU topology {name!r}: {type(e).__name__}: "
                      f"{str(e).strip().splitlines()[-1][:300]} (is the `libtpu` wheel that "
                      "matches this jax installed? names look like v5e:2x4, v4:2x2x1)") from e
+
+
+def _libtpu_initialized() -> bool:
+  from jax._src.lib import xla_client  # pylint: disable=g-import-not-at-top
+  return xla_client.pjrt_plugin_loaded("tpu") and xla_client.pjrt_plugin_initialized("tpu")
+
+
+def set_libtpu_flags(topology: str) -> tuple[str, str]:
+  """Puts the flags the job runs with for `topology`'s generation into LIBTPU_INIT_ARGS before
+  libtpu loads: the environment's LIBTPU_INIT_ARGS where set (as the launchers do), else the
+  generation's set from `xla_flags`. Returns (flags, where they came from)."""
+  if "LIBTPU_INIT_ARGS" in os.environ:
+    wanted, source = os.environ["LIBTPU_INIT_ARGS"], "environment LIBTPU_INIT_ARGS"
+  else:
+    gen = xla_flags.generation(topology)
+    wanted, source = xla_flags.flag_string(gen), f"loopjax.parallel.xla_flags[{gen!r}]"
+  if have_libtpu() and _libtpu_initialized() and wanted != (_loaded_flags or ""):
+    raise ValueError(f"libtpu is already loaded in this process with LIBTPU_INIT_ARGS="
+                     f"{_loaded_flags!r}, not the {topology!r} flags {wanted!r}: compile for "
+                     f"{topology!r} in a fresh process")
+  os.environ["LIBTPU_INIT_ARGS"] = wanted
+  return wanted, source
+
+
+def libtpu_flags() -> str | None:
+  """LIBTPU_INIT_ARGS that libtpu read in this process (None: not loaded by this module)."""
+  return _loaded_flags

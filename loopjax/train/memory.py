@@ -32,6 +32,7 @@ from loopjax.model import LoopDistribution
 from loopjax.parallel import hlo
 from loopjax.parallel import mesh as mesh_lib
 from loopjax.parallel import roofline
+from loopjax.parallel import topology as topology_lib
 from loopjax.parallel.topology import tpu_topology_devices
 from loopjax.train.config_load import load_config, split_config_args
 from loopjax.train.step import build_train_step
@@ -293,6 +294,8 @@ def main(argv) -> int:
   mesh_cfg = parse_mesh(args.mesh) if args.mesh else None
   if args.topology:
     jax.config.update("jax_platforms", "cpu")
+    # The flags the launchers run this generation with, set before libtpu loads.
+    _, flags_source = topology_lib.set_libtpu_flags(args.topology)
     devices = tpu_topology_devices(args.topology, args.num_slices)
   else:
     n = args.devices
@@ -313,5 +316,9 @@ def main(argv) -> int:
     mesh_cfg = {**{k: v for k, v in dict(config.mesh).items() if k.startswith("dcn_")},
                 "data": 1, "fsdp": 1, "tensor": 1, **mesh_cfg}
   report = memory_report(config, devices, mesh_cfg, args.device_memory_gib)
-  print(json.dumps(report) if args.json else format_report(report), flush=True)
+  text = None if args.json else format_report(report)
+  if args.topology:
+    report["libtpu_init_args"] = topology_lib.libtpu_flags()
+    text = text and f"{text}\nlibtpu flags ({flags_source}): {report['libtpu_init_args']}"
+  print(json.dumps(report) if args.json else text, flush=True)
   return 0
