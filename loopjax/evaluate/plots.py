@@ -5,7 +5,9 @@ figure; each takes the rows `sweep.run_eval` writes to eval/*.json and writes PA
 with an SVG and a PDF of the same figure beside it, in a one-column paper style (`PAPER_STYLE`:
 3.4 x 2.6 in, 8-pt text). Axes and legends carry human names with units
 (loopjax/evaluate/labels.py), plain tick labels (no offset text), and on the loops axis ticks at
-the S values the data has; S_max is a dotted vertical line when given.
+the S values the data has; S_max is a dotted vertical line when given. The y axis spans at
+least 10 % of the values' size (of 1 for accuracies), so that a spread of 0.03 bits on 1.5 is
+not drawn across the whole axis.
 
 Uncertainty: a single row's metric gets its 95 % interval where the row says how uncertain it
 is (loopjax/evaluate/intervals.py: Wilson over `examples` for per-example accuracies, +- 1.96
