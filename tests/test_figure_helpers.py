@@ -97,3 +97,9 @@ def test_attention_curves_that_repeat_each_other_are_recognised():
   from loopjax.evaluate.attention import same_prefixes
   assert same_prefixes([[0.4], [0.4, 0.43], [0.4, 0.43, 0.42]])
   assert not same_prefixes([[0.4], [0.41, 0.43]])
+
+
+def test_a_small_spread_is_not_stretched_over_the_whole_axis():
+  # 0.03 bits around 1.5: the axis spans at least 10 % of the values' size, about the middle.
+  assert plots.widened_limits(1.49, 1.52, 1.52) == pytest.approx((1.429, 1.581))
+  assert plots.widened_limits(0.2, 0.9, 1.0) == (0.2, 0.9)  # a large spread is left alone

@@ -77,6 +77,20 @@ def test_evaluated_checkpoints_carry_their_nelbo_and_step_best_reads_the_lowest(
   assert config.source["step"] == lowest
 
 
+def test_export_step_best_on_the_command_line(resumed_run, tmp_path, capsys):
+  from loopjax import cli
+  rows = {r["step"]: r["eval_nats_per_token"] for r in logged_rows(resumed_run)
+          if "eval_nats_per_token" in r}
+  lowest = min(rows, key=rows.get)  # of every evaluated step: the kept best
+  assert cli.main(["export", "--workdir", resumed_run, "--out", str(tmp_path / "out"),
+                   "--step", "best"]) == 0
+  assert json.load(open(tmp_path / "out" / "config.json"))["weights"]["step"] == lowest
+  with pytest.raises(SystemExit) as e:
+    cli.main(["export", "--workdir", resumed_run, "--out", str(tmp_path / "x"), "--step", "last"])
+  assert e.value.code == 2 and "--step 'last': want a checkpoint step" in capsys.readouterr().err
+  assert not (tmp_path / "x").exists()
+
+
 def test_the_step_argument_is_an_integer_or_best():
   from loopjax.checkpoints import parse_step
   assert parse_step("best") == "best" and parse_step("12") == 12 and parse_step(None) is None

@@ -5,7 +5,9 @@ figure; each takes the rows `sweep.run_eval` writes to eval/*.json and writes PA
 with an SVG and a PDF of the same figure beside it, in a one-column paper style (`PAPER_STYLE`:
 3.4 x 2.6 in, 8-pt text). Axes and legends carry human names with units
 (loopjax/evaluate/labels.py), plain tick labels (no offset text), and on the loops axis ticks at
-the S values the data has; S_max is a dotted vertical line when given.
+the S values the data has; S_max is a dotted vertical line when given. The y axis spans at
+least 10 % of the values' size (of 1 for accuracies), so that a spread of 0.03 bits on 1.5 is
+not drawn across the whole axis.
 
 Uncertainty: a single row's metric gets its 95 % interval where the row says how uncertain it
 is (loopjax/evaluate/intervals.py: Wilson over `examples` for per-example accuracies, +- 1.96
@@ -50,6 +52,8 @@ PAPER_STYLE = {
 }
 DODGE = 0.025  # the x offset between neighbouring series (fraction of x)
 POLICY_DODGE = 0.07  # the x offset between policies that land on the same point
+# The y axis spans at least this fraction of the values' size (of 1 for a fraction metric).
+MIN_SPAN = 0.1
 
 
 def _is_fixed(row) -> bool:
@@ -103,6 +107,16 @@ def thin_ticks(values, log: bool, min_gap: float = 0.045) -> list:
     if all(abs(pos[v] - pos[k]) / span >= min_gap for k in kept):
       kept.append(v)
   return sorted(kept)
+
+
+def widened_limits(low: float, high: float, scale: float, frac: float = MIN_SPAN) -> tuple:
+  """(low, high) widened about their middle to at least `frac` x `scale` (the size of the
+  values), so that a spread far below the values' size is not stretched over the whole axis."""
+  need = frac * abs(scale)
+  if high - low >= need:
+    return low, high
+  mid = (low + high) / 2
+  return mid - need / 2, mid + need / 2
 
 
 def power_of_ten(values) -> int:
@@ -304,6 +318,9 @@ def _finish(ax, metric, title, xlabel, s_max_x, s_max, note, kinds):
     ax.axvline(s_max_x, ls=":", color="0.3", lw=1.0, label=f"S_max = {s_max} (training)")
   ax.set_xlabel(xlabel)
   ax.set_ylabel(labels.metric_label(metric))
+  low, high = ax.get_ylim()
+  ax.set_ylim(*widened_limits(low, high, 1.0 if metric in intervals.PER_EXAMPLE
+                              or metric.endswith("accuracy") else max(abs(low), abs(high))))
   plain_axis(ax.yaxis)
   ax.grid(which="major")
   _note_under(ax, note)

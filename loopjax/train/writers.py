@@ -8,10 +8,11 @@ Built in:
                the rows after the step it resumed from: they are logged again as replayed)
   tensorboard  WORKDIR/tb, tensorboardX event files (per-S breakdowns as `key/S` curves)
   wandb        Weights & Biases (`pip install -e '.[wandb]'`), project `train.wandb_project`,
-               run files under WORKDIR/wandb (local workdirs). The run id is kept in
-               WORKDIR/wandb_run_id, so a resumed run attaches to the same W&B run. W&B's own
-               environment applies: WANDB_MODE=offline writes locally with no network (upload
-               later with `wandb sync WORKDIR/wandb/offline-run-*`), WANDB_API_KEY, WANDB_ENTITY.
+               run files under WORKDIR/wandb (a gs:// workdir: W&B's default ./wandb). The run
+               id is kept in WORKDIR/wandb_run_id, so a resumed run attaches to the same W&B
+               run. W&B's own environment applies: WANDB_MODE=offline writes locally with no
+               network (upload later with `wandb sync WORKDIR/wandb/offline-run-*`),
+               WANDB_API_KEY, WANDB_ENTITY.
                W&B keeps a run's steps increasing: rows of steps it already has (replayed after
                a resume from an earlier checkpoint) are dropped by W&B with a warning.
 
