@@ -32,6 +32,7 @@ from safetensors.numpy import save_file
 from loopjax import flops, storage
 from loopjax.data import tokenizer_for
 from loopjax.diffusion import make_schedule
+from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.hf import MODEL_TYPE, TEMPLATES, model_card, tokenizer_files
 from loopjax.weights import (CONFIG, DTYPES, FORMAT, FORMAT_VERSION, TENSOR_NAMES, TOKENIZER_DIR,
                              WEIGHTS, file_sha256, load_run, unstack_params)
@@ -132,7 +133,7 @@ def export_params(out: str, cfg, params, *, run_config=None, dtype: str = "float
   np_dtype = DTYPES[dtype][1]
   tensors = {k: np.ascontiguousarray(v.astype(np_dtype))
              for k, v in unstack_params(cfg, params).items()}
-  tok, tokenizer, files, schedule, run = None, None, [], None, run_config
+  tok, tokenizer, files, schedule, sampling, run = None, None, [], None, None, run_config
   if run is not None:
     tok = tokenizer_for(run.data)
     files = list(tok.files())
@@ -140,6 +141,7 @@ def export_params(out: str, cfg, params, *, run_config=None, dtype: str = "float
         f"{TOKENIZER_DIR}/{os.path.basename(f)}" for f in files]})
     sched = make_schedule(run.diffusion)
     schedule = {"schedule": sched.name, "exponent": sched.exponent, "eps": sched.eps}
+    sampling = sampler_endpoint(run.diffusion)
   a, b, s = cfg.loop_start, cfg.loop_end, cfg.max_loops if cfg.looped else 1
   config = {
       "format": FORMAT, "format_version": FORMAT_VERSION, **_hf_fields(cfg, dtype),
@@ -166,7 +168,7 @@ def export_params(out: str, cfg, params, *, run_config=None, dtype: str = "float
                "time_embedding": {"freq_dim": 256, "max_period": 10000.0,
                                   "features": "[cos, sin]", "activation": "silu",
                                   "t_when_unconditioned": 0.0}},
-      "noise_schedule": schedule, "tokenizer": tokenizer,
+      "noise_schedule": schedule, "sampling": sampling, "tokenizer": tokenizer,
       "weights": {"file": WEIGHTS, "dtype": dtype, "num_tensors": len(tensors),
                   **relative_paths(source or {})},
       "parameter_report": _param_report(cfg, tensors),

@@ -317,3 +317,69 @@ def test_documented_sampling_snippet_runs(exported):
   out = scope["out"]
   assert out.shape == (2, 16) and not bool((out == 9).any())
   assert out[:, :2].tolist() == [[3, 4]] * 2  # the prompt is kept
+
+
+def _jax_noise(rng, method, padded_vocab):
+  """noise(step, shape) for the PyTorch sampler: the numbers loopjax's sampler draws from rng."""
+  from loopjax.diffusion.samplers import step_noise
+  draw = jax.jit(step_noise, static_argnums=(2, 3))
+
+  def noise(s, shape):
+    e, u = draw(rng, s, (*shape[:-1], padded_vocab), method)
+    return torch.tensor(np.asarray(e)), None if u is None else torch.tensor(np.asarray(u))
+  return noise
+
+
+# (export, method, steps, loops as a multiple of S_max or "adaptive", final_step, prompt length)
+SAMPLE_CASES = [("loopmdm", "ancestral", 6, 1, "sample", 2),
+                ("loopmdm", "ancestral", 5, 2, "argmax", 0),
+                ("loopmdm", "confidence", 4, 0, "sample", 3),
+                ("loopmdm", "ancestral", 6, "adaptive", "argmax", 1),
+                ("variant", "ancestral", 5, 1, "argmax", 2),
+                ("variant", "confidence", 3, 1, "sample", 0)]
+
+
+@pytest.mark.parametrize("case", SAMPLE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_sample_equals_loopjax_token_for_token(exported, case):
+  """`model.sample(...)` fed loopjax's random numbers (`samplers.step_noise`) draws exactly the
+  tokens of loopjax's jitted sampler: MDLM ancestral with either endpoint (the run's noise
+  schedule, cosine here; time input for the time-conditioned variant), confidence decoding,
+  S = 1, S_max, 2 S_max and adaptive loops, with a prompt kept."""
+  from loopjax.diffusion import make_schedule
+  from loopjax.evaluate.denoiser import loop_args, make_sampler, resolve_policy
+  name, method, steps, mult, final_step, n_prompt = case
+  model, params, d = exported[name]
+  cfg = model.cfg
+  hf = _load(d)
+  assert hf.config.noise_schedule["schedule"] == "cosine"
+  eps = 0.05
+  kw = {}
+  if mult == "adaptive":
+    tau = 0.2
+    policy = resolve_policy(cfg, f"adaptive:{tau}:1:{2 * cfg.max_loops}")
+    kw = dict(loops=2 * cfg.max_loops, adaptive_tau=tau)
+  else:
+    policy = resolve_policy(cfg, max(1, mult * cfg.max_loops))
+    kw = dict(loops=policy.loops)
+  x = np.full((4, 12), cfg.mask_id, np.int32)
+  x[:, :n_prompt] = TOKENS[0, :n_prompt] % cfg.vocab_size
+  sampler = make_sampler(model, policy, steps=steps, method=method,
+                         schedule=make_schedule({"schedule": "cosine"}), final_step=final_step,
+                         eps=eps)
+  got_by_seed = []
+  for seed in (0, 1):
+    rng = jax.random.PRNGKey(seed)
+    want = sampler(params, rng, jnp.asarray(x), None, loop_args(policy))
+    got, nfe = hf.sample(torch.as_tensor(x, dtype=torch.long), steps, method=method,
+                         final_step=final_step, eps=eps,
+                         noise=_jax_noise(rng, method, cfg.padded_vocab), **kw)
+    want_tokens = np.asarray(want["tokens"])
+    assert got.tolist() == want_tokens.tolist()
+    assert nfe == int(want["nfe"])
+    assert not (want_tokens == cfg.mask_id).any()
+    assert (want_tokens[:, :n_prompt] == x[:, :n_prompt]).all()
+    if mult == "adaptive":  # the stopping rule acted: calls ran different loop counts
+      assert len(set(np.asarray(want["loops_TxB"]).ravel().tolist()) - {0}) > 1
+    got_by_seed.append(got)
+  if method == "ancestral":  # the shared numbers matter: another key, other samples
+    assert not torch.equal(got_by_seed[0], got_by_seed[1])
