@@ -89,8 +89,8 @@ def test_unigram_entropy():
 
 
 def test_clear_errors_for_a_bad_judge(tmp_path, monkeypatch):
-  with pytest.raises(UserError, match="not a local model folder.*never downloaded"):
-    gen_ppl.load_judge("gpt2-large")
+  with pytest.raises(UserError, match="not a local model folder.*nor a Hub model id"):
+    gen_ppl.load_judge(str(tmp_path / "no_such_folder"))
   (tmp_path / "config.json").write_text("{}")
   monkeypatch.setitem(__import__("sys").modules, "torch", None)
   with pytest.raises(UserError, match=r"pip install loopjax\[torch\]"):
