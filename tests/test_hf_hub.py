@@ -9,7 +9,7 @@ import pytest
 from hub_cache import cache_repo, use_cache
 from loopjax.data.tokenizers import make_tokenizer
 from loopjax.errors import UserError
-from word_tokenizer import word_level_tokenizer
+from word_tokenizer import tiny_gpt2, word_level_tokenizer
 
 WORDS = ["<unk>", "<pad>", "</s>"] + [f"w{i}" for i in range(13)]
 
@@ -62,17 +62,9 @@ def test_a_local_path_wins_over_a_hub_id(cache, tok_folder, tmp_path, monkeypatc
 
 @pytest.fixture(scope="module")
 def judge_folder(tmp_path_factory, tok_folder):
-  torch = pytest.importorskip("torch", reason="the judge runs on torch (loopjax[torch])")
-  transformers = pytest.importorskip("transformers", reason="loopjax[torch]")
-  d = str(tmp_path_factory.mktemp("judge"))
-  transformers.PreTrainedTokenizerFast(
-      tokenizer_file=str(tok_folder / "tokenizer.json"), unk_token="<unk>", pad_token="<pad>",
-      eos_token="</s>").save_pretrained(d)
-  cfg = transformers.GPT2Config(vocab_size=len(WORDS), n_positions=16, n_embd=32, n_layer=1,
-                                n_head=2, bos_token_id=2, eos_token_id=2, pad_token_id=1)
-  torch.manual_seed(0)
-  transformers.GPT2LMHeadModel(cfg).save_pretrained(d)
-  return d
+  pytest.importorskip("torch", reason="the judge runs on torch (loopjax[torch])")
+  pytest.importorskip("transformers", reason="loopjax[torch]")
+  return tiny_gpt2(tmp_path_factory.mktemp("judge"), tok_folder / "tokenizer.json", len(WORDS))
 
 
 def test_judge_by_hub_id_from_the_cache(cache, judge_folder):
