@@ -18,6 +18,8 @@ setup(
         "tensorboardX>=2.6",
         "sentencepiece>=0.2",
         "tokenizers>=0.19",
+        # Hub ids of tokenizers and judges, the export's model card and --push-to-hub.
+        "huggingface_hub>=0.26",
         "safetensors>=0.4",
         "pyarrow",
         "matplotlib",

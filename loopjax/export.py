@@ -33,7 +33,8 @@ from loopjax import flops, storage
 from loopjax.data import tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
-from loopjax.hf import MODEL_TYPE, TEMPLATES, model_card, tokenizer_files
+from loopjax.errors import UserError
+from loopjax.hf import MODEL_TYPE, TEMPLATES, hub, model_card, tokenizer_files
 from loopjax.weights import (CONFIG, DTYPES, FORMAT, FORMAT_VERSION, TENSOR_NAMES, TOKENIZER_DIR,
                              WEIGHTS, file_sha256, load_run, unstack_params)
 
@@ -121,12 +122,13 @@ def _hf_fields(cfg, dtype: str) -> dict:
 
 def export_params(out: str, cfg, params, *, run_config=None, dtype: str = "float32",
                   source: dict | None = None, overwrite: bool = False,
-                  eval_summary: dict | None = None) -> dict:
+                  eval_summary: dict | None = None, card: dict | None = None) -> dict:
   """Writes OUT from a ModelConfig and its stacked params; returns the config.json written.
 
   run_config: the run's ConfigDict (tokenizer, noise schedule, loop distribution, training
   settings); without it those entries are null and no tokenizer is written. source: recorded
-  under "weights" (params, step). eval_summary: the run's eval/summary.json, tabled in README.md.
+  under "weights" (params, step). eval_summary: the run's eval/summary.json, tabled in README.md
+  and its model-index. card: the card's license / language / datasets (model_card.card_data).
   """
   if dtype not in DTYPES:
     raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -191,9 +193,10 @@ def export_params(out: str, cfg, params, *, run_config=None, dtype: str = "float
         fh.write(importlib.resources.files("loopjax.hf").joinpath(name).read_text("utf-8"))
     with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as fh:
       json.dump(config, fh, indent=2)
-    card = model_card.render(config, training, eval_summary, os.path.basename(out.rstrip("/")))
+    text = model_card.render(config, training, eval_summary, os.path.basename(out.rstrip("/")),
+                             **(card or {}))
     with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
-      fh.write(card)
+      fh.write(text)
   _write_atomically(out, write, overwrite)
   return config
 
@@ -237,7 +240,8 @@ def _upload(out: str, write) -> None:
 
 
 def export_run(workdir: str, out: str, *, params: str = "ema", dtype: str = "float32",
-               step: int | None = None, overwrite: bool = False) -> dict:
+               step: int | None = None, overwrite: bool = False,
+               card: dict | None = None) -> dict:
   """Exports a training run's checkpoint (EMA or raw params); returns the written config.json."""
   config, model, tree, got = load_run(workdir, step=step, params=params)
   summary = None
@@ -247,7 +251,7 @@ def export_run(workdir: str, out: str, *, params: str = "ema", dtype: str = "flo
   return export_params(out, model.cfg, tree, run_config=config, dtype=dtype, overwrite=overwrite,
                        source={"params": params, "step": int(got),
                                "workdir": storage.basename(storage.resolve(workdir))},
-                       eval_summary=summary)
+                       eval_summary=summary, card=card)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,15 +271,46 @@ def export_main(argv) -> int:
                               description="write a run's weights as safetensors + config.json, a "
                               "folder that is also a Hugging Face model repository")
   p.add_argument("--workdir", required=True, help="training run folder")
-  p.add_argument("--out", required=True, help="output folder (written atomically)")
+  p.add_argument("--out", default=None, help="output folder (written atomically); optional "
+                 "with --push-to-hub (then a temporary folder)")
   p.add_argument("--params", choices=("ema", "raw"), default="ema")
   p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+  p.add_argument("--push-to-hub", default=None, metavar="REPO",
+                 help="upload the export to this Hugging Face model repository (NAME or "
+                 "ORG/NAME; created if missing) through huggingface_hub")
+  p.add_argument("--private", action="store_true", help="--push-to-hub: create it private")
+  p.add_argument("--license", default="other",
+                 help="model card license (a Hub license id such as apache-2.0; default other)")
+  p.add_argument("--language", default=None,
+                 help="model card languages, comma-separated ISO codes (e.g. en)")
+  p.add_argument("--datasets", default=None,
+                 help="model card training datasets, comma-separated Hub dataset ids")
   args = p.parse_args(argv)
+  if args.out is None and not args.push_to_hub:
+    p.error("--out is required (or give --push-to-hub REPO)")
+  if args.push_to_hub:  # before any work: a bad id, offline mode, no token, a remote OUT
+    hub.check_push(args.push_to_hub)
+    if args.out and storage.is_remote(args.out):
+      raise UserError(f"--push-to-hub uploads a local folder; --out {args.out} is remote: give "
+                      "a local --out (or none)")
   for path in (args.workdir, args.out):  # a gs:// path without its client: named up front
-    storage.check_client(path)
-  config = export_run(args.workdir, args.out, params=args.params, dtype=args.dtype,
-                      step=args.step, overwrite=args.overwrite)
-  print(f"{storage.resolve(args.out)}\n{format_report(config)}")
+    if path:
+      storage.check_client(path)
+  split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None
+  card = {"license": args.license, "language": split(args.language),
+          "datasets": split(args.datasets)}
+  with tempfile.TemporaryDirectory(prefix="loopjax-hub-") as tmp:
+    out = args.out or os.path.join(tmp, args.push_to_hub.rsplit("/", 1)[-1])
+    config = export_run(args.workdir, out, params=args.params, dtype=args.dtype,
+                        step=args.step, overwrite=args.overwrite, card=card)
+    print(f"{storage.resolve(out) if args.out else '(temporary folder)'}\n"
+          f"{format_report(config)}")
+    if args.push_to_hub:
+      run = storage.basename(storage.resolve(args.workdir))
+      url = hub.push_folder(storage.resolve(out), args.push_to_hub, private=args.private or None,
+                            commit_message=f"loopjax export of {run} (step "
+                                           f"{config['weights'].get('step')})")
+      print(f"pushed to {args.push_to_hub}: {url}")
   return 0

@@ -128,7 +128,6 @@ def push_folder(folder: str, repo_id: str, *, private: bool | None = None,
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
                              revision=revision, commit_message=commit_message)
-  except (HfHubHTTPError, OSError) as e:
-    raise UserError(f"--push-to-hub {repo_id}: the upload failed ({_first_line(e)}); the "
-                    f"export itself is complete in {folder}") from None
+  except (HfHubHTTPError, OSError, ValueError) as e:  # ValueError: the Hub rejected the card
+    raise UserError(f"--push-to-hub {repo_id}: the upload failed ({_first_line(e)})") from None
   return str(getattr(info, "commit_url", info))
