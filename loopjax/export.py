@@ -30,7 +30,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from loopjax import flops, storage
-from loopjax.data import tokenizer_for
+from loopjax.data import hf_datasets, shards, tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.errors import UserError
@@ -109,6 +109,25 @@ def _training_summary(cfg, run, step) -> dict:
     out["train_flops"] = float(step) * flops.expected_train_flops_per_step(
         cfg, int(d.seq_len), int(t.batch_size), run.loops.train if cfg.looped else None)
   return out
+
+
+def hub_datasets(run) -> list[str]:
+  """Hub dataset ids a run was trained on, for the card's `datasets`: the `datasets:` inputs of
+  its prepared corpus that name a Hub dataset (local folders are no Hub id)."""
+  if run is None or run.data.get("source") != "prepared" or not run.data.get("path"):
+    return []
+  try:
+    manifest = shards.load_manifest(run.data.path)
+  except (OSError, ValueError):  # the corpus is not on this machine: nothing to read it from
+    return []
+  ids = []
+  for entry in manifest.get("inputs", []) + manifest.get("heldout_inputs", []):
+    path = str(entry.get("path", ""))
+    if hf_datasets.is_spec(path):
+      name = hf_datasets.parse(path)[0]
+      if hub.is_repo_id(name) and name not in ids:
+        ids.append(name)
+  return ids
 
 
 def _hf_fields(cfg, dtype: str) -> dict:
@@ -193,8 +212,10 @@ def export_params(out: str, cfg, params, *, run_config=None, dtype: str = "float
         fh.write(importlib.resources.files("loopjax.hf").joinpath(name).read_text("utf-8"))
     with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as fh:
       json.dump(config, fh, indent=2)
+    meta = dict(card or {})
+    meta["datasets"] = meta.get("datasets") or hub_datasets(run) or None
     text = model_card.render(config, training, eval_summary, os.path.basename(out.rstrip("/")),
-                             **(card or {}))
+                             **meta)
     with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
       fh.write(text)
   _write_atomically(out, write, overwrite)

@@ -86,3 +86,24 @@ def test_bad_dataset_inputs_fail_in_one_line_before_any_output(tmp_path):
   assert not out.exists()
   assert hf_datasets.parse("datasets:wikitext:wikitext-2-raw-v1@test") == (
       "wikitext", "wikitext-2-raw-v1", "test")
+
+
+def test_export_card_names_the_hub_datasets_of_a_prepared_run(tmp_path):
+  """The card's `datasets` come from the prepared corpus's `datasets:` inputs that are Hub ids
+  (a local folder is none)."""
+  import ml_collections
+  from loopjax.export import hub_datasets
+  folder = tmp_path / "corpus"
+  folder.mkdir()
+  (folder / "train.jsonl").write_text(json.dumps({"text": "a b c"}) + "\n")
+  out = tmp_path / "prepared"
+  prepare([f"datasets:{folder}"], "byte", str(out), heldout=0.0, progress=False)
+  run = lambda path: ml_collections.ConfigDict({"data": {"source": "prepared", "path": path}})
+  assert hub_datasets(run(str(out))) == []
+  m = json.loads((out / "manifest.json").read_text())
+  m["inputs"] = [{"path": "datasets:Skylion007/openwebtext@train", "bytes": 0},
+                 {"path": f"datasets:{folder}", "bytes": 0}]
+  m["heldout_inputs"] = [{"path": "datasets:wikitext:wikitext-103-raw-v1@test", "bytes": 0}]
+  (out / "manifest.json").write_text(json.dumps(m))
+  assert hub_datasets(run(str(out))) == ["Skylion007/openwebtext", "wikitext"]
+  assert hub_datasets(run(str(tmp_path / "elsewhere"))) == []
