@@ -7,12 +7,16 @@ folder that needs neither loopjax nor JAX to read, and that is a Hugging Face mo
   tokenizer.json, tokenizer_config.json, special_tokens_map.json   for AutoTokenizer, with
                          [MASK] = vocab_size (loopjax/hf/tokenizer_files.py)
   tokenizer/             the run's own tokenizer file, as loopjax reads it
-  README.md              the model card (architecture, loops, training, the run's eval table)
+  README.md              the model card: Hub metadata from huggingface_hub's card tools (license,
+                         language, datasets, model-index of the run's eval/), architecture,
+                         loops, training, usage, citation (loopjax/hf/model_card.py)
 
 No absolute local path is written: paths in the training config become file names.
 OUT is written to a temporary sibling and renamed into place (complete or absent). A `gs://`
 OUT is written to a local temporary folder and uploaded file by file, config.json last: a reader
 recognises an export by its config.json, so it sees the folder complete or not at all.
+`--push-to-hub ORG/NAME` then uploads the folder as one commit of a Hub model repository
+(loopjax/hf/hub.py).
 """
 
 from __future__ import annotations
