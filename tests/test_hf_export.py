@@ -333,8 +333,11 @@ def _jax_noise(rng, method, padded_vocab):
   return noise
 
 
-# (export, method, steps, loops as a multiple of S_max or "adaptive", final_step, prompt length)
+# (export, method, steps, loops as a multiple of S_max or "adaptive", final_step, prompt length,
+# sampler options)
 SAMPLE_CASES = [("loopmdm", "ancestral", 6, 1, "sample", 2),
+                ("loopmdm", "ancestral", 6, 1, "sample", 0, {"temperature": 0.7, "top_k": 5,
+                                                             "top_p": 0.9}),
                 ("loopmdm", "ancestral", 5, 2, "argmax", 0),
                 ("loopmdm", "confidence", 4, 0, "sample", 3),
                 ("loopmdm", "ancestral", 6, "adaptive", "argmax", 1),
@@ -342,15 +345,16 @@ SAMPLE_CASES = [("loopmdm", "ancestral", 6, 1, "sample", 2),
                 ("variant", "confidence", 3, 1, "sample", 0)]
 
 
-@pytest.mark.parametrize("case", SAMPLE_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("case", SAMPLE_CASES, ids=lambda c: "-".join(map(str, c[:6])) + (
+    "-filtered" if len(c) > 6 else ""))
 def test_sample_equals_loopjax_token_for_token(exported, case):
   """`model.sample(...)` fed loopjax's random numbers (`samplers.step_noise`) draws exactly the
   tokens of loopjax's jitted sampler: MDLM ancestral with either endpoint (the run's noise
   schedule, cosine here; time input for the time-conditioned variant), confidence decoding,
-  S = 1, S_max, 2 S_max and adaptive loops, with a prompt kept."""
+  S = 1, S_max, 2 S_max and adaptive loops, temperature with top-k / top-p, a prompt kept."""
   from loopjax.diffusion import make_schedule
   from loopjax.evaluate.denoiser import loop_args, make_sampler, resolve_policy
-  name, method, steps, mult, final_step, n_prompt = case
+  name, method, steps, mult, final_step, n_prompt, opts = (*case, {})[:7]
   model, params, d = exported[name]
   cfg = model.cfg
   hf = _load(d)
@@ -368,14 +372,14 @@ def test_sample_equals_loopjax_token_for_token(exported, case):
   x[:, :n_prompt] = TOKENS[0, :n_prompt] % cfg.vocab_size
   sampler = make_sampler(model, policy, steps=steps, method=method,
                          schedule=make_schedule({"schedule": "cosine"}), final_step=final_step,
-                         eps=eps)
+                         eps=eps, **opts)
   got_by_seed = []
   for seed in (0, 1):
     rng = jax.random.PRNGKey(seed)
     want = sampler(params, rng, jnp.asarray(x), None, loop_args(policy))
     got, nfe = hf.sample(torch.as_tensor(x, dtype=torch.long), steps, method=method,
                          final_step=final_step, eps=eps,
-                         noise=_jax_noise(rng, method, cfg.padded_vocab), **kw)
+                         noise=_jax_noise(rng, method, cfg.padded_vocab), **kw, **opts)
     want_tokens = np.asarray(want["tokens"])
     assert got.tolist() == want_tokens.tolist()
     assert nfe == int(want["nfe"])

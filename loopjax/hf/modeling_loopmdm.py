@@ -312,8 +312,9 @@ class LoopMDMForMaskedLM(LoopMDMPreTrainedModel):
 
   @torch.no_grad()
   def sample(self, input_ids, steps, *, method="ancestral", loops=None, adaptive_tau=None,
-             min_loops=1, temperature=None, final_step=None, eps=None, schedule=None,
-             attention_mask=None, segment_ids=None, cache=None, noise=None, generator=None):
+             min_loops=1, temperature=None, top_k=0, top_p=1.0, final_step=None, eps=None,
+             schedule=None, attention_mask=None, segment_ids=None, cache=None, noise=None,
+             generator=None):
     """Fills every [MASK] of `input_ids` (B x L); other tokens are given and kept (prompts,
     infilling). Returns `(tokens B x L, nfe)`: nfe counts model calls (cached steps excluded).
 
@@ -326,6 +327,7 @@ class LoopMDMForMaskedLM(LoopMDMPreTrainedModel):
     default) and the most confident are committed, as many as leave floor(n0 m(t_next))
     masked (`schedule="even"`: ceil(remaining / steps left)); the last step commits all.
     loops / adaptive_tau / min_loops: the looped block's iterations per call (`forward`).
+    temperature, then top_k / top_p (nucleus) filter the distribution tokens are drawn from.
     schedule: "linear", "cosine" or "poly" (default: the config's `noise_schedule`).
     cache: reuse the last logits while no token changed (exact only when the logits depend on
     the tokens alone; default: on for models without time conditioning).
@@ -375,7 +377,7 @@ class LoopMDMForMaskedLM(LoopMDMPreTrainedModel):
       last = x
       e, u = noise(s, tuple(logits.shape))
       e = torch.as_tensor(e, dtype=torch.float32, device=dev)[..., :logits.shape[-1]]
-      ids, conf = _categorical(logits, temp, e)
+      ids, conf = _categorical(logits, temp, e, top_k, top_p)
       if method == "ancestral":
         m_t, m_s = m(time_fn(s)), m(time_fn(s + 1))
         p = (m_t - m_s) / torch.clamp(m_t, min=1e-30) if m_t > 0 else f32(1.0)
@@ -409,14 +411,29 @@ def _mask_prob(name, t, exponent):
   return torch.clamp(m, 0.0, 1.0)
 
 
-def _categorical(logits_BxLxV, temperature, e_BxLxV):
+def _filter(x, top_k, top_p):
+  """Logits outside the top-k / the top-p nucleus set to -inf (the argmax always survives)."""
+  if top_k and top_k < x.shape[-1]:
+    kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+    x = torch.where(x < kth, torch.full_like(x, -math.inf), x)
+  if top_p < 1.0:
+    srt = torch.sort(x, dim=-1, descending=True).values
+    p = torch.softmax(srt, dim=-1)
+    keep = (torch.cumsum(p, dim=-1) - p) < top_p  # tokens before the nucleus is full
+    thresh = torch.where(keep, srt, torch.full_like(srt, math.inf)).min(-1, keepdim=True).values
+    x = torch.where(x < thresh, torch.full_like(x, -math.inf), x)
+  return x
+
+
+def _categorical(logits_BxLxV, temperature, e_BxLxV, top_k=0, top_p=1.0):
   """(ids, probability of each id): greedy at temperature 0, else the exponential race
-  argmax(log p - log e) with e ~ Exp(1) (a categorical draw from p = softmax(logits / T))."""
+  argmax(log p - log e) with e ~ Exp(1) (a categorical draw from p = softmax(logits / T)),
+  p filtered to the top-k / top-p tokens."""
   if temperature == 0:
-    logp = torch.log_softmax(logits_BxLxV, dim=-1)
+    logp = torch.log_softmax(_filter(logits_BxLxV, top_k, top_p), dim=-1)
     ids = logp.argmax(-1)
   else:
-    logp = torch.log_softmax(logits_BxLxV / temperature, dim=-1)
+    logp = torch.log_softmax(_filter(logits_BxLxV / temperature, top_k, top_p), dim=-1)
     ids = (logp - torch.log(e_BxLxV)).argmax(-1)
   return ids, torch.exp(torch.gather(logp, -1, ids[..., None])[..., 0])
 
