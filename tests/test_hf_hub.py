@@ -56,6 +56,7 @@ def test_a_local_path_wins_over_a_hub_id(cache, tok_folder, tmp_path, monkeypatc
   (tmp_path / "words").mkdir()
   word_level_tokenizer(tmp_path / "words", ["<unk>", "x"])
   assert make_tokenizer("hf:words/tokenizer.json").vocab_size == 2  # no cache entry needed
+  assert make_tokenizer("hf:words").vocab_size == 2  # the folder, though it reads as an id
   with pytest.raises(FileNotFoundError, match="does not exist"):
     make_tokenizer("hf:missing/tokenizer.json")  # a file name is never taken for an id
 

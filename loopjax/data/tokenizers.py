@@ -3,7 +3,7 @@
 Specs accepted by `make_tokenizer` (the `config.data.tokenizer` string):
   "byte"                      UTF-8 bytes 0..255 plus EOS = 256 (vocab_size 257)
   "sentencepiece:PATH.model"  a local SentencePiece model
-  "hf:PATH/tokenizer.json"    a local Hugging Face `tokenizers` file
+  "hf:PATH/tokenizer.json"    a local Hugging Face `tokenizers` file (or hf:FOLDER holding one)
   "hf:ID" or "ID"             the tokenizer.json of the Hub model repository ID (`gpt2`,
                               `bert-base-uncased`, `ORG/NAME`), from the Hugging Face cache
                               first (loopjax.hf.hub: downloaded only when the Hub is reachable
@@ -219,7 +219,10 @@ def make_tokenizer(spec: str) -> Tokenizer:
   if kind == "hf" and path:
     if hub.is_repo_id(path):
       return hub_tokenizer(path)
-    return HFTokenizer(os.path.expanduser(path))
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):  # a save_pretrained folder or a local copy of a Hub repository
+      local = os.path.join(local, "tokenizer.json")
+    return HFTokenizer(local)
   if not path and hub.is_repo_id(spec):
     return hub_tokenizer(spec)
   raise ValueError(f"unknown tokenizer spec {spec!r}; use 'byte', "
