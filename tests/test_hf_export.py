@@ -328,7 +328,10 @@ def _jax_noise(rng, method, padded_vocab):
   draw = jax.jit(step_noise, static_argnums=(2, 3))
 
   def noise(s, shape):
-    e, u = draw(rng, s, (*shape[:-1], padded_vocab), method)
+    key = rng
+    if isinstance(s, tuple):  # semi-AR block k: the sampler's key for that block
+      key, s = jax.random.fold_in(rng, 10_000 + s[0]), s[1]
+    e, u = draw(key, s, (*shape[:-1], padded_vocab), method)
     return torch.tensor(np.asarray(e)), None if u is None else torch.tensor(np.asarray(u))
   return noise
 
@@ -338,6 +341,8 @@ def _jax_noise(rng, method, padded_vocab):
 SAMPLE_CASES = [("loopmdm", "ancestral", 6, 1, "sample", 2),
                 ("loopmdm", "ancestral", 6, 1, "sample", 0, {"temperature": 0.7, "top_k": 5,
                                                              "top_p": 0.9}),
+                ("loopmdm", "confidence", 6, 1, "sample", 1, {"block_len": 4,
+                                                              "temperature": 1.0}),
                 ("loopmdm", "ancestral", 5, 2, "argmax", 0),
                 ("loopmdm", "confidence", 4, 0, "sample", 3),
                 ("loopmdm", "ancestral", 6, "adaptive", "argmax", 1),
@@ -351,7 +356,8 @@ def test_sample_equals_loopjax_token_for_token(exported, case):
   """`model.sample(...)` fed loopjax's random numbers (`samplers.step_noise`) draws exactly the
   tokens of loopjax's jitted sampler: MDLM ancestral with either endpoint (the run's noise
   schedule, cosine here; time input for the time-conditioned variant), confidence decoding,
-  S = 1, S_max, 2 S_max and adaptive loops, temperature with top-k / top-p, a prompt kept."""
+  S = 1, S_max, 2 S_max and adaptive loops, temperature with top-k / top-p, semi-AR blocks, a
+  prompt kept."""
   from loopjax.diffusion import make_schedule
   from loopjax.evaluate.denoiser import loop_args, make_sampler, resolve_policy
   name, method, steps, mult, final_step, n_prompt, opts = (*case, {})[:7]
@@ -388,7 +394,7 @@ def test_sample_equals_loopjax_token_for_token(exported, case):
     if mult == "adaptive":  # the stopping rule acted: calls ran different loop counts
       assert len(set(np.asarray(want["loops_TxB"]).ravel().tolist()) - {0}) > 1
     got_by_seed.append(got)
-  if method == "ancestral":  # the shared numbers matter: another key, other samples
+  if method == "ancestral" or opts.get("temperature"):  # another key, other samples
     assert not torch.equal(got_by_seed[0], got_by_seed[1])
 
 

@@ -313,8 +313,8 @@ class LoopMDMForMaskedLM(LoopMDMPreTrainedModel):
   @torch.no_grad()
   def sample(self, input_ids, steps, *, method="ancestral", loops=None, adaptive_tau=None,
              min_loops=1, temperature=None, top_k=0, top_p=1.0, final_step=None, eps=None,
-             schedule=None, attention_mask=None, segment_ids=None, cache=None, noise=None,
-             generator=None):
+             schedule=None, block_len=0, attention_mask=None, segment_ids=None, cache=None,
+             noise=None, generator=None):
     """Fills every [MASK] of `input_ids` (B x L); other tokens are given and kept (prompts,
     infilling). Returns `(tokens B x L, nfe)`: nfe counts model calls (cached steps excluded).
 
@@ -328,6 +328,8 @@ class LoopMDMForMaskedLM(LoopMDMPreTrainedModel):
     masked (`schedule="even"`: ceil(remaining / steps left)); the last step commits all.
     loops / adaptive_tau / min_loops: the looped block's iterations per call (`forward`).
     temperature, then top_k / top_p (nucleus) filter the distribution tokens are drawn from.
+    block_len > 0: semi-autoregressive decoding, blocks of block_len positions left to right,
+    each with max(1, steps // blocks) steps of `method`; `noise` then gets (block, step).
     schedule: "linear", "cosine" or "poly" (default: the config's `noise_schedule`).
     cache: reuse the last logits while no token changed (exact only when the logits depend on
     the tokens alone; default: on for models without time conditioning).
@@ -355,48 +357,65 @@ class LoopMDMForMaskedLM(LoopMDMPreTrainedModel):
     temp = float((1.0 if method == "ancestral" else 0.0) if temperature is None else temperature)
     cache = (not cfg.time_conditioning) if cache is None else bool(cache)
     noise = noise or _torch_noise(generator)
-    x = input_ids.clone()
-    b, dev = x.shape[0], x.device
-    masked0 = x == cfg.mask_id
-    n0_B = masked0.sum(-1)
     f32 = lambda v: torch.tensor(v, dtype=torch.float32)
-    argmax_end = method == "ancestral" and final_step == "argmax"
-    if argmax_end:  # float32 arithmetic in loopjax's order, so the thresholds agree bit for bit
-      time_fn = lambda s: f32(1.0) - f32(s) * f32(1.0 - eps) / f32(steps)
-    else:
-      time_fn = lambda s: f32(steps - s) / f32(steps)
     m = lambda t: _mask_prob(schedule if schedule != "even" else "linear", t, exponent)
-    logits, last, nfe = None, None, 0
-    for s in range(steps + 1 if argmax_end else steps):
-      masked = (x == cfg.mask_id) & masked0
-      if not (cache and last is not None and torch.equal(x, last)):
-        t_B = time_fn(s).expand(b).to(dev)
-        logits = self(x, attention_mask=attention_mask, segment_ids=segment_ids, loops=loops,
-                      timesteps=t_B, adaptive_tau=adaptive_tau, min_loops=min_loops).logits
-        logits, nfe = logits.float(), nfe + 1
-      last = x
-      e, u = noise(s, tuple(logits.shape))
-      e = torch.as_tensor(e, dtype=torch.float32, device=dev)[..., :logits.shape[-1]]
-      ids, conf = _categorical(logits, temp, e, top_k, top_p)
-      if method == "ancestral":
-        m_t, m_s = m(time_fn(s)), m(time_fn(s + 1))
-        p = (m_t - m_s) / torch.clamp(m_t, min=1e-30) if m_t > 0 else f32(1.0)
-        if argmax_end and s == steps:
-          p, ids = f32(1.0), logits.argmax(-1)
-        elif not argmax_end and s == steps - 1:
-          p = f32(1.0)
-        go = masked & (torch.as_tensor(u, dtype=torch.float32, device=dev) < p.to(dev))
+    argmax_end = method == "ancestral" and final_step == "argmax"
+
+    def fill(x, steps, eligible, noise):
+      """One sampler run over the masked positions of `eligible` (None: all)."""
+      b, dev = x.shape[0], x.device
+      masked0 = (x == cfg.mask_id) if eligible is None else (x == cfg.mask_id) & eligible
+      n0_B = masked0.sum(-1)
+      if argmax_end:  # float32 arithmetic in loopjax's order: the thresholds agree bit for bit
+        time_fn = lambda s: f32(1.0) - f32(s) * f32(1.0 - eps) / f32(steps)
       else:
-        remaining = masked.sum(-1)
-        if schedule == "even":
-          k_B = -(-remaining // (steps - s))
+        time_fn = lambda s: f32(steps - s) / f32(steps)
+      logits, last, nfe = None, None, 0
+      for s in range(steps + 1 if argmax_end else steps):
+        masked = (x == cfg.mask_id) & masked0
+        if not (cache and last is not None and torch.equal(x, last)):
+          t_B = time_fn(s).expand(b).to(dev)
+          logits = self(x, attention_mask=attention_mask, segment_ids=segment_ids, loops=loops,
+                        timesteps=t_B, adaptive_tau=adaptive_tau, min_loops=min_loops).logits
+          logits, nfe = logits.float(), nfe + 1
+        last = x
+        e, u = noise(s, tuple(logits.shape))
+        e = torch.as_tensor(e, dtype=torch.float32, device=dev)[..., :logits.shape[-1]]
+        ids, conf = _categorical(logits, temp, e, top_k, top_p)
+        if method == "ancestral":
+          m_t, m_s = m(time_fn(s)), m(time_fn(s + 1))
+          p = (m_t - m_s) / torch.clamp(m_t, min=1e-30) if m_t > 0 else f32(1.0)
+          if argmax_end and s == steps:
+            p, ids = f32(1.0), logits.argmax(-1)
+          elif not argmax_end and s == steps - 1:
+            p = f32(1.0)
+          go = masked & (torch.as_tensor(u, dtype=torch.float32, device=dev) < p.to(dev))
         else:
-          keep = torch.floor(n0_B.float() * m(f32(steps - s - 1) / f32(steps)).to(dev)).long()
-          k_B = remaining if s == steps - 1 else torch.clamp(remaining - keep, min=0)
-        conf = torch.where(masked, conf, torch.full_like(conf, -math.inf))
-        rank = torch.argsort(torch.argsort(-conf, dim=-1, stable=True), dim=-1, stable=True)
-        go = masked & (rank < k_B[:, None])
-      x = torch.where(go, ids.to(x.dtype), x)
+          remaining = masked.sum(-1)
+          if schedule == "even":
+            k_B = -(-remaining // (steps - s))
+          else:
+            keep = torch.floor(n0_B.float() * m(f32(steps - s - 1) / f32(steps)).to(dev)).long()
+            k_B = remaining if s == steps - 1 else torch.clamp(remaining - keep, min=0)
+          conf = torch.where(masked, conf, torch.full_like(conf, -math.inf))
+          rank = torch.argsort(torch.argsort(-conf, dim=-1, stable=True), dim=-1, stable=True)
+          go = masked & (rank < k_B[:, None])
+        x = torch.where(go, ids.to(x.dtype), x)
+      return x, nfe
+
+    x, length = input_ids.clone(), input_ids.shape[1]
+    if not block_len or block_len >= length:
+      return fill(x, steps, None, noise)
+    # Semi-autoregressive: blocks left to right, max(1, steps // blocks) steps each; later
+    # blocks stay masked (and visible as masks) until their turn.
+    num_blocks = -(-length // block_len)
+    pos = torch.arange(length, device=x.device)
+    nfe = 0
+    for k in range(num_blocks):
+      eligible = ((pos >= k * block_len) & (pos < (k + 1) * block_len))[None, :]
+      x, n = fill(x, max(1, steps // num_blocks), eligible,
+                  lambda s, shape, k=k: noise((k, s), shape))
+      nfe += n
     return x, nfe
 
 
