@@ -3,6 +3,8 @@ gen-PPL judge (`--gen-ppl ID`) resolve from a Hugging Face cache built here, off
 empty cache and HF_HUB_OFFLINE=1 each fails in one line naming the id; a local path wins over a
 Hub id of the same spelling. Nothing is downloaded."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -39,6 +41,30 @@ def test_tokenizer_by_hub_id_from_the_cache(cache, tok_folder):
   d = make_tokenizer("hf:tiny-org/words").describe()
   assert d["spec"] == "hf:tiny-org/words"
   assert d["hub"] == {"repo_id": "tiny-org/words", "revision": commit}
+
+
+def test_a_repository_without_tokenizer_json_is_read_by_transformers(cache, tmp_path,
+                                                                      monkeypatch):
+  """vocab.json + merges.txt only (a GPT-2-style repository): transformers reads them and its
+  fast backend becomes the tokenizer.json loopjax uses, kept under HF_HOME/loopjax."""
+  pytest.importorskip("transformers", reason="loopjax[torch]")
+  from huggingface_hub import constants
+  monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf_home"))
+  repo = tmp_path / "bpe"
+  repo.mkdir()
+  (repo / "vocab.json").write_text(json.dumps(
+      {"<|endoftext|>": 0, "a": 1, "b": 2, "\u0120": 3, "ab": 4, "\u0120a": 5}))
+  (repo / "merges.txt").write_text("#version: 0.2\na b\n\u0120 a\n")
+  (repo / "tokenizer_config.json").write_text(json.dumps(
+      {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>",
+       "unk_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}))
+  (repo / "config.json").write_text(json.dumps({"model_type": "gpt2"}))  # AutoTokenizer reads it
+  cache_repo(cache, "tiny-org/bpe", repo)
+  tok = make_tokenizer("hf:tiny-org/bpe")
+  assert tok.encode("ab a") == [4, 5] and tok.decode([4, 5]) == "ab a"
+  assert tok.eos_id == 0 and tok.vocab_size == 6
+  assert tok.path == str(tmp_path / "hf_home" / "loopjax" / "tokenizers" / "tiny-org--bpe" /
+                         "tokenizer.json")
 
 
 def test_uncached_hub_ids_fail_in_one_line_naming_the_id(cache):

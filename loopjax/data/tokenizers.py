@@ -7,7 +7,8 @@ Specs accepted by `make_tokenizer` (the `config.data.tokenizer` string):
   "hf:ID" or "ID"             the tokenizer.json of the Hub model repository ID (`gpt2`,
                               `bert-base-uncased`, `ORG/NAME`), from the Hugging Face cache
                               first (loopjax.hf.hub: downloaded only when the Hub is reachable
-                              and HF_HUB_OFFLINE is not set)
+                              and HF_HUB_OFFLINE is not set); a repository without one gets
+                              the tokenizer transformers reads from its other files
 
 `CharTokenizer` serves the built-in tasks (Sudoku, arithmetic). A local path always wins over a
 Hub id of the same spelling.
@@ -231,9 +232,11 @@ def make_tokenizer(spec: str) -> Tokenizer:
 
 
 def hub_tokenizer(repo_id: str) -> HFTokenizer:
-  """The tokenizer.json of a Hub model repository (cache first; see loopjax.hf.hub)."""
-  path = hub.hub_file(repo_id, "tokenizer.json", what="tokenizer")
-  return HFTokenizer(path, repo_id=repo_id)
+  """The tokenizer.json of a Hub model repository (cache first; see loopjax.hf.hub); for a
+  repository without one, the tokenizer transformers reads from its other files."""
+  path = hub.hub_file(repo_id, "tokenizer.json", what="tokenizer",
+                      absent_ok="tokenizer_config.json")
+  return HFTokenizer(path or hub.converted_tokenizer(repo_id), repo_id=repo_id)
 
 
 def train_sentencepiece(input_files: Sequence[str], model_prefix: str, vocab_size: int,

@@ -56,18 +56,22 @@ def missing(what: str, repo_id: str, filename: str, why: str = "",
 
 
 def hub_file(repo_id: str, filename: str, *, what: str, revision: str | None = None,
-             whole_repo: bool = False) -> str:
+             whole_repo: bool = False, absent_ok: str | None = None) -> str | None:
   """The local path of `filename` of the model repository `repo_id` (the cache first).
   whole_repo: the caller needs more files than this one (the error's `hf download` names none).
+  absent_ok: another file of the repository; None is returned instead of an error when the
+  repository has no `filename` (online) or, offline, when that other file is cached.
 
   Raises UserError (one line) when the repository or file does not exist or the file is not
   cached while the Hub is unreachable or HF_HUB_OFFLINE is set.
   """
-  from huggingface_hub import hf_hub_download
-  from huggingface_hub import errors
+  from huggingface_hub import errors, hf_hub_download, try_to_load_from_cache
   try:
     return hf_hub_download(repo_id, filename, revision=revision)
   except errors.LocalEntryNotFoundError as e:
+    if absent_ok and isinstance(try_to_load_from_cache(repo_id, absent_ok, revision=revision),
+                                str):
+      return None
     raise missing(what, repo_id, filename, _first_line(e), whole_repo) from None
   except errors.OfflineModeIsEnabled:
     raise missing(what, repo_id, filename, whole_repo=whole_repo) from None
@@ -80,9 +84,39 @@ def hub_file(repo_id: str, filename: str, *, what: str, revision: str | None = N
   except errors.RevisionNotFoundError:
     raise UserError(f"{what} {repo_id!r}: revision {revision!r} does not exist") from None
   except errors.RemoteEntryNotFoundError:
+    if absent_ok:
+      return None
     raise UserError(f"{what} {repo_id!r}: the repository has no {filename}") from None
   except (errors.HfHubHTTPError, OSError) as e:
     raise missing(what, repo_id, filename, _first_line(e), whole_repo) from None
+
+
+def converted_tokenizer(repo_id: str) -> str:
+  """A tokenizer.json for a repository that has none (vocab.json + merges.txt, a SentencePiece
+  model, ...): its tokenizer loaded by transformers, whose fast backend is saved under
+  HF_HOME/loopjax/tokenizers/ORG--NAME/. Returns the file's path."""
+  from huggingface_hub import constants
+  try:
+    import transformers
+  except ImportError:
+    raise UserError(f"tokenizer {repo_id!r}: the repository has no tokenizer.json, and reading "
+                    "its other tokenizer files needs transformers: pip install loopjax[torch]"
+                    ) from None
+  try:
+    tok = transformers.AutoTokenizer.from_pretrained(repo_id)
+  except (OSError, ValueError, TypeError) as e:
+    raise UserError(f"tokenizer {repo_id!r}: no tokenizer.json and transformers cannot read its "
+                    f"tokenizer files ({_first_line(e)}); {_how(repo_id, None)}") from None
+  backend = getattr(tok, "backend_tokenizer", None)
+  if backend is None:
+    raise UserError(f"tokenizer {repo_id!r}: no tokenizer.json and its tokenizer has no "
+                    "`tokenizers` form; save one with the tokenizers library and give hf:PATH")
+  folder = os.path.join(constants.HF_HOME, "loopjax", "tokenizers", repo_id.replace("/", "--"))
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, "tokenizer.json")
+  backend.save(f"{path}.tmp-{os.getpid()}")
+  os.replace(f"{path}.tmp-{os.getpid()}", path)  # whole or absent for a concurrent reader
+  return path
 
 
 def snapshot_revision(path: str) -> str | None:
