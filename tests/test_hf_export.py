@@ -420,6 +420,8 @@ def test_model_card_metadata_round_trips_through_huggingface_hub(trained_export)
       (task, "accuracy", "board accuracy (S=12, 8 steps)", 0.125, "held-out"),
       (nll, "bits_per_token", "NELBO bits per token (S=6)", 2.5, "held-out"),
       (nll, "perplexity", "perplexity bound (S=6)", 5.66, "held-out")}
+  assert {(r.dataset_type, r.dataset_name) for r in data.eval_results} == {
+      ("sudoku", "generated puzzles, 36-50 givens")}
   meta = metadata_load(path)
   assert meta["model-index"][0]["name"] == "export"
   again = ModelCardData(**meta, ignore_metadata_errors=False)  # the raw YAML parses strictly

@@ -105,13 +105,13 @@ def eval_results(summary: dict | None, dataset: tuple[str, str]) -> list:
   return out
 
 
-def card_data(config: dict, training: dict, eval_summary: dict | None, name: str, *,
+def card_data(training: dict, eval_summary: dict | None, name: str, *,
               license: str = "other", language=None, datasets=None):
   """The card's metadata (`ModelCardData`). datasets: Hub dataset ids the model was trained
-  on; language: ISO codes (None: none stated)."""
+  on (the results' dataset; else the run's data source); language: ISO codes (None: none
+  stated)."""
   from huggingface_hub import ModelCardData
-  data_id = (datasets or [None])[0] or str(training.get("dataset") or training.get("source")
-                                           or "unknown")
+  data_id = (datasets or [None])[0] or str(training.get("source") or "unknown")
   return ModelCardData(
       model_name=name, license=license, language=list(language) if language else None,
       datasets=list(datasets) if datasets else None, library_name="transformers",
@@ -126,7 +126,7 @@ def render(config: dict, training: dict, eval_summary: dict | None, name: str,
   steps, batch_size, seq_len, tokens_seen, train_flops, train_loops} (None where unknown);
   metadata: `card_data`'s license, language, datasets."""
   from huggingface_hub import ModelCard
-  data = card_data(config, training, eval_summary, name, **metadata)
+  data = card_data(training, eval_summary, name, **metadata)
   card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + _body(config, training, eval_summary,
                                                                 name))
   return str(card)
