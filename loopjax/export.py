@@ -7,12 +7,16 @@ folder that needs neither loopjax nor JAX to read, and that is a Hugging Face mo
   tokenizer.json, tokenizer_config.json, special_tokens_map.json   for AutoTokenizer, with
                          [MASK] = vocab_size (loopjax/hf/tokenizer_files.py)
   tokenizer/             the run's own tokenizer file, as loopjax reads it
-  README.md              the model card (architecture, loops, training, the run's eval table)
+  README.md              the model card: Hub metadata from huggingface_hub's card tools (license,
+                         language, datasets, model-index of the run's eval/), architecture,
+                         loops, training, usage, citation (loopjax/hf/model_card.py)
 
 No absolute local path is written: paths in the training config become file names.
 OUT is written to a temporary sibling and renamed into place (complete or absent). A `gs://`
 OUT is written to a local temporary folder and uploaded file by file, config.json last: a reader
 recognises an export by its config.json, so it sees the folder complete or not at all.
+`--push-to-hub ORG/NAME` then uploads the folder as one commit of a Hub model repository
+(loopjax/hf/hub.py).
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ from safetensors.numpy import save_file
 
 from loopjax import flops, storage
 from loopjax.checkpoints import parse_step
-from loopjax.data import tokenizer_for
+from loopjax.data import hf_datasets, shards, tokenizer_for
 from loopjax.diffusion import make_schedule
-from loopjax.hf import MODEL_TYPE, TEMPLATES, model_card, tokenizer_files
+from loopjax.diffusion.samplers import sampler_endpoint
+from loopjax.errors import UserError
+from loopjax.hf import MODEL_TYPE, TEMPLATES, hub, model_card, tokenizer_files
 from loopjax.weights import (CONFIG, DTYPES, FORMAT, FORMAT_VERSION, TENSOR_NAMES, TOKENIZER_DIR,
                              WEIGHTS, file_sha256, load_run, unstack_params)
 
@@ -110,6 +116,25 @@ def _training_summary(cfg, run, step) -> dict:
   return out
 
 
+def hub_datasets(run) -> list[str]:
+  """Hub dataset ids a run was trained on, for the card's `datasets`: the `datasets:` inputs of
+  its prepared corpus that name a Hub dataset (local folders are no Hub id)."""
+  if run is None or run.data.get("source") != "prepared" or not run.data.get("path"):
+    return []
+  try:
+    manifest = shards.load_manifest(run.data.path)
+  except (OSError, ValueError):  # the corpus is not on this machine: nothing to read it from
+    return []
+  ids = []
+  for entry in manifest.get("inputs", []) + manifest.get("heldout_inputs", []):
+    path = str(entry.get("path", ""))
+    if hf_datasets.is_spec(path):
+      name = hf_datasets.parse(path)[0]
+      if hub.is_repo_id(name) and name not in ids:
+        ids.append(name)
+  return ids
+
+
 def _hf_fields(cfg, dtype: str) -> dict:
   """config.json entries that make the folder a transformers model (remote code)."""
   stem = lambda f: f.removesuffix(".py")
@@ -121,19 +146,20 @@ def _hf_fields(cfg, dtype: str) -> dict:
 
 def export_params(out: str, cfg, params, *, run_config=None, dtype: str = "float32",
                   source: dict | None = None, overwrite: bool = False,
-                  eval_summary: dict | None = None) -> dict:
+                  eval_summary: dict | None = None, card: dict | None = None) -> dict:
   """Writes OUT from a ModelConfig and its stacked params; returns the config.json written.
 
   run_config: the run's ConfigDict (tokenizer, noise schedule, loop distribution, training
   settings); without it those entries are null and no tokenizer is written. source: recorded
-  under "weights" (params, step). eval_summary: the run's eval/summary.json, tabled in README.md.
+  under "weights" (params, step). eval_summary: the run's eval/summary.json, tabled in README.md
+  and its model-index. card: the card's license / language / datasets (model_card.card_data).
   """
   if dtype not in DTYPES:
     raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
   np_dtype = DTYPES[dtype][1]
   tensors = {k: np.ascontiguousarray(v.astype(np_dtype))
              for k, v in unstack_params(cfg, params).items()}
-  tok, tokenizer, files, schedule, run = None, None, [], None, run_config
+  tok, tokenizer, files, schedule, sampling, run = None, None, [], None, None, run_config
   if run is not None:
     tok = tokenizer_for(run.data)
     files = list(tok.files())
@@ -141,6 +167,7 @@ def export_params(out: str, cfg, params, *, run_config=None, dtype: str = "float
         f"{TOKENIZER_DIR}/{os.path.basename(f)}" for f in files]})
     sched = make_schedule(run.diffusion)
     schedule = {"schedule": sched.name, "exponent": sched.exponent, "eps": sched.eps}
+    sampling = sampler_endpoint(run.diffusion)
   a, b, s = cfg.loop_start, cfg.loop_end, cfg.max_loops if cfg.looped else 1
   config = {
       "format": FORMAT, "format_version": FORMAT_VERSION, **_hf_fields(cfg, dtype),
@@ -167,7 +194,7 @@ def export_params(out: str, cfg, params, *, run_config=None, dtype: str = "float
                "time_embedding": {"freq_dim": 256, "max_period": 10000.0,
                                   "features": "[cos, sin]", "activation": "silu",
                                   "t_when_unconditioned": 0.0}},
-      "noise_schedule": schedule, "tokenizer": tokenizer,
+      "noise_schedule": schedule, "sampling": sampling, "tokenizer": tokenizer,
       "weights": {"file": WEIGHTS, "dtype": dtype, "num_tensors": len(tensors),
                   **relative_paths(source or {})},
       "parameter_report": _param_report(cfg, tensors),
@@ -190,9 +217,12 @@ def export_params(out: str, cfg, params, *, run_config=None, dtype: str = "float
         fh.write(importlib.resources.files("loopjax.hf").joinpath(name).read_text("utf-8"))
     with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as fh:
       json.dump(config, fh, indent=2)
-    card = model_card.render(config, training, eval_summary, os.path.basename(out.rstrip("/")))
+    meta = dict(card or {})
+    meta["datasets"] = meta.get("datasets") or hub_datasets(run) or None
+    text = model_card.render(config, training, eval_summary, os.path.basename(out.rstrip("/")),
+                             **meta)
     with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
-      fh.write(card)
+      fh.write(text)
   _write_atomically(out, write, overwrite)
   return config
 
@@ -236,7 +266,8 @@ def _upload(out: str, write) -> None:
 
 
 def export_run(workdir: str, out: str, *, params: str = "ema", dtype: str = "float32",
-               step: int | None = None, overwrite: bool = False) -> dict:
+               step: int | None = None, overwrite: bool = False,
+               card: dict | None = None) -> dict:
   """Exports a training run's checkpoint (EMA or raw params); returns the written config.json."""
   config, model, tree, got = load_run(workdir, step=step, params=params)
   summary = None
@@ -246,7 +277,7 @@ def export_run(workdir: str, out: str, *, params: str = "ema", dtype: str = "flo
   return export_params(out, model.cfg, tree, run_config=config, dtype=dtype, overwrite=overwrite,
                        source={"params": params, "step": int(got),
                                "workdir": storage.basename(storage.resolve(workdir))},
-                       eval_summary=summary)
+                       eval_summary=summary, card=card)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,15 +297,46 @@ def export_main(argv) -> int:
                               description="write a run's weights as safetensors + config.json, a "
                               "folder that is also a Hugging Face model repository")
   p.add_argument("--workdir", required=True, help="training run folder")
-  p.add_argument("--out", required=True, help="output folder (written atomically)")
+  p.add_argument("--out", default=None, help="output folder (written atomically); optional "
+                 "with --push-to-hub (then a temporary folder)")
   p.add_argument("--params", choices=("ema", "raw"), default="ema")
   p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
   p.add_argument("--step", type=parse_step, default=None, help="checkpoint step, or best (the lowest held-out NELBO of training); default: the newest")
   p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+  p.add_argument("--push-to-hub", default=None, metavar="REPO",
+                 help="upload the export to this Hugging Face model repository (NAME or "
+                 "ORG/NAME; created if missing) through huggingface_hub")
+  p.add_argument("--private", action="store_true", help="--push-to-hub: create it private")
+  p.add_argument("--license", default="other",
+                 help="model card license (a Hub license id such as apache-2.0; default other)")
+  p.add_argument("--language", default=None,
+                 help="model card languages, comma-separated ISO codes (e.g. en)")
+  p.add_argument("--datasets", default=None,
+                 help="model card training datasets, comma-separated Hub dataset ids")
   args = p.parse_args(argv)
+  if args.out is None and not args.push_to_hub:
+    p.error("--out is required (or give --push-to-hub REPO)")
+  if args.push_to_hub:  # before any work: a bad id, offline mode, no token, a remote OUT
+    hub.check_push(args.push_to_hub)
+    if args.out and storage.is_remote(args.out):
+      raise UserError(f"--push-to-hub uploads a local folder; --out {args.out} is remote: give "
+                      "a local --out (or none)")
   for path in (args.workdir, args.out):  # a gs:// path without its client: named up front
-    storage.check_client(path)
-  config = export_run(args.workdir, args.out, params=args.params, dtype=args.dtype,
-                      step=args.step, overwrite=args.overwrite)
-  print(f"{storage.resolve(args.out)}\n{format_report(config)}")
+    if path:
+      storage.check_client(path)
+  split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None
+  card = {"license": args.license, "language": split(args.language),
+          "datasets": split(args.datasets)}
+  with tempfile.TemporaryDirectory(prefix="loopjax-hub-") as tmp:
+    out = args.out or os.path.join(tmp, args.push_to_hub.rsplit("/", 1)[-1])
+    config = export_run(args.workdir, out, params=args.params, dtype=args.dtype,
+                        step=args.step, overwrite=args.overwrite, card=card)
+    print(f"{storage.resolve(out) if args.out else '(temporary folder)'}\n"
+          f"{format_report(config)}")
+    if args.push_to_hub:
+      run = storage.basename(storage.resolve(args.workdir))
+      url = hub.push_folder(storage.resolve(out), args.push_to_hub, private=args.private or None,
+                            commit_message=f"loopjax export of {run} (step "
+                                           f"{config['weights'].get('step')})")
+      print(f"pushed to {args.push_to_hub}: {url}")
   return 0

@@ -402,7 +402,7 @@ def test_error_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError, match="tok.json"):
     D.make_tokenizer(f"hf:{tmp_path / 'tok.json'}")
   with pytest.raises(ValueError, match="unknown tokenizer spec"):
-    D.make_tokenizer("gpt2")
+    D.make_tokenizer("wordpiece:vocab.txt")  # a bare Hub id such as gpt2 is resolved instead
 
 
 def test_error_token_id_out_of_vocab():

@@ -13,7 +13,7 @@ import pytest
 
 from loopjax.errors import UserError
 from loopjax.evaluate import gen_ppl
-from word_tokenizer import word_level_tokenizer
+from word_tokenizer import tiny_gpt2, word_level_tokenizer
 
 WORDS = ["<unk>", "<pad>", "</s>"] + [f"w{i}" for i in range(13)]  # 16 ids
 
@@ -26,19 +26,11 @@ def tokenizer_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def judge_dir(tmp_path_factory, tokenizer_file):
   """A randomly initialised one-layer GPT-2 with a 16-token context and its tokenizer."""
-  torch = pytest.importorskip("torch", reason="the gen-PPL judge runs on torch "
-                              "(pip install loopjax[torch])")
-  transformers = pytest.importorskip("transformers", reason="the gen-PPL judge is a "
-                                     "transformers model (pip install loopjax[torch])")
-  d = str(tmp_path_factory.mktemp("judge"))
-  transformers.PreTrainedTokenizerFast(
-      tokenizer_file=tokenizer_file, unk_token="<unk>", pad_token="<pad>",
-      eos_token="</s>").save_pretrained(d)
-  cfg = transformers.GPT2Config(vocab_size=len(WORDS), n_positions=16, n_embd=32, n_layer=1,
-                                n_head=2, bos_token_id=2, eos_token_id=2, pad_token_id=1)
-  torch.manual_seed(0)
-  transformers.GPT2LMHeadModel(cfg).save_pretrained(d)
-  return d
+  pytest.importorskip("torch", reason="the gen-PPL judge runs on torch "
+                      "(pip install loopjax[torch])")
+  pytest.importorskip("transformers", reason="the gen-PPL judge is a transformers model "
+                      "(pip install loopjax[torch])")
+  return tiny_gpt2(tmp_path_factory.mktemp("judge"), tokenizer_file, len(WORDS))
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +81,8 @@ def test_unigram_entropy():
 
 
 def test_clear_errors_for_a_bad_judge(tmp_path, monkeypatch):
-  with pytest.raises(UserError, match="not a local model folder.*never downloaded"):
-    gen_ppl.load_judge("gpt2-large")
+  with pytest.raises(UserError, match="not a local model folder.*nor a Hub model id"):
+    gen_ppl.load_judge(str(tmp_path / "no_such_folder"))
   (tmp_path / "config.json").write_text("{}")
   monkeypatch.setitem(__import__("sys").modules, "torch", None)
   with pytest.raises(UserError, match=r"pip install loopjax\[torch\]"):

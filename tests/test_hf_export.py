@@ -4,11 +4,13 @@ LoopMDM, packed documents and padding, bf16), adaptive loops stop where loopjax'
 tokenizer files round-trip text with [MASK] = vocab_size, the model card comes from the run's
 own files, no absolute path is written, and the documented sampling snippet runs."""
 
+import http.server
 import json
 import os
 import re
 import shutil
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -251,7 +253,8 @@ def trained_export(tiny_sudoku_run, tmp_path_factory):
   os.makedirs(os.path.join(wd, "eval"), exist_ok=True)
   summary = {"workdir": wd, "checkpoint_step": 3, "tasks": [
       {"loops": 1, "steps": 8, "cell_accuracy": 0.25, "board_accuracy": 0.0, "nfe": 8},
-      {"loops": 12, "steps": 8, "cell_accuracy": 0.375, "board_accuracy": 0.125, "nfe": 8}]}
+      {"loops": 12, "steps": 8, "cell_accuracy": 0.375, "board_accuracy": 0.125, "nfe": 8}],
+      "likelihood": [{"loops": 6, "bits_per_token": 2.5, "ppl_bound": 5.66}]}
   with open(os.path.join(wd, "eval", "summary.json"), "w") as f:
     json.dump(summary, f)
   out = str(root / "export")
@@ -317,3 +320,235 @@ def test_documented_sampling_snippet_runs(exported):
   out = scope["out"]
   assert out.shape == (2, 16) and not bool((out == 9).any())
   assert out[:, :2].tolist() == [[3, 4]] * 2  # the prompt is kept
+
+
+def _jax_noise(rng, method, padded_vocab):
+  """noise(step, shape) for the PyTorch sampler: the numbers loopjax's sampler draws from rng."""
+  from loopjax.diffusion.samplers import step_noise
+  draw = jax.jit(step_noise, static_argnums=(2, 3))
+
+  def noise(s, shape):
+    key = rng
+    if isinstance(s, tuple):  # semi-AR block k: the sampler's key for that block
+      key, s = jax.random.fold_in(rng, 10_000 + s[0]), s[1]
+    e, u = draw(key, s, (*shape[:-1], padded_vocab), method)
+    return torch.tensor(np.asarray(e)), None if u is None else torch.tensor(np.asarray(u))
+  return noise
+
+
+# (export, method, steps, loops as a multiple of S_max or "adaptive", final_step, prompt length,
+# sampler options)
+SAMPLE_CASES = [("loopmdm", "ancestral", 6, 1, "sample", 2),
+                ("loopmdm", "ancestral", 6, 1, "sample", 0, {"temperature": 0.7, "top_k": 5,
+                                                             "top_p": 0.9}),
+                ("loopmdm", "confidence", 6, 1, "sample", 1, {"block_len": 4,
+                                                              "temperature": 1.0}),
+                ("loopmdm", "ancestral", 5, 2, "argmax", 0),
+                ("loopmdm", "confidence", 4, 0, "sample", 3),
+                ("loopmdm", "ancestral", 6, "adaptive", "argmax", 1),
+                ("variant", "ancestral", 5, 1, "argmax", 2),
+                ("variant", "confidence", 3, 1, "sample", 0)]
+
+
+@pytest.mark.parametrize("case", SAMPLE_CASES, ids=lambda c: "-".join(map(str, c[:6])) + (
+    "-filtered" if len(c) > 6 else ""))
+def test_sample_equals_loopjax_token_for_token(exported, case):
+  """`model.sample(...)` fed loopjax's random numbers (`samplers.step_noise`) draws exactly the
+  tokens of loopjax's jitted sampler: MDLM ancestral with either endpoint (the run's noise
+  schedule, cosine here; time input for the time-conditioned variant), confidence decoding,
+  S = 1, S_max, 2 S_max and adaptive loops, temperature with top-k / top-p, semi-AR blocks, a
+  prompt kept."""
+  from loopjax.diffusion import make_schedule
+  from loopjax.evaluate.denoiser import loop_args, make_sampler, resolve_policy
+  name, method, steps, mult, final_step, n_prompt, opts = (*case, {})[:7]
+  model, params, d = exported[name]
+  cfg = model.cfg
+  hf = _load(d)
+  assert hf.config.noise_schedule["schedule"] == "cosine"
+  eps = 0.05
+  kw = {}
+  if mult == "adaptive":
+    tau = 0.2
+    policy = resolve_policy(cfg, f"adaptive:{tau}:1:{2 * cfg.max_loops}")
+    kw = dict(loops=2 * cfg.max_loops, adaptive_tau=tau)
+  else:
+    policy = resolve_policy(cfg, max(1, mult * cfg.max_loops))
+    kw = dict(loops=policy.loops)
+  x = np.full((4, 12), cfg.mask_id, np.int32)
+  x[:, :n_prompt] = TOKENS[0, :n_prompt] % cfg.vocab_size
+  sampler = make_sampler(model, policy, steps=steps, method=method,
+                         schedule=make_schedule({"schedule": "cosine"}), final_step=final_step,
+                         eps=eps, **opts)
+  got_by_seed = []
+  for seed in (0, 1):
+    rng = jax.random.PRNGKey(seed)
+    want = sampler(params, rng, jnp.asarray(x), None, loop_args(policy))
+    got, nfe = hf.sample(torch.as_tensor(x, dtype=torch.long), steps, method=method,
+                         final_step=final_step, eps=eps,
+                         noise=_jax_noise(rng, method, cfg.padded_vocab), **kw, **opts)
+    want_tokens = np.asarray(want["tokens"])
+    assert got.tolist() == want_tokens.tolist()
+    assert nfe == int(want["nfe"])
+    assert not (want_tokens == cfg.mask_id).any()
+    assert (want_tokens[:, :n_prompt] == x[:, :n_prompt]).all()
+    if mult == "adaptive":  # the stopping rule acted: calls ran different loop counts
+      assert len(set(np.asarray(want["loops_TxB"]).ravel().tolist()) - {0}) > 1
+    got_by_seed.append(got)
+  if method == "ancestral" or opts.get("temperature"):  # another key, other samples
+    assert not torch.equal(got_by_seed[0], got_by_seed[1])
+
+
+def test_model_card_metadata_round_trips_through_huggingface_hub(trained_export):
+  """README.md's metadata, read back by huggingface_hub (strict: a malformed model-index
+  raises), holds the license, library, tags and one model-index result per number of the run's
+  eval/summary.json; the text cites the paper."""
+  from huggingface_hub import ModelCard, ModelCardData, metadata_load
+  _, out = trained_export
+  path = os.path.join(out, "README.md")
+  card = ModelCard.load(path, ignore_metadata_errors=False)
+  data = card.data
+  assert (data.license, data.library_name, data.pipeline_tag) == ("other", "transformers",
+                                                                  "fill-mask")
+  assert {"loopjax", "masked-diffusion", "custom_code"} <= set(data.tags)
+  got = {(r.task_name, r.metric_type, r.metric_name, r.metric_value, r.dataset_split)
+         for r in data.eval_results}
+  task, nll = "Task accuracy", "Held-out likelihood (NELBO bound)"
+  assert got == {
+      (task, "accuracy", "cell accuracy (S=1, 8 steps)", 0.25, "held-out"),
+      (task, "accuracy", "board accuracy (S=1, 8 steps)", 0.0, "held-out"),
+      (task, "accuracy", "cell accuracy (S=12, 8 steps)", 0.375, "held-out"),
+      (task, "accuracy", "board accuracy (S=12, 8 steps)", 0.125, "held-out"),
+      (nll, "bits_per_token", "NELBO bits per token (S=6)", 2.5, "held-out"),
+      (nll, "perplexity", "perplexity bound (S=6)", 5.66, "held-out")}
+  assert {(r.dataset_type, r.dataset_name) for r in data.eval_results} == {
+      ("sudoku", "generated puzzles, 36-50 givens")}
+  meta = metadata_load(path)
+  assert meta["model-index"][0]["name"] == "export"
+  again = ModelCardData(**meta, ignore_metadata_errors=False)  # the raw YAML parses strictly
+  assert len(again.eval_results) == 6
+  assert "arXiv 2605.26106" in card.text and "eprint        = {2605.26106}" in card.text
+  assert "model.sample(x, steps=64" in card.text
+
+
+class _Hub(http.server.BaseHTTPRequestHandler):
+  """The few Hub API routes `create_repo` + `upload_folder` call; every request is recorded."""
+  log: list = []
+
+  def _reply(self, code, obj):
+    body = json.dumps(obj).encode()
+    self.send_response(code)
+    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Length", str(len(body)))
+    self.end_headers()
+    self.wfile.write(body)
+
+  def do_POST(self):  # noqa: N802 (the http.server API)
+    body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+    path = self.path.split("?")[0]
+    self.log.append(("POST", path, self.headers.get("authorization"), body))
+    endpoint = f"http://127.0.0.1:{self.server.server_port}"
+    if path == "/api/validate-yaml":  # the Hub checks README.md's metadata before the upload
+      self._reply(200, {"errors": [], "warnings": []})
+    elif path == "/api/repos/create":
+      repo = json.loads(body)
+      self._reply(200, {"url": f"{endpoint}/{repo['organization']}/{repo['name']}"})
+    elif path.endswith("/preupload/main"):
+      files = json.loads(body)["files"]
+      self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+                                   "shouldIgnore": False} for f in files]})
+    elif "/commit/" in path:
+      repo = path.split("/api/models/")[1].split("/commit/")[0]
+      self._reply(200, {"commitUrl": f"{endpoint}/{repo}/commit/{'a' * 40}",
+                        "commitOid": "a" * 40, "pullRequestUrl": None})
+    else:
+      self._reply(404, {"error": "not served here"})
+
+  def do_GET(self):  # noqa: N802
+    self.log.append(("GET", self.path, self.headers.get("authorization"), b""))
+    self._reply(404, {"error": "not served here"})
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture
+def loopback_hub(monkeypatch):
+  """A loopback HTTP server standing in for the Hub (HF_ENDPOINT), online, with a token."""
+  from huggingface_hub import constants
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  endpoint = f"http://127.0.0.1:{server.server_port}"
+  _Hub.log = []
+  monkeypatch.setenv("HF_ENDPOINT", endpoint)
+  monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+  monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+  monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+  yield _Hub.log
+  server.shutdown()
+  server.server_close()
+
+
+def test_push_to_hub_uploads_the_export_in_one_commit(trained_export, loopback_hub, tmp_path,
+                                                      capsys):
+  """`loopjax export --push-to-hub ORG/NAME` (no --out): the repository is created, then one
+  commit carries every file of the export (the recorded upload holds the same bytes as a local
+  export), with the card's license, language and datasets from the flags."""
+  import base64
+  from huggingface_hub import ModelCard
+  wd, _ = trained_export
+  args = ["--workdir", wd, "--license", "apache-2.0", "--language", "en",
+          "--datasets", "org/sudoku-boards"]
+  assert export.export_main(args + ["--push-to-hub", "org/loopmdm-sudoku", "--private"]) == 0
+  assert "pushed to org/loopmdm-sudoku" in capsys.readouterr().out
+  posts = [x for x in loopback_hub if x[0] == "POST"]  # GETs (the client's probes) get 404
+  assert [p for _, p, _, _ in posts] == [
+      "/api/repos/create", "/api/validate-yaml",
+      "/api/models/org/loopmdm-sudoku/preupload/main", "/api/models/org/loopmdm-sudoku/commit/main"]
+  assert all(auth == "Bearer hf_test_token" for _, _, auth, _ in posts)
+  create = json.loads(posts[0][3])
+  assert (create["name"], create["organization"], create["visibility"]) == (
+      "loopmdm-sudoku", "org", "private")
+  validated = json.loads(posts[1][3])
+  assert validated["repoType"] == "model" and "model-index:" in validated["content"]
+  lines = [json.loads(x) for x in posts[3][3].splitlines()]
+  assert lines[0]["key"] == "header"
+  sent = {x["value"]["path"]: base64.b64decode(x["value"]["content"])
+          for x in lines if x["key"] == "file"}
+  local = str(tmp_path / "loopmdm-sudoku")
+  export.export_main(args + ["--out", local])
+  want = {os.path.relpath(os.path.join(d, f), local): open(os.path.join(d, f), "rb").read()
+          for d, _, fs in os.walk(local) for f in fs}
+  assert sorted(sent) == sorted(want) and "model.safetensors" in sent
+  # safetensors writes its header metadata in hash-map order, so the bytes (and the sha256 in
+  # config.json) may differ between two exports: the tensors and the rest must not.
+  from safetensors.numpy import load as load_tensors
+  got_t, want_t = load_tensors(sent["model.safetensors"]), load_tensors(want["model.safetensors"])
+  assert sorted(got_t) == sorted(want_t)
+  assert all(np.array_equal(got_t[k], want_t[k]) for k in want_t)
+  unhashed = lambda b: {**json.loads(b), "weights": {
+      k: v for k, v in json.loads(b)["weights"].items() if k != "sha256"}}
+  assert unhashed(sent["config.json"]) == unhashed(want["config.json"])
+  assert [k for k in want if k not in ("model.safetensors", "config.json")
+          and sent[k] != want[k]] == []
+  card = ModelCard(sent["README.md"].decode())
+  assert (card.data.license, card.data.language, card.data.datasets) == (
+      "apache-2.0", ["en"], ["org/sudoku-boards"])
+
+
+def test_push_to_hub_refusals_come_before_any_work(tmp_path, monkeypatch):
+  from huggingface_hub import constants
+  from loopjax.errors import UserError
+  wd = str(tmp_path / "no_run")  # never read: the refusals come first
+  with pytest.raises(UserError, match="'bad/repo/id': not a repository id"):
+    export.export_main(["--workdir", wd, "--push-to-hub", "bad/repo/id"])
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+  with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
+    export.export_main(["--workdir", wd, "--push-to-hub", "org/name"])
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+  monkeypatch.delenv("HF_TOKEN", raising=False)
+  monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))
+  monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no_tokens"))
+  with pytest.raises(UserError, match="no Hugging Face token"):
+    export.export_main(["--workdir", wd, "--push-to-hub", "org/name"])

@@ -8,7 +8,8 @@ Formats (chosen by extension; `.gz` is decompressed on the fly for .txt / .jsonl
   .arrow          an Arrow IPC file or stream (what Hugging Face `datasets` keeps in its
                   cache), column `text_field`, memory-mapped and read one batch at a time.
 `input_format` overrides the extension for every file (e.g. "txt" for LM1B's raw release
-files, named news.en-00001-of-00100). Documents are stripped of surrounding whitespace; empty ones are skipped. Nothing holds more
+files, named news.en-00001-of-00100). An input `datasets:NAME[:CONFIG][@SPLIT]` is read through
+Hugging Face `datasets` instead (a Hub dataset, streamed, or a local folder; hf_datasets.py). Documents are stripped of surrounding whitespace; empty ones are skipped. Nothing holds more
 than one record batch (or one paragraph) of a file in memory.
 """
 
@@ -19,6 +20,8 @@ import io
 import json
 import os
 from collections.abc import Iterator, Sequence
+
+from loopjax.data import hf_datasets
 
 EXTENSIONS = (".txt", ".jsonl", ".parquet", ".arrow", ".txt.gz", ".jsonl.gz")
 _BATCH_ROWS = 1024
@@ -52,6 +55,9 @@ def list_inputs(paths: Sequence[str], input_format: str | None = None) -> list[s
     raise ValueError("no --input given: name corpus files or directories")
   found = []
   for p in paths:
+    if hf_datasets.is_spec(p):
+      found.append(p)
+      continue
     p = os.path.expanduser(p)
     if os.path.isdir(p):
       inside = sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs)
@@ -153,7 +159,9 @@ def _columnar(path: str, kind: str, text_field: str) -> Iterator[str]:
 
 def iter_documents(path: str, *, text_field: str = "text", txt_split: str = "paragraph",
                    input_format: str | None = None) -> Iterator[str]:
-  """The non-empty documents of one corpus file, in file order."""
+  """The non-empty documents of one corpus file (or `datasets:` input), in file order."""
+  if hf_datasets.is_spec(path):
+    return hf_datasets.iter_documents(path, text_field=text_field)
   _check_format(input_format)
   kind = input_format or _kind(path)
   if kind == "txt":
@@ -172,3 +180,13 @@ def check_input(path: str, *, text_field: str, txt_split: str,
   """Reads the first document of `path`, so a missing text field fails before any work."""
   next(iter_documents(path, text_field=text_field, txt_split=txt_split,
                       input_format=input_format), None)
+
+
+def input_name(path: str) -> str:
+  """How an input is recorded: a file's absolute path, a `datasets:` input as given."""
+  return path if hf_datasets.is_spec(path) else os.path.abspath(path)
+
+
+def input_bytes(path: str) -> int:
+  """An input's size for progress (0 for a `datasets:` input: unknown before reading)."""
+  return 0 if hf_datasets.is_spec(path) else os.path.getsize(path)

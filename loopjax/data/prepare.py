@@ -253,9 +253,9 @@ def _plan(inputs, tokenizer_spec: str, *, text_field: str, txt_split: str,
     corpus.check_input(f, text_field=text_field, txt_split=txt_split,
                        input_format=input_format)
   record = {"tokenizer": shards.tokenizer_identity(tok.describe()),
-            "inputs": [{"path": os.path.abspath(f), "bytes": os.path.getsize(f)}
+            "inputs": [{"path": corpus.input_name(f), "bytes": corpus.input_bytes(f)}
                        for f in files],
-            "heldout_inputs": [{"path": os.path.abspath(f), "bytes": os.path.getsize(f)}
+            "heldout_inputs": [{"path": corpus.input_name(f), "bytes": corpus.input_bytes(f)}
                                for f in held_files],
             "text_field": text_field, "txt_split": txt_split, "format": input_format,
             "shard_tokens": shard_tokens, "heldout": heldout}
@@ -336,7 +336,7 @@ def prepare(inputs, tokenizer_spec: str, out_dir: str, *, text_field: str = "tex
     os.makedirs(d, exist_ok=True)
   record = {"out_dir": out_dir, **record}
   _check_arguments(out_dir, record)
-  tasks = [dict(out_dir=out_dir, file_idx=i, path=f, bytes=os.path.getsize(f),
+  tasks = [dict(out_dir=out_dir, file_idx=i, path=f, bytes=corpus.input_bytes(f),
                 text_field=text_field, txt_split=txt_split, format=input_format,
                 shard_tokens=shard_tokens, heldout=heldout, all_heldout=i >= len(files),
                 _stop_after_parts=_stop_after_parts)
@@ -421,13 +421,14 @@ def write_tokenized(out_dir: str, documents, tokenizer_spec: str, *, heldout_eve
 def prepare_main(argv=None) -> int:
   """`loopjax prepare`; argv excludes the command name."""
   p = argparse.ArgumentParser(prog="loopjax prepare", description=__doc__.split("\n")[0])
-  p.add_argument("--input", nargs="+", default=[], help="corpus files or directories")
+  p.add_argument("--input", nargs="+", default=[], help="corpus files or directories, or "
+                 "datasets:NAME[:CONFIG][@SPLIT] (a Hub dataset or local folder via datasets)")
   p.add_argument("--heldout-input", nargs="+", default=[],
                  help="files or directories whose documents are all held out (test sets)")
   p.add_argument("--format", default=None, choices=corpus.FORMATS,
                  help="read every input as this format, whatever its extension")
   p.add_argument("--tokenizer", default="byte",
-                 help="byte | sentencepiece:PATH.model | hf:PATH/tokenizer.json")
+                 help="byte | sentencepiece:PATH.model | hf:PATH/tokenizer.json | hf:HUB_ID")
   p.add_argument("--out", required=True, help="output directory or gs:// URL")
   p.add_argument("--stage-dir", default="",
                  help="--out gs://: local folder the shards are written to before the upload "

@@ -3,9 +3,15 @@
 Specs accepted by `make_tokenizer` (the `config.data.tokenizer` string):
   "byte"                      UTF-8 bytes 0..255 plus EOS = 256 (vocab_size 257)
   "sentencepiece:PATH.model"  a local SentencePiece model
-  "hf:PATH/tokenizer.json"    a local Hugging Face `tokenizers` file
+  "hf:PATH/tokenizer.json"    a local Hugging Face `tokenizers` file (or hf:FOLDER holding one)
+  "hf:ID" or "ID"             the tokenizer.json of the Hub model repository ID (`gpt2`,
+                              `bert-base-uncased`, `ORG/NAME`), from the Hugging Face cache
+                              first (loopjax.hf.hub: downloaded only when the Hub is reachable
+                              and HF_HUB_OFFLINE is not set); a repository without one gets
+                              the tokenizer transformers reads from its other files
 
-`CharTokenizer` serves the built-in tasks (Sudoku, arithmetic). Nothing here downloads.
+`CharTokenizer` serves the built-in tasks (Sudoku, arithmetic). A local path always wins over a
+Hub id of the same spelling.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import hashlib
 import os
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
+
+from loopjax.hf import hub
 
 
 @runtime_checkable
@@ -58,8 +66,8 @@ def _sha256(path: str) -> str:
 def _require_file(path: str, spec: str) -> str:
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f"tokenizer spec {spec!r}: file {path!r} does not exist (tokenizers are never "
-        "downloaded; give a local path)")
+        f"tokenizer spec {spec!r}: file {path!r} does not exist (give a local path, or a Hub "
+        "model id such as hf:gpt2)")
   return path
 
 
@@ -160,9 +168,10 @@ class HFTokenizer:
   """
 
   def __init__(self, path: str, *, eos_token: str | None = None,
-               pad_token: str | None = None):
+               pad_token: str | None = None, repo_id: str | None = None):
     import tokenizers
-    self.path = _require_file(path, f"hf:{path}")
+    self.path = _require_file(path, f"hf:{repo_id or path}")
+    self.repo_id = repo_id  # the Hub id it was resolved from (path: the cached file)
     try:
       self._tok = tokenizers.Tokenizer.from_file(self.path)
     except Exception as e:  # the Rust library raises its own exception type for any bad file
@@ -189,9 +198,12 @@ class HFTokenizer:
                             skip_special_tokens=True)
 
   def describe(self) -> dict:
-    return {"type": "hf", "spec": f"hf:{self.path}", "file": os.path.basename(self.path),
-            "sha256": _sha256(self.path), "vocab_size": self.vocab_size,
-            "eos_id": self.eos_id, "pad_id": self.pad_id}
+    hub_ref = {"repo_id": self.repo_id, "revision": hub.snapshot_revision(self.path)} \
+        if self.repo_id else {}
+    return {"type": "hf", "spec": f"hf:{self.repo_id or self.path}",
+            "file": os.path.basename(self.path), "sha256": _sha256(self.path),
+            "vocab_size": self.vocab_size, "eos_id": self.eos_id, "pad_id": self.pad_id,
+            **({"hub": hub_ref} if hub_ref else {})}
 
   def files(self) -> list[str]:
     return [self.path]
@@ -206,9 +218,25 @@ def make_tokenizer(spec: str) -> Tokenizer:
   if kind in ("sentencepiece", "spm") and path:
     return SentencePieceTokenizer(os.path.expanduser(path))
   if kind == "hf" and path:
-    return HFTokenizer(os.path.expanduser(path))
+    if hub.is_repo_id(path):
+      return hub_tokenizer(path)
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):  # a save_pretrained folder or a local copy of a Hub repository
+      local = os.path.join(local, "tokenizer.json")
+    return HFTokenizer(local)
+  if not path and hub.is_repo_id(spec):
+    return hub_tokenizer(spec)
   raise ValueError(f"unknown tokenizer spec {spec!r}; use 'byte', "
-                   "'sentencepiece:PATH.model' or 'hf:PATH/tokenizer.json'")
+                   "'sentencepiece:PATH.model', 'hf:PATH/tokenizer.json' or a Hub model id "
+                   "('hf:gpt2', 'bert-base-uncased')")
+
+
+def hub_tokenizer(repo_id: str) -> HFTokenizer:
+  """The tokenizer.json of a Hub model repository (cache first; see loopjax.hf.hub); for a
+  repository without one, the tokenizer transformers reads from its other files."""
+  path = hub.hub_file(repo_id, "tokenizer.json", what="tokenizer",
+                      absent_ok="tokenizer_config.json")
+  return HFTokenizer(path or hub.converted_tokenizer(repo_id), repo_id=repo_id)
 
 
 def train_sentencepiece(input_files: Sequence[str], model_prefix: str, vocab_size: int,

@@ -85,12 +85,26 @@ def exponential32(rng, shape):
   return jnp.maximum(-jnp.log1p(-v), 2.0**-33)  # v = 0 (p = 2^-32): smallest positive instead
 
 
+def step_noise(rng, s, shape_BxLxV, method: str = "ancestral"):
+  """The random numbers a sampler draws at its iteration s from `rng` (the sampler's key; for
+  semi-AR block k, fold_in(rng, 10_000 + k)): (e_BxLxV, u_BxL), Exp(1) draws for the token race
+  (`sample_categorical`) and, for the ancestral sampler, U[0, 1) draws that decide which masked
+  positions are unmasked (None for the confidence sampler). Another implementation fed these
+  numbers (the PyTorch export's `sample(noise=...)`) draws the same tokens."""
+  key = jax.random.fold_in(rng, s)
+  if method == "confidence":
+    return exponential32(key, shape_BxLxV), None
+  r_tok, r_mask = jax.random.split(key)
+  return exponential32(r_tok, shape_BxLxV), jax.random.uniform(r_mask, shape_BxLxV[:-1])
+
+
 def sample_categorical(rng, logits_BxLxV, temperature: float = 1.0, top_k: int = 0,
-                       top_p: float = 1.0):
+                       top_p: float = 1.0, e_BxLxV=None):
   """Draws one token per position. Returns (ids_BxL int32, prob_BxL of the chosen id).
 
   temperature 0 is greedy (argmax). prob is under the filtered, tempered distribution (the
-  softmax at temperature 1 when greedy): the confidence of the choice.
+  softmax at temperature 1 when greedy): the confidence of the choice. e_BxLxV: the Exp(1)
+  draws of the race (default: drawn from rng).
   """
   if temperature == 0:
     logp = jax.nn.log_softmax(filter_logits(logits_BxLxV, top_k, top_p), axis=-1)
@@ -98,7 +112,7 @@ def sample_categorical(rng, logits_BxLxV, temperature: float = 1.0, top_k: int =
   else:  # temperature first, then the top-k / nucleus filter (as HF generate)
     scaled = logits_BxLxV.astype(jnp.float32) / temperature
     logp = jax.nn.log_softmax(filter_logits(scaled, top_k, top_p), axis=-1)
-    e = exponential32(rng, logp.shape)
+    e = exponential32(rng, logp.shape) if e_BxLxV is None else e_BxLxV
     ids = jnp.argmax(logp - jnp.log(e), axis=-1)
   prob = jnp.exp(jnp.take_along_axis(logp, ids[..., None], axis=-1)[..., 0])
   return ids.astype(jnp.int32), prob
@@ -112,7 +126,8 @@ def _drive(denoise, rng, x_BxL, mask_id, steps, eligible_BxL, cache, update, tim
            calls=None):
   """The shared step loop: calls the denoiser (or reuses its cached logits) and `update`s x.
 
-  update(rng, x, logits, masked_BxL, n0_B, s) -> x; time_fn(s): the time fed to the denoiser
+  update(rng, x, logits, masked_BxL, n0_B, s) -> x (rng: the sampler's key, `step_noise`
+  derives iteration s's draws from it); time_fn(s): the time fed to the denoiser
   at iteration s (default (steps - s) / steps); calls: iterations (default steps). Returns the
   sampler's result dict.
   """
@@ -145,7 +160,7 @@ def _drive(denoise, rng, x_BxL, mask_id, steps, eligible_BxL, cache, update, tim
     else:
       fresh = jnp.bool_(True)
       logits, loops_B = call(x, s)
-    x_new = update(jax.random.fold_in(rng, s), x, logits, masked, n0_B, s)
+    x_new = update(rng, x, logits, masked, n0_B, s)
     x_new = jnp.where(masked, x_new, x)  # only masked, eligible positions are ever written
     unmasked_B = (masked & (x_new != mask_id)).sum(-1).astype(jnp.int32)
     return (x_new, logits, x, nfe + fresh.astype(jnp.int32), loops_TxB.at[s].set(loops_B),
@@ -184,14 +199,14 @@ def ancestral_sample(denoise, rng, x_BxL, mask_id: int, steps: int, schedule=Non
     del n0_B
     m_t, m_s = _mask_prob(schedule, time_fn(s)), _mask_prob(schedule, time_fn(s + 1))
     p_unmask = jnp.where(m_t > 0, (m_t - m_s) / jnp.maximum(m_t, 1e-30), 1.0)
-    r_tok, r_mask = jax.random.split(rng)
-    ids, _ = sample_categorical(r_tok, logits, temperature, top_k, top_p)
+    e, u = step_noise(rng, s, logits.shape, "ancestral")
+    ids, _ = sample_categorical(None, logits, temperature, top_k, top_p, e)
     if argmax_end:  # iteration `steps` is the noise removal: every remaining mask, argmax
       p_unmask = jnp.where(s == steps, 1.0, p_unmask)
       ids = jnp.where(s == steps, jnp.argmax(logits, axis=-1).astype(ids.dtype), ids)
     else:
       p_unmask = jnp.where(s == steps - 1, 1.0, p_unmask)
-    go = masked & (jax.random.uniform(r_mask, masked.shape) < p_unmask)
+    go = masked & (u < p_unmask)
     return jnp.where(go, ids.astype(x.dtype), x)
 
   return _drive(denoise, rng, x_BxL, mask_id, steps, eligible_BxL, cache, update, time_fn,
@@ -215,7 +230,8 @@ def confidence_sample(denoise, rng, x_BxL, mask_id: int, steps: int, schedule=No
     else:
       keep = jnp.floor(n0_B * _mask_prob(schedule, (steps - s - 1) / steps)).astype(jnp.int32)
       k_B = jnp.where(s == steps - 1, remaining, jnp.maximum(remaining - keep, 0))
-    ids, conf = sample_categorical(rng, logits, temperature, top_k, top_p)
+    e, _ = step_noise(rng, s, logits.shape, "confidence")
+    ids, conf = sample_categorical(None, logits, temperature, top_k, top_p, e)
     conf = jnp.where(masked, conf, -jnp.inf)
     rank = jnp.argsort(jnp.argsort(-conf, axis=-1), axis=-1)
     commit = masked & (rank < k_B[:, None])

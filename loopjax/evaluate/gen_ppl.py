@@ -1,11 +1,12 @@
 """Generative perplexity: samples of a run scored by a local autoregressive judge.
 
-`loopjax eval --gen-ppl JUDGE_DIR --samples N --steps 64,256,1024 --loops ...` draws N
+`loopjax eval --gen-ppl JUDGE --samples N --steps 64,256,1024 --loops ...` draws N
 unconditional samples (or continuations of `--prompt`) of data.seq_len tokens for every
 (policy, steps) cell with the chosen sampler, decodes them with the run's tokenizer, re-tokenizes
-the text with the judge's tokenizer and scores it with the judge, a Hugging Face causal LM
-folder (`save_pretrained` layout, read with local_files_only: nothing is downloaded; e.g. GPT-2
-Large, as MDLM uses). torch and transformers are imported only here (`pip install
+the text with the judge's tokenizer and scores it with the judge, a Hugging Face causal LM: a
+local folder (`save_pretrained` layout, read with local_files_only) or a Hub model id such as
+`gpt2-large` (MDLM's judge), taken from the Hugging Face cache first and downloaded only when the
+Hub is reachable and HF_HUB_OFFLINE is not set. torch and transformers are imported only here (`pip install
 loopjax[torch]`).
 
 The perplexity follows MDLM's `compute_generative_perplexity`: every sample is re-tokenized and
@@ -44,6 +45,7 @@ from loopjax.errors import UserError
 from loopjax.evaluate import tables
 from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler, resolve_policy,
                                        timed)
+from loopjax.hf import hub
 
 INSTALL_HINT = "pip install loopjax[torch]"
 
@@ -62,12 +64,16 @@ class Judge:
 
 
 def load_judge(path: str, *, device: str = "cpu") -> Judge:
-  """The causal LM and tokenizer saved in the local folder `path` (never downloaded)."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-    raise UserError(f"--gen-ppl {path}: not a local model folder (no config.json there); the "
-                    "judge is never downloaded: give a folder written by save_pretrained "
-                    "(config.json, weights, tokenizer files)")
+  """The causal LM and tokenizer of a local `save_pretrained` folder or of a Hub model id
+  (`gpt2-large`), the latter from the Hugging Face cache first (loopjax.hf.hub)."""
+  local = os.path.abspath(os.path.expanduser(path))
+  repo_id = None
+  if not os.path.isdir(local) and hub.is_repo_id(path):
+    repo_id = path.strip()
+  elif not os.path.isdir(local) or not os.path.isfile(os.path.join(local, "config.json")):
+    raise UserError(f"--gen-ppl {local}: not a local model folder (no config.json there) nor a "
+                    "Hub model id; give a folder written by save_pretrained (config.json, "
+                    "weights, tokenizer files) or an id such as gpt2-large")
   try:
     import torch  # noqa: F401
     import transformers
@@ -75,15 +81,18 @@ def load_judge(path: str, *, device: str = "cpu") -> Judge:
     raise UserError(f"--gen-ppl needs torch and transformers ({e.name} is not installed): "
                     f"{INSTALL_HINT}") from None
   transformers.utils.logging.disable_progress_bar()
+  if repo_id:  # a missing or uncached repository fails here, in one line naming the id
+    hub.hub_file(repo_id, "config.json", what="--gen-ppl judge", whole_repo=True)
+  path = where = repo_id or local
+  kw = {"local_files_only": True} if repo_id is None else {}
   try:
-    tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tok = transformers.AutoTokenizer.from_pretrained(where, **kw)
   except (OSError, ValueError, TypeError) as e:
-    raise UserError(f"--gen-ppl {path}: no usable tokenizer in the folder ("
-                    f"{_first_line(e)})") from None
+    raise UserError(f"--gen-ppl {where}: no usable tokenizer ({_first_line(e)})") from None
   try:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(where, **kw)
   except (OSError, ValueError, TypeError) as e:
-    raise UserError(f"--gen-ppl {path}: not a causal LM folder ({_first_line(e)})") from None
+    raise UserError(f"--gen-ppl {where}: not a causal LM ({_first_line(e)})") from None
   try:
     model.eval().to(device)
   except (RuntimeError, AssertionError, ValueError) as e:  # e.g. a CPU-only torch and "cuda"

@@ -262,8 +262,9 @@ def eval_main(argv) -> int:
   p.add_argument("--corpus-layout", default="auto",
                  choices=("auto", "document", "concat", "mdlm"),
                  help="rows of a corpus: auto follows the run's data config")
-  p.add_argument("--gen-ppl", default=None, metavar="JUDGE_DIR", help="generative perplexity "
-                 "of samples under this local Hugging Face causal LM folder")
+  p.add_argument("--gen-ppl", default=None, metavar="JUDGE", help="generative perplexity "
+                 "of samples under this Hugging Face causal LM (a local folder or a Hub id "
+                 "such as gpt2-large, cache first)")
   p.add_argument("--samples", type=int, default=64, help="--gen-ppl samples per S x steps")
   p.add_argument("--prompt", default=None, help="--gen-ppl: continue this text")
   p.add_argument("--judge-device", default="cpu", help="--gen-ppl: torch device of the judge")

@@ -1,9 +1,27 @@
 """The export's model card (README.md), rendered from the export's config.json, the training
-numbers the exporter computed and the run's eval/summary.json (if one exists)."""
+numbers the exporter computed and the run's eval/summary.json (if one exists).
+
+The metadata block is built with huggingface_hub's card tools (`ModelCardData`, `EvalResult`):
+license, language, datasets, library, tags and a model-index holding every number of the run's
+eval/summary.json (one result per metric, loop policy and steps), which the Hub shows as the
+model's evaluation results.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+PAPER = "arXiv 2605.26106"
+CITATION = """@misc{loopmdm2026,
+  title         = {Looped Diffusion Language Models},
+  year          = {2026},
+  eprint        = {2605.26106},
+  archivePrefix = {arXiv},
+  url           = {https://arxiv.org/abs/2605.26106}
+}"""
+TAGS = ["loopjax", "masked-diffusion", "diffusion-language-model", "looped-transformer",
+        "custom_code"]
 
 
 def _num(x: Any) -> str:
@@ -43,17 +61,85 @@ def eval_tables(summary: dict) -> list[str]:
   return lines
 
 
-def render(config: dict, training: dict, eval_summary: dict | None, name: str) -> str:
+def _setting(row: dict) -> str:
+  parts = [f"S={row['loops']}"] if row.get("loops") is not None else []
+  parts += [f"{row['steps']} steps"] if row.get("steps") else []
+  return ", ".join(parts)
+
+
+def eval_results(summary: dict | None, dataset: tuple[str, str]) -> list:
+  """huggingface_hub EvalResults of an eval summary. dataset: (id, name) of the training data,
+  where held-out likelihood and task accuracy are measured."""
+  from huggingface_hub import EvalResult
+  out = []
+
+  def add(row, key, metric_type, label, task_type, task_name, data, split):
+    value = row.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+      return
+    out.append(EvalResult(task_type=task_type, task_name=task_name, dataset_type=data[0],
+                          dataset_name=data[1], dataset_split=split, metric_type=metric_type,
+                          metric_value=float(value),
+                          metric_name=f"{label} ({_setting(row)})" if _setting(row) else label))
+
+  summary = summary or {}
+  for row in summary.get("likelihood") or []:
+    add(row, "bits_per_token", "bits_per_token", "NELBO bits per token", "fill-mask",
+        "Held-out likelihood (NELBO bound)", dataset, "held-out")
+    add(row, "ppl_bound", "perplexity", "perplexity bound", "fill-mask",
+        "Held-out likelihood (NELBO bound)", dataset, "held-out")
+  for row in summary.get("tasks") or []:
+    for key in [k for k in row if k.endswith(("accuracy", "exact_match"))]:
+      add(row, key, "accuracy" if key.endswith("accuracy") else "exact_match",
+          key.replace("_", " "), "text-generation", "Task accuracy", dataset, "held-out")
+  for row in summary.get("gsm8k") or []:
+    add(row, "exact_match", "exact_match", "exact match", "text-generation", "GSM8K",
+        ("openai/gsm8k", "GSM8K"), "test")
+  for row in summary.get("zero_shot") or []:
+    corpus = str(row.get("corpus", "corpus")).rsplit("/", 1)[-1]
+    add(row, "ppl_bound", "perplexity", "perplexity bound", "fill-mask",
+        "Zero-shot perplexity (NELBO bound)", (corpus, corpus), "test")
+  for row in summary.get("gen_ppl") or []:
+    add(row, "gen_ppl", "perplexity", "generative perplexity", "text-generation",
+        "Generative perplexity of samples", ("samples", "unconditional samples"), "generated")
+  return out
+
+
+def card_data(training: dict, eval_summary: dict | None, name: str, *,
+              license: str = "other", language=None, datasets=None):
+  """The card's metadata (`ModelCardData`). datasets: Hub dataset ids the model was trained
+  on (the results' dataset; else the run's data source); language: ISO codes (None: none
+  stated)."""
+  from huggingface_hub import ModelCardData
+  data_id = (datasets or [None])[0] or str(training.get("source") or "unknown")
+  return ModelCardData(
+      model_name=name, license=license, language=list(language) if language else None,
+      datasets=list(datasets) if datasets else None, library_name="transformers",
+      pipeline_tag="fill-mask", tags=list(TAGS),
+      eval_results=eval_results(eval_summary, (data_id, str(training.get("dataset") or data_id)))
+      or None)
+
+
+def render(config: dict, training: dict, eval_summary: dict | None, name: str,
+           **metadata) -> str:
   """README.md text. config: the export's config.json; training: {source, dataset, tokenizer,
-  steps, batch_size, seq_len, tokens_seen, train_flops, train_loops} (None where unknown)."""
+  steps, batch_size, seq_len, tokens_seen, train_flops, train_loops} (None where unknown);
+  metadata: `card_data`'s license, language, datasets."""
+  from huggingface_hub import ModelCard
+  data = card_data(training, eval_summary, name, **metadata)
+  card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + _body(config, training, eval_summary,
+                                                                name))
+  return str(card)
+
+
+def _body(config: dict, training: dict, eval_summary: dict | None, name: str) -> str:
   arch, loop, rep, w = (config["architecture"], config["loop"], config["parameter_report"],
                         config["weights"])
   kind = "LoopMDM (looped masked diffusion LM)" if loop["looped"] else "MDM (masked diffusion LM)"
-  lines = ["---", "library_name: transformers", "pipeline_tag: fill-mask",
-           "tags: [loopjax, masked-diffusion, looped-transformer]", "---", "",
-           f"# {name}", "",
+  lines = [f"# {name}", "",
            f"A {kind} trained with loopjax and exported from step {_num(w.get('step'))} "
-           f"({w.get('params')} weights, {w['dtype']}). The loop count S is chosen at call time: "
+           f"({w.get('params')} weights, {w['dtype']}), the method of \"Looped Diffusion "
+           f"Language Models\" ({PAPER}). The loop count S is chosen at call time: "
            "`model(input_ids, loops=S)`.", "", "## Architecture", ""]
   lines += _table(["field", "value"], [
       ["layers", arch["num_layers"]], ["width", arch["width"]], ["heads", arch["num_heads"]],
@@ -91,13 +177,19 @@ def render(config: dict, training: dict, eval_summary: dict | None, name: str) -
   if eval_summary:
     lines += ["## Evaluation", "", f"From the run's `loopjax eval` (checkpoint step "
               f"{_num(eval_summary.get('checkpoint_step'))}).", ""] + eval_tables(eval_summary)
-  lines += ["## Use", "", "```python",
+  lines += ["## Use", "", "```python", "import torch",
             "from transformers import AutoModelForMaskedLM, AutoTokenizer",
             "model = AutoModelForMaskedLM.from_pretrained(PATH, trust_remote_code=True)",
             "tok = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)",
             "ids = tok('...', add_special_tokens=False, return_tensors='pt').input_ids",
             f"logits = model(ids, loops={loop['default_loops']}).logits  # any loops >= 1",
-            "```", "", "Sampling with the MDLM ancestral sampler: see loopjax's "
-            "docs/hf_export.md. Without PyTorch, `loopjax.reference` computes the same logits "
-            "with NumPy from config.json and model.safetensors.", ""]
+            "x = torch.full((1, model.config.max_position_embeddings), model.config.mask_id)",
+            f"tokens, nfe = model.sample(x, steps=64, loops={loop['default_loops']})  "
+            "# MDLM ancestral",
+            "print(tok.batch_decode(tokens))", "```", "",
+            "`model.sample` also decodes by confidence (`method=\"confidence\"`), stops loops "
+            "adaptively (`adaptive_tau=`) and takes its random numbers from `noise=` (see "
+            "loopjax's docs/hf_export.md). Without PyTorch, `loopjax.reference` computes the "
+            "same logits with NumPy from config.json and model.safetensors.", "",
+            "## Citation", "", "```bibtex", CITATION, "```", ""]
   return "\n".join(lines)

@@ -309,3 +309,158 @@ class LoopMDMForMaskedLM(LoopMDMPreTrainedModel):
       if not bool(active.any()):
         break
     return h, loops_B, hiddens
+
+  @torch.no_grad()
+  def sample(self, input_ids, steps, *, method="ancestral", loops=None, adaptive_tau=None,
+             min_loops=1, temperature=None, top_k=0, top_p=1.0, final_step=None, eps=None,
+             schedule=None, block_len=0, attention_mask=None, segment_ids=None, cache=None,
+             noise=None, generator=None):
+    """Fills every [MASK] of `input_ids` (B x L); other tokens are given and kept (prompts,
+    infilling). Returns `(tokens B x L, nfe)`: nfe counts model calls (cached steps excluded).
+
+    method "ancestral" (MDLM): time runs 1 -> 0 over `steps`; from t to s each masked position
+    is unmasked with probability (m(t) - m(s)) / m(t), m the noise schedule's mask probability,
+    its token drawn from the model. final_step "sample" ends at t = 0 (the last step unmasks
+    everything left); "argmax" ends at t = eps and fills what is still masked with the argmax
+    token in one more call (steps + 1 calls). Defaults: the run's endpoint (config `sampling`).
+    method "confidence": every masked position gets a candidate (greedy at temperature 0, the
+    default) and the most confident are committed, as many as leave floor(n0 m(t_next))
+    masked (`schedule="even"`: ceil(remaining / steps left)); the last step commits all.
+    loops / adaptive_tau / min_loops: the looped block's iterations per call (`forward`).
+    temperature, then top_k / top_p (nucleus) filter the distribution tokens are drawn from.
+    block_len > 0: semi-autoregressive decoding, blocks of block_len positions left to right,
+    each with max(1, steps // blocks) steps of `method`; `noise` then gets (block, step).
+    schedule: "linear", "cosine" or "poly" (default: the config's `noise_schedule`).
+    cache: reuse the last logits while no token changed (exact only when the logits depend on
+    the tokens alone; default: on for models without time conditioning).
+    noise: `noise(step, shape_BxLxV) -> (e_BxLxV, u_BxL)`, the random numbers of that step:
+    Exp(1) draws e for the token race argmax(log_softmax(logits / T) - log e) and U[0, 1)
+    draws u for the unmasking (ancestral only; the confidence sampler's u may be None). loopjax's
+    `samplers.step_noise` gives the numbers loopjax's sampler uses, so both draw the same
+    tokens. Default: drawn with torch (`generator`).
+    """
+    cfg = self.config
+    if method not in ("ancestral", "confidence"):
+      raise ValueError(f"method must be 'ancestral' or 'confidence', got {method!r}")
+    if steps < 1:
+      raise ValueError(f"steps must be >= 1, got {steps}")
+    sampling = dict(getattr(cfg, "sampling", None) or {})
+    noise_cfg = dict(getattr(cfg, "noise_schedule", None) or {})
+    final_step = final_step or sampling.get("final_step", "sample")
+    if final_step not in ("sample", "argmax"):
+      raise ValueError(f"final_step must be 'sample' or 'argmax', got {final_step!r}")
+    eps = float(eps if eps is not None else sampling.get("eps", noise_cfg.get("eps", 1e-3)))
+    schedule = schedule or noise_cfg.get("schedule") or "linear"
+    exponent = float(noise_cfg.get("exponent", 1.0))
+    if schedule not in ("linear", "cosine", "poly", "even"):
+      raise ValueError(f"schedule must be linear, cosine, poly or even, got {schedule!r}")
+    temp = float((1.0 if method == "ancestral" else 0.0) if temperature is None else temperature)
+    cache = (not cfg.time_conditioning) if cache is None else bool(cache)
+    noise = noise or _torch_noise(generator)
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)
+    m = lambda t: _mask_prob(schedule if schedule != "even" else "linear", t, exponent)
+    argmax_end = method == "ancestral" and final_step == "argmax"
+
+    def fill(x, steps, eligible, noise):
+      """One sampler run over the masked positions of `eligible` (None: all)."""
+      b, dev = x.shape[0], x.device
+      masked0 = (x == cfg.mask_id) if eligible is None else (x == cfg.mask_id) & eligible
+      n0_B = masked0.sum(-1)
+      if argmax_end:  # float32 arithmetic in loopjax's order: the thresholds agree bit for bit
+        time_fn = lambda s: f32(1.0) - f32(s) * f32(1.0 - eps) / f32(steps)
+      else:
+        time_fn = lambda s: f32(steps - s) / f32(steps)
+      logits, last, nfe = None, None, 0
+      for s in range(steps + 1 if argmax_end else steps):
+        masked = (x == cfg.mask_id) & masked0
+        if not (cache and last is not None and torch.equal(x, last)):
+          t_B = time_fn(s).expand(b).to(dev)
+          logits = self(x, attention_mask=attention_mask, segment_ids=segment_ids, loops=loops,
+                        timesteps=t_B, adaptive_tau=adaptive_tau, min_loops=min_loops).logits
+          logits, nfe = logits.float(), nfe + 1
+        last = x
+        e, u = noise(s, tuple(logits.shape))
+        e = torch.as_tensor(e, dtype=torch.float32, device=dev)[..., :logits.shape[-1]]
+        ids, conf = _categorical(logits, temp, e, top_k, top_p)
+        if method == "ancestral":
+          m_t, m_s = m(time_fn(s)), m(time_fn(s + 1))
+          p = (m_t - m_s) / torch.clamp(m_t, min=1e-30) if m_t > 0 else f32(1.0)
+          if argmax_end and s == steps:
+            p, ids = f32(1.0), logits.argmax(-1)
+          elif not argmax_end and s == steps - 1:
+            p = f32(1.0)
+          go = masked & (torch.as_tensor(u, dtype=torch.float32, device=dev) < p.to(dev))
+        else:
+          remaining = masked.sum(-1)
+          if schedule == "even":
+            k_B = -(-remaining // (steps - s))
+          else:
+            keep = torch.floor(n0_B.float() * m(f32(steps - s - 1) / f32(steps)).to(dev)).long()
+            k_B = remaining if s == steps - 1 else torch.clamp(remaining - keep, min=0)
+          conf = torch.where(masked, conf, torch.full_like(conf, -math.inf))
+          rank = torch.argsort(torch.argsort(-conf, dim=-1, stable=True), dim=-1, stable=True)
+          go = masked & (rank < k_B[:, None])
+        x = torch.where(go, ids.to(x.dtype), x)
+      return x, nfe
+
+    x, length = input_ids.clone(), input_ids.shape[1]
+    if not block_len or block_len >= length:
+      return fill(x, steps, None, noise)
+    # Semi-autoregressive: blocks left to right, max(1, steps // blocks) steps each; later
+    # blocks stay masked (and visible as masks) until their turn.
+    num_blocks = -(-length // block_len)
+    pos = torch.arange(length, device=x.device)
+    nfe = 0
+    for k in range(num_blocks):
+      eligible = ((pos >= k * block_len) & (pos < (k + 1) * block_len))[None, :]
+      x, n = fill(x, max(1, steps // num_blocks), eligible,
+                  lambda s, shape, k=k: noise((k, s), shape))
+      nfe += n
+    return x, nfe
+
+
+def _mask_prob(name, t, exponent):
+  """m(t) = 1 - alpha(t) of the noise schedule, float32, clipped to [0, 1]."""
+  if name == "linear":
+    m = t
+  elif name == "cosine":
+    m = 2.0 * torch.sin(0.25 * math.pi * t) ** 2
+  else:
+    m = t ** exponent
+  return torch.clamp(m, 0.0, 1.0)
+
+
+def _filter(x, top_k, top_p):
+  """Logits outside the top-k / the top-p nucleus set to -inf (the argmax always survives)."""
+  if top_k and top_k < x.shape[-1]:
+    kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+    x = torch.where(x < kth, torch.full_like(x, -math.inf), x)
+  if top_p < 1.0:
+    srt = torch.sort(x, dim=-1, descending=True).values
+    p = torch.softmax(srt, dim=-1)
+    keep = (torch.cumsum(p, dim=-1) - p) < top_p  # tokens before the nucleus is full
+    thresh = torch.where(keep, srt, torch.full_like(srt, math.inf)).min(-1, keepdim=True).values
+    x = torch.where(x < thresh, torch.full_like(x, -math.inf), x)
+  return x
+
+
+def _categorical(logits_BxLxV, temperature, e_BxLxV, top_k=0, top_p=1.0):
+  """(ids, probability of each id): greedy at temperature 0, else the exponential race
+  argmax(log p - log e) with e ~ Exp(1) (a categorical draw from p = softmax(logits / T)),
+  p filtered to the top-k / top-p tokens."""
+  if temperature == 0:
+    logp = torch.log_softmax(_filter(logits_BxLxV, top_k, top_p), dim=-1)
+    ids = logp.argmax(-1)
+  else:
+    logp = torch.log_softmax(_filter(logits_BxLxV / temperature, top_k, top_p), dim=-1)
+    ids = (logp - torch.log(e_BxLxV)).argmax(-1)
+  return ids, torch.exp(torch.gather(logp, -1, ids[..., None])[..., 0])
+
+
+def _torch_noise(generator):
+  def noise(step, shape):
+    del step
+    v = torch.rand(shape, generator=generator, dtype=torch.float32)
+    e = torch.clamp(-torch.log1p(-v), min=2.0**-33)
+    return e, torch.rand(shape[:-1], generator=generator, dtype=torch.float32)
+  return noise
