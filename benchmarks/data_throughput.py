@@ -7,9 +7,9 @@
 Corpus: `--tokens` random token ids (document lengths log-normal around `--doc-len`) written
 directly as shards of `--shard-tokens` (no tokenization). Pipeline: tokens/s of one process's
 `make_train_iterator` (process 0 of `--processes`, `--rows` rows of seq_len, MDLM wrap, no
-prefetch thread: one thread makes the rows, plus from the bucket the copy-ahead thread) for `--batches` batches: enough to
-read about the process's whole share of the corpus, so every shard under its rows is opened
-(and, from the bucket, copied) once. Local: the shards on this disk. Emulator: the same shards
+prefetch thread: one thread makes the rows, plus from the bucket the copy-ahead thread) for
+`--batches` batches: enough to read about the process's whole share of the corpus, so every
+shard under its rows is opened (and, from the bucket, copied) once. Local: the shards on this disk. Emulator: the same shards
 in a fake-gcs-server bucket on loopback (`gs://`), with the emulator's own ceilings measured
 beside it: three whole shard objects read sequentially (MB/s), and random 1-document range reads
 (what random access over a FUSE mount turns into without a cache) on 1 and 16 threads, with the
