@@ -7,13 +7,14 @@
 Corpus: `--tokens` random token ids (document lengths log-normal around `--doc-len`) written
 directly as shards of `--shard-tokens` (no tokenization). Pipeline: tokens/s of one process's
 `make_train_iterator` (process 0 of `--processes`, `--rows` rows of seq_len, MDLM wrap, no
-prefetch thread, so wall time is the work of one thread) for `--batches` batches: enough to
-read about the process's whole share of the corpus, so every shard under its rows is opened
-(and, from the bucket, copied) once. Local: the shards on this disk. Emulator: the same shards
+prefetch thread: one thread makes the rows, plus from the bucket the copy-ahead thread) for
+`--batches` batches: enough to read about the process's whole share of the corpus, so every
+shard under its rows is opened (and, from the bucket, copied) once. Local: the shards on this disk. Emulator: the same shards
 in a fake-gcs-server bucket on loopback (`gs://`), with the emulator's own ceilings measured
-beside it: one whole shard object read sequentially (MB/s), and random 1-document range reads
-(what random access over a FUSE mount turns into without a cache). Prepare: generated
-English-like JSONL tokenized with a BPE tokenizer.json trained on it, 1 and 2 worker processes.
+beside it: three whole shard objects read sequentially (MB/s), and random 1-document range reads
+(what random access over a FUSE mount turns into without a cache) on 1 and 16 threads, with the
+client's CPU time per token. Prepare: generated English-like JSONL tokenized with a BPE
+tokenizer.json trained on it, 1 and 2 worker processes.
 RSS: peak RSS (VmHWM) of a fresh process iterating the same batches from X and 10X tokens.
 Writes benchmarks/results/data_throughput.json.
 """
@@ -130,19 +131,22 @@ def emulator_ceilings(url: str, manifest: dict, *, reads: int, doc_bytes: int,
     start = int(rng.integers(0, e["bytes"] - doc_bytes))
     picks.append((storage.join(url, e["path"]), start))
   read = lambda pick: fs.cat_file(pick[0], start=pick[1], end=pick[1] + doc_bytes)
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   for pick in picks:
     read(pick)
-  per_s = reads / (time.perf_counter() - t0)
+  per_s, per_cpu_s = (reads / (time.perf_counter() - t0), reads / (time.process_time() - c0))
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # as grain's read threads
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     list(pool.map(read, picks))
     per_s_threads = reads / (time.perf_counter() - t0)
+    per_cpu_s_threads = reads / (time.process_time() - c0)
   return {"sequential_mb_per_s": seq / 1e6, "sequential_tokens_per_s": seq / 2,
           "random_reads_per_s": per_s, "random_read_bytes": doc_bytes,
-          "random_tokens_per_s": per_s * doc_bytes / 2, "threads": threads,
+          "random_tokens_per_s": per_s * doc_bytes / 2,
+          "random_tokens_per_client_cpu_s": per_cpu_s * doc_bytes / 2, "threads": threads,
           "random_reads_per_s_threads": per_s_threads,
-          "random_tokens_per_s_threads": per_s_threads * doc_bytes / 2}
+          "random_tokens_per_s_threads": per_s_threads * doc_bytes / 2,
+          "random_tokens_per_client_cpu_s_threads": per_cpu_s_threads * doc_bytes / 2}
 
 
 def upload_corpus(local: str, url: str, manifest: dict) -> float:
@@ -282,7 +286,9 @@ def main(argv=None) -> int:
                 f"{c['random_read_bytes']} B reads {c['random_reads_per_s']:.0f}/s "
                 f"({c['random_tokens_per_s'] / 1e6:.2f}M tokens/s), with {c['threads']} threads "
                 f"{c['random_reads_per_s_threads']:.0f}/s "
-                f"({c['random_tokens_per_s_threads'] / 1e6:.2f}M tokens/s)")
+                f"({c['random_tokens_per_s_threads'] / 1e6:.2f}M tokens/s); this process's CPU: "
+                f"{c['random_tokens_per_client_cpu_s'] / 1e6:.2f}M and "
+                f"{c['random_tokens_per_client_cpu_s_threads'] / 1e6:.2f}M tokens per CPU-s")
           res["pipeline_emulator"] = [_median_of([
               pipeline(url, wrap="mdlm", stage_dir=os.path.join(tmp, "stage"), **kw)
               for _ in range(a.repeats)])]

@@ -351,6 +351,43 @@ def test_prepare_to_bucket_two_processes_sigkill_resume_on_one_equals_local(gcs,
   assert got == want, [(s, got[s], want[s]) for s in want if got[s] != want[s]]
 
 
+def _upload_corpus(corpus, url, manifest):
+  for split in manifest["splits"].values():
+    for e in split["shards"]:
+      storage.upload(os.path.join(corpus, e["path"]), storage.join(url, e["path"]))
+  storage.upload(os.path.join(corpus, "manifest.json"), storage.join(url, "manifest.json"))
+
+
+def test_grain_workers_read_a_bucket_corpus_like_one_process_reads_the_local_one(gcs, tmp_path):
+  """Also across a resume with another worker count."""
+  import numpy as np
+  from loopjax import data as D
+  from loopjax.data import prepare
+  rng = np.random.default_rng(0)
+  corpus = str(tmp_path / "corpus")
+  manifest = prepare.write_tokenized(corpus, [rng.integers(0, 256, rng.integers(1, 40))
+                                              for _ in range(200)], "byte", heldout_every=10,
+                                     shard_tokens=600)
+  url = f"gs://{BUCKET}/workers"
+  _upload_corpus(corpus, url, manifest)
+  got, state = [], None
+  # One process, no workers, local; then 2 workers from the bucket, resumed by 3 workers (the
+  # background prefetch thread on, as by default).
+  for path, workers, n in ((corpus, 0, 6), (url, 2, 3), (url, 3, 3)):
+    cfg = D.default_data_config()
+    cfg.update(source="prepared", path=path, seq_len=16, shuffle_window=4, workers=workers,
+               stage_dir=str(tmp_path / "stage"))
+    it = D.make_train_iterator(cfg, global_batch_size=4, seed=1)
+    if state is not None:
+      it.set_state(state)
+    got.append([next(it) for _ in range(n)])
+    state = json.loads(json.dumps(it.get_state())) if workers else None
+    it.close()
+  for a, b in zip(got[0], got[1] + got[2]):
+    for k in D.BATCH_KEYS:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
 @pytest.mark.parametrize("where", ["local", "bucket"])
 def test_each_process_opens_only_the_shards_under_its_rows(where, tmp_path, monkeypatch,
                                                            request):
@@ -370,9 +407,7 @@ def test_each_process_opens_only_the_shards_under_its_rows(where, tmp_path, monk
   if where == "bucket":
     request.getfixturevalue("gcs")
     url = f"gs://{BUCKET}/spy"
-    for e in entries:
-      storage.upload(os.path.join(corpus, e["path"]), storage.join(url, e["path"]))
-    storage.upload(os.path.join(corpus, "manifest.json"), storage.join(url, "manifest.json"))
+    _upload_corpus(corpus, url, manifest)
     corpus = url
   opened, copied = [], []
   real_open, real_download = shard_reader.open_shard, storage.download

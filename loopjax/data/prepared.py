@@ -340,7 +340,10 @@ class _PerSlotStatesIterator(grain.DatasetIterator):
       raise ValueError(f"unexpected state of grain's worker processes: {str(g)[:300]}")
     doc, off = [0] * self._n, [0] * self._n
     for w, st in enumerate(workers):
-      doc[w::self._w], off[w::self._w] = st["doc"], st["offset"]
+      d, o = st["doc"], st["offset"]
+      if len(d) == self._n and self._w > 1:  # before the first batch: the unsliced iterators'
+        d, o = d[w::self._w], o[w::self._w]
+      doc[w::self._w], off[w::self._w] = d, o
     return {"doc": doc, "offset": off}
 
   def set_state(self, state: dict) -> None:
