@@ -29,7 +29,7 @@ import warnings
 import numpy as np
 from safetensors.numpy import save_file
 
-from loopjax import flops, storage
+from loopjax import flops, folders, storage
 from loopjax.data import tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.hf import MODEL_TYPE, TEMPLATES, model_card, tokenizer_files
@@ -273,6 +273,7 @@ def export_main(argv) -> int:
   args = p.parse_args(argv)
   for path in (args.workdir, args.out):  # a gs:// path without its client: named up front
     storage.check_client(path)
+  folders.claim(args.out, "export", flag="--out")  # even --overwrite keeps a run or corpus
   config = export_run(args.workdir, args.out, params=args.params, dtype=args.dtype,
                       step=args.step, overwrite=args.overwrite)
   print(f"{storage.resolve(args.out)}\n{format_report(config)}")

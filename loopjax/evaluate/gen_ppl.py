@@ -61,13 +61,19 @@ class Judge:
   device: str = "cpu"
 
 
-def load_judge(path: str, *, device: str = "cpu") -> Judge:
-  """The causal LM and tokenizer saved in the local folder `path` (never downloaded)."""
+def check_judge_dir(path: str) -> str:
+  """The absolute path of the judge folder `path`; UserError unless it holds a config.json."""
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
     raise UserError(f"--gen-ppl {path}: not a local model folder (no config.json there); the "
                     "judge is never downloaded: give a folder written by save_pretrained "
                     "(config.json, weights, tokenizer files)")
+  return path
+
+
+def load_judge(path: str, *, device: str = "cpu") -> Judge:
+  """The causal LM and tokenizer saved in the local folder `path` (never downloaded)."""
+  path = check_judge_dir(path)
   try:
     import torch  # noqa: F401
     import transformers

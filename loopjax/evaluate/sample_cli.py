@@ -30,7 +30,8 @@ import numpy as np
 from loopjax.data import make_eval_batches, tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
-from loopjax.evaluate.cli_args import output_dir, parse_loops_arg, warn_loop_cost
+from loopjax.evaluate.cli_args import (claim_output_dir, output_dir, parse_loops_arg,
+                                      warn_loop_cost)
 from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler, resolve_policy,
                                        timed)
 from loopjax.evaluate.tasks import score
@@ -78,6 +79,7 @@ def sample_main(argv) -> int:
   p.add_argument("--out", default=None, help="write samples/ here (default: the workdir; beside "
                  "an export folder, EXPORT.outputs)")
   a = p.parse_args(argv)
+  claim_output_dir(a.workdir, a.out)
 
   # A training workdir or a `loopjax export` folder.
   config, model, params = load_model_dir(a.workdir, params=a.params)

@@ -31,10 +31,11 @@ from loopjax.data import make_eval_batches, tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.evaluate import plots, tables
-from loopjax.evaluate.cli_args import output_dir, parse_loops_arg, warn_loop_cost
+from loopjax.evaluate.cli_args import (claim_output_dir, output_dir, parse_loops_arg,
+                                      warn_loop_cost)
 from loopjax.evaluate.denoiser import resolve_policy
 from loopjax.evaluate.gsm8k import gsm8k_accuracy, read_gsm8k
-from loopjax.evaluate.gen_ppl import gen_ppl_sweep, load_judge
+from loopjax.evaluate.gen_ppl import check_judge_dir, gen_ppl_sweep, load_judge
 from loopjax.evaluate.harness import check_lm_eval, run_lm_eval
 from loopjax.evaluate.likelihood import heldout_nelbo
 from loopjax.evaluate.tasks import heldout_batches, task_accuracy
@@ -91,6 +92,15 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
   lm_eval: {"tasks", "args", "include_path"} (harness.py).
   """
   t_start = time.time()
+  # Every file and folder named is checked before the model loads and anything compiles.
+  workdir_out = claim_output_dir(workdir, out)
+  exs = read_gsm8k(gsm8k, gsm8k_limit) if gsm8k else None
+  for c in corpus:
+    parse_corpus(c)
+  if gen_ppl:
+    check_judge_dir(gen_ppl["judge"])
+  if lm_eval:
+    check_lm_eval(lm_eval["tasks"], lm_eval.get("include_path"))
   # A training workdir or a `loopjax export` folder.
   config, model, weights = load_model_dir(workdir, step=step, params=params)
   ckpt = config.source.get("step") or 0
@@ -99,13 +109,8 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
   for s in specs:  # fail (or warn of the cost) before any work on a policy this model cannot run
     warn_loop_cost(cfg, resolve_policy(cfg, s).largest, length=config.data.seq_len,
                    calls=max(steps, default=0) or config.data.seq_len, samples=examples)
-  for c in corpus:
-    parse_corpus(c)
   judge = (load_judge(gen_ppl["judge"], device=gen_ppl.get("device", "cpu"))
            if gen_ppl else None)
-  if lm_eval:
-    check_lm_eval(lm_eval["tasks"], lm_eval.get("include_path"))
-  workdir_out = output_dir(workdir, out)
   source = config.data.source
   sampler_kw = dict(sampler_kw or {})
   summary = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(ckpt),
@@ -149,7 +154,6 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
     plot_paths += plot_task_rows(rows, workdir_out, s_max=cfg.max_loops)
 
   if gsm8k:
-    exs = read_gsm8k(gsm8k, gsm8k_limit)
     tok = tokenizer_for(config.data)
     # A model fine-tuned on prompt_answer data is asked in its training layout.
     tuned = config.data.get("source") == "prompt_answer"
@@ -281,6 +285,16 @@ def eval_main(argv) -> int:
                  "max_gen_toks, ...)")
   g.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs")
   a = p.parse_args(argv)
+  for flag, value, low in (("--examples", a.examples, 1), ("--batch-size", a.batch_size, 1),
+                           ("--nelbo-batches", a.nelbo_batches, 1),
+                           ("--time-points", a.time_points, 1), ("--samples", a.samples, 1),
+                           ("--judge-batch-size", a.judge_batch_size, 1),
+                           ("--gsm8k-limit", a.gsm8k_limit, 0),
+                           ("--corpus-rows", a.corpus_rows, 0)):
+    if value < low:
+      raise ValueError(f"{flag} must be >= {low}, got {value}")
+  if any(n < 0 for n in _ints(a.steps)):
+    raise ValueError(f"--steps {a.steps}: denoising steps must be >= 0 (0: the default)")
   kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, block_len=a.block_len)
   gen = a.gen_ppl and dict(judge=a.gen_ppl, samples=a.samples, prompt=a.prompt,
                            method=a.sampler or "ancestral", device=a.judge_device,
