@@ -36,7 +36,7 @@ from loopjax.evaluate.cli_args import (claim_output_dir, output_dir, parse_loops
 from loopjax.evaluate.denoiser import resolve_policy
 from loopjax.evaluate.gsm8k import gsm8k_accuracy, read_gsm8k
 from loopjax.evaluate.gen_ppl import check_judge_dir, gen_ppl_sweep, load_judge
-from loopjax.evaluate.harness import check_lm_eval, run_lm_eval
+from loopjax.evaluate.harness import check_lm_eval, parse_task_data, run_lm_eval
 from loopjax.evaluate.likelihood import heldout_nelbo
 from loopjax.evaluate.tasks import heldout_batches, task_accuracy
 from loopjax.evaluate.zero_shot import parse_corpus, zero_shot_eval
@@ -89,7 +89,7 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
   returns the summary dict.
 
   gen_ppl: {"judge": DIR, "samples", "method", "prompt", "device", "batch_size"} (gen_ppl.py).
-  lm_eval: {"tasks", "args", "include_path"} (harness.py).
+  lm_eval: {"tasks", "args", "include_path", "data"} (harness.py; data: --lm-eval-data).
   """
   t_start = time.time()
   # Every file and folder named is checked before the model loads and anything compiles.
@@ -100,7 +100,8 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
   if gen_ppl:
     check_judge_dir(gen_ppl["judge"])
   if lm_eval:
-    check_lm_eval(lm_eval["tasks"], lm_eval.get("include_path"))
+    lm_eval = {**lm_eval, "data": parse_task_data(lm_eval.get("data"))}
+    check_lm_eval(lm_eval["tasks"], lm_eval.get("include_path"), lm_eval["data"])
   # A training workdir or a `loopjax export` folder.
   config, model, weights = load_model_dir(workdir, step=step, params=params)
   ckpt = config.source.get("step") or 0
@@ -195,8 +196,9 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
         judge_batch_size=g.get("batch_size", 8),
         workdir=workdir_out, header=summary, log=_log)
 
-  if lm_eval:  # {tasks, args, include_path}: lm-eval's tasks with the "loopjax" model
-    rows = run_lm_eval(workdir, loops=specs, **lm_eval, model_args={
+  if lm_eval:  # {tasks, args, include_path, data}: lm-eval's tasks with the "loopjax" model
+    rows = run_lm_eval(workdir, loops=specs, **lm_eval,
+                       tasks_dir=os.path.join(workdir_out, "eval", "lm_eval_tasks"), model_args={
         "params": params, "step": step, "seed": seed, "batch_size": batch_size,
         "sampler": method, "steps": steps[0], "time_grid": time_points,
         **{k: v for k, v in sampler_kw.items() if k in ("temperature", "block_len")}})
@@ -284,6 +286,10 @@ def eval_main(argv) -> int:
                  "bootstrap_iters, ... for lm-eval; other keys are model_args (mc_samples, "
                  "max_gen_toks, ...)")
   g.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs")
+  g.add_argument("--lm-eval-data", action="append", default=[], metavar="NAME=FILE",
+                 help="local JSONL of a shipped task (repeatable): gsm8k=FILE for loopjax_gsm8k "
+                 "(gsm8k_train=FILE: its few-shot examples, default the same file), mc=FILE for "
+                 "loopjax_mc")
   a = p.parse_args(argv)
   for flag, value, low in (("--examples", a.examples, 1), ("--batch-size", a.batch_size, 1),
                            ("--nelbo-batches", a.nelbo_batches, 1),
@@ -309,7 +315,7 @@ def eval_main(argv) -> int:
       params=a.params, step=a.step, seed=a.seed, sampler_kw=kw,
       command="loopjax eval " + " ".join(argv), out=a.out,
       lm_eval=a.lm_eval and {"tasks": a.lm_eval, "args": a.lm_eval_args,
-                             "include_path": a.include_path})
+                             "include_path": a.include_path, "data": a.lm_eval_data})
   print(json.dumps({"eval": os.path.join(output_dir(a.workdir, a.out), "eval"),
                     "plots": summary["plots"],
                     "seconds": round(summary["seconds"], 1)}))
