@@ -302,7 +302,7 @@ def warn_young_ema(path: str, step, decay, *, fix: str) -> bool:
   _WARNED_EMA.add((path, int(step)))
   logging.getLogger("loopjax").warning(
       "%s: the EMA weights at step %d have averaged fewer than 1/(1 - ema_decay %g) = %d steps "
-      "(%.0f%% of them is still the initialisation); %s", path, int(step), float(decay),
+      "(%.1f%% of the average is still the initialisation); %s", path, int(step), float(decay),
       round(horizon), 100 * float(decay) ** int(step), fix)
   return True
 

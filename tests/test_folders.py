@@ -197,3 +197,20 @@ def test_train_batch_size_zero_as_a_process(tmp_path):
       "loopjax train: error: train.batch_size must be >= 1, got 0: set "
       "--config.train.batch_size to a positive integer"], proc.stderr[-2000:]
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_young_ema_weights_warn_once_naming_params_raw(kinds, caplog):
+  """EMA weights that have averaged fewer than 1/(1 - decay) steps are mostly the
+  initialisation: loading them says so once per folder and step; older ones load silently."""
+  from loopjax.weights import load_model_dir, warn_young_ema
+  assert warn_young_ema("/r", 131, 0.9999, fix="pass --params raw")
+  assert "98.7% of the average is still the initialisation" in caplog.text
+  assert "10000 steps" in caplog.text and "--params raw" in caplog.text
+  assert not warn_young_ema("/r", 131, 0.9999, fix="pass --params raw")  # once
+  assert not warn_young_ema("/r", 100, 0.99, fix="")  # 1/(1 - 0.99) = 100 steps averaged
+  assert not warn_young_ema("/r", 5, None, fix="")  # no decay known: nothing to say
+  caplog.clear()
+  load_model_dir(kinds["export"])  # EMA weights of step 1, ema_decay 0.99
+  load_model_dir(kinds["export"])
+  warnings = [r.getMessage() for r in caplog.records if "EMA" in r.getMessage()]
+  assert len(warnings) == 1 and "export the run again with --params raw" in warnings[0]
