@@ -1,4 +1,4 @@
-"""Built-in addition with a worked answer ("123+45=" -> "168"): the default experiment, no download.
+"""Built-in addition ("123+45=" -> "168"): the default experiment, no download.
 
 Hardware and time: 2 CPU cores, a few minutes for the default variant (loopmdm; the time
 measured is in the README's quick start). The prompt is never noised or scored; the answer field

@@ -86,6 +86,14 @@ def output_dir(path: str, out: str | None = None) -> str:
   return path
 
 
+def check_counts(*checks) -> None:
+  """(flag, value, lowest allowed) triples: ValueError naming the first count below its bound,
+  before any model is loaded."""
+  for flag, value, low in checks:
+    if value < low:
+      raise ValueError(f"{flag} must be >= {low}, got {value}")
+
+
 def claim_output_dir(path: str, out: str | None = None) -> str:
   """`output_dir(path, out)`, refused (one line, nothing written) when it holds an export, a
   prepared corpus or a study rather than a run or earlier outputs."""

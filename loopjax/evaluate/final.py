@@ -13,6 +13,7 @@ import json
 import jax
 
 from loopjax import storage
+from loopjax.evaluate.plots import plot_quality_vs_loops
 from loopjax.evaluate.tasks import heldout_batches, primary_metric, task_accuracy
 
 # What guessing scores: a uniform digit per blank cell; an answer field of several digits.
@@ -57,7 +58,6 @@ def report_task_accuracy(config, out: dict, workdir: str) -> dict | None:
   if cfg.looped:
     print(_loops_table(rows, metrics, cfg.max_loops, head["examples"], acc["params"]), flush=True)
   if not storage.is_remote(workdir):  # matplotlib writes local files
-    from loopjax.evaluate.plots import plot_quality_vs_loops
     path = plot_quality_vs_loops(
         rows, metric=primary_metric(source), group="none",
         path=storage.join(workdir, "plots", "final_accuracy_vs_loops.png"),

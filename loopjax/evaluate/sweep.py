@@ -31,8 +31,8 @@ from loopjax.data import make_eval_batches, tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.evaluate import plots, tables
-from loopjax.evaluate.cli_args import (claim_output_dir, output_dir, parse_loops_arg,
-                                      warn_loop_cost)
+from loopjax.evaluate.cli_args import (check_counts, claim_output_dir, output_dir,
+                                      parse_loops_arg, warn_loop_cost)
 from loopjax.evaluate.denoiser import resolve_policy
 from loopjax.evaluate.gsm8k import gsm8k_accuracy, read_gsm8k
 from loopjax.evaluate.gen_ppl import check_judge_dir, gen_ppl_sweep, load_judge
@@ -291,14 +291,10 @@ def eval_main(argv) -> int:
                  "(gsm8k_train=FILE: its few-shot examples, default the same file), mc=FILE for "
                  "loopjax_mc")
   a = p.parse_args(argv)
-  for flag, value, low in (("--examples", a.examples, 1), ("--batch-size", a.batch_size, 1),
-                           ("--nelbo-batches", a.nelbo_batches, 1),
-                           ("--time-points", a.time_points, 1), ("--samples", a.samples, 1),
-                           ("--judge-batch-size", a.judge_batch_size, 1),
-                           ("--gsm8k-limit", a.gsm8k_limit, 0),
-                           ("--corpus-rows", a.corpus_rows, 0)):
-    if value < low:
-      raise ValueError(f"{flag} must be >= {low}, got {value}")
+  check_counts(("--examples", a.examples, 1), ("--batch-size", a.batch_size, 1),
+               ("--nelbo-batches", a.nelbo_batches, 1), ("--time-points", a.time_points, 1),
+               ("--samples", a.samples, 1), ("--judge-batch-size", a.judge_batch_size, 1),
+               ("--gsm8k-limit", a.gsm8k_limit, 0), ("--corpus-rows", a.corpus_rows, 0))
   if any(n < 0 for n in _ints(a.steps)):
     raise ValueError(f"--steps {a.steps}: denoising steps must be >= 0 (0: the default)")
   kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, block_len=a.block_len)
