@@ -1,5 +1,6 @@
-"""`loopjax flops --config A [--config.a.b=VALUE ...] [--match B] [--json]`: parameters, FLOPs
-and FLOP matching of experiment configs (the numbers come from loopjax.flops).
+"""`loopjax flops --config A [--config.a.b=VALUE ...] [--match B [--match-config.a.b=VALUE ...]
+[--same-overrides]] [--json]`: parameters, FLOPs and FLOP matching of experiment configs (the
+numbers come from loopjax.flops).
 
 A is loaded exactly as `loopjax train` loads it: the overrides first, then the values its variant
 derives (so the steps reported are the steps `train` would run). The `--config.` overrides apply
