@@ -5,9 +5,9 @@ lm-eval is the optional extra `.[eval]`: it is imported when a run is asked for,
 placeholder its built-in models use), so importing this module needs neither lm-eval nor the
 model module.
 
-Shipped tasks (package data, loopjax/evaluate/lm_eval_tasks/): `loopjax_gsm8k` (GSM8K-format
-JSONL, lm-eval's gsm8k prompt, filters and metric) and `loopjax_mc` (multiple choice: question,
-choices, label). Their data files are named on the command line (`--lm-eval-data gsm8k=FILE`,
+Shipped tasks (package data, loopjax/evaluate/lm_eval_tasks/): `loopjax_gsm8k_jsonl`
+(GSM8K-format JSONL, lm-eval's gsm8k prompt, filters and metric) and `loopjax_mc_jsonl` (multiple
+choice: question, choices, label). Their data files are named on the command line (`--lm-eval-data gsm8k=FILE`,
 `mc=FILE`); `shipped_tasks` writes the task files with those paths filled in to a folder that
 is then an include path.
 """

@@ -287,9 +287,9 @@ def eval_main(argv) -> int:
                  "max_gen_toks, ...)")
   g.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs")
   g.add_argument("--lm-eval-data", action="append", default=[], metavar="NAME=FILE",
-                 help="local JSONL of a shipped task (repeatable): gsm8k=FILE for loopjax_gsm8k "
-                 "(gsm8k_train=FILE: its few-shot examples, default the same file), mc=FILE for "
-                 "loopjax_mc")
+                 help="local JSONL of a shipped task (repeatable): gsm8k=FILE for "
+                 "loopjax_gsm8k_jsonl (gsm8k_train=FILE: its few-shot examples, default the same "
+                 "file), mc=FILE for loopjax_mc_jsonl")
   a = p.parse_args(argv)
   check_counts(("--examples", a.examples, 1), ("--batch-size", a.batch_size, 1),
                ("--nelbo-batches", a.nelbo_batches, 1), ("--time-points", a.time_points, 1),
