@@ -1,7 +1,8 @@
 """What a folder is, read from the files loopjax's commands write into it, and refusing to write
 into a folder that belongs to something else.
 
-  export    config.json with a Hugging Face `model_type` (`loopjax export`, or any HF model)
+  export    config.json with Hugging Face `model_type` or `architectures` (`loopjax export`,
+            or any HF model folder)
   prepared  manifest.json (`loopjax prepare`)
   study     study.json (`loopjax study`)
   run       config.json without `model_type`, lock.json or checkpoints/ (`loopjax train`)
