@@ -6,6 +6,8 @@ setup(
     description="Looped masked diffusion language models (LoopMDM) in JAX/Flax",
     python_requires=">=3.11",
     packages=find_packages(include=["loopjax", "loopjax.*"]),
+    # lm-eval task files (`loopjax eval --lm-eval loopjax_gsm8k ...`).
+    package_data={"loopjax.evaluate.lm_eval_tasks": ["*.yaml"]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",

@@ -1,7 +1,8 @@
 """The `loopjax` command.
 
   loopjax train --config experiments/NAME.py[:VARIANT] --workdir DIR [--config.a.b=VALUE ...]
-  loopjax flops --config A [--config.a.b=VALUE ...] [--match B] [--json]
+  loopjax flops --config A [--config.a.b=VALUE ...] [--match B [--match-config.a.b=VALUE ...]
+                [--same-overrides]] [--json]
   loopjax spm-train --input FILE [FILE ...] --prefix OUT --vocab-size N
   loopjax prepare --input PATH [PATH ...] --tokenizer SPEC --out DIR [--text-field F] [--stats]
   loopjax sample --workdir DIR [--loops N|adaptive:TAU] [--steps T] [--prompt TEXT] ...

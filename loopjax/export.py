@@ -33,7 +33,7 @@ import warnings
 import numpy as np
 from safetensors.numpy import save_file
 
-from loopjax import flops, storage
+from loopjax import flops, folders, storage
 from loopjax.checkpoints import parse_step
 from loopjax.data import hf_datasets, shards, tokenizer_for
 from loopjax.diffusion import make_schedule
@@ -324,6 +324,8 @@ def export_main(argv) -> int:
   for path in (args.workdir, args.out):  # a gs:// path without its client: named up front
     if path:
       storage.check_client(path)
+  if args.out:  # even --overwrite keeps a run or corpus
+    folders.claim(args.out, "export", flag="--out")
   split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None
   card = {"license": args.license, "language": split(args.language),
           "datasets": split(args.datasets)}

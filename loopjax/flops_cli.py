@@ -1,9 +1,12 @@
-"""`loopjax flops --config A [--config.a.b=VALUE ...] [--match B] [--json]`: parameters, FLOPs
-and FLOP matching of experiment configs (the numbers come from loopjax.flops).
+"""`loopjax flops --config A [--config.a.b=VALUE ...] [--match B [--match-config.a.b=VALUE ...]
+[--same-overrides]] [--json]`: parameters, FLOPs and FLOP matching of experiment configs (the
+numbers come from loopjax.flops).
 
 A is loaded exactly as `loopjax train` loads it: the overrides first, then the values its variant
-derives (so the steps reported are the steps `train` would run). The overrides apply to A only;
-B is the reference run as its file defines it.
+derives (so the steps reported are the steps `train` would run). The `--config.` overrides apply
+to A only; B, the reference run, takes its own as `--match-config.KEY=VALUE`, and
+`--same-overrides` applies A's to B as well (before B's own), e.g. to match a resized LoopMDM
+against the same resize of its MDM baseline.
 
 With --match, A's steps are reported under each F_base convention of the matching rule
 (loopjax.flops.FLOP_CONVENTIONS): all forward FLOPs, layers only, and 6 N D; the config's own
@@ -89,18 +92,29 @@ def _fmt(x: float | None) -> str:
 
 
 def flops_main(argv: Sequence[str] | None = None) -> int:
-  spec, overrides, rest = split_config_args(list(sys.argv[1:] if argv is None else argv))
+  argv = list(sys.argv[1:] if argv is None else argv)
+  _, match_overrides, argv = split_config_args(argv, prefix="--match-config")
+  spec, overrides, rest = split_config_args(argv)
   parser = argparse.ArgumentParser(
       prog="loopjax flops",
       description="Parameters, FLOPs per token/step and FLOP matching of experiment configs. "
                   "--config A [--config.a.b=VALUE ...]: the experiment and its overrides, "
-                  "as `loopjax train` takes them.")
-  parser.add_argument("--match", help="path.py[:variant] whose total training FLOPs A must match "
-                      "(loaded as its file defines it: A's overrides do not apply)")
+                  "as `loopjax train` takes them. --match B [--match-config.a.b=VALUE ...]: "
+                  "the reference run and its own overrides.")
+  parser.add_argument("--match", help="path.py[:variant] whose total training FLOPs A must match; "
+                      "A's --config. overrides do not apply to it: give B's as "
+                      "--match-config.KEY=VALUE, or pass --same-overrides")
+  parser.add_argument("--same-overrides", action="store_true",
+                      help="apply A's --config.KEY=VALUE overrides to --match B too (before B's "
+                      "own --match-config.KEY=VALUE)")
   parser.add_argument("--json", action="store_true", help="print one JSON object")
   args = parser.parse_args(rest)
   if spec is None:
     parser.error("--config experiments/NAME.py[:VARIANT] is required")
+  if (match_overrides or args.same_overrides) and not args.match:
+    parser.error("--match-config.KEY=VALUE and --same-overrides need --match B")
+  if args.same_overrides:
+    match_overrides = [*overrides, *match_overrides]
 
   a = experiment_summary(load_experiment(spec, overrides))
   result = {k: v for k, v in a.items() if not k.startswith("_")}
@@ -109,15 +123,18 @@ def flops_main(argv: Sequence[str] | None = None) -> int:
   result["matched_depth"], result["matched_depth_rounded"] = md, md_int
   result["flop_convention"] = a["_convention"]
   if args.match:
-    b = experiment_summary(load_experiment(args.match))
+    b = experiment_summary(load_experiment(args.match, match_overrides))
     if b["seq_len"] != a["seq_len"]:
-      raise ValueError(f"--match: sequence lengths differ ({a['seq_len']} vs {b['seq_len']})")
+      raise ValueError(f"--match: sequence lengths differ ({a['seq_len']} vs {b['seq_len']}): "
+                       f"set --match-config.data.seq_len={a['seq_len']} (and model.max_length) "
+                       "or pass --same-overrides")
     if b["steps"] is None:
       raise ValueError("--match: the matched config has no train.steps")
     steps_a = matched_steps(a["_cfg"], a["_dist"], b["_cfg"], b["_dist"], b["steps"],
                             a["seq_len"], a["batch_size"], b["batch_size"])
     result["match"] = {
         "config": args.match,
+        "overrides": match_overrides,
         "params": b["params"],
         "flops_per_step": b["flops_per_step"],
         "steps": b["steps"],
@@ -155,7 +172,7 @@ def flops_main(argv: Sequence[str] | None = None) -> int:
   if args.match:
     m = result["match"]
     rows += [
-        ("match: config", m["config"]),
+        ("match: config", " ".join([m["config"], *m["overrides"]])),
         ("match: FLOPs / step, steps", f"{_fmt(m['flops_per_step'])}, {_fmt(m['steps'])}"),
         ("match: per-step ratio A/B", f"{m['per_step_ratio']:.4f}"),
         ("match: steps A needs", f"{m['steps_to_match']:.1f} (~{m['steps_to_match_rounded']:,})"),

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import tempfile
 
@@ -280,7 +281,30 @@ def load_run(workdir: str, *, step: int | None = None, params: str = "ema"):
   target = abstract_params(model, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
   tree, step = checkpoints.restore_params(storage.join(workdir, "checkpoints"), target,
                                           step=step, params=params)
+  if params == "ema":
+    warn_young_ema(workdir, step, config.get("train", {}).get("ema_decay"),
+                   fix="pass --params raw for the optimizer's weights")
   return config, model, tree, step
+
+
+_WARNED_EMA: set = set()
+
+
+def warn_young_ema(path: str, step, decay, *, fix: str) -> bool:
+  """Warns (once per folder and step) when EMA weights have averaged fewer than 1/(1 - decay)
+  steps: they still weigh the initialisation heavily (a fraction decay**step of it remains), so
+  samples and scores of them understate the training."""
+  if step is None or decay is None or not 0.0 < float(decay) < 1.0:
+    return False
+  horizon = 1.0 / (1.0 - float(decay))
+  if int(step) >= horizon or (path, int(step)) in _WARNED_EMA:
+    return False
+  _WARNED_EMA.add((path, int(step)))
+  logging.getLogger("loopjax").warning(
+      "%s: the EMA weights at step %d have averaged fewer than 1/(1 - ema_decay %g) = %d steps "
+      "(%.1f%% of the average is still the initialisation); %s", path, int(step), float(decay),
+      round(horizon), 100 * float(decay) ** int(step), fix)
+  return True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -325,4 +349,7 @@ def load_model_dir(path: str, *, params: str | None = None, step: int | None = N
     config.data.tokenizer = f"{kind}:{storage.join(storage.resolve(path), tok['files'][0])}"
   config.source = {"kind": "export", "path": storage.resolve(path),
                    "params": w.get("params"), "step": w.get("step")}
+  if w.get("params") == "ema":
+    warn_young_ema(path, w.get("step"), config.get("train", {}).get("ema_decay"),
+                   fix="export the run again with --params raw for the optimizer's weights")
   return config, model, tree

@@ -20,6 +20,7 @@ import pytest
 from loopjax import flops as F
 from loopjax.flops_cli import flops_main
 from loopjax.model import LoopDistribution, LoopedTransformer, ModelConfig, count_params
+from loopjax.train.config import model_config
 from loopjax.train.config_load import load_config
 
 TINY = dict(vocab_size=64, max_length=32, width=64, num_layers=4, num_heads=4, cond_dim=32,
@@ -314,3 +315,32 @@ def test_cpu_peak_measurement():
   if jax.devices()[0].platform == "cpu":
     peak = F.peak_flops_per_device()
     assert 1e8 < peak < 1e14 and F.peak_flops_per_device() == peak  # measured once, cached
+
+
+def test_match_takes_its_own_overrides_or_those_of_a(capsys):
+  """`--match B --match-config.KEY=VALUE` resizes B; `--same-overrides` gives B A's overrides;
+  either way the matched steps are the paper rule's for the two resized models (and equal the
+  steps `train` derives for the resized loopmdm)."""
+  spec = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "experiments", "owt.py")
+  a_over = ["--config.data.seq_len=128", "--config.model.max_length=128"]
+  b_over = [o.replace("--config.", "--match-config.") for o in a_over]
+  with pytest.raises(ValueError, match="--match-config.data.seq_len=128"):
+    flops_main(["--config", f"{spec}:loopmdm", *a_over, "--match", f"{spec}:mdm"])
+  capsys.readouterr()
+  assert flops_main(["--config", f"{spec}:loopmdm", *a_over, "--match", f"{spec}:mdm",
+                     *b_over]) == 0
+  table = capsys.readouterr().out
+  a, b = load_config(f"{spec}:loopmdm", a_over), load_config(f"{spec}:mdm", a_over)
+  want = F.matched_steps(model_config(a), a.loops.train, model_config(b), b.loops.train,
+                         b.train.steps, 128, a.train.batch_size, b.train.batch_size)
+  assert f"matched steps, F_base all forward FLOPs  {want:,.1f}" in table
+  assert round(want) == a.train.steps
+  assert "match: config" in table and "--config.data.seq_len=128" in table.split("match: config")[1]
+  assert flops_main(["--config", f"{spec}:loopmdm", *a_over, "--match", f"{spec}:mdm",
+                     "--same-overrides", "--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["match"]["overrides"] == a_over
+  assert out["match"]["steps_to_match"] == pytest.approx(want)
+  with pytest.raises(SystemExit):
+    flops_main(["--config", f"{spec}:loopmdm", *b_over])  # B's overrides without B

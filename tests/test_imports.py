@@ -19,6 +19,8 @@ LAYERS = {
     "loopjax.flops": 0, "loopjax.errors": 0,
     # Local or gs:// paths for every file a run reads or writes.
     "loopjax.storage": 0,
+    # What a folder is (run, export, corpus, study, eval output), before a command writes to it.
+    "loopjax.folders": 0,
     # NumPy forward pass of an export; the Hugging Face templates, tokenizer files, model card.
     "loopjax.reference": 0, "loopjax.hf": 0,
     # Trained weights in, from a run's checkpoints or an export folder.

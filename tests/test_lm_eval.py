@@ -266,3 +266,55 @@ def test_loopjax_eval_writes_lm_eval_json(export_dir, tasks_dir, offline, capsys
     accs = _accuracies(row["results"])
     assert accs and all(0.0 <= v <= 1.0 for v in accs.values())
     assert row["n-samples"]["loopjax_mc"]["effective"] == 3
+
+
+def test_shipped_tasks_are_package_data_and_need_their_files(tmp_path):
+  """The task files come from the installed package; a shipped task without its data file, or
+  a data file no task reads, is refused before any evaluation."""
+  from loopjax.evaluate import harness
+  shipped = harness.shipped_task_files()
+  assert {"loopjax_gsm8k_jsonl", "loopjax_mc_jsonl"} <= set(shipped)
+  for name, text in shipped.items():
+    assert yaml.safe_load(text)["task"] == name
+  with pytest.raises(ValueError, match="--lm-eval-data gsm8k=FILE"):
+    harness.check_lm_eval("loopjax_gsm8k_jsonl")
+  with pytest.raises(ValueError, match="no task of --lm-eval"):
+    harness.check_lm_eval("loopjax_gsm8k_jsonl", data={"gsm8k": "a", "mc": "b"})
+  with pytest.raises(FileNotFoundError, match="absent.jsonl"):
+    harness.parse_task_data([f"mc={tmp_path / 'absent.jsonl'}"])
+  (tmp_path / "t.jsonl").write_text("{}\n")
+  folder = harness.shipped_tasks(str(tmp_path / "tasks"), ["loopjax_gsm8k_jsonl"],
+                                 harness.parse_task_data([f"gsm8k={tmp_path / 't.jsonl'}"]))
+  task = yaml.safe_load((tmp_path / "tasks" / "loopjax_gsm8k_jsonl.yaml").read_text())
+  assert os.listdir(folder) == ["loopjax_gsm8k_jsonl.yaml"]
+  # Few-shot examples default to the scored file itself.
+  assert task["dataset_kwargs"]["data_files"] == {"train": str(tmp_path / "t.jsonl"),
+                                                  "test": str(tmp_path / "t.jsonl")}
+  # Scored as lm-eval's own gsm8k task: prompt, stop strings, filters, metric.
+  with open(GSM8K_YAML, encoding="utf-8") as f:
+    theirs = yaml.safe_load(f)
+  for key in ("doc_to_text", "doc_to_target", "generation_kwargs", "filter_list", "metric_list",
+              "output_type", "num_fewshot"):
+    assert task[key] == theirs[key], key
+
+
+def test_shipped_gsm8k_task_runs_through_loopjax_eval(export_dir, tasks_dir, offline, tmp_path,
+                                                      capsys):
+  from loopjax.cli import main
+  out = tmp_path / "out"
+  rc = main(["eval", "--workdir", export_dir, "--loops", "1", "--no-nelbo", "--no-tasks",
+             "--lm-eval", "loopjax_gsm8k_jsonl",
+             "--lm-eval-data", f"gsm8k={tasks_dir / 'gsm.jsonl'}",
+             "--lm-eval-args", "limit=2,num_fewshot=1,max_gen_toks=8", "--batch-size", "2",
+             "--time-points", "2", "--out", str(out)])
+  assert rc == 0, capsys.readouterr().err[-3000:]
+  with open(out / "eval" / "lm_eval.json", encoding="utf-8") as f:
+    (row,) = json.load(f)["rows"]
+  accs = _accuracies(row["results"])
+  assert {"loopjax_gsm8k_jsonl/exact_match,strict-match",
+          "loopjax_gsm8k_jsonl/exact_match,flexible-extract"} <= set(accs), accs
+  assert all(0.0 <= v <= 1.0 for v in accs.values())
+  assert row["n-samples"]["loopjax_gsm8k_jsonl"]["effective"] == 2
+  # The task file that ran, with the data path filled in, is kept beside the results.
+  ran = yaml.safe_load((out / "eval" / "lm_eval_tasks" / "loopjax_gsm8k_jsonl.yaml").read_text())
+  assert ran["dataset_kwargs"]["data_files"]["test"] == str(tasks_dir / "gsm.jsonl")

@@ -90,6 +90,11 @@ def test_default_experiment_reports_accuracy(reference_run):
     assert key in row
   acc = json.load(open(os.path.join(workdir, "eval", "final_task_accuracy.json")))
   assert 0.0 <= acc["cell_accuracy"] <= 1.0
+  # The looped model is also scored at S = 1, 2, S_max, 2 S_max (S_max 3 here), with a plot.
+  assert [r["loops"] for r in acc["by_loops"]] == [1, 2, 3, 6]
+  assert acc["by_loops"][2]["cell_accuracy"] == acc["cell_accuracy"]
+  assert "S=6 " in proc.stdout and "beyond training" in proc.stdout
+  assert os.path.exists(os.path.join(workdir, "plots", "final_accuracy_vs_loops.png"))
 
 
 def test_sigkill_then_resume_is_bitwise_identical(reference_run, tmp_path):

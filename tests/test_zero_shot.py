@@ -167,3 +167,20 @@ def test_zero_shot_scores_the_full_corpus_into_a_corpus_by_s_table(tiny, tmp_pat
       "linear"), tokenizer=ByteTokenizer(), batch_size=1, time_points=(1.0,), max_rows=2,
       log=lines.append)
   assert capped["rows"][0]["tokens"] == 2 * CFG.max_length
+
+
+def test_corpus_rows_log_names_the_rows_scored_not_the_padded_batches(tiny, tmp_path):
+  """Two rows in a batch of 4: the last batch is filled with rows that score nothing; the log
+  says 2 rows, and 2 rows' tokens are what is scored."""
+  model, params, _ = tiny
+  doc = tmp_path / "doc.txt"
+  doc.write_text("a long enough line of text to fill several rows of the tiny model\n" * 4)
+  config = ml_collections.ConfigDict({"data": {"source": "text", "packing": True,
+                                               "seq_len": CFG.max_length}})
+  lines = []
+  zs = zero_shot_eval(model, params, config, [str(doc)], [1], schedule=Schedule("linear"),
+                      tokenizer=ByteTokenizer(), batch_size=4, time_points=(1.0,), max_rows=2,
+                      log=lines.append)
+  assert zs["rows"][0]["tokens"] == 2 * CFG.max_length
+  (line,) = [ln for ln in lines if ln.startswith("corpus doc.txt:")]
+  assert f"scoring 2 rows of {CFG.max_length}" in line and "--corpus-rows 2" in line, line

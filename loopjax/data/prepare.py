@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from loopjax import storage
+from loopjax import folders, storage
 from loopjax.data import corpus, shards
 from loopjax.data.tokenizers import bos_id, make_tokenizer
 from loopjax.errors import UserError
@@ -446,6 +446,7 @@ def prepare_main(argv=None) -> int:
     if a.stats:
       print(shards.stats(a.out))
       return 0
+    folders.claim(a.out, "prepared", flag="--out")  # a run, export or study stays untouched
     command = shlex.join(["loopjax", "prepare", *(argv if argv is not None else sys.argv[1:])])
     m = prepare(a.input, a.tokenizer, a.out, text_field=a.text_field, txt_split=a.txt_split,
                 input_format=a.format, heldout_inputs=a.heldout_input, num_workers=a.workers,

@@ -31,7 +31,8 @@ import numpy as np
 from loopjax.data import make_eval_batches
 from loopjax.diffusion import eval_time_grid, make_schedule, mask_tokens
 from loopjax.evaluate import plots
-from loopjax.evaluate.cli_args import output_dir, parse_loops_arg, warn_loop_cost
+from loopjax.evaluate.cli_args import (check_counts, claim_output_dir, output_dir,
+                                       parse_loops_arg, warn_loop_cost)
 from loopjax.model import LoopedTransformer
 from loopjax.weights import load_model_dir
 
@@ -213,6 +214,8 @@ def analyze_main(argv) -> int:
   p.add_argument("--out", default=None, help="write eval/ and plots/ here (default: the workdir; "
                  "beside an export folder, EXPORT.outputs)")
   args = p.parse_args(argv)
+  check_counts(("--examples", args.examples, 1), ("--time-points", args.time_points, 1))
+  claim_output_dir(args.workdir, args.out)
   config, model, params = load_model_dir(args.workdir, params=args.params)
   cfg = model.cfg
   if args.loops:

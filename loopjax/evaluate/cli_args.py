@@ -22,6 +22,7 @@ import re
 
 import jax
 
+from loopjax import folders
 from loopjax.flops import inference_flops_per_sample, peak_flops_per_device
 from loopjax.weights import is_export
 
@@ -83,3 +84,19 @@ def output_dir(path: str, out: str | None = None) -> str:
   if is_export(path):
     return os.path.normpath(path) + EXPORT_OUTPUT_SUFFIX
   return path
+
+
+def check_counts(*checks) -> None:
+  """(flag, value, lowest allowed) triples: ValueError naming the first count below its bound,
+  before any model is loaded."""
+  for flag, value, low in checks:
+    if value < low:
+      raise ValueError(f"{flag} must be >= {low}, got {value}")
+
+
+def claim_output_dir(path: str, out: str | None = None) -> str:
+  """`output_dir(path, out)`, refused (one line, nothing written) when it holds an export, a
+  prepared corpus or a study rather than a run or earlier outputs."""
+  d = output_dir(path, out)
+  folders.claim(d, "outputs", flag="--out" if out else "--workdir")
+  return d

@@ -1,4 +1,10 @@
-"""End-of-run report: held-out task accuracy for built-in tasks, printed and saved."""
+"""End-of-run report: held-out task accuracy for built-in tasks, printed and saved.
+
+The run's own loop count (`eval.loops`, default S_max) gives the headline numbers; a looped
+model is also scored at S = 1, 2, S_max and 2 S_max (one compiled sampler serves every S), so
+the report shows what the loops do at inference: a table in the log, the rows in
+WORKDIR/eval/final_task_accuracy.json and a plot, WORKDIR/plots/final_accuracy_vs_loops.png.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,18 @@ import json
 import jax
 
 from loopjax import storage
-from loopjax.evaluate.tasks import heldout_batches, task_accuracy
+from loopjax.evaluate.plots import plot_quality_vs_loops
+from loopjax.evaluate.tasks import heldout_batches, primary_metric, task_accuracy
+
+# What guessing scores: a uniform digit per blank cell; an answer field of several digits.
+CHANCE = {"cell_accuracy": 1 / 9, "board_accuracy": 0.0, "exact_match": 0.0}
+
+
+def report_loops(s_max: int, looped: bool, own: int) -> list[int]:
+  """The loop counts of the report: 1, 2, S_max, 2 S_max and the run's own (looped models)."""
+  if not looped:
+    return [own]
+  return sorted({1, min(2, 2 * s_max), s_max, 2 * s_max, own})
 
 
 def report_task_accuracy(config, out: dict, workdir: str) -> dict | None:
@@ -18,15 +35,47 @@ def report_task_accuracy(config, out: dict, workdir: str) -> dict | None:
   if source not in ("sudoku", "arithmetic") or jax.process_count() > 1:
     return None
   model, state = out["model"], out["state"]
-  params = state.ema_params if config.train.eval_params == "ema" else state.params
+  cfg = model.cfg
+  params = jax.device_get(state.ema_params if config.train.eval_params == "ema"
+                          else state.params)
   batches = heldout_batches(config.data, int(config.eval.examples), seed=config.train.seed + 1)
-  loops = config.eval.loops or model.cfg.max_loops
-  acc = task_accuracy(model, jax.device_get(params), batches, source=source, loops=loops,
-                      steps=config.eval.steps)
-  acc = {"loops": loops, "examples": sum(len(b["tokens"]) for b in batches), **acc}
+  own = int(config.eval.loops or cfg.max_loops)
+  rows = [dict(task_accuracy(model, params, batches, source=source, loops=s,
+                             steps=config.eval.steps), loops=s)
+          for s in report_loops(cfg.max_loops, cfg.looped, own)]
+  head = next(r for r in rows if r["loops"] == own)
+  metrics = [k for k in head if k in CHANCE or k.endswith("accuracy")]
+  acc = {"loops": own, "examples": head["examples"], **{k: head[k] for k in metrics},
+         "s_max": cfg.max_loops, "params": config.train.eval_params,
+         "by_loops": [{k: r[k] for k in ("loops", *metrics, "executed_flops_per_sample")}
+                      for r in rows]}
   storage.makedirs(storage.join(workdir, "eval"))
   storage.write_text(storage.join(workdir, "eval", "final_task_accuracy.json"),
                      json.dumps(acc, indent=2))
-  print("held-out " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                for k, v in acc.items()), flush=True)
+  print("held-out " + ", ".join(f"{k} {acc[k]:.4f}" if isinstance(acc[k], float) else
+                                f"{k} {acc[k]}" for k in ("loops", "examples", *metrics)),
+        flush=True)
+  if cfg.looped:
+    print(_loops_table(rows, metrics, cfg.max_loops, head["examples"], acc["params"]), flush=True)
+  if not storage.is_remote(workdir):  # matplotlib writes local files
+    path = plot_quality_vs_loops(
+        rows, metric=primary_metric(source), group="none",
+        path=storage.join(workdir, "plots", "final_accuracy_vs_loops.png"),
+        title=f"held-out {primary_metric(source).replace('_', ' ')} vs loops at inference",
+        s_max=cfg.max_loops)
+    print(f"plot: {path}", flush=True)
   return acc
+
+
+def _loops_table(rows, metrics, s_max: int, examples: int, params: str) -> str:
+  """The accuracy at each S as aligned text, with what chance would score."""
+  def tag(s):
+    return " (S_max, trained up to)" if s == s_max else \
+        " (2 S_max, beyond training)" if s == 2 * s_max else ""
+  lines = [f"held-out accuracy vs loops S at inference ({examples} examples, {params} "
+           "weights; chance: "
+           + ", ".join(f"{m} {CHANCE[m]:.3f}" for m in metrics if m in CHANCE) + ")"]
+  for r in rows:
+    lines.append(f"  S={r['loops']:<3} " + "  ".join(f"{m} {r[m]:.4f}" for m in metrics)
+                 + tag(r["loops"]))
+  return "\n".join(lines)

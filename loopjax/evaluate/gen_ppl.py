@@ -63,17 +63,26 @@ class Judge:
   device: str = "cpu"
 
 
-def load_judge(path: str, *, device: str = "cpu") -> Judge:
-  """The causal LM and tokenizer of a local `save_pretrained` folder or of a Hub model id
-  (`gpt2-large`), the latter from the Hugging Face cache first (loopjax.hf.hub)."""
+def check_judge(path: str) -> tuple[str, str | None]:
+  """(where, repo_id): the absolute path of a local `save_pretrained` folder (repo_id None), or
+  a Hub model id (`gpt2-large`) found in the Hugging Face cache or fetched into it
+  (loopjax.hf.hub); UserError naming the fix otherwise. Cheap enough to run before any work."""
   local = os.path.abspath(os.path.expanduser(path))
-  repo_id = None
   if not os.path.isdir(local) and hub.is_repo_id(path):
-    repo_id = path.strip()
-  elif not os.path.isdir(local) or not os.path.isfile(os.path.join(local, "config.json")):
+    repo_id = path.strip()  # a missing or uncached repository fails here, in one line
+    hub.hub_file(repo_id, "config.json", what="--gen-ppl judge", whole_repo=True)
+    return repo_id, repo_id
+  if not os.path.isdir(local) or not os.path.isfile(os.path.join(local, "config.json")):
     raise UserError(f"--gen-ppl {local}: not a local model folder (no config.json there) nor a "
                     "Hub model id; give a folder written by save_pretrained (config.json, "
                     "weights, tokenizer files) or an id such as gpt2-large")
+  return local, None
+
+
+def load_judge(path: str, *, device: str = "cpu") -> Judge:
+  """The causal LM and tokenizer of a local `save_pretrained` folder or of a Hub model id
+  (`gpt2-large`), the latter from the Hugging Face cache first (loopjax.hf.hub)."""
+  where, repo_id = check_judge(path)
   try:
     import torch  # noqa: F401
     import transformers
@@ -81,9 +90,7 @@ def load_judge(path: str, *, device: str = "cpu") -> Judge:
     raise UserError(f"--gen-ppl needs torch and transformers ({e.name} is not installed): "
                     f"{INSTALL_HINT}") from None
   transformers.utils.logging.disable_progress_bar()
-  if repo_id:  # a missing or uncached repository fails here, in one line naming the id
-    hub.hub_file(repo_id, "config.json", what="--gen-ppl judge", whole_repo=True)
-  path = where = repo_id or local
+  path = where
   kw = {"local_files_only": True} if repo_id is None else {}
   try:
     tok = transformers.AutoTokenizer.from_pretrained(where, **kw)

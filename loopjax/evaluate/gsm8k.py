@@ -58,19 +58,20 @@ def extract_answer(text: str) -> str | None:
 def read_gsm8k(path: str, limit: int = 0) -> list[dict]:
   """Examples of a GSM8K-format JSONL file: question, answer text and gold number."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"GSM8K file {path!r} does not exist")
+    raise FileNotFoundError(f"--gsm8k {path}: the file does not exist (give a GSM8K-format "
+                            "JSONL: one {\"question\", \"answer\": \"... #### N\"} per line)")
   out = []
   for n, row in jsonl_objects(path):
     if not isinstance(row, dict) or "question" not in row or "answer" not in row:
-      raise ValueError(f"{path!r} line {n}: need fields 'question' and 'answer'")
+      raise ValueError(f"--gsm8k {path} line {n}: need fields 'question' and 'answer'")
     gold = extract_answer(row["answer"]) if "####" in row["answer"] else None
     if gold is None:
-      raise ValueError(f"{path!r} line {n}: the answer does not end in '#### NUMBER'")
+      raise ValueError(f"--gsm8k {path} line {n}: the answer does not end in '#### NUMBER'")
     out.append({"question": row["question"], "answer": row["answer"], "gold": gold})
     if limit and len(out) >= limit:
       break
   if not out:
-    raise ValueError(f"{path!r} holds no examples")
+    raise ValueError(f"--gsm8k {path} holds no examples")
   return out
 
 

@@ -31,7 +31,8 @@ from loopjax.checkpoints import parse_step
 from loopjax.data import make_eval_batches, tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
-from loopjax.evaluate.cli_args import output_dir, parse_loops_arg, warn_loop_cost
+from loopjax.evaluate.cli_args import (check_counts, claim_output_dir, output_dir,
+                                      parse_loops_arg, warn_loop_cost)
 from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler, resolve_policy,
                                        timed)
 from loopjax.evaluate.tasks import score
@@ -80,6 +81,9 @@ def sample_main(argv) -> int:
   p.add_argument("--out", default=None, help="write samples/ here (default: the workdir; beside "
                  "an export folder, EXPORT.outputs)")
   a = p.parse_args(argv)
+  check_counts(("--num", a.num, 1), ("--steps", a.steps, 0), ("--length", a.length, 0),
+               ("--block-len", a.block_len, 0), ("--top-k", a.top_k, 0))
+  claim_output_dir(a.workdir, a.out)
 
   # A training workdir or a `loopjax export` folder.
   config, model, params = load_model_dir(a.workdir, params=a.params, step=a.step)

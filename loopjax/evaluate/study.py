@@ -29,7 +29,7 @@ import os
 import sys
 import time
 
-from loopjax import flops
+from loopjax import flops, folders
 from loopjax.data.arithmetic import required_seq_len
 from loopjax.evaluate.study_report import markdown_report, plot_study, summarize
 from loopjax.evaluate.tasks import heldout_batches, primary_metric, task_accuracy
@@ -266,6 +266,7 @@ def study_main(argv) -> int:
                  help="cpu: ~45 min on 2 CPU cores (default); gpu: ~100x the compute, ~10 min "
                       "on one H100/H200; tiny: seconds, for tests")
   args = p.parse_args(argv)
+  folders.claim(args.workdir, "study")
   run_study(args.workdir, preset=args.preset)
   return 0
 

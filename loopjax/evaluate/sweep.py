@@ -32,11 +32,12 @@ from loopjax.data import make_eval_batches, tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.evaluate import plots, tables
-from loopjax.evaluate.cli_args import output_dir, parse_loops_arg, warn_loop_cost
+from loopjax.evaluate.cli_args import (check_counts, claim_output_dir, output_dir,
+                                      parse_loops_arg, warn_loop_cost)
 from loopjax.evaluate.denoiser import resolve_policy
 from loopjax.evaluate.gsm8k import gsm8k_accuracy, read_gsm8k
-from loopjax.evaluate.gen_ppl import gen_ppl_sweep, load_judge
-from loopjax.evaluate.harness import check_lm_eval, run_lm_eval
+from loopjax.evaluate.gen_ppl import check_judge, gen_ppl_sweep, load_judge
+from loopjax.evaluate.harness import check_lm_eval, parse_task_data, run_lm_eval
 from loopjax.evaluate.likelihood import heldout_nelbo
 from loopjax.evaluate.tasks import heldout_batches, task_accuracy
 from loopjax.evaluate.zero_shot import parse_corpus, zero_shot_eval
@@ -89,9 +90,19 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
   returns the summary dict.
 
   gen_ppl: {"judge": DIR, "samples", "method", "prompt", "device", "batch_size"} (gen_ppl.py).
-  lm_eval: {"tasks", "args", "include_path"} (harness.py).
+  lm_eval: {"tasks", "args", "include_path", "data"} (harness.py; data: --lm-eval-data).
   """
   t_start = time.time()
+  # Every file and folder named is checked before the model loads and anything compiles.
+  workdir_out = claim_output_dir(workdir, out)
+  exs = read_gsm8k(gsm8k, gsm8k_limit) if gsm8k else None
+  for c in corpus:
+    parse_corpus(c)
+  if gen_ppl:
+    check_judge(gen_ppl["judge"])
+  if lm_eval:
+    lm_eval = {**lm_eval, "data": parse_task_data(lm_eval.get("data"))}
+    check_lm_eval(lm_eval["tasks"], lm_eval.get("include_path"), lm_eval["data"])
   # A training workdir or a `loopjax export` folder.
   config, model, weights = load_model_dir(workdir, step=step, params=params)
   ckpt = config.source.get("step") or 0
@@ -100,13 +111,8 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
   for s in specs:  # fail (or warn of the cost) before any work on a policy this model cannot run
     warn_loop_cost(cfg, resolve_policy(cfg, s).largest, length=config.data.seq_len,
                    calls=max(steps, default=0) or config.data.seq_len, samples=examples)
-  for c in corpus:
-    parse_corpus(c)
   judge = (load_judge(gen_ppl["judge"], device=gen_ppl.get("device", "cpu"))
            if gen_ppl else None)
-  if lm_eval:
-    check_lm_eval(lm_eval["tasks"], lm_eval.get("include_path"))
-  workdir_out = output_dir(workdir, out)
   source = config.data.source
   sampler_kw = dict(sampler_kw or {})
   summary = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(ckpt),
@@ -150,7 +156,6 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
     plot_paths += plot_task_rows(rows, workdir_out, s_max=cfg.max_loops)
 
   if gsm8k:
-    exs = read_gsm8k(gsm8k, gsm8k_limit)
     tok = tokenizer_for(config.data)
     # A model fine-tuned on prompt_answer data is asked in its training layout.
     tuned = config.data.get("source") == "prompt_answer"
@@ -192,8 +197,9 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
         judge_batch_size=g.get("batch_size", 8),
         workdir=workdir_out, header=summary, log=_log)
 
-  if lm_eval:  # {tasks, args, include_path}: lm-eval's tasks with the "loopjax" model
-    rows = run_lm_eval(workdir, loops=specs, **lm_eval, model_args={
+  if lm_eval:  # {tasks, args, include_path, data}: lm-eval's tasks with the "loopjax" model
+    rows = run_lm_eval(workdir, loops=specs, **lm_eval,
+                       tasks_dir=os.path.join(workdir_out, "eval", "lm_eval_tasks"), model_args={
         "params": params, "step": step, "seed": seed, "batch_size": batch_size,
         "sampler": method, "steps": steps[0], "time_grid": time_points,
         **{k: v for k, v in sampler_kw.items() if k in ("temperature", "block_len")}})
@@ -282,7 +288,17 @@ def eval_main(argv) -> int:
                  "bootstrap_iters, ... for lm-eval; other keys are model_args (mc_samples, "
                  "max_gen_toks, ...)")
   g.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs")
+  g.add_argument("--lm-eval-data", action="append", default=[], metavar="NAME=FILE",
+                 help="local JSONL of a shipped task (repeatable): gsm8k=FILE for "
+                 "loopjax_gsm8k_jsonl (gsm8k_train=FILE: its few-shot examples, default the same "
+                 "file), mc=FILE for loopjax_mc_jsonl")
   a = p.parse_args(argv)
+  check_counts(("--examples", a.examples, 1), ("--batch-size", a.batch_size, 1),
+               ("--nelbo-batches", a.nelbo_batches, 1), ("--time-points", a.time_points, 1),
+               ("--samples", a.samples, 1), ("--judge-batch-size", a.judge_batch_size, 1),
+               ("--gsm8k-limit", a.gsm8k_limit, 0), ("--corpus-rows", a.corpus_rows, 0))
+  if any(n < 0 for n in _ints(a.steps)):
+    raise ValueError(f"--steps {a.steps}: denoising steps must be >= 0 (0: the default)")
   kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, block_len=a.block_len)
   gen = a.gen_ppl and dict(judge=a.gen_ppl, samples=a.samples, prompt=a.prompt,
                            method=a.sampler or "ancestral", device=a.judge_device,
@@ -297,7 +313,7 @@ def eval_main(argv) -> int:
       params=a.params, step=a.step, seed=a.seed, sampler_kw=kw,
       command="loopjax eval " + " ".join(argv), out=a.out,
       lm_eval=a.lm_eval and {"tasks": a.lm_eval, "args": a.lm_eval_args,
-                             "include_path": a.include_path})
+                             "include_path": a.include_path, "data": a.lm_eval_data})
   print(json.dumps({"eval": os.path.join(output_dir(a.workdir, a.out), "eval"),
                     "plots": summary["plots"],
                     "seconds": round(summary["seconds"], 1)}))

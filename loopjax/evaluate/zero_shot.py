@@ -179,8 +179,9 @@ def zero_shot_eval(model, params, config, corpora, specs, *, schedule, tokenizer
       label = path
     batches = corpus_batches(docs, tokenizer, seq_len=seq_len, batch_size=batch_size,
                              layout=layout, max_rows=max_rows)
-    log(f"corpus {label}: {len(docs)} documents, {len(batches) * batch_size} rows of "
-        f"{seq_len} ({layout} layout)")
+    scored = sum(int(np.asarray(b["loss_mask"]).any(-1).sum()) for b in batches)  # no filler
+    log(f"corpus {label}: {len(docs)} documents, scoring {scored} rows of {seq_len} "
+        f"({layout} layout{', --corpus-rows ' + str(max_rows) if max_rows else ''})")
     for s in specs:
       row = {"corpus": label, "path": path, "detokenizer": name, "layout": layout,
              "documents": len(docs), **corpus_nelbo(model, params, batches, schedule=schedule,

@@ -7,6 +7,7 @@ they all see the same resolved config: the one `loopjax train` writes to WORKDIR
 
 from __future__ import annotations
 
+import ast
 import os
 from typing import Sequence
 
@@ -32,9 +33,28 @@ def read_config(spec: str, overrides: Sequence[str] = ()):
   except flags.Error as e:
     raise ValueError(f"bad config or override: {e}") from None
   except (KeyError, AttributeError) as e:
-    why = str(e.args[0] if e.args else e).replace("\n", "; ")  # KeyError's str is its repr
-    raise ValueError(f"unknown config key in overrides {list(overrides)}: {why}") from None
+    raise ValueError(unknown_key_message(e, overrides)) from None
   return fv.config, dict(config_flags.get_override_values(fv["config"]))
+
+
+def unknown_key_message(e: Exception, overrides: Sequence[str]) -> str:
+  """One plain line for ml_collections' unknown-key error: the override that has the key and
+  its suggestion ("Did you mean ..."), without the exception's repr."""
+  text = str(e.args[0] if e.args else e)
+  for _ in range(3):  # a KeyError's str is the repr of its message, sometimes nested
+    if len(text) < 2 or text[0] not in "'\"" or text[-1] != text[0]:
+      break
+    try:
+      text = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      break
+  lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+  bad = lines[0].strip("'\"") if lines else "?"
+  hint = " ".join(lines[1:])
+  given = [o for o in overrides if bad in o.split("=", 1)[0].split(".")[1:]]
+  where = f" in {given[0]}" if given else ""
+  return (f'unknown config key "{bad}"{where}' + (f": {hint}" if hint else "")
+          + " (every key and its default: loopjax/train/config.py base_config)")
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()):
@@ -44,19 +64,20 @@ def load_config(spec: str, overrides: Sequence[str] = ()):
   return resolve_variant(config, given)
 
 
-def split_config_args(argv: Sequence[str]):
-  """(spec, overrides, rest): --config / --config.x=v arguments apart from a command's own."""
+def split_config_args(argv: Sequence[str], prefix: str = "--config"):
+  """(spec, overrides, rest): PREFIX / PREFIX.x=v arguments apart from a command's own. The
+  overrides come back as `--config.x=v` (what `read_config` takes) whatever the prefix."""
   spec, overrides, rest = None, [], []
   it = iter(argv)
   for a in it:
-    if a == "--config":
+    if a == prefix:
       spec = next(it, None)
-    elif a.startswith("--config="):
+    elif a.startswith(prefix + "="):
       spec = a.split("=", 1)[1]
-    elif a.startswith("--config."):
+    elif a.startswith(prefix + "."):
       if "=" not in a:
         a = f"{a}={next(it, '')}"
-      overrides.append(a)
+      overrides.append("--config" + a[len(prefix):])
     else:
       rest.append(a)
   return spec, overrides, rest

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopjax import flops, storage
+from loopjax import flops, folders, storage
 from loopjax.checkpoints import BEST_METRIC, param_shape_diff
 from loopjax.data import prepared
 from loopjax.data import shards as data_shards
@@ -199,6 +199,7 @@ class _Run:
 def _setup(config, workdir: str) -> _Run:
   """Validates the config and mesh, builds the step, writes the workdir and opens the data."""
   config_lib.validate(config)
+  folders.claim(workdir, "run")  # an export, corpus, study or eval output is left untouched
   workdir = storage.resolve(workdir)
   storage.check_client(workdir)  # a missing gs:// client is named before anything is built
   if config.data.source == "prepared":

@@ -114,6 +114,12 @@ def resolve_variant(c, overrides: Mapping[str, Any] | None = None):
   length, batch, baseline = c.data.seq_len, c.train.batch_size, int(v.baseline_steps)
   start, end = (int(x) for x in v.block)
   s_max = int(v.s_max)
+  # The FLOP matching below divides by these: checked first, by name.
+  for key, value in (("data.seq_len", length), ("train.batch_size", batch),
+                     ("variant.s_max", s_max)):
+    if int(value) < 1:
+      raise ValueError(f"{key} must be >= 1, got {value}: set --config.{key} to a positive "
+                       "integer")
   base, _ = _model(c, "fixed:1", loop_start=0, loop_end=0)
   loop_cfg, loop_dist = _model(c, f"uniform:1:{s_max}", loop_start=start, loop_end=end)
   convention = v.get("flop_convention", "all_forward")
