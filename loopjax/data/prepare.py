@@ -452,7 +452,7 @@ def prepare_main(argv=None) -> int:
                 input_format=a.format, heldout_inputs=a.heldout_input, num_workers=a.workers,
                 shard_tokens=a.shard_tokens, heldout=a.heldout,
                 command=command, stage_dir=a.stage_dir)
-  except (ValueError, FileNotFoundError, UserError) as e:
+  except (ValueError, FileNotFoundError) as e:  # UserError goes to the CLI's one-line handler
     p.exit(2, f"loopjax prepare: error: {e}\n")
   s = m["splits"]
   print(f"prepared {a.out}: train {s['train']['docs']:,} docs / {s['train']['tokens']:,} "
