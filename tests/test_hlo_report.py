@@ -166,6 +166,12 @@ def test_activation_flags_global_per_shard_and_expected():
   c = _by_name(hlo.classify(hlo.collectives(HLO), batch=64, length=1024, batch_shards=4,
                             tensor=2))
   assert c["all-reduce.63"]["expected"] and c["all-gather-start.1"]["expected"] is None
+  # A weight gradient whose dimension happens to equal rows x length (8 x 1024 = 8192, the
+  # adaLN kernel of a 4096-wide model) is not an activation.
+  weight = ("  %all-reduce.9 = (f32[128,8192]{1,0}, f32[8192]{0}) all-reduce(%a, %b), "
+            "replica_groups={{0,1}}, to_apply=%add.1")
+  (w,) = hlo.classify(hlo.collectives(weight), batch=512, length=1024, batch_shards=64)
+  assert w["activation"] is None
 
 
 def test_roofline_against_a_hand_computed_bound():

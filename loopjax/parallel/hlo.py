@@ -318,17 +318,19 @@ def collectives(hlo_text: str, *, loop_scope: str = "loop",
   return out
 
 
-def _spans(dims: list[int], rows: int, lengths: tuple[int, ...]) -> bool:
-  """Whether `dims` hold `rows` sequences of one of `lengths` tokens (side by side or merged)."""
+def _spans(dims: list[int], rows: int, lengths: tuple[int, ...], merged: bool = False) -> bool:
+  """Whether `dims` hold `rows` sequences of one of `lengths` tokens side by side (or, with
+  `merged`, as one dimension of rows x length tokens)."""
   for length in lengths:
-    if rows * length in dims or any(a == rows and b == length for a, b in zip(dims, dims[1:])):
+    if (merged and rows * length in dims) or any(a == rows and b == length
+                                                 for a, b in zip(dims, dims[1:])):
       return True
   return False
 
 
 def is_activation_sized(dims: list[int], batch: int, length: int) -> bool:
   """Whether a per-device shape still spans the global batch of `batch` x `length` tokens."""
-  return _spans(dims, batch, (length,))
+  return _spans(dims, batch, (length,), merged=True)
 
 
 def classify(colls: list[dict], *, batch: int, length: int, batch_shards: int,
@@ -340,7 +342,9 @@ def classify(colls: list[dict], *, batch: int, length: int, batch_shards: int,
   rows = batch // max(batch_shards, 1)
   lengths = (length, length // tensor) if tensor > 1 and length % tensor == 0 else (length,)
   for c in colls:
-    if any(_spans(d, batch, (length,)) for d in c["shapes"]):
+    # A merged rows x length dimension is only trusted for the global batch: a device's few
+    # rows times the length (e.g. 8 x 1024) is also a common weight dimension.
+    if any(_spans(d, batch, (length,), merged=True) for d in c["shapes"]):
       c["activation"] = "global"
     elif rows != batch and any(_spans(d, rows, lengths) for d in c["shapes"]):
       c["activation"] = "per_shard"
