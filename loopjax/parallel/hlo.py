@@ -1,7 +1,7 @@
 """The collectives of a compiled program, read from its optimised HLO text.
 
-After SPMD partitioning every array in the HLO has its per-device shape. This module lists every
-collective the TPU and GPU compilers emit, in every form they take:
+After SPMD partitioning every array in the HLO has its per-device shape. This module lists the
+collectives the TPU and GPU compilers emit, in these forms:
 
 - synchronous ops: `all-reduce`, `all-gather`, `reduce-scatter`, `all-to-all`,
   `collective-permute`, `collective-broadcast`, `ragged-all-to-all`;
@@ -18,7 +18,7 @@ whether it sits inside the model's loop: the call graph of computations is built
 computation is in the loop when it is reachable from the body of a `while` whose source scope
 (`metadata op_name`) has the loop module's name as a path component. A `while` runs its body
 the trip count the compiler recorded (`known_trip_count`) or read from its condition
-(`compare(i, constant N), direction=LT`, also inside a fusion); branches of a
+(`compare(i, constant N), direction=LT`, also inside a fusion), else once; branches of a
 `conditional` directly inside the loop's body run `loop_fraction` of the iterations (the
 looped block runs under `cond(i < S)`, so E[S] / S_max of them).
 
