@@ -86,6 +86,10 @@ class ModelConfig:
   # step). "per_iteration": gathered inside every iteration (and again in the recompute), the
   # gradient reduce-scattered every iteration: S times the communication, no extra memory.
   loop_weights: str = "gathered"
+  # Sequence parallelism: in a tensor-parallel mesh, the residual stream between the attention
+  # and MLP blocks split along the length over `tensor` (block outputs reduce-scattered, inputs
+  # all-gathered) instead of replicated (block outputs all-reduced). No effect without tensor.
+  sequence_parallel: bool = False
   # Kernel set computing the matmuls and attention (loopjax/model/kernels): reference,
   # xla_cpu, cudnn, splash, or auto (chosen from the devices by `resolve_kernels` before the
   # model runs).

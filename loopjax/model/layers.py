@@ -36,8 +36,10 @@ def constrain(x, *names):
   return nn.with_logical_constraint(x, mesh_lib.fit_logical(names, x.shape))
 
 
-# The residual stream between blocks: length split over tensor (sequence parallelism).
-BLD = ("act_batch", "act_seq", "act_embed")
+def stream_axes(cfg: ModelConfig) -> tuple:
+  """Logical axes of the residual stream between blocks: with model.sequence_parallel, the
+  length split over tensor (`act_seq`), else whole (`act_length`)."""
+  return ("act_batch", "act_seq" if cfg.sequence_parallel else "act_length", "act_embed")
 BLHK = ("act_batch", "act_length", "act_heads", "act_kv")
 
 
@@ -161,7 +163,7 @@ class Attention(nn.Module):
     w_HxKxD = _Kernel((h, k, cfg.width), ("heads", "kv", "embed"), n_in=2,
                       init_kind=cfg.dense_init, name="out")()
     out_BxLxD = constrain(ops.dot_general(out_BxLxHxK.astype(dt), w_HxKxD.astype(dt),
-                                          (((2, 3), (0, 1)), ((), ()))), *BLD)
+                                          (((2, 3), (0, 1)), ((), ()))), *stream_axes(cfg))
     out_BxLxD = nn.Dropout(cfg.dropout)(out_BxLxD, deterministic=not train)
     # The remat policy "save_attn_out" keeps this and recomputes the rest.
     out_BxLxD = checkpoint_name(out_BxLxD, "attn_out")
@@ -190,7 +192,7 @@ class Mlp(nn.Module):
     if cfg.mlp_hidden_dropout:
       h_BxLxF = nn.Dropout(cfg.dropout)(h_BxLxF, deterministic=not train)
     # Summed over the tensor-sharded units straight into the length-split stream.
-    out = constrain(dense(d, "wo", ("mlp", "embed"), f)(h_BxLxF), *BLD)
+    out = constrain(dense(d, "wo", ("mlp", "embed"), f)(h_BxLxF), *stream_axes(cfg))
     # As MDLM's bias_dropout_add_scale: dropout on the branch output, then the adaLN gate.
     return nn.Dropout(cfg.dropout)(out, deterministic=not train)
 
@@ -219,7 +221,7 @@ class Block(nn.Module):
   def __call__(self, x_BxLxD, c_BxC, mask: kernels_lib.AttentionMask, train: bool = False,
                return_probs: bool = False):
     dt = compute_dtype(self.cfg)
-    x_BxLxD = constrain(x_BxLxD, *BLD)
+    x_BxLxD = constrain(x_BxLxD, *stream_axes(self.cfg))
     shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(
         c_BxC, 6, self.cfg.width, "adaln")
     y = layer_norm(dt, "norm_attn", self.cfg.norm_eps)(x_BxLxD) * (1 + scale1) + shift1
@@ -230,4 +232,4 @@ class Block(nn.Module):
     y = layer_norm(dt, "norm_mlp", self.cfg.norm_eps)(x_BxLxD) * (1 + scale2) + shift2
     y = Mlp(self.cfg, name="mlp")(y.astype(dt), train=train)
     x_BxLxD = (x_BxLxD.astype(jnp.float32) + gate2 * y).astype(x_BxLxD.dtype)
-    return constrain(x_BxLxD, *BLD), probs
+    return constrain(x_BxLxD, *stream_axes(self.cfg)), probs

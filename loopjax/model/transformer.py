@@ -25,9 +25,10 @@ from loopjax.diffusion.nelbo import chunked_token_nll
 from loopjax.model import kernels as kernels_lib
 from loopjax.model.config import MASKED_LOGIT, ModelConfig
 from loopjax.model.kernels.masks import AttentionMask
+from loopjax.model.layers import (Block, Dense, adaln_modulation, bias_init, compute_dtype,
+                                  constrain, dense_init, kernel_initializer, layer_norm,
+                                  stream_axes)
 from loopjax.parallel import mesh as mesh_lib
-from loopjax.model.layers import (BLD, Block, Dense, adaln_modulation, bias_init, compute_dtype,
-                                  constrain, dense_init, kernel_initializer, layer_norm)
 
 Array = jax.Array
 
@@ -178,13 +179,13 @@ class Loop(nn.Module):
                                                                      "dropout": True},
                       in_axes=(0, None, 0, None, 0, 0), out_axes=0, axis_size=groups,
                       spmd_axis_name=axes)
-    h_GxBxLxD = constrain(split(h_BxLxD), "loop_group", None, *BLD[1:])
+    h_GxBxLxD = constrain(split(h_BxLxD), "loop_group", None, *stream_axes(cfg)[1:])
     grouped = (h_GxBxLxD, iters, split(h0_BxLxD), args[3], split(c_BxC),
                jax.tree_util.tree_map(split, mask))
     with mesh_lib.per_group_rules():
       h_GxBxLxD, _ = nn.map_variables(vmapped, "params", trans_in_fn=gather)(
           cfg, train, collect, static_full, name="scan")(*grouped)
-    return constrain(h_GxBxLxD.reshape(h_BxLxD.shape), *BLD), None
+    return constrain(h_GxBxLxD.reshape(h_BxLxD.shape), *stream_axes(cfg)), None
 
 
 def _gather_fn(cfg: ModelConfig, body, args, groups: int):
@@ -367,7 +368,7 @@ class LoopedTransformer(nn.Module):
     # Document masking from the segment ids (padding, segment 0, attends only to itself).
     mask = AttentionMask.from_segment_ids(segment_ids_BxL, b, length)
     # The residual stream is in the compute dtype (norm statistics, softmax and loss stay f32).
-    h = constrain(self.embed(tokens_BxL).astype(compute_dtype(cfg)), *BLD)
+    h = constrain(self.embed(tokens_BxL).astype(compute_dtype(cfg)), *stream_axes(cfg))
     probs = None
     if self.head is not None:
       h, probs = self.head(h, c_BxC, mask, train, collect)

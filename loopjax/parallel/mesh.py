@@ -45,8 +45,9 @@ LOGICAL_RULES = (
     # moves activations; heads, MLP units and vocabulary over tensor (tensor parallelism).
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),
-    # Sequence parallelism: between the attention and MLP blocks (the residual stream, norms,
-    # adaLN, dropout) the length is split over tensor; inside them, heads and MLP units are.
+    # Sequence parallelism (model.sequence_parallel): between the attention and MLP blocks (the
+    # residual stream, norms, adaLN, dropout) the length is split over tensor; inside them,
+    # heads and MLP units are.
     ("act_seq", "tensor"),
     ("act_embed", None),
     ("act_heads", "tensor"),
