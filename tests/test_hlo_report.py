@@ -166,6 +166,12 @@ def test_activation_flags_global_per_shard_and_expected():
   c = _by_name(hlo.classify(hlo.collectives(HLO), batch=64, length=1024, batch_shards=4,
                             tensor=2))
   assert c["all-reduce.63"]["expected"] and c["all-gather-start.1"]["expected"] is None
+  # A weight gradient whose dimension happens to equal rows x length (8 x 1024 = 8192, the
+  # adaLN kernel of a 4096-wide model) is not an activation.
+  weight = ("  %all-reduce.9 = (f32[128,8192]{1,0}, f32[8192]{0}) all-reduce(%a, %b), "
+            "replica_groups={{0,1}}, to_apply=%add.1")
+  (w,) = hlo.classify(hlo.collectives(weight), batch=512, length=1024, batch_shards=64)
+  assert w["activation"] is None
 
 
 def test_roofline_against_a_hand_computed_bound():
@@ -226,3 +232,46 @@ def test_a_snippet_of_lines_without_computations_is_read_too():
   (c,) = hlo.collectives(line)
   assert c["op"] == "all-gather" and c["bytes"] == 768 * 768 * 2 and c["group"] == 32
   assert not c["in_loop"] and c["runs"] == 1
+
+
+CPU_FORMS = """HloModule m
+
+%wrapped_compare_computation.5 (p.0: s32[], p.1: s32[]) -> pred[] {
+  %p.0 = s32[] parameter(0)
+  %p.1 = s32[] parameter(1)
+  ROOT %lt.1 = pred[] compare(%p.0, %p.1), direction=LT
+}
+
+%region_31 (param.17: (s32[], f32[8,81,64])) -> pred[] {
+  %param.17 = (s32[], f32[8,81,64]{2,1,0}) parameter(0)
+  %constant.1385 = s32[] constant(5)
+  %gte.1 = s32[] get-tuple-element(%param.17), index=0
+  ROOT %wrapped_compare.5 = pred[] fusion(%gte.1, %constant.1385), kind=kLoop, calls=%wrapped_compare_computation.5
+}
+
+%body_a (param.1: (s32[], f32[8,81,64])) -> (s32[], f32[8,81,64]) {
+  %param.1 = (s32[], f32[8,81,64]{2,1,0}) parameter(0)
+  %h.1 = f32[8,81,64]{2,1,0} get-tuple-element(%param.1), index=1
+  %all-reduce.1 = f32[8,81,64]{2,1,0} all-reduce(%h.1), replica_groups={{0,1}}, to_apply=%wrapped_compare_computation.5
+  ROOT %t.1 = (s32[], f32[8,81,64]{2,1,0}) tuple(%h.1, %all-reduce.1)
+}
+
+%body_b (param.2: (s32[], f32[8,81,64])) -> (s32[], f32[8,81,64]) {
+  %param.2 = (s32[], f32[8,81,64]{2,1,0}) parameter(0)
+  %h.2 = f32[8,81,64]{2,1,0} get-tuple-element(%param.2), index=1
+  %all-reduce.2 = f32[8,81,64]{2,1,0} all-reduce(%h.2), replica_groups={{0,1}}, to_apply=%wrapped_compare_computation.5
+  ROOT %t.2 = (s32[], f32[8,81,64]{2,1,0}) tuple(%h.2, %all-reduce.2)
+}
+
+ENTRY %main (p: (s32[], f32[8,81,64])) -> (s32[], f32[8,81,64]) {
+  %p = (s32[], f32[8,81,64]{2,1,0}) parameter(0)
+  %w.1 = (s32[], f32[8,81,64]{2,1,0}) while(%p), condition=%region_31, body=%body_a
+  ROOT %w.2 = (s32[], f32[8,81,64]{2,1,0}) while(%w.1), condition=%region_31, body=%body_b, backend_config={"known_trip_count":{"n":"3"}}
+}
+"""
+
+
+def test_trip_counts_from_a_fused_compare_or_the_compilers_record():
+  c = _by_name(hlo.collectives(CPU_FORMS))
+  assert c["all-reduce.1"]["runs"] == 5  # i < 5, the compare inside a fusion (XLA:CPU's form)
+  assert c["all-reduce.2"]["runs"] == 3  # known_trip_count wins over the condition

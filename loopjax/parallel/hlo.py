@@ -1,7 +1,7 @@
 """The collectives of a compiled program, read from its optimised HLO text.
 
-After SPMD partitioning every array in the HLO has its per-device shape. This module lists every
-collective the TPU and GPU compilers emit, in every form they take:
+After SPMD partitioning every array in the HLO has its per-device shape. This module lists the
+collectives the TPU and GPU compilers emit, in these forms:
 
 - synchronous ops: `all-reduce`, `all-gather`, `reduce-scatter`, `all-to-all`,
   `collective-permute`, `collective-broadcast`, `ragged-all-to-all`;
@@ -17,7 +17,8 @@ whether it sits inside the model's loop: the call graph of computations is built
 (`while` bodies and conditions, `conditional` branches, fusions, calls, async wrappers), and a
 computation is in the loop when it is reachable from the body of a `while` whose source scope
 (`metadata op_name`) has the loop module's name as a path component. A `while` runs its body
-the trip count read from its condition (`compare(i, constant N), direction=LT`); branches of a
+the trip count the compiler recorded (`known_trip_count`) or read from its condition
+(`compare(i, constant N), direction=LT`, also inside a fusion), else once; branches of a
 `conditional` directly inside the loop's body run `loop_fraction` of the iterations (the
 looped block runs under `cond(i < S)`, so E[S] / S_max of them).
 
@@ -222,7 +223,8 @@ def _walk(comps, entry, loop_scope: str, loop_fraction: float):
       trip = None
       if i.op == "while":
         cond = next((callee for role, callee in called if role == "condition"), None)
-        trip = _trip_count_of(comps.get(cond, []))
+        known = re.search(r'known_trip_count"?:\{"n":"(\d+)"', i.attrs)
+        trip = int(known[1]) if known else _trip_count_of(comps.get(cond, []), comps)
       loop_cond = (i.op == "conditional" and _is_loop_scope(_op_name(i), loop_scope)
                    and _op_name(i).split("/").count("while") == _loop_whiles(_op_name(i),
                                                                                loop_scope))
@@ -264,12 +266,18 @@ def _loop_whiles(op_name: str, scope: str) -> int:
   return parts[:own + 1].count("while")
 
 
-def _trip_count_of(cond: list[Instr]) -> int | None:
-  """N of a `while` condition `i < N` (XLA's counted loops start at 0); None if not that form."""
+def _trip_count_of(cond: list[Instr], comps: dict[str, list[Instr]]) -> int | None:
+  """N of a `while` condition `i < N` (XLA's counted loops start at 0): a `compare` with
+  direction=LT against a constant, also inside a fusion of the condition; None otherwise."""
   consts = {i.name: int(i.args) for i in cond
             if i.op == "constant" and re.fullmatch(r"\s*-?\d+\s*", i.args)}
   for i in cond:
-    if i.op == "compare" and "direction=LT" in i.attrs:
+    lt = i.op == "compare" and "direction=LT" in i.attrs
+    if i.op == "fusion":
+      called = [c for role, c in _called(i) if role == "call"]
+      lt = any(j.op == "compare" and "direction=LT" in j.attrs
+               for c in called for j in comps.get(c, []))
+    if lt:
       for o in i.operands:
         if o in consts:
           return consts[o]
@@ -310,17 +318,19 @@ def collectives(hlo_text: str, *, loop_scope: str = "loop",
   return out
 
 
-def _spans(dims: list[int], rows: int, lengths: tuple[int, ...]) -> bool:
-  """Whether `dims` hold `rows` sequences of one of `lengths` tokens (side by side or merged)."""
+def _spans(dims: list[int], rows: int, lengths: tuple[int, ...], merged: bool = False) -> bool:
+  """Whether `dims` hold `rows` sequences of one of `lengths` tokens side by side (or, with
+  `merged`, as one dimension of rows x length tokens)."""
   for length in lengths:
-    if rows * length in dims or any(a == rows and b == length for a, b in zip(dims, dims[1:])):
+    if (merged and rows * length in dims) or any(a == rows and b == length
+                                                 for a, b in zip(dims, dims[1:])):
       return True
   return False
 
 
 def is_activation_sized(dims: list[int], batch: int, length: int) -> bool:
   """Whether a per-device shape still spans the global batch of `batch` x `length` tokens."""
-  return _spans(dims, batch, (length,))
+  return _spans(dims, batch, (length,), merged=True)
 
 
 def classify(colls: list[dict], *, batch: int, length: int, batch_shards: int,
@@ -332,7 +342,9 @@ def classify(colls: list[dict], *, batch: int, length: int, batch_shards: int,
   rows = batch // max(batch_shards, 1)
   lengths = (length, length // tensor) if tensor > 1 and length % tensor == 0 else (length,)
   for c in colls:
-    if any(_spans(d, batch, (length,)) for d in c["shapes"]):
+    # A merged rows x length dimension is only trusted for the global batch: a device's few
+    # rows times the length (e.g. 8 x 1024) is also a common weight dimension.
+    if any(_spans(d, batch, (length,), merged=True) for d in c["shapes"]):
       c["activation"] = "global"
     elif rows != batch and any(_spans(d, rows, lengths) for d in c["shapes"]):
       c["activation"] = "per_shard"

@@ -27,10 +27,10 @@ from __future__ import annotations
 # generation -> (dense bf16 FLOP/s, HBM bytes/s, interconnect bytes/s one way per chip).
 # TPU: Cloud TPU system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e),
 # "peak compute per chip (bf16)", "HBM bandwidth per chip" and half the "bidirectional ICI
-# bandwidth per chip" (v5e 400, v5p 1200, v6e 800 GB/s); v4: 6 ICI links of 50 GB/s each way
-# (Jouppi et al., "TPU v4", ISCA 2023). GPU: NVIDIA H100 SXM and H200 SXM datasheets
-# (nvidia.com/en-us/data-center/h100, /h200): dense BF16 tensor FLOP/s, HBM bandwidth, and
-# half the 900 GB/s bidirectional NVLink bandwidth.
+# bandwidth per chip" (v5e 400, v5p 1200, v6e 800 GB/s); v4: its 3D torus's 6 ICI links of
+# 400 Gb/s each way (the TPU v4 paper, Jouppi et al., ISCA 2023). GPU: NVIDIA H100 SXM and
+# H200 SXM datasheets (nvidia.com/en-us/data-center/h100, /h200): dense BF16 tensor FLOP/s,
+# HBM bandwidth, and half the 900 GB/s bidirectional NVLink bandwidth.
 CHIPS = {
     "v4": (275e12, 1200e9, 300e9),
     "v5e": (197e12, 819e9, 200e9),
