@@ -204,7 +204,7 @@ def test_report_of_a_real_tpu_compile(loop_weights):
   tiny = ["--config.model.width=64", "--config.model.num_layers=3", "--config.model.num_heads=2",
           "--config.model.cond_dim=16", "--config.train.batch_size=16",
           "--config.loops.train=uniform:1:2", "--config.model.dtype=bfloat16",
-          f"--config.model.loop_weights={loop_weights}"]
+          f"--config.model.loop_weights={loop_weights}", "--config.model.loss_chunk=27"]
   config = load_config(os.path.join(root, "experiments", "sudoku.py"), tiny)
   r = memory.memory_report(config, tpu_topology_devices("v5p:2x2x1"),
                            {"data": 1, "fsdp": 4, "tensor": 1})
@@ -216,6 +216,9 @@ def test_report_of_a_real_tpu_compile(loop_weights):
     assert not x["in_loop"] or re.search(r"/loop/(vmap\(\)/)?while/body/", x["scope"]), x
     if not x["in_loop"]:  # no E[S] / S_max factor outside the loop: whole trip counts
       assert x["runs"] == int(x["runs"]) >= 1, x
+  # The loss runs in 3 chunks of the length (a loop of its own): the output head's weight is
+  # gathered once before it and its gradient reduced once after it, never per chunk.
+  assert not [x for x in c["list"] if "/output/while/body/" in x["scope"]], "per-chunk collective"
   if loop_weights == "gathered":  # the block's weights are gathered once, before the loop
     assert c["in_loop"]["count"] == 0, [x for x in c["list"] if x["in_loop"]][:4]
   else:  # gathered in the block's branch: E[S] = 1.5 of the S_max = 2 iterations

@@ -290,9 +290,13 @@ class OutputLayer(nn.Module):
     # chunks split the length, the vocabulary is split over tensor.
     h = constrain(h, "act_batch", "act_length", "act_embed")
     kernel, bias = _HeadParams(cfg, name="proj")(h.shape[-1])
+    # The head's weight gathered over the embedding (FSDP) once, outside the chunks' loop: each
+    # chunk reads this copy, and the weight's gradient is summed over the chunks (in the
+    # parameter dtype) and reduced once after them, not gathered and reduced per chunk.
+    kernel_DxV = constrain(kernel, None, "act_vocab")
 
     def logits_fn(h_BxCxD):
-      y = ops.dot_general(h_BxCxD.astype(dt), kernel.astype(dt), (((2,), (0,)), ((), ())))
+      y = ops.dot_general(h_BxCxD.astype(dt), kernel_DxV.astype(dt), (((2,), (0,)), ((), ())))
       logits = constrain(ops.add_bias(y, bias).astype(jnp.float32),
                          "act_batch", "act_length", "act_vocab")
       if cfg.padded_vocab > cfg.vocab_size:  # padded columns: no probability (ModelConfig)
