@@ -4,9 +4,9 @@ paper step compiled for a TPU topology (compile-only, needs the libtpu wheel).
     python benchmarks/loop_comm.py --mesh fsdp=32 [--topology v5p:2x4x4] [--config ...]
         [--out results/loop_comm_fsdp32.json] [--hlo-out step.hlo] [--config.model.X=Y ...]
 
-The loop is the `while` whose body runs the block under a `conditional` (the nn.cond of
-`i < S`); a collective reachable from that body (through calls, fusions, async wrappers, the
-cond's branches, nested scans) runs once per iteration. See `loop_collectives`.
+"In loop" is `loopjax.parallel.hlo.collectives`' `in_loop`: a collective in a computation the
+looped block's `while` body reaches (through calls, fusions, async wrappers, the cond's
+branches, nested scans), which runs once per iteration.
 """
 
 from __future__ import annotations
@@ -14,101 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-_OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_HEADER = re.compile(r"^\s*(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
-_REFS = re.compile(r"(?:body|condition|to_apply|calls|true_computation|false_computation|"
-                   r"branch_computations|called_computations|async_execution_thread)="
-                   r"\{?(?P<names>%[\w.\-]+(?:,\s*%[\w.\-]+)*)\}?")
-_OP = re.compile(r"\s(?P<op>[a-z][a-z0-9\-]*)\(")
-_CUSTOM = re.compile(r'custom_call_target="(?P<t>[^"]+)"')
-
-
-def computations(hlo_text: str) -> dict[str, list[str]]:
-  """{computation name: its instruction lines} of an HLO module's text."""
-  comps, name = {}, None
-  for line in hlo_text.splitlines():
-    if name is None:
-      m = _HEADER.match(line)
-      if m and "=" not in line.split("(")[0]:
-        name, comps[m["name"]] = m["name"], []
-    elif line.strip() == "}":
-      name = None
-    else:
-      comps[name].append(line)
-  return comps
-
-
-def _op(line: str) -> str | None:
-  """The opcode of an instruction line (the first `word(` after its `=`)."""
-  head, eq, rest = line.partition("=")
-  m = _OP.search(rest) if eq else None
-  return m["op"] if m else None
-
-
-def _refs(line: str) -> list[str]:
-  return [n.strip().lstrip("%") for m in _REFS.finditer(line) for n in m["names"].split(",")]
-
-
-def _collective(line: str) -> str | None:
-  op = _op(line) or ""
-  base = op[:-len("-start")] if op.endswith("-start") else op
-  if base in _OPS:
-    return base
-  if op == "custom-call":  # TPU's fused reduce-scatter / all-gather custom calls
-    t = _CUSTOM.search(line)
-    for name in _OPS:
-      if t and name.replace("-", "") in t["t"].lower().replace("-", "").replace("_", ""):
-        return name
-  return None
-
-
-def _reach(comps, start: str, stop_at_while: bool) -> set[str]:
-  seen, todo = set(), [start]
-  while todo:
-    c = todo.pop()
-    if c in seen or c not in comps:
-      continue
-    seen.add(c)
-    for line in comps[c]:
-      if stop_at_while and _op(line) == "while":
-        continue
-      todo.extend(_refs(line))
-  return seen
-
-
-def loop_bodies(comps) -> list[str]:
-  """Bodies of the `while` ops that run a `conditional` directly (not inside a nested while)."""
-  bodies = []
-  for lines in comps.values():
-    for line in lines:
-      if _op(line) != "while":
-        continue
-      body = re.search(r"body=%?([\w.\-]+)", line)[1]
-      if any(_op(l) == "conditional" for c in _reach(comps, body, True) for l in comps[c]):
-        bodies.append(body)
-  return bodies
-
-
-def loop_collectives(hlo_text: str) -> list[dict]:
-  """[{op, computation, line}] of every collective (async starts once) inside the loop bodies."""
-  comps = computations(hlo_text)
-  inside = set()
-  for body in loop_bodies(comps):
-    inside |= _reach(comps, body, False)
-  out = []
-  for c in sorted(inside):
-    for line in comps[c]:
-      op = _collective(line)
-      if op:
-        out.append({"op": op, "computation": c, "line": line.strip()})
-  return out
 
 
 def main(argv) -> int:
@@ -141,16 +51,15 @@ def main(argv) -> int:
       f.write(text)
   m = compiled.memory_analysis()
   colls = hlo.collectives(text)
-  inloop = loop_collectives(text)
+  inloop = [c for c in colls if c["in_loop"]]
   by_op = {}
   for c in inloop:
     by_op[c["op"]] = by_op.get(c["op"], 0) + 1
-  in_bytes = sum(c["bytes"] for line in inloop for c in hlo.collectives(line["line"]))
+  in_bytes = sum(c["bytes"] for c in inloop)
   report = {"topology": args.topology, "mesh": args.mesh, "kernels": program.model.cfg.kernels,
             "overrides": overrides,
             "peak_gib": round(int(m.peak_memory_in_bytes) / 2 ** 30, 3),
             "collectives": len(colls), "collective_bytes": sum(c["bytes"] for c in colls),
-            "loop_bodies": loop_bodies(computations(text)),
             "in_loop": len(inloop), "in_loop_by_op": by_op, "in_loop_bytes": in_bytes}
   print(json.dumps(report, indent=1))
   if args.out:

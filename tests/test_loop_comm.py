@@ -1,9 +1,9 @@
 """The looped block's weights are gathered once per step, not in every loop iteration.
 
 A tiny LoopMDM train step is compiled for 8 fake CPU devices with FSDP (fsdp=8) and with
-FSDP plus tensor parallelism (data=2, fsdp=2, tensor=2). In the optimised HLO, the loop is the
-`while` whose body runs the block under the `conditional` of `i < S`; a collective reachable
-from that body runs once per iteration. With `model.loop_weights=gathered` (the default) no
+FSDP plus tensor parallelism (data=2, fsdp=2, tensor=2). In the optimised HLO, a collective that
+`loopjax.parallel.hlo.collectives` marks `in_loop` (reached from the looped block's `while`
+body) runs once per iteration. With `model.loop_weights=gathered` (the default) no
 collective there moves a weight or a weight's gradient (the tensor-parallel layout keeps its
 activation collectives, whose operands span the sequence); `per_iteration` has them (so the
 check can fail). One step of both layouts gives the same loss and parameters.
@@ -22,8 +22,6 @@ _SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     jax.config.update("jax_num_cpu_devices", 8)
-    sys.path.insert(0, %(bench)r)
-    from loop_comm import loop_collectives
     from loopjax.parallel import mesh as mesh_lib
     from loopjax.parallel.hlo import collectives
     from loopjax.train.config_load import load_config
@@ -46,8 +44,8 @@ _SCRIPT = textwrap.dedent("""
       program = build_train_step(config, mesh)
       state = program.init_state()
       compiled = program.step.lower(state, program.abstract_batch()).compile()
-      inloop = loop_collectives(compiled.as_text())
-      shapes = [c["shapes"] for l in inloop for c in collectives(l["line"])]
+      inloop = [c for c in collectives(compiled.as_text()) if c["in_loop"]]
+      shapes = [c["shapes"] for c in inloop]
       weight = [s for s in shapes if not any(d %% %(length)d == 0 for dims in s for d in dims)]
       batch = {"tokens": tokens, "fixed": np.zeros_like(tokens, bool),
                "loss_mask": np.ones_like(tokens, bool), "segment_ids": np.ones_like(tokens)}
@@ -62,8 +60,7 @@ _SCRIPT = textwrap.dedent("""
 
 
 def test_no_weight_collective_inside_the_loop_and_same_step():
-  script = _SCRIPT % {"bench": os.path.join(ROOT, "benchmarks"), "length": LENGTH,
-                      "exp": os.path.join(ROOT, "experiments", "sudoku.py")}
+  script = _SCRIPT % {"length": LENGTH, "exp": os.path.join(ROOT, "experiments", "sudoku.py")}
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                        timeout=1500, cwd=ROOT)
