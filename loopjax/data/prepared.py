@@ -22,12 +22,8 @@ window apart at most), and a batch mixes G slots, i.e. G distant regions of the 
 document is still read once per epoch of its slot. Slots run through their ranges at their own
 pace (documents differ in length), so epochs are per slot.
 
-Wraps (`data.wrap`):
-  mdlm      MDLM's wrap: each row is BOS + the next L-2 stream tokens + EOS; attention
-            spans documents (segment_ids all 1).
-  document  each row is the next L stream tokens; segment_ids number the documents inside
-            the row from 1, so attention stays within a document.
-No position is padding: every token is noised and scored.
+Wraps (`data.wrap`): the `mdlm` and `document` layouts of packing.py, made by its `fill_row`.
+Slot streams never end, so no position is padding: every token is noised and scored.
 
 The packing iterator's state is, per slot, the index of its current document in the slot's
 stream and the tokens of it already emitted, whatever process or worker runs the slot. With
@@ -46,7 +42,7 @@ import json
 import grain
 import numpy as np
 
-from loopjax.data import shard_reader, shards
+from loopjax.data import packing, shard_reader, shards
 from loopjax.data.batch import BATCH_KEYS
 from loopjax.data.tokenizers import Tokenizer
 
@@ -208,8 +204,7 @@ class PackedRows(grain.IterDataset):
     super().__init__([docs] if isinstance(docs, grain.MapDataset) else [])
     if wrap not in WRAPS:
       raise ValueError(f"data.wrap must be one of {WRAPS}, got {wrap!r}")
-    if wrap == "mdlm" and (seq_len < 3 or bos_id is None or eos_id is None):
-      raise ValueError("the mdlm wrap needs data.seq_len >= 3 and a tokenizer with EOS")
+    packing.check_layout(wrap, seq_len=seq_len, bos_id=bos_id, eos_id=eos_id, key="data.wrap")
     self.stream = stream if stream is not None else Strided(docs, stride, limit)
     self.slots, self.seq_len, self.wrap = list(slots), seq_len, wrap
     self.vocab_size, self.bos_id, self.eos_id = vocab_size, bos_id, eos_id
@@ -231,15 +226,14 @@ class _PackedRowsIterator(grain.DatasetIterator):
   def __init__(self, ds: PackedRows):
     super().__init__()
     self._ds = ds
-    self._doc = [0] * len(ds.slots)       # index of the current document in the slot stream
-    self._off = [0] * len(ds.slots)       # its tokens (incl. EOS) already emitted
+    self._cursors = [packing.Cursor() for _ in ds.slots]
     self._windows: dict[int, tuple[int, list]] = {}  # slot i -> (first index, documents)
     self._cache: dict[int, tuple[int, np.ndarray]] = {}
     self._eos = (np.zeros(0, np.int32) if ds.eos_id is None
                  else np.array([ds.eos_id], np.int32))
 
-  def _document(self, i: int) -> np.ndarray:
-    j = self._doc[i]
+  def _document(self, i: int, j: int) -> np.ndarray:
+    """Document j of slot i's stream, EOS appended (IndexError past the stream's end)."""
     d = self._cache.get(i)
     if d is None or d[0] != j:
       w = self._windows.get(i)
@@ -255,29 +249,16 @@ class _PackedRowsIterator(grain.DatasetIterator):
       getattr(self._ds.stream, "close", lambda: None)()
     super().close()
 
-  def _fill(self, i: int, out: np.ndarray, seg: np.ndarray | None) -> None:
-    pos, segment = 0, 1
-    while pos < out.size:
-      d = self._document(i)
-      take = min(out.size - pos, d.size - self._off[i])
-      out[pos:pos + take] = d[self._off[i]:self._off[i] + take]
-      if seg is not None:
-        seg[pos:pos + take] = segment
-      pos += take
-      self._off[i] += take
-      if self._off[i] >= d.size:
-        self._doc[i], self._off[i], segment = self._doc[i] + 1, 0, segment + 1
-
   def __next__(self) -> dict:
     ds, n = self._ds, len(self._ds.slots)
     tokens = np.empty((n, ds.seq_len), np.int32)
-    seg = np.ones((n, ds.seq_len), np.int32)
+    seg = np.empty((n, ds.seq_len), np.int32)
     for i in range(n):
-      if ds.wrap == "mdlm":
-        tokens[i, 0], tokens[i, -1] = ds.bos_id, ds.eos_id
-        self._fill(i, tokens[i, 1:-1], None)
-      else:
-        self._fill(i, tokens[i], seg[i])
+      real = packing.fill_row(self._cursors[i], functools.partial(self._document, i),
+                              tokens[i], seg[i], layout=ds.wrap, bos_id=ds.bos_id,
+                              eos_id=ds.eos_id, pad_id=0)
+      if real < ds.seq_len:  # a finite stream (`limit`, a held-out split) ran out
+        raise IndexError(f"packing slot {ds.slots[i]} ran out of documents")
     if tokens.size and tokens.max() >= ds.vocab_size:
       raise ValueError(f"token id {int(tokens.max())} in the prepared shards is >= the "
                        f"vocabulary size {ds.vocab_size}: the shards are of another "
@@ -287,13 +268,13 @@ class _PackedRowsIterator(grain.DatasetIterator):
             "slots": np.asarray(ds.slots, np.int64)}
 
   def get_state(self) -> dict:
-    return {"doc": list(self._doc), "offset": list(self._off)}
+    return {"doc": [c.doc for c in self._cursors], "offset": [c.offset for c in self._cursors]}
 
   def set_state(self, state: dict) -> None:
     if len(state["doc"]) != len(self._ds.slots):
       raise ValueError(f"packing state has {len(state['doc'])} slots, this iterator "
                        f"{len(self._ds.slots)}")
-    self._doc, self._off = [int(x) for x in state["doc"]], [int(x) for x in state["offset"]]
+    self._cursors = [packing.Cursor(d, o) for d, o in zip(state["doc"], state["offset"])]
     self._cache.clear()
     self._windows.clear()
 
