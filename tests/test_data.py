@@ -371,7 +371,7 @@ def test_file_formats(tmp_path):
   got = D.read_documents([str(tmp_path / "b.jsonl"), str(tmp_path / "c.parquet")],
                          text_field="body")
   assert got == ["j1", "j2", "p1", "p2"]
-  with pytest.raises(ValueError, match="line 1: no field 'text'"):
+  with pytest.raises(ValueError, match="line 1: no text field 'text'"):
     D.read_documents([str(tmp_path / "b.jsonl")])
 
 

@@ -2,20 +2,18 @@
 isolation (a packed row scores as its documents one by one), and the corpus x S table of the
 whole corpus on a tiny model with random weights."""
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from loopjax.data import packing, prepared
 from loopjax.data.detokenizers import CORPORA, corpus_recipe
 from loopjax.data.tokenizers import ByteTokenizer
 from loopjax.diffusion import Schedule
 from loopjax.evaluate.likelihood import heldout_nelbo
-from loopjax.evaluate.zero_shot import (corpus_batches, pack_rows, parse_corpus, read_corpus,
-                                        run_layout, zero_shot_eval)
+from loopjax.evaluate.zero_shot import (corpus_batches, parse_corpus, read_corpus, run_layout,
+                                        zero_shot_eval)
 from loopjax.model import LoopedTransformer, ModelConfig
 
 CFG = ModelConfig(vocab_size=257, max_length=32, width=32, num_layers=3, num_heads=2,
@@ -70,32 +68,6 @@ def test_layout_follows_the_run_data_config():
   assert run_layout(c(source="text", packing=True, document_attention=True)) == "document"
   assert run_layout(c(source="tfds", packing=True, document_attention=False)) == "concat"
   assert run_layout(c(source="text", packing=False)) == "document"
-
-
-def test_rows_are_the_training_packers_rows():
-  """The document / concat layouts are grain's ConcatThenSplit rows of training (the last one
-  padded), the mdlm layout the prepared source's BOS..EOS rows."""
-  rng = np.random.default_rng(0)
-  docs = [np.append(rng.integers(0, 50, n), 60).astype(np.int32) for n in (5, 12, 3, 20, 7, 9)]
-  for layout, isolated in (("document", True), ("concat", False)):
-    want = list(packing.packed_stream(grain.MapDataset.source(docs), seq_len=8, pad_id=61,
-                                      document_attention=isolated))
-    got = pack_rows(docs, seq_len=8, layout=layout, pad_id=61)
-    assert len(got) == len(want) == 8
-    for a, b in zip(got, want):
-      for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=f"{layout} {k}")
-  it = iter(prepared.PackedRows(grain.MapDataset.source([d[:-1] for d in docs]), slots=[0],
-                                stride=1, seq_len=8, wrap="mdlm", bos_id=62, eos_id=60,
-                                vocab_size=63, limit=len(docs)))
-  got = pack_rows(docs, seq_len=8, layout="mdlm", pad_id=61, bos=62, eos=60)
-  for row in got[:10]:  # the training iterator makes only full rows
-    want = next(it)
-    for k in row:
-      np.testing.assert_array_equal(row[k], want[k][0], err_msg=f"mdlm {k}")
-  assert got[-1]["tokens"][0] == 62 and got[-1]["fixed"][-1]  # the tail: BOS .. EOS, padding
-  assert len(got) == 11 and pack_rows(docs, seq_len=8, layout="mdlm", pad_id=61, bos=62, eos=60,
-                                      max_rows=3)[-1]["segment_ids"].all()
 
 
 def _content_fixed(batch):

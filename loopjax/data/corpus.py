@@ -1,4 +1,5 @@
-"""Streaming documents from raw corpus files, one file at a time, in a fixed order.
+"""The one reader of text documents: raw corpus files streamed one at a time, in a fixed order
+(`prepare`, the text source, zero-shot corpora and the JSONL task files all read through it).
 
 Formats (chosen by extension; `.gz` is decompressed on the fly for .txt / .jsonl):
   .txt            UTF-8 text. txt_split="paragraph": one document per run of lines separated
@@ -16,7 +17,6 @@ than one record batch (or one paragraph) of a file in memory.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -74,13 +74,24 @@ def list_inputs(paths: Sequence[str], input_format: str | None = None) -> list[s
   return found
 
 
+def _check_file(path: str) -> None:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"data file {path!r} does not exist")
+
+
 def _text_lines(path: str) -> Iterator[str]:
-  raw = gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
-  with io.TextIOWrapper(raw, encoding="utf-8", newline="") as f:
-    try:
-      yield from f
-    except UnicodeDecodeError as e:
-      raise ValueError(f"{path!r} is not valid UTF-8 ({e.reason})") from None
+  """The lines of a UTF-8 file (gzipped if it ends in .gz), split at "\n" and kept with it; an
+  invalid byte is reported by its offset in the (decompressed) file."""
+  _check_file(path)
+  offset = 0
+  with (gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")) as f:
+    for raw in f:  # no UTF-8 multi-byte sequence contains the byte "\n"
+      try:
+        yield raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"data file {path!r} is not valid UTF-8: byte offset "
+                         f"{offset + e.start} (byte 0x{raw[e.start]:02x}): {e.reason}") from None
+      offset += len(raw)
 
 
 def _txt(path: str, txt_split: str) -> Iterator[str]:
@@ -103,37 +114,49 @@ def _txt(path: str, txt_split: str) -> Iterator[str]:
 
 def _missing(path: str, where: str, text_field: str, present) -> ValueError:
   return ValueError(f"{path!r} {where}: no text field {text_field!r} (fields present: "
-                    f"{sorted(present)}); pass --text-field")
+                    f"{sorted(present)}); set data.text_field (prepare: --text-field)")
 
 
-def _jsonl(path: str, text_field: str) -> Iterator[str]:
+def _text(value, path: str, where: str, text_field: str) -> str:
+  if isinstance(value, bytes):
+    try:
+      value = value.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path!r} {where}: not valid UTF-8 at byte offset {e.start}") from None
+  if not isinstance(value, str):
+    raise ValueError(f"{path!r} {where}: field {text_field!r} is {type(value).__name__}, "
+                     "not a string")
+  return value.strip()
+
+
+def jsonl_objects(path: str) -> Iterator[tuple[int, object]]:
+  """(line number, parsed value) of every non-blank line of a UTF-8 JSONL file; errors name
+  the file and line."""
   for n, line in enumerate(_text_lines(path), start=1):
     if not line.strip():
       continue
     try:
-      obj = json.loads(line)
+      yield n, json.loads(line)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path!r} line {n}: invalid JSON ({e.msg})") from None
+
+
+def _jsonl(path: str, text_field: str) -> Iterator[str]:
+  for n, obj in jsonl_objects(path):
     if not isinstance(obj, dict) or text_field not in obj:
       raise _missing(path, f"line {n}", text_field, obj if isinstance(obj, dict) else [])
-    v = obj[text_field]
-    if not isinstance(v, str):
-      raise ValueError(f"{path!r} line {n}: field {text_field!r} is {type(v).__name__}, "
-                       "not a string")
-    yield v.strip()
+    yield _text(obj[text_field], path, f"line {n}", text_field)
 
 
-def _column_batches(path: str, kind: str, text_field: str):
-  """Record batches of column `text_field` of a Parquet or Arrow file."""
+def _columns(path: str, kind: str):
+  """(column names, record batches) of a Parquet or Arrow file; the batches are read lazily."""
   import pyarrow as pa
   import pyarrow.parquet as pq
+  _check_file(path)
   if kind == "parquet":
     f = pq.ParquetFile(path)
-    names = f.schema_arrow.names
-    if text_field not in names:
-      raise _missing(path, "schema", text_field, names)
-    yield from f.iter_batches(batch_size=_BATCH_ROWS, columns=[text_field])
-    return
+    return f.schema_arrow.names, lambda columns: f.iter_batches(batch_size=_BATCH_ROWS,
+                                                                columns=columns)
   source = pa.memory_map(path)
   try:
     reader = pa.ipc.open_file(source)
@@ -142,19 +165,24 @@ def _column_batches(path: str, kind: str, text_field: str):
     source.seek(0)
     reader = pa.ipc.open_stream(source)
     batches = iter(reader)
-  if text_field not in reader.schema.names:
-    raise _missing(path, "schema", text_field, reader.schema.names)
-  for b in batches:
-    yield b.select([text_field])
+  return reader.schema.names, lambda columns: (b.select(columns) for b in batches)
+
+
+def _column_batches(path: str, kind: str, text_field: str):
+  """Record batches of column `text_field` of a Parquet or Arrow file."""
+  names, batches = _columns(path, kind)
+  if text_field not in names:
+    raise _missing(path, "schema", text_field, names)
+  return batches([text_field])
 
 
 def _columnar(path: str, kind: str, text_field: str) -> Iterator[str]:
+  row = 0
   for batch in _column_batches(path, kind, text_field):
     for v in batch.column(0).to_pylist():
-      if isinstance(v, bytes):
-        v = v.decode("utf-8", "strict")
       if v is not None:
-        yield v.strip()
+        yield _text(v, path, f"row {row}", text_field)
+      row += 1
 
 
 def iter_documents(path: str, *, text_field: str = "text", txt_split: str = "paragraph",
@@ -180,6 +208,19 @@ def check_input(path: str, *, text_field: str, txt_split: str,
   """Reads the first document of `path`, so a missing text field fails before any work."""
   next(iter_documents(path, text_field=text_field, txt_split=txt_split,
                       input_format=input_format), None)
+
+
+def first_field(path: str, fields: Sequence[str]) -> str:
+  """The first of `fields` that a JSONL file's first object or a Parquet/Arrow file's schema
+  has (the last of `fields` when none, or for text files)."""
+  have: set = set()
+  kind = _kind(path)
+  if kind == "jsonl":
+    obj = next((o for _, o in jsonl_objects(path)), {})
+    have = set(obj) if isinstance(obj, dict) else set()
+  elif kind in ("parquet", "arrow"):
+    have = set(_columns(path, kind)[0])
+  return next((f for f in fields if f in have), fields[-1])
 
 
 def input_name(path: str) -> str:

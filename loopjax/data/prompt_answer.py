@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from loopjax.data.batch import make_row
-from loopjax.data.text import jsonl_objects
+from loopjax.data.corpus import jsonl_objects
 from loopjax.data.tokenizers import fill_id
 
 log = logging.getLogger("loopjax")

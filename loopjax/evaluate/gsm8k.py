@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopjax.data.text import jsonl_objects
+from loopjax.data.corpus import jsonl_objects
 from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler,
                                        resolve_policy, timed)
 

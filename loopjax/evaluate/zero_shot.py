@@ -3,18 +3,14 @@
 `loopjax eval --corpus NAME=PATH` reads a corpus the user supplies (.txt / .jsonl / .parquet),
 applies the detokenizer of NAME (loopjax/data/detokenizers.py: ptb, wikitext, lm1b, lambada,
 ag_news, pubmed, arxiv; a bare PATH is read as is), tokenizes every document with the run's
-tokenizer (EOS appended) and scores all of it (`--corpus-rows 0`, the default) in one of the
-row layouts training uses:
+tokenizer (EOS appended) and scores all of it (`--corpus-rows 0`, the default), packed by
+data/packing.py in one of the row layouts training uses:
 
-  document  documents concatenated and cut into rows of data.seq_len; segment ids number the
-            documents inside a row, so attention never crosses a document (a document cut at a
-            row boundary goes on, as segment 1, in the next row): `data.wrap=document` and
-            `data.packing` with `data.document_attention`. Runs trained one padded document
-            per row are scored this way too: attention sees the same document either way.
-  concat    the same rows, attention across the documents of a row (`data.packing` without
-            `data.document_attention`).
-  mdlm      MDLM's wrap: each row is BOS + the next seq_len - 2 stream tokens + EOS, attention
-            across documents (`data.wrap=mdlm`).
+  document  `data.wrap=document`, and `data.packing` with `data.document_attention`. Runs
+            trained one padded document per row are scored this way too: attention sees the
+            same document either way.
+  concat    `data.packing` without `data.document_attention`.
+  mdlm      `data.wrap=mdlm`.
 The layout follows the run's data config (`run_layout`) unless `--corpus-layout` names one.
 The last row is padded (padding fixed, unscored). The result is one row per corpus x policy and
 a table corpus x S of the perplexity bound, written to WORKDIR/eval/zero_shot.json.
@@ -22,18 +18,19 @@ a table corpus x S of the perplexity bound, written to WORKDIR/eval/zero_shot.js
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
+from loopjax.data import packing
 from loopjax.data.batch import make_row, stack_rows
+from loopjax.data.corpus import first_field
 from loopjax.data.detokenizers import corpus_recipe
 from loopjax.data.text import encode_document, read_documents
 from loopjax.data.tokenizers import bos_id, fill_id
 from loopjax.evaluate.likelihood import heldout_nelbo
 
-LAYOUTS = ("document", "concat", "mdlm")
+LAYOUTS = packing.LAYOUTS
 _PROGRESS_BATCHES = 16  # a progress line after every this many batches of a long corpus
 
 
@@ -60,68 +57,15 @@ def run_layout(data_cfg) -> str:
   return "document"
 
 
-def _text_field(path: str, fields) -> str:
-  """The first of `fields` that the JSONL / Parquet file has (its first object / schema)."""
-  ext = os.path.splitext(path)[1].lower()
-  have: set = set()
-  if ext == ".jsonl":
-    with open(path, encoding="utf-8") as f:
-      line = next((ln for ln in f if ln.strip()), "{}")
-    try:
-      obj = json.loads(line)
-    except json.JSONDecodeError:
-      obj = {}
-    have = set(obj) if isinstance(obj, dict) else set()
-  elif ext == ".parquet":
-    import pyarrow.parquet as pq
-    have = set(pq.read_schema(path).names)
-  return next((f for f in fields if f in have), fields[-1])
-
-
 def read_corpus(name: str | None, path: str) -> list[str]:
   """The documents of one corpus file, detokenized with NAME's recipe (None: as read)."""
   path = os.path.expanduser(path)
   if name is None:
     return read_documents([path])
   recipe = corpus_recipe(name)
-  docs = read_documents([path], text_field=_text_field(path, recipe.fields),
+  docs = read_documents([path], text_field=first_field(path, recipe.fields),
                         txt_split=recipe.txt_split)
   return docs if recipe.detokenizer is None else [recipe.detokenizer(d) for d in docs]
-
-
-def pack_rows(docs_ids, *, seq_len: int, layout: str, pad_id: int, bos: int | None = None,
-              eos: int | None = None, max_rows: int = 0) -> list[dict]:
-  """Rows (batch format, no batch axis) of the token-id arrays `docs_ids` in `layout`."""
-  if layout not in LAYOUTS:
-    raise ValueError(f"corpus layout must be one of {LAYOUTS}, got {layout!r}")
-  docs_ids = [np.asarray(d, np.int32) for d in docs_ids]
-  stream = np.concatenate(docs_ids) if docs_ids else np.zeros(0, np.int32)
-  doc_of = np.repeat(np.arange(len(docs_ids)), [d.size for d in docs_ids])
-  if layout == "mdlm":
-    if seq_len < 3 or bos is None or eos is None:
-      raise ValueError("the mdlm layout needs data.seq_len >= 3 and a tokenizer with BOS/EOS")
-    per = seq_len - 2
-  else:
-    per = seq_len
-  n_rows = -(-stream.size // per)
-  if max_rows:
-    n_rows = min(n_rows, max_rows)
-  rows = []
-  for r in range(n_rows):
-    chunk, owner = stream[r * per:(r + 1) * per], doc_of[r * per:(r + 1) * per]
-    if layout == "mdlm":
-      chunk = np.concatenate([[bos], chunk, [eos]]).astype(np.int32)
-      seg = np.ones(chunk.size, np.int32)
-    elif layout == "document":
-      seg = (owner - owner[0] + 1).astype(np.int32)
-    else:
-      seg = np.ones(chunk.size, np.int32)
-    tokens = np.full(seq_len, pad_id, np.int32)
-    segments = np.zeros(seq_len, np.int32)
-    tokens[:chunk.size], segments[:chunk.size] = chunk, seg
-    real = segments > 0
-    rows.append(make_row(tokens, fixed=~real, loss_mask=real, segment_ids=segments))
-  return rows
 
 
 def corpus_batches(docs, tokenizer, *, seq_len: int, batch_size: int, layout: str,
@@ -130,8 +74,9 @@ def corpus_batches(docs, tokenizer, *, seq_len: int, batch_size: int, layout: st
   completed with filler rows that score nothing (one compiled shape)."""
   ids = [encode_document(tokenizer, d) for d in docs]
   pad = fill_id(tokenizer)
-  rows = pack_rows(ids, seq_len=seq_len, layout=layout, pad_id=pad, bos=bos_id(tokenizer),
-                   eos=tokenizer.eos_id, max_rows=max_rows)
+  rows = packing.pack_documents(ids, seq_len=seq_len, layout=layout, pad_id=pad,
+                                bos_id=bos_id(tokenizer), eos_id=tokenizer.eos_id,
+                                max_rows=max_rows)
   if not rows:
     raise ValueError("the corpus holds no tokens")
   filler = make_row(np.full(seq_len, pad, np.int32), fixed=np.ones(seq_len, bool),
@@ -171,6 +116,8 @@ def zero_shot_eval(model, params, config, corpora, specs, *, schedule, tokenizer
   if layout not in LAYOUTS:
     raise ValueError(f"--corpus-layout must be auto or one of {LAYOUTS}, got {layout!r}")
   seq_len = int(config.data.seq_len)
+  packing.check_layout(layout, seq_len=seq_len, bos_id=bos_id(tokenizer),
+                       eos_id=tokenizer.eos_id, key="--corpus-layout")
   rows, table = [], {}
   for name, path in parsed:
     docs = read_corpus(name, path)
