@@ -88,7 +88,7 @@ def main(argv=None):
 
   import numpy as np
 
-  from common import machine, write_json
+  from common import kernel_set, machine, write_json
   from loopjax.diffusion.loop_policy import time_table
   from loopjax.evaluate.denoiser import resolve_policy
   from loopjax.evaluate.sweep import parse_loops
@@ -154,7 +154,8 @@ def main(argv=None):
           f"{r['seconds']:.3f} | {r['seconds_ratio']:.3f} | {r['cpu_seconds']:.3f} | "
           f"{r['cpu_ratio']:.3f} |")
   path = write_json("adaptive_loops.json", dict(machine=machine(), args=vars(args), steps=steps,
-                                                 load=[load0, load_average()], rows=rows))
+                                                 load=[load0, load_average()], rows=rows),
+                    kernels=kernel_set(cfg.kernels))
   print(f"\nwrote {path}")
 
 

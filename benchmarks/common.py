@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 
 import jax
@@ -64,9 +66,36 @@ def time_step(step, state, batch, loops, *, repeats=5, warmup=1):
   return statistics.median(times), times, state
 
 
-def write_json(name: str, payload: dict) -> str:
+def git_commit() -> str:
+  """HEAD of the checkout the benchmark runs from, `-dirty` when tracked files differ from it
+  ("unknown" outside a git checkout)."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, check=True,
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                           check=True, capture_output=True, text=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+  return head + ("-dirty" if dirty else "")
+
+
+def kernel_set(configured: str, devices=None) -> dict:
+  """The `model.kernels` a result was measured with: as configured, and the set it resolves to
+  on `devices` (default: the first local device, which the CPU benchmarks compile for)."""
+  from loopjax.model.kernels import resolve
+  return {"configured": configured,
+          "resolved": resolve(configured, jax.devices()[:1] if devices is None else devices)}
+
+
+def write_json(name: str, payload: dict, *, kernels: dict | str) -> str:
+  """Writes benchmarks/results/`name`: `payload` with the commit, the UTC time and the kernel
+  set (`kernel_set`, or a sentence where no model kernel runs) in front."""
   os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
   path = os.path.join(os.path.dirname(__file__), "results", name)
+  now = datetime.datetime.now(datetime.timezone.utc)
+  head = {"commit": git_commit(), "measured_utc": now.isoformat(timespec="seconds"),
+          "kernels": kernels}
   with open(path, "w") as f:
-    json.dump(payload, f, indent=2)
+    json.dump({**head, **payload}, f, indent=2)
   return path

@@ -35,7 +35,7 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=3, help="compilations per S_max (median)")
   args = p.parse_args(argv)
 
-  from common import build_step, lm_config, machine, write_json
+  from common import build_step, kernel_set, lm_config, machine, write_json
   from perf_common import load_average
 
   def config(smax, remat="none"):
@@ -56,7 +56,8 @@ def main(argv=None):
     mem_rows, rss = memory(args, config, build_step)
   path = write_json("compile_time.json", dict(machine=machine(), args=vars(args),
                                               load=[load0, load_average()], compile=compile_rows,
-                                              memory=mem_rows, rss_mib=rss))
+                                              memory=mem_rows, rss_mib=rss),
+                    kernels=kernel_set(config(2).model.kernels))
   print(f"load after: {load_average()}; wrote {path}")
 
 

@@ -309,6 +309,8 @@ def main(argv=None) -> int:
           f"{res['rss']['10x']['peak_rss_mb']:.0f} MB at {res['rss']['10x']['corpus_mb']:.0f} MB "
           f"(ratio {res['rss']['ratio']:.3f}; want <= 1.2)")
   res["load_average_after"] = os.getloadavg()
+  from common import git_commit
+  res.update(commit=git_commit(), kernels="none: the data path runs no model")
   os.makedirs(os.path.dirname(a.out), exist_ok=True)
   with open(a.out, "w") as f:
     json.dump(res, f, indent=1)

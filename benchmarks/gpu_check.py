@@ -254,8 +254,9 @@ def main(argv=None):
   path = args.json or os.path.join(os.path.dirname(__file__), "results",
                                    "gpu_check_smoke.json" if args.smoke else "gpu_check.json")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  report = Report(path, {"smoke": args.smoke, "deadline_s": args.deadline_s, "phases": {},
-                         "status": "running"})
+  from common import git_commit
+  report = Report(path, {"commit": git_commit(), "smoke": args.smoke,
+                         "deadline_s": args.deadline_s, "phases": {}, "status": "running"})
 
   def stop():  # the watchdog: even a compile that would run past the deadline ends here
     report.data["status"] = f"stopped by the watchdog at {time.perf_counter() - T0:.0f}s"

@@ -56,7 +56,10 @@ def main(argv) -> int:
   for c in inloop:
     by_op[c["op"]] = by_op.get(c["op"], 0) + 1
   in_bytes = sum(c["bytes"] for c in inloop)
-  report = {"topology": args.topology, "mesh": args.mesh, "kernels": program.model.cfg.kernels,
+  from common import git_commit
+  report = {"commit": git_commit(), "topology": args.topology, "mesh": args.mesh,
+            "kernels": {"configured": config.model.kernels,
+                        "resolved": program.model.cfg.kernels},
             "overrides": overrides,
             "peak_gib": round(int(m.peak_memory_in_bytes) / 2 ** 30, 3),
             "collectives": len(colls), "collective_bytes": sum(c["bytes"] for c in colls),

@@ -34,7 +34,7 @@ def main(argv=None):
 
   import jax.numpy as jnp
 
-  from common import build_step, lm_config, machine, write_json
+  from common import build_step, kernel_set, lm_config, machine, write_json
   from loopjax import flops
   from perf_common import load_average, timed
 
@@ -94,7 +94,8 @@ def main(argv=None):
       rows.append(dict(remat=remat, loops=1, seconds=t, all=d["times"][1]))
       print(f"{remat[:-6]:>10}: S=1 in an S_max=1 program {t * 1e3:.1f} ms; the S_max={max(loops)} "
             f"program at S={loops[0]} takes {t1 / t:.3f}x that")
-  path = write_json("loop_time.json", dict(machine=machine(), args=vars(args), rows=rows))
+  path = write_json("loop_time.json", dict(machine=machine(), args=vars(args), rows=rows),
+                    kernels=kernel_set(config.model.kernels))
   print(f"wrote {path}")
 
 

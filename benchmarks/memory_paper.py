@@ -26,7 +26,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")  # compile-only TPU devices; nothing runs
 
-from common import write_json  # noqa: E402
+from common import kernel_set, write_json  # noqa: E402
 
 from loopjax.train.config_load import load_config  # noqa: E402
 from loopjax.parallel.topology import tpu_topology_devices  # noqa: E402
@@ -60,7 +60,9 @@ def main(argv=None):
     r = memory_report(config, tpu_topology_devices(topo), mesh)
     r.update(topology=topo, setting=label, config=spec or args.config)
     rows.append(r)
-    write_json("memory_paper.json", {"config": args.config, "rows": rows})  # row by row
+    r["kernels"] = kernel_set(config.model.kernels, tpu_topology_devices(topo))
+    write_json("memory_paper.json", {"config": args.config, "rows": rows},  # row by row
+               kernels="per row (rows[*].kernels)")
     mesh_s = ",".join(f"{k}={v}" for k, v in mesh_cfg.items())
     if "compiler_error" in r:
       print(f"{topo:10} {mesh_s:14} {label:28} does not fit: the compiler needs "
@@ -74,7 +76,8 @@ def main(argv=None):
           f"{rl.get('step_s_lower_bound', float('nan')) * 1e3:.1f}  "
           f"{rl.get('mfu_upper_bound', float('nan')):.3f}  "
           f"{rl.get('exposed_comm_share', float('nan')):.3f}", flush=True)
-  print("wrote", write_json("memory_paper.json", {"config": args.config, "rows": rows}))
+  print("wrote", write_json("memory_paper.json", {"config": args.config, "rows": rows},
+                           kernels="per row (rows[*].kernels)"))
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=5)
   args = p.parse_args(argv)
 
-  from common import machine, write_json
+  from common import kernel_set, machine, write_json
   from loopjax.model import ModelConfig
   from perf_common import load_average
 
@@ -104,7 +104,8 @@ def main(argv=None):
   for r in rows:
     print(f"{r['loops']:>3} {r['seconds']:>8.3f} {r['tokens_per_sec']:>9.1f} "
           f"{r['gflops_per_sec']:>11.1f}")
-  path = write_json("sampling_throughput.json", dict(machine=machine(), args=vars(args), rows=rows))
+  path = write_json("sampling_throughput.json", dict(machine=machine(), args=vars(args), rows=rows),
+                    kernels=kernel_set(cfg.kernels))
   print(f"wrote {path}")
 
 

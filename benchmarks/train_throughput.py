@@ -51,7 +51,7 @@ def main(argv=None):
 
   import jax.numpy as jnp
 
-  from common import build_step, lm_config, machine, write_json
+  from common import build_step, kernel_set, lm_config, machine, write_json
   from loopjax import flops
   from perf_common import MatmulPeak, load_average, timed
 
@@ -152,7 +152,8 @@ def main(argv=None):
   path = write_json(args.json, dict(machine=machine(), load=loads, malloc_tuning=malloc_tuning,
                                     args=vars(args), peak_f32=peak32.wall,
                                     peak_f32_cpu=peak32.cpu, peak_bf16=peak16.wall, rows=rows,
-                                    dtype_pairs=pairs, kernel_pairs=kernel_pairs))
+                                    dtype_pairs=pairs, kernel_pairs=kernel_pairs),
+                    kernels=[kernel_set(k) for k in args.kernels.split(",")])
   print(f"wrote {path}")
 
 
