@@ -67,14 +67,15 @@ def time_step(step, state, batch, loops, *, repeats=5, warmup=1):
 
 
 def git_commit() -> str:
-  """HEAD of the checkout the benchmark runs from, `-dirty` when tracked files differ from it
-  ("unknown" outside a git checkout)."""
+  """HEAD of the checkout the benchmark runs from, `-dirty` when a tracked Python file differs
+  from it (docs and results files do not change a measurement); "unknown" outside git."""
   here = os.path.dirname(os.path.abspath(__file__))
   try:
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, check=True,
                           capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                           check=True, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                            ":/*.py"], cwd=here, check=True, capture_output=True,
+                           text=True).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
   return head + ("-dirty" if dirty else "")
