@@ -393,6 +393,31 @@ def test_error_non_utf8_file(tmp_path):
     D.read_documents([str(tmp_path / "latin1.txt")])
 
 
+def test_one_reader_for_every_text_file(tmp_path):
+  """The text source, prepare and zero-shot read through corpus.py: the same documents, and a
+  bad byte reported by its offset in the whole (decompressed) file, not in its line."""
+  import gzip
+
+  from loopjax.data import corpus
+  text = "first para\nstill first\n\n \n\nsecond\n"
+  (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+  with gzip.open(tmp_path / "a.txt.gz", "wt", encoding="utf-8") as f:
+    f.write(text)
+  want = ["first para\nstill first", "second"]
+  assert D.read_documents([str(tmp_path / "a.txt")]) == want
+  assert list(corpus.iter_documents(str(tmp_path / "a.txt.gz"))) == want
+  bad = b"ok line\ncaf\xe9\n"
+  (tmp_path / "bad.txt").write_bytes(bad)
+  with gzip.open(tmp_path / "bad.txt.gz", "wb") as f:
+    f.write(bad)
+  for name in ("bad.txt", "bad.txt.gz"):
+    with pytest.raises(ValueError, match=rf"{name}.*not valid UTF-8: byte offset 11"):
+      D.read_documents([str(tmp_path / name)])
+  assert corpus.first_field(str(tmp_path / "a.txt"), ["sentence", "text"]) == "text"
+  (tmp_path / "c.jsonl").write_text('{"sentence": "s", "text": "t"}\n', encoding="utf-8")
+  assert corpus.first_field(str(tmp_path / "c.jsonl"), ["sentence", "text"]) == "sentence"
+
+
 def test_error_missing_file(tmp_path):
   cfg = _text_cfg(str(tmp_path / "nope.txt"))
   with pytest.raises(FileNotFoundError, match="nope.txt"):
