@@ -12,13 +12,9 @@ unscored); a short mdlm row ends BOS .. EOS before its padding. `Cursor` and `fi
 these rows one at a time from any document stream (the prepared source's slots, zero-shot
 corpora); `pack_documents` packs a list of documents.
 
-The text and tfds sources pack the document / concat layouts with grain:
-
-Packed rows come from grain's `ConcatThenSplitIterDataset`: documents (each already ending
-in EOS) are concatenated and cut every `seq_len` tokens; a document cut at a row boundary
-continues at the start of the next row of the same stream. `segment_ids` number the
-documents inside a row from 1 (a continued document is 1 in the new row); 0 marks padding,
-which only appears in the last row of a finite stream.
+The text and tfds sources make the document / concat rows with grain's
+`ConcatThenSplitIterDataset` (its resumable state is grain's), mapped by `packed_to_row`: the
+same rows as `fill_row` for the same stream (tests/test_packing.py).
 
 Multi-process invariance: a global batch of G rows is built from G independent packing
 *slots*. Slot s packs documents s, s+G, s+2G, ... of the (shuffled, repeated) document
