@@ -1,89 +1,27 @@
-"""What `sample`, `eval` and `analyze` share on the command line.
+"""What the subcommands share on the command line: one name per meaning, and the old spellings.
 
-`--loops`: every command reads a loop count the same way (`parse_loops_arg`): `0` or `max` is
-S_max, the largest S of training (the model's default); `N >= 1` is S = N (S > S_max included);
-a negative S is an error; policies (`adaptive:...`, `time:...`, `mask:...`) pass through to
-`LoopPolicy.parse`.
-
-Cost: a loop count above `loop_bound(S_max)` = min(8 * S_max, 256) logs a warning with the
-estimated inference FLOPs per sample and a lower bound on the time at the device's peak, before
-anything compiles (`warn_loop_cost`).
-
-Outputs (`output_dir`): a training workdir gets its results inside it (WORKDIR/eval,
-WORKDIR/plots, WORKDIR/samples); an export folder is never written into: results go beside it,
-to `<EXPORT>.outputs/` with the same eval/ plots/ samples/ layout; `--out DIR` overrides both.
+Across `sample`, `eval` and `analyze`:
+  --loops          S, 0 / max (= S_max, the largest S of training), or a policy
+                   (adaptive:TAU[:MIN[:MAX]], time:A:B, mask:A:B); `sample` runs one (default
+                   S_max), `eval` and `analyze attention` sweep several (default: powers of two
+                   below S_max, S_max and 2 * S_max, e.g. 1,2,4,8,12,24)
+  --denoising-steps  sampler steps per row (`train.steps` is the number of training steps)
+  --samples        how many rows are generated
+  --output-dir     where eval/, plots/ and samples/ go (default: the workdir; beside an export
+                   folder, EXPORT.outputs); `--out` is kept for the folder a command creates
+                   (`export`, `prepare`)
+Old spellings (`sample --num`, `--steps` for denoising steps, `--out` for --output-dir) still
+work and print a one-line note naming the new one.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import re
+import argparse
+import sys
 
-import jax
+from loopjax.checkpoints import BEST
 
-from loopjax import folders
-from loopjax.flops import inference_flops_per_sample, peak_flops_per_device
-from loopjax.weights import is_export
-
-log = logging.getLogger("loopjax")
-
-S_MAX_WORDS = ("0", "max")  # `--loops` values that mean S_max
-LOOP_WARN_FACTOR, LOOP_WARN_LIMIT = 8, 256
-EXPORT_OUTPUT_SUFFIX = ".outputs"
-
-
-def parse_loops_arg(spec, s_max: int) -> str:
-  """One `--loops` value with `0` / `max` replaced by S_max; a negative S is refused."""
-  s = str(spec).strip()
-  if s.lower() in S_MAX_WORDS:
-    return str(int(s_max))
-  m = re.fullmatch(r"(?:fixed:)?\s*(-\d+)", s)
-  if m:
-    raise ValueError(f"--loops {s!r}: S must be >= 1, or 0 / max for S_max (= {s_max} for "
-                     "this model)")
-  return s
-
-
-def loop_bound(s_max: int) -> int:
-  """The largest S run without a cost warning."""
-  return min(LOOP_WARN_FACTOR * int(s_max), LOOP_WARN_LIMIT)
-
-
-def warn_loop_cost(cfg, largest: int, *, length: int, calls: int, samples: int = 1,
-                   device=None) -> str | None:
-  """Logs (and returns) a warning when `largest` loops exceed `loop_bound(cfg.max_loops)`:
-  inference FLOPs per sample for `calls` model calls over rows of `length`, and the time that
-  `samples` such rows take at least at the device's peak FLOP/s. None below the bound."""
-  if not cfg.looped or largest <= loop_bound(cfg.max_loops):
-    return None
-  flops = inference_flops_per_sample(cfg, length, largest, max(int(calls), 1))
-  msg = (f"--loops: S = {largest} is {largest / cfg.max_loops:.0f}x this model's S_max "
-         f"({cfg.max_loops}; the warning bound is {loop_bound(cfg.max_loops)}): about "
-         f"{flops:.2e} FLOPs per sample ({calls} model call(s) of {length} tokens)")
-  peak = peak_flops_per_device(device or jax.local_devices()[0], cfg.dtype)
-  if peak:
-    msg += (f", at least {_duration(flops * samples / peak)} for {samples} sample(s) at this "
-            f"device's peak {peak:.1e} FLOP/s")
-  log.warning(msg)
-  return msg
-
-
-def _duration(seconds: float) -> str:
-  for unit, size in (("h", 3600.0), ("min", 60.0)):
-    if seconds >= size:
-      return f"{seconds / size:.1f} {unit}"
-  return f"{seconds:.2g} s"
-
-
-def output_dir(path: str, out: str | None = None) -> str:
-  """The folder a command reading the model at `path` writes its eval/, plots/ and samples/
-  under: `out` when given; `<path>.outputs` beside an export folder; else the workdir itself."""
-  if out:
-    return out
-  if is_export(path):
-    return os.path.normpath(path) + EXPORT_OUTPUT_SUFFIX
-  return path
+LOOPS_HELP = ("S (or fixed:S), 0 or max = S_max, adaptive:TAU[:MIN[:MAX]], time:A:B or mask:A:B")
 
 
 def check_counts(*checks) -> None:
@@ -94,9 +32,50 @@ def check_counts(*checks) -> None:
       raise ValueError(f"{flag} must be >= {low}, got {value}")
 
 
-def claim_output_dir(path: str, out: str | None = None) -> str:
-  """`output_dir(path, out)`, refused (one line, nothing written) when it holds an export, a
-  prepared corpus or a study rather than a run or earlier outputs."""
-  d = output_dir(path, out)
-  folders.claim(d, "outputs", flag="--out" if out else "--workdir")
-  return d
+def _renamed(new: str):
+  """An argparse action for an old spelling: stores into the new flag's dest and prints one
+  line to stderr naming the new flag."""
+
+  class Renamed(argparse._StoreAction):  # pylint: disable=protected-access
+    def __call__(self, parser, namespace, values, option_string=None):
+      print(f"{parser.prog}: note: {option_string} is deprecated, use {new}", file=sys.stderr)
+      super().__call__(parser, namespace, values, option_string)
+
+  return Renamed
+
+
+def add_renamed(parser, old: str, new: str, **kw) -> None:
+  """`old` as a deprecated spelling of the already added flag `new` (same dest and type)."""
+  target = next(a for a in parser._actions if new in a.option_strings)  # pylint: disable=protected-access
+  parser.add_argument(old, dest=target.dest, type=kw.pop("type", target.type),
+                      default=argparse.SUPPRESS, action=_renamed(new), metavar=target.metavar,
+                      help=f"deprecated spelling of {new}", **kw)
+
+
+def add_output_dir(parser) -> None:
+  parser.add_argument("--output-dir", default=None, metavar="DIR",
+                      help="write eval/, plots/ and samples/ here (default: the workdir; beside "
+                      "an export folder, EXPORT.outputs)")
+  add_renamed(parser, "--out", "--output-dir")
+
+
+def parse_step(value) -> int | str | None:
+  """A `--step` value: a checkpoint step (int), BEST, or None (the newest readable); argparse's
+  `type` (its ArgumentTypeError prints the message as the one-line error)."""
+  if value is None or value == BEST:
+    return value
+  try:
+    return int(value)
+  except (TypeError, ValueError):
+    raise argparse.ArgumentTypeError(
+        f"--step {value!r}: want a checkpoint step (an integer) or {BEST!r} (the lowest held-out "
+        "NELBO of training); omit it for the newest") from None
+
+
+def add_weights(parser) -> None:
+  """--params and --step: which weights of a run are read (an export holds one kind)."""
+  parser.add_argument("--params", default=None, choices=("ema", "raw"),
+                      help="workdir: which weights (default ema); an export holds one kind")
+  parser.add_argument("--step", type=parse_step, default=None,
+                      help="checkpoint step, or best (the lowest held-out NELBO of training); "
+                      "default: the newest")

@@ -18,22 +18,19 @@ WORKDIR/plots (PNG, SVG, PDF): quality vs S and quality vs executed compute.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import sys
 import time
 
 import jax
 
-from loopjax.checkpoints import parse_step
 from loopjax.data import make_eval_batches, tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.evaluate import plots, tables
-from loopjax.evaluate.cli_args import (check_counts, claim_output_dir, output_dir,
-                                      parse_loops_arg, warn_loop_cost)
+from loopjax.evaluate.loop_cost import default_sweep, parse_loops_arg, warn_loop_cost
+from loopjax.evaluate.outputs import claim_output_dir
 from loopjax.evaluate.denoiser import resolve_policy
 from loopjax.evaluate.gsm8k import gsm8k_accuracy, read_gsm8k
 from loopjax.evaluate.gen_ppl import check_judge, gen_ppl_sweep, load_judge
@@ -42,9 +39,6 @@ from loopjax.evaluate.likelihood import heldout_nelbo
 from loopjax.evaluate.tasks import heldout_batches, task_accuracy
 from loopjax.evaluate.zero_shot import parse_corpus, zero_shot_eval
 from loopjax.weights import load_model_dir
-
-DEFAULT_LOOPS = "1,2,4,8,12,24"
-
 
 def parse_loops(specs) -> list[str]:
   """`--loops` values: comma lists of S or policies ("1,2,4,adaptive:0.01"); a schedule table
@@ -78,7 +72,7 @@ def _log(msg: str) -> None:
   print(msg, flush=True)
 
 
-def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = "confidence",
+def run_eval(workdir: str, *, loops=None, steps=(0,), method: str = "confidence",
              examples: int = 128, batch_size: int = 64, nelbo_batches: int = 2,
              time_points: int = 8, do_nelbo: bool = True, do_tasks: bool = True,
              gsm8k: str | None = None, gsm8k_limit: int = 0, answer_len: int | None = None,
@@ -86,7 +80,8 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
              gen_ppl: dict | None = None, params: str | None = None, step: int | None = None,
              seed: int = 0, sampler_kw: dict | None = None, command: str = "",
              out: str | None = None, lm_eval: dict | None = None) -> dict:
-  """Runs the sweep and writes eval/*.json and plots/*.png under `output_dir(workdir, out)`;
+  """Runs the sweep (`loops`: `--loops` values; None: `default_sweep`) and writes eval/*.json
+  and plots/*.png under `output_dir(workdir, out)`;
   returns the summary dict.
 
   gen_ppl: {"judge": DIR, "samples", "method", "prompt", "device", "batch_size"} (gen_ppl.py).
@@ -107,6 +102,7 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
   config, model, weights = load_model_dir(workdir, step=step, params=params)
   ckpt = config.source.get("step") or 0
   cfg = model.cfg
+  loops = loops or [",".join(map(str, default_sweep(cfg.max_loops, cfg.looped)))]
   specs = [parse_loops_arg(s, cfg.max_loops) for s in parse_loops(loops)]
   for s in specs:  # fail (or warn of the cost) before any work on a policy this model cannot run
     warn_loop_cost(cfg, resolve_policy(cfg, s).largest, length=config.data.seq_len,
@@ -226,99 +222,3 @@ def plot_task_rows(rows, workdir: str, s_max: int | None = None) -> list[str]:
         rows, metric=m, path=os.path.join(workdir, "plots", f"eval_{m}_vs_flops.png"),
         s_max=s_max))
   return out
-
-
-def _ints(s: str) -> list[int]:
-  try:
-    return [int(v) for v in s.split(",") if v.strip()]
-  except ValueError:
-    raise ValueError(f"--steps {s!r}: want a comma list of integers (0: the default)") from None
-
-
-def eval_main(argv) -> int:
-  p = argparse.ArgumentParser(prog="loopjax eval", description=__doc__.split("\n\n")[0])
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--loops", action="append", default=None,
-                 help=f"comma list of S or policies (repeatable; 0 or max = S_max); default "
-                 f"{DEFAULT_LOOPS}")
-  p.add_argument("--steps", default="0", help="comma list of denoising steps (0: one token "
-                 "per step for built-in tasks and --gen-ppl, answer length for GSM8K)")
-  p.add_argument("--sampler", default=None, choices=("confidence", "ancestral"),
-                 help="default confidence for tasks and GSM8K, ancestral for --gen-ppl")
-  p.add_argument("--temperature", type=float, default=None)
-  p.add_argument("--top-k", type=int, default=0)
-  p.add_argument("--top-p", type=float, default=1.0)
-  p.add_argument("--block-len", type=int, default=0, help="semi-autoregressive block size")
-  p.add_argument("--examples", type=int, default=128, help="built-in task examples")
-  p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--nelbo-batches", type=int, default=2)
-  p.add_argument("--time-points", type=int, default=8)
-  p.add_argument("--no-nelbo", action="store_true")
-  p.add_argument("--no-tasks", action="store_true")
-  p.add_argument("--gsm8k", default=None, help="GSM8K-format JSONL file")
-  p.add_argument("--gsm8k-limit", type=int, default=0)
-  p.add_argument("--answer-len", type=int, default=None, help="GSM8K answer positions "
-                 "(default: the run's data.answer_len if it was fine-tuned on prompt_answer "
-                 "data, else 64)")
-  p.add_argument("--corpus", action="append", default=[], help="local corpus for zero-shot "
-                 "perplexity, NAME=FILE with NAME one of ptb, wikitext, lm1b, lambada, ag_news, "
-                 "pubmed, arxiv (its detokenizer) or a bare FILE (.txt/.jsonl/.parquet, "
-                 "repeatable)")
-  p.add_argument("--corpus-rows", type=int, default=0, help="rows scored per corpus (0: all)")
-  p.add_argument("--corpus-layout", default="auto",
-                 choices=("auto", "document", "concat", "mdlm"),
-                 help="rows of a corpus: auto follows the run's data config")
-  p.add_argument("--gen-ppl", default=None, metavar="JUDGE", help="generative perplexity "
-                 "of samples under this Hugging Face causal LM (a local folder or a Hub id "
-                 "such as gpt2-large, cache first)")
-  p.add_argument("--samples", type=int, default=64, help="--gen-ppl samples per S x steps")
-  p.add_argument("--prompt", default=None, help="--gen-ppl: continue this text")
-  p.add_argument("--judge-device", default="cpu", help="--gen-ppl: torch device of the judge")
-  p.add_argument("--judge-batch-size", type=int, default=8)
-  p.add_argument("--params", default=None, choices=("ema", "raw"),
-                 help="workdir: which weights (default ema); an export holds one kind")
-  p.add_argument("--step", type=parse_step, default=None, help="checkpoint step, or best (the lowest held-out NELBO of training); default: the newest")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default=None, help="write eval/ and plots/ here (default: the workdir; "
-                 "beside an export folder, EXPORT.outputs)")
-  g = p.add_argument_group("lm-evaluation-harness (pip install -e '.[eval]')")
-  g.add_argument("--lm-eval", default=None, metavar="TASKS", help="comma list of lm-eval tasks, "
-                 "run with the 'loopjax' model at every --loops policy (eval/lm_eval.json)")
-  g.add_argument("--lm-eval-args", default=None, metavar="K=V,...", help="num_fewshot, limit, "
-                 "bootstrap_iters, ... for lm-eval; other keys are model_args (mc_samples, "
-                 "max_gen_toks, ...)")
-  g.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs")
-  g.add_argument("--lm-eval-data", action="append", default=[], metavar="NAME=FILE",
-                 help="local JSONL of a shipped task (repeatable): gsm8k=FILE for "
-                 "loopjax_gsm8k_jsonl (gsm8k_train=FILE: its few-shot examples, default the same "
-                 "file), mc=FILE for loopjax_mc_jsonl")
-  a = p.parse_args(argv)
-  check_counts(("--examples", a.examples, 1), ("--batch-size", a.batch_size, 1),
-               ("--nelbo-batches", a.nelbo_batches, 1), ("--time-points", a.time_points, 1),
-               ("--samples", a.samples, 1), ("--judge-batch-size", a.judge_batch_size, 1),
-               ("--gsm8k-limit", a.gsm8k_limit, 0), ("--corpus-rows", a.corpus_rows, 0))
-  if any(n < 0 for n in _ints(a.steps)):
-    raise ValueError(f"--steps {a.steps}: denoising steps must be >= 0 (0: the default)")
-  kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, block_len=a.block_len)
-  gen = a.gen_ppl and dict(judge=a.gen_ppl, samples=a.samples, prompt=a.prompt,
-                           method=a.sampler or "ancestral", device=a.judge_device,
-                           batch_size=a.judge_batch_size)
-  summary = run_eval(
-      a.workdir, loops=a.loops or [DEFAULT_LOOPS], steps=_ints(a.steps),
-      method=a.sampler or "confidence",
-      examples=a.examples, batch_size=a.batch_size, nelbo_batches=a.nelbo_batches,
-      time_points=a.time_points, do_nelbo=not a.no_nelbo, do_tasks=not a.no_tasks,
-      gsm8k=a.gsm8k, gsm8k_limit=a.gsm8k_limit, answer_len=a.answer_len, corpus=a.corpus,
-      corpus_rows=a.corpus_rows, corpus_layout=a.corpus_layout, gen_ppl=gen or None,
-      params=a.params, step=a.step, seed=a.seed, sampler_kw=kw,
-      command="loopjax eval " + " ".join(argv), out=a.out,
-      lm_eval=a.lm_eval and {"tasks": a.lm_eval, "args": a.lm_eval_args,
-                             "include_path": a.include_path, "data": a.lm_eval_data})
-  print(json.dumps({"eval": os.path.join(output_dir(a.workdir, a.out), "eval"),
-                    "plots": summary["plots"],
-                    "seconds": round(summary["seconds"], 1)}))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(eval_main(sys.argv[1:]))
