@@ -121,6 +121,15 @@ COMMANDS = {"train": _train, "spm-train": _spm_train,
             **{name: _lazy(*target) for name, target in _LAZY.items()}}
 
 
+def parsers() -> dict:
+  """{command: its argparse parser}; imports every subcommand's module (for help checks)."""
+  import importlib
+  built = {"train": train_parser(), "spm-train": spm_train_parser()}
+  for name, (module, _) in _LAZY.items():
+    built[name] = importlib.import_module(module).build_parser()
+  return built
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if not argv or argv[0] in ("-h", "--help"):  # asked for: stdout, success
