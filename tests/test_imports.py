@@ -221,3 +221,20 @@ def test_argparse_lives_only_in_the_cli_package(tmp_path):
     (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / rel).write_text(text)
   assert argparse_importers(str(tmp_path), "pkg") == ["pkg.lib:2"]
+
+
+def test_every_private_jax_import_says_why():
+  """Public jax APIs first; each `jax._src` import left has a comment starting "Private jax" in
+  the lines just above it naming what public API is missing."""
+  bad = []
+  for name, path in modules(ROOT).items():
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+    for node in ast.walk(ast.parse("\n".join(lines), path)):
+      mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+              [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+      if any(m.startswith("jax._src") for m in mods):
+        above = "\n".join(lines[max(0, node.lineno - 10):node.lineno])
+        if "Private jax" not in above:
+          bad.append(f"{name}:{node.lineno}")
+  assert not bad, f"jax._src imports without a 'Private jax: why' comment: {bad}"
