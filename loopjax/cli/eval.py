@@ -82,6 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def evaluations(a) -> dict:
+  """{registered evaluation: its options} that the flags ask for."""
+  asked = {
+      "likelihood": not a.no_nelbo and dict(batches=a.nelbo_batches, time_points=a.time_points),
+      "tasks": not a.no_tasks and dict(examples=a.examples),
+      "gsm8k": a.gsm8k and dict(file=a.gsm8k, limit=a.gsm8k_limit, answer_len=a.answer_len),
+      "zero_shot": a.corpus and dict(corpus=a.corpus, rows=a.corpus_rows,
+                                     layout=a.corpus_layout, time_points=a.time_points),
+      "gen_ppl": a.gen_ppl and dict(judge=a.gen_ppl, samples=a.samples, prompt=a.prompt,
+                                    method=a.sampler or "ancestral", device=a.judge_device,
+                                    batch_size=a.judge_batch_size),
+      "lm_eval": a.lm_eval and dict(tasks=a.lm_eval, args=a.lm_eval_args,
+                                    include_path=a.include_path, data=a.lm_eval_data,
+                                    time_grid=a.time_points),
+  }
+  return {name: options for name, options in asked.items() if options}
+
+
 def main(argv) -> int:
   a = build_parser().parse_args(argv)
   check_counts(("--examples", a.examples, 1), ("--batch-size", a.batch_size, 1),
@@ -94,19 +112,10 @@ def main(argv) -> int:
   from loopjax.evaluate.outputs import output_dir  # jax and the model: only when evaluating
   from loopjax.evaluate.sweep import run_eval
   kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, block_len=a.block_len)
-  gen = a.gen_ppl and dict(judge=a.gen_ppl, samples=a.samples, prompt=a.prompt,
-                           method=a.sampler or "ancestral", device=a.judge_device,
-                           batch_size=a.judge_batch_size)
   summary = run_eval(
-      a.workdir, loops=a.loops, steps=steps, method=a.sampler or "confidence",
-      examples=a.examples, batch_size=a.batch_size, nelbo_batches=a.nelbo_batches,
-      time_points=a.time_points, do_nelbo=not a.no_nelbo, do_tasks=not a.no_tasks,
-      gsm8k=a.gsm8k, gsm8k_limit=a.gsm8k_limit, answer_len=a.answer_len, corpus=a.corpus,
-      corpus_rows=a.corpus_rows, corpus_layout=a.corpus_layout, gen_ppl=gen or None,
-      params=a.params, step=a.step, seed=a.seed, sampler_kw=kw,
-      command="loopjax eval " + " ".join(argv), out=a.output_dir,
-      lm_eval=a.lm_eval and {"tasks": a.lm_eval, "args": a.lm_eval_args,
-                             "include_path": a.include_path, "data": a.lm_eval_data})
+      a.workdir, evaluations(a), loops=a.loops, steps=steps,
+      method=a.sampler or "confidence", batch_size=a.batch_size, params=a.params, step=a.step,
+      seed=a.seed, sampler_kw=kw, command="loopjax eval " + " ".join(argv), out=a.output_dir)
   print(json.dumps({"eval": os.path.join(output_dir(a.workdir, a.output_dir), "eval"),
                     "plots": summary["plots"],
                     "seconds": round(summary["seconds"], 1)}))
