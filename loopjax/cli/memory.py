@@ -33,11 +33,10 @@ def main(argv) -> int:
   args = p.parse_args(rest)
   if spec is None:
     p.error("--config experiments/NAME.py[:VARIANT] is required")
-  from loopjax.train.memory import parse_mesh  # jax and the step: only when compiling
-  mesh_cfg = parse_mesh(args.mesh) if args.mesh else None
-  from loopjax.train.memory import compile_devices, format_report, memory_report
-  from loopjax.parallel import topology as topology_lib
+  from loopjax.parallel import topology as topology_lib  # jax and the step: only when compiling
   from loopjax.train.config_load import load_config
+  from loopjax.train.memory import compile_devices, format_report, memory_report, parse_mesh
+  mesh_cfg = parse_mesh(args.mesh) if args.mesh else None
   devices, flags_source = compile_devices(args.topology, args.num_slices, args.devices, mesh_cfg)
   config = load_config(spec, overrides)
   if mesh_cfg is not None:
