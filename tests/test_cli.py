@@ -155,3 +155,20 @@ def test_a_cpu_command_prints_no_libtpu_lines(tiny_sudoku_run, tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert '"loops"' in proc.stdout
   assert not _libtpu_lines(proc.stderr), proc.stderr
+
+
+def test_the_cli_package_and_top_level_help_import_no_jax():
+  code = ("import sys\nfrom loopjax.cli import main\nmain(['--help'])\nmain(['--version'])\n"
+          "print('jax' in sys.modules, 'loopjax.train' in sys.modules)")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                        env={**os.environ, "PYTHONPATH": ROOT})
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.splitlines()[-1] == "False False"
+
+
+@pytest.mark.parametrize("module", ["loopjax.data.prepare", "loopjax.parallel.xla_flags"])
+def test_old_module_entry_points_name_their_replacement(module):
+  proc = subprocess.run([sys.executable, "-m", module, "x"], capture_output=True, text=True,
+                        timeout=60, env={**os.environ, "PYTHONPATH": ROOT})
+  assert proc.returncode == 2 and not proc.stdout
+  assert len(proc.stderr.strip().splitlines()) == 1 and "loopjax.cli." in proc.stderr

@@ -211,3 +211,9 @@ def _load(workdir: str, params, step):
   if key not in _LOADED:
     _LOADED[key] = load_model_dir(workdir, params=params, step=step)
   return _LOADED[key]
+
+
+if __name__ == "__main__":  # the command moved to loopjax/cli/: one line naming it, exit 2
+  print(f"{__spec__.name if __spec__ else __file__} is a library module now: run loopjax-lm-eval ... (or python -m loopjax.cli.lm_eval ...)",
+        file=sys.stderr)
+  sys.exit(2)
