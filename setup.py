@@ -50,5 +50,5 @@ setup(
     # lm-eval 0.4 reads no model plugins from entry points: `loopjax-lm-eval` registers the
     # "loopjax" model and runs lm-eval's CLI.
     entry_points={"console_scripts": ["loopjax=loopjax.cli:main",
-                                      "loopjax-lm-eval=loopjax.evaluate.lm_eval_model:main"]},
+                                      "loopjax-lm-eval=loopjax.cli.lm_eval:main"]},
 )

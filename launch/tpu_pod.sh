@@ -36,10 +36,11 @@ DETACH="${DETACH:-1}"                    # `train`: 1 runs under nohup (follow w
 LOG="${LOG:-loopjax_train.log}"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# The generation's flags from the one table (loopjax/parallel/xla_flags.py; plain Python, so
-# no jax is needed here); LIBTPU_INIT_ARGS in the environment replaces them.
+# The generation's flags from the one table (loopjax/parallel/xla_flags.py, printed by
+# loopjax.cli.xla_flags; plain Python, so no jax is needed here); LIBTPU_INIT_ARGS in the
+# environment replaces them.
 if [[ -z "${LIBTPU_INIT_ARGS+set}" ]]; then
-  LIBTPU_INIT_ARGS="$(python3 "$ROOT/loopjax/parallel/xla_flags.py" "$ACCELERATOR_TYPE")"
+  LIBTPU_INIT_ARGS="$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" python3 -m loopjax.cli.xla_flags "$ACCELERATOR_TYPE")"
 fi
 ACTION="${1:-all}"
 shift || true

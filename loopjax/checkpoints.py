@@ -16,7 +16,6 @@ metrics, `BEST_METRIC`), and the next lowest past a damaged one.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from typing import Any, Callable
@@ -118,18 +117,6 @@ def first_readable(directory: str, candidates: list[int], read: Callable[[int], 
   raise DamagedCheckpointError(
       f"no readable checkpoint in {directory}: steps {skipped} are all damaged (truncated or "
       "garbled files); start a new --workdir, or restore the files from a copy")
-
-
-def parse_step(value) -> int | str | None:
-  """A `--step` value: a checkpoint step (int), BEST, or None (the newest readable); argparse's
-  `type` (its ArgumentTypeError prints the message as the one-line error)."""
-  if value is None or value == BEST:
-    return value
-  try:
-    return int(value)
-  except (TypeError, ValueError):
-    raise argparse.ArgumentTypeError(f"--step {value!r}: want a checkpoint step (an integer) or {BEST!r} (the "
-                     "lowest held-out NELBO of training); omit it for the newest") from None
 
 
 def ranked_by_metric(manager, directory: str) -> list[tuple[int, float]]:

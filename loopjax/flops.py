@@ -331,7 +331,9 @@ def jaxpr_dot_flops(fn, *args) -> float:
   of a cond and counts a while body once; so use a static S == max_loops, as for `xla_flops`.
   """
   jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-  try:  # drop dead code (flax's lifted scan leaves some) as XLA would; private API, so optional.
+  # Drop dead code (flax's lifted scan leaves some) as XLA would. Private jax, so optional: jax
+  # 0.10 has no public dead-code elimination of a jaxpr (jax.extend.core offers none).
+  try:
     from jax._src.interpreters import partial_eval as pe
     jaxpr, _ = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
   except Exception:  # pragma: no cover - older/newer jax without this helper.

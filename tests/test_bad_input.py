@@ -188,8 +188,8 @@ CASES = [
     ("prompt longer than the row", None,
      ["sample", "--workdir", "{export}", "--prompt", "123456789", "--length", "4"],
      "--length 4"),
-    ("eval --steps not numbers", None, ["eval", "--workdir", "{export}", "--steps", "4,eight"],
-     "--steps"),
+    ("eval --denoising-steps not numbers", None,
+     ["eval", "--workdir", "{export}", "--denoising-steps", "4,eight"], "--denoising-steps"),
     ("missing tokenizer file", None,
      ["prepare", "--input", "{doc}", "--tokenizer", "sentencepiece:{tmp}/none.model",
       "--out", "{tmp}/p"], "none.model"),
@@ -270,7 +270,7 @@ def test_process_exit_status_and_debug_traceback(tmp_path, debug):
 
 
 def test_loops_zero_and_max_mean_s_max_everywhere():
-  from loopjax.evaluate.cli_args import parse_loops_arg
+  from loopjax.evaluate.loop_cost import parse_loops_arg
 
   assert [parse_loops_arg(s, 6) for s in ("0", "max", " MAX ", "3", "fixed:9", "adaptive:0.1")] \
       == ["6", "6", "6", "3", "fixed:9", "adaptive:0.1"]
@@ -280,7 +280,7 @@ def test_loops_zero_and_max_mean_s_max_everywhere():
 
 
 def test_large_loop_counts_warn_with_the_cost(caplog):
-  from loopjax.evaluate.cli_args import loop_bound, warn_loop_cost
+  from loopjax.evaluate.loop_cost import loop_bound, warn_loop_cost
   from loopjax.flops import inference_flops_per_sample
 
   cfg = run_model_config(_tiny_config())
@@ -292,6 +292,7 @@ def test_large_loop_counts_warn_with_the_cost(caplog):
 
 
 def test_sample_warns_of_the_cost_before_it_compiles(assets, caplog, monkeypatch):
+  from loopjax.cli import sample as sample_command
   from loopjax.evaluate import sample_cli
 
   class Stop(Exception):
@@ -302,12 +303,12 @@ def test_sample_warns_of_the_cost_before_it_compiles(assets, caplog, monkeypatch
 
   monkeypatch.setattr(sample_cli, "make_sampler", no_compile)
   with pytest.raises(Stop):
-    sample_cli.sample_main(["--workdir", assets["export"], "--loops", "100000", "--num", "1"])
+    sample_command.main(["--workdir", assets["export"], "--loops", "100000", "--samples", "1"])
   assert "S = 100000" in caplog.text and "FLOPs per sample" in caplog.text
 
 
 def test_outputs_go_beside_an_export_folder(assets, tmp_path):
-  from loopjax.evaluate.cli_args import output_dir
+  from loopjax.evaluate.outputs import output_dir
 
   assert output_dir(assets["export"]) == assets["export"] + ".outputs"
   assert output_dir(assets["export"] + "/") == assets["export"] + ".outputs"

@@ -49,8 +49,8 @@ def test_init_from_starts_from_the_source_weights(pretrained):
   assert np.isfinite(out["metrics"]["loss"])
   assert int(out["state"].step) == 2  # a new run: step 0 + 2, fresh optimizer
   # The fine-tuned run is evaluated in its training layout (answer_len 32 from its config).
-  summary = run_eval(str(tmp / "ft"), loops=("2",), gsm8k=pairs, gsm8k_limit=4, do_nelbo=False,
-                     do_tasks=False, batch_size=4)
+  summary = run_eval(str(tmp / "ft"), {"gsm8k": {"file": pairs, "limit": 4}}, loops=("2",),
+                     batch_size=4)
   (row,) = summary["gsm8k"]
   assert row["examples"] == 4 and row["steps"] == 32
   # The score is the one of the generations it shows (all 4 are shown).

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import pytest
 
 from loopjax import flops as F
-from loopjax.flops_cli import flops_main
+from loopjax.cli.flops import flops_main
 from loopjax.model import LoopDistribution, LoopedTransformer, ModelConfig, count_params
 from loopjax.train.config import model_config
 from loopjax.train.config_load import load_config

@@ -26,6 +26,7 @@ import transformers.dynamic_module_utils  # noqa: E402  (its module cache is red
 
 from test_export import CONFIGS, _random_params, _run_config  # noqa: E402
 from loopjax import export, weights  # noqa: E402
+from loopjax.cli import export as export_command  # noqa: E402
 from loopjax.data import CharTokenizer, ByteTokenizer  # noqa: E402
 from loopjax.diffusion.loop_policy import LoopPolicy  # noqa: E402
 from loopjax.evaluate.denoiser import make_denoiser  # noqa: E402
@@ -500,7 +501,7 @@ def test_push_to_hub_uploads_the_export_in_one_commit(trained_export, loopback_h
   wd, _ = trained_export
   args = ["--workdir", wd, "--license", "apache-2.0", "--language", "en",
           "--datasets", "org/sudoku-boards"]
-  assert export.export_main(args + ["--push-to-hub", "org/loopmdm-sudoku", "--private"]) == 0
+  assert export_command.main(args + ["--push-to-hub", "org/loopmdm-sudoku", "--private"]) == 0
   assert "pushed to org/loopmdm-sudoku" in capsys.readouterr().out
   posts = [x for x in loopback_hub if x[0] == "POST"]  # GETs (the client's probes) get 404
   assert [p for _, p, _, _ in posts] == [
@@ -517,7 +518,7 @@ def test_push_to_hub_uploads_the_export_in_one_commit(trained_export, loopback_h
   sent = {x["value"]["path"]: base64.b64decode(x["value"]["content"])
           for x in lines if x["key"] == "file"}
   local = str(tmp_path / "loopmdm-sudoku")
-  export.export_main(args + ["--out", local])
+  export_command.main(args + ["--out", local])
   want = {os.path.relpath(os.path.join(d, f), local): open(os.path.join(d, f), "rb").read()
           for d, _, fs in os.walk(local) for f in fs}
   assert sorted(sent) == sorted(want) and "model.safetensors" in sent
@@ -542,13 +543,13 @@ def test_push_to_hub_refusals_come_before_any_work(tmp_path, monkeypatch):
   from loopjax.errors import UserError
   wd = str(tmp_path / "no_run")  # never read: the refusals come first
   with pytest.raises(UserError, match="'bad/repo/id': not a repository id"):
-    export.export_main(["--workdir", wd, "--push-to-hub", "bad/repo/id"])
+    export_command.main(["--workdir", wd, "--push-to-hub", "bad/repo/id"])
   monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
   with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
-    export.export_main(["--workdir", wd, "--push-to-hub", "org/name"])
+    export_command.main(["--workdir", wd, "--push-to-hub", "org/name"])
   monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
   monkeypatch.delenv("HF_TOKEN", raising=False)
   monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))
   monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no_tokens"))
   with pytest.raises(UserError, match="no Hugging Face token"):
-    export.export_main(["--workdir", wd, "--push-to-hub", "org/name"])
+    export_command.main(["--workdir", wd, "--push-to-hub", "org/name"])

@@ -27,11 +27,15 @@ LAYERS = {
     "loopjax.checkpoints": 1, "loopjax.weights": 1,
     "loopjax.train": 2,
     "loopjax.evaluate": 3, "loopjax.export": 3,
-    "loopjax.cli": 4, "loopjax.flops_cli": 4,
+    # Every argparse parser and the `loopjax` command.
+    "loopjax.cli": 4,
 }
 # Modules that import loopjax modules inside functions, and why.
-LAZY = {"loopjax.cli": "each subcommand's module is imported when it runs, so `loopjax --help` "
-                       "stays fast"}
+_LAZY_COMMAND = ("each subcommand's libraries are imported when it runs, so `loopjax --help` "
+                 "stays fast and `loopjax.cli` imports no jax")
+LAZY = {m: _LAZY_COMMAND for m in (
+    "loopjax.cli.main", "loopjax.cli.sample", "loopjax.cli.eval", "loopjax.cli.analyze",
+    "loopjax.cli.export", "loopjax.cli.memory", "loopjax.cli.prepare", "loopjax.cli.lm_eval")}
 
 
 def modules(root: str, package: str = "loopjax") -> dict[str, str]:
@@ -189,3 +193,48 @@ def test_the_checks_catch_a_planted_upward_import_and_a_circle(tmp_path):
   assert lazy_imports(edges) == {"pkg.low.a": ["5 -> pkg.high"]}
   assert unit_circles(edges) == [["pkg.high", "pkg.low"]]
   assert module_circles(edges) == [["pkg.high", "pkg.low.a", "pkg.low.b"]]
+
+
+def argparse_importers(root: str, package: str = "loopjax") -> list[str]:
+  """Modules of `package` outside its cli/ package that import argparse (at any depth)."""
+  out = []
+  for name, path in modules(root, package).items():
+    if name == f"{package}.cli" or name.startswith(f"{package}.cli."):
+      continue
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+               [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+      if any(n.partition(".")[0] == "argparse" for n in names):
+        out.append(f"{name}:{node.lineno}")
+  return out
+
+
+def test_argparse_lives_only_in_the_cli_package(tmp_path):
+  """Command-line parsing is loopjax/cli/'s job; library modules take plain arguments. The check
+  itself finds a planted import inside a function and leaves cli/ alone."""
+  assert not argparse_importers(ROOT), ("argparse outside loopjax/cli/ (move the parser into "
+                                        f"the cli package): {argparse_importers(ROOT)}")
+  for rel, text in {"pkg/__init__.py": "", "pkg/cli/__init__.py": "import argparse\n",
+                    "pkg/lib.py": "def f():\n  from argparse import ArgumentParser\n"}.items():
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_text(text)
+  assert argparse_importers(str(tmp_path), "pkg") == ["pkg.lib:2"]
+
+
+def test_every_private_jax_import_says_why():
+  """Public jax APIs first; each `jax._src` import left has a comment starting "Private jax" in
+  the lines just above it naming what public API is missing."""
+  bad = []
+  for name, path in modules(ROOT).items():
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+    for node in ast.walk(ast.parse("\n".join(lines), path)):
+      mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+              [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+      if any(m.startswith("jax._src") for m in mods):
+        above = "\n".join(lines[max(0, node.lineno - 10):node.lineno])
+        if "Private jax" not in above:
+          bad.append(f"{name}:{node.lineno}")
+  assert not bad, f"jax._src imports without a 'Private jax: why' comment: {bad}"

@@ -116,11 +116,16 @@ def test_tpu_pod_single_slice_takes_its_generations_flags(accelerator, gen):
 
 
 def test_flag_table_cli_prints_what_the_launchers_export():
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "loopjax", "parallel", "xla_flags.py"),
-                        "v5p-64", "--env"], capture_output=True, text=True, check=True).stdout
-  assert shlex.split(out) == [f"LIBTPU_INIT_ARGS={xla_flags.flag_string('v5p')}"]
-  bad = subprocess.run([sys.executable, "-m", "loopjax.parallel.xla_flags", "v3-8"],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+  # The launchers' host may have no jax: the command must not import it.
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  code = ("import runpy, sys; sys.argv = ['xla_flags', 'v5p-64', '--env']\n"
+          "try:\n  runpy.run_module('loopjax.cli.xla_flags', run_name='__main__')\n"
+          "finally:\n  print('jax imported' if 'jax' in sys.modules else '', file=sys.stderr)")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+  assert "jax imported" not in proc.stderr, proc.stderr
+  assert shlex.split(proc.stdout) == [f"LIBTPU_INIT_ARGS={xla_flags.flag_string('v5p')}"]
+  bad = subprocess.run([sys.executable, "-m", "loopjax.cli.xla_flags", "v3-8"],
+                       capture_output=True, text=True, env=env)
   assert bad.returncode == 2 and "'v3-8'" in bad.stderr and "v5p:2x4x4" in bad.stderr
 
 

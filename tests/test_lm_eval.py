@@ -233,7 +233,7 @@ def test_lm_eval_cli_runs_local_gsm8k(export_dir, tasks_dir, offline, tmp_path):
   env.pop("XLA_FLAGS", None)
   out = tmp_path / "out"
   proc = subprocess.run(
-      [sys.executable, "-m", "loopjax.evaluate.lm_eval_model", "--model", "loopjax",
+      [sys.executable, "-m", "loopjax.cli.lm_eval", "--model", "loopjax",
        "--model_args", f"workdir={export_dir},loops=adaptive:0.5,time_grid=2,max_gen_toks=8",
        "--tasks", "loopjax_gsm8k", "--include_path", str(tasks_dir),
        "--batch_size", "4", "--output_path", str(out)],

@@ -12,7 +12,8 @@ import pytest
 
 from loopjax import data as D
 from loopjax.data import corpus, prepared, shards
-from loopjax.data.prepare import prepare, prepare_main, write_tokenized
+from loopjax.cli.prepare import main as prepare_main
+from loopjax.data.prepare import prepare, write_tokenized
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "the a cat dog sat on mat ran far away quick brown fox jumps over lazy".split()
@@ -179,7 +180,7 @@ def test_sigkilled_prepare_resumes_to_identical_shards(tmp_path):
   raw, _ = _corpus_dir(tmp_path, files=8, per_file=800)
   args = ["--input", raw, "--tokenizer", "byte", "--shard-tokens", "20000", "--workers", "2"]
   out = str(tmp_path / "out")
-  cmd = [sys.executable, "-m", "loopjax.data.prepare", *args, "--out", out]
+  cmd = [sys.executable, "-m", "loopjax.cli.prepare", *args, "--out", out]
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   parts = os.path.join(out, "parts")
   t0 = time.time()
@@ -401,7 +402,7 @@ def test_empty_corpus_and_missing_inputs(tmp_path):
 
 
 def test_cli_error_is_one_line(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "loopjax.data.prepare", "--input",
+  proc = subprocess.run([sys.executable, "-m", "loopjax.cli.prepare", "--input",
                          str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")],
                         capture_output=True, text=True, cwd=ROOT, timeout=60)
   assert proc.returncode == 2

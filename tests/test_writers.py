@@ -92,7 +92,7 @@ def test_export_step_best_on_the_command_line(resumed_run, tmp_path, capsys):
 
 
 def test_the_step_argument_is_an_integer_or_best():
-  from loopjax.checkpoints import parse_step
+  from loopjax.cli.args import parse_step
   assert parse_step("best") == "best" and parse_step("12") == 12 and parse_step(None) is None
   with pytest.raises(Exception, match="--step 'last'.*integer.*best"):
     parse_step("last")

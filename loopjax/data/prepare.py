@@ -1,4 +1,4 @@
-"""`loopjax prepare`: tokenize a corpus once into ArrayRecord token shards (see shards.py).
+"""Tokenize a corpus once (`loopjax prepare`) into ArrayRecord token shards (see shards.py).
 
 Work is split by input file: input file F (in `corpus.list_inputs` order) is tokenized in
 order and cut into parts of about `shard_tokens` tokens, each part written as one train and
@@ -10,21 +10,19 @@ killed run resumes from the completed parts (verified by sha256) of each file.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import json
 import multiprocessing
 import os
 import queue as queue_lib
-import shlex
 import shutil
 import sys
 import time
 
 import numpy as np
 
-from loopjax import folders, storage
+from loopjax import storage
 from loopjax.data import corpus, shards
 from loopjax.data.tokenizers import bos_id, make_tokenizer
 from loopjax.errors import UserError
@@ -418,47 +416,7 @@ def write_tokenized(out_dir: str, documents, tokenizer_spec: str, *, heldout_eve
   return manifest
 
 
-def prepare_main(argv=None) -> int:
-  """`loopjax prepare`; argv excludes the command name."""
-  p = argparse.ArgumentParser(prog="loopjax prepare", description=__doc__.split("\n")[0])
-  p.add_argument("--input", nargs="+", default=[], help="corpus files or directories, or "
-                 "datasets:NAME[:CONFIG][@SPLIT] (a Hub dataset or local folder via datasets)")
-  p.add_argument("--heldout-input", nargs="+", default=[],
-                 help="files or directories whose documents are all held out (test sets)")
-  p.add_argument("--format", default=None, choices=corpus.FORMATS,
-                 help="read every input as this format, whatever its extension")
-  p.add_argument("--tokenizer", default="byte",
-                 help="byte | sentencepiece:PATH.model | hf:PATH/tokenizer.json | hf:HUB_ID")
-  p.add_argument("--out", required=True, help="output directory or gs:// URL")
-  p.add_argument("--stage-dir", default="",
-                 help="--out gs://: local folder the shards are written to before the upload "
-                      "(default: ~/.cache/loopjax/prepare/<hash of the URL>, removed after)")
-  p.add_argument("--text-field", default="text", help="JSONL field / Parquet, Arrow column")
-  p.add_argument("--txt-split", default="paragraph", choices=("paragraph", "line"),
-                 help=".txt documents: blank-line separated paragraphs or single lines")
-  p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-  p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
-  p.add_argument("--heldout", type=float, default=DEFAULT_HELDOUT,
-                 help="fraction of documents held out (by a hash of their text)")
-  p.add_argument("--stats", action="store_true", help="print counts of an existing --out")
-  a = p.parse_args(argv)
-  try:
-    if a.stats:
-      print(shards.stats(a.out))
-      return 0
-    folders.claim(a.out, "prepared", flag="--out")  # a run, export or study stays untouched
-    command = shlex.join(["loopjax", "prepare", *(argv if argv is not None else sys.argv[1:])])
-    m = prepare(a.input, a.tokenizer, a.out, text_field=a.text_field, txt_split=a.txt_split,
-                input_format=a.format, heldout_inputs=a.heldout_input, num_workers=a.workers,
-                shard_tokens=a.shard_tokens, heldout=a.heldout,
-                command=command, stage_dir=a.stage_dir)
-  except (ValueError, FileNotFoundError) as e:  # UserError goes to the CLI's one-line handler
-    p.exit(2, f"loopjax prepare: error: {e}\n")
-  s = m["splits"]
-  print(f"prepared {a.out}: train {s['train']['docs']:,} docs / {s['train']['tokens']:,} "
-        f"tokens, heldout {s['heldout']['docs']:,} docs / {s['heldout']['tokens']:,} tokens")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(prepare_main())
+if __name__ == "__main__":  # the command moved to loopjax/cli/: one line naming it, exit 2
+  print(f"{__spec__.name if __spec__ else __file__} is a library module now: run loopjax prepare ... (or python -m loopjax.cli.prepare ...)",
+        file=sys.stderr)
+  sys.exit(2)

@@ -11,15 +11,14 @@ i.e. the fraction of its attention that a masked position spends on other masked
 `chance` is the share a uniform attention would give: the mean fraction of masked keys seen by a
 masked query. The paper reports this share rising with the loop count and saturating near S_max.
 
-`loopjax analyze attention --workdir DIR [--loops 1,2,4,...] [--out OUT]` writes
-eval/attention.json, plots/attention_heatmap.png (executed layer x S) and
-plots/attention_vs_loops.png under the workdir (an export folder: beside it, EXPORT.outputs;
---out: OUT). `--loops 0` or `max` is S_max.
+`analyze_attention` (`loopjax analyze attention`) writes eval/attention.json,
+plots/attention_heatmap.png (executed layer x S) and plots/attention_vs_loops.png under the
+workdir (an export folder: beside it, EXPORT.outputs; or the output folder given). A loop count
+0 or `max` is S_max.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -31,8 +30,8 @@ import numpy as np
 from loopjax.data import make_eval_batches
 from loopjax.diffusion import eval_time_grid, make_schedule, mask_tokens
 from loopjax.evaluate import plots
-from loopjax.evaluate.cli_args import (check_counts, claim_output_dir, output_dir,
-                                       parse_loops_arg, warn_loop_cost)
+from loopjax.evaluate.loop_cost import default_sweep, parse_loops_arg, warn_loop_cost
+from loopjax.evaluate.outputs import claim_output_dir, output_dir
 from loopjax.model import LoopedTransformer
 from loopjax.weights import load_model_dir
 
@@ -201,49 +200,39 @@ def _fixed_loops(spec: str) -> int:
   return loops
 
 
-def analyze_main(argv) -> int:
-  p = argparse.ArgumentParser(prog="loopjax analyze",
-                              description="attention among masked positions vs loops")
-  p.add_argument("what", choices=["attention"])
-  p.add_argument("--workdir", required=True, help="a run's workdir or an exported folder")
-  p.add_argument("--loops", default="", help="comma-separated S, 0 or max = S_max (default "
-                 "1..S_max and 2*S_max)")
-  p.add_argument("--examples", type=int, default=16)
-  p.add_argument("--time-points", type=int, default=4)
-  p.add_argument("--params", default=None, choices=["ema", "raw"])
-  p.add_argument("--out", default=None, help="write eval/ and plots/ here (default: the workdir; "
-                 "beside an export folder, EXPORT.outputs)")
-  args = p.parse_args(argv)
-  check_counts(("--examples", args.examples, 1), ("--time-points", args.time_points, 1))
-  claim_output_dir(args.workdir, args.out)
-  config, model, params = load_model_dir(args.workdir, params=args.params)
+def analyze_attention(workdir: str, *, loops: str = "", examples: int = 16,
+                      time_points: int = 4, params: str | None = None, step=None,
+                      out: str | None = None) -> tuple[dict, str, list[str]]:
+  """Attention among masked positions vs loops of the run or export at `workdir` (loops: comma
+  list of fixed S; empty: `default_sweep`); writes eval/attention.json and plots under
+  `output_dir(workdir, out)`, prints one line per S; returns (result, json path, plot paths)."""
+  claim_output_dir(workdir, out)
+  config, model, weights = load_model_dir(workdir, params=params, step=step)
   cfg = model.cfg
-  if args.loops:
+  if loops:
     loops_list = list(dict.fromkeys(_fixed_loops(parse_loops_arg(s, cfg.max_loops))
-                                    for s in args.loops.split(",") if s.strip()))
+                                    for s in loops.split(",") if s.strip()))
   else:
-    loops_list = sorted(set(range(1, cfg.max_loops + 1)) | {2 * cfg.max_loops}) \
-        if cfg.looped else [1]
+    loops_list = default_sweep(cfg.max_loops, cfg.looped)
   if config.data.get("source") is None:
-    raise ValueError(f"{args.workdir} carries no data config to draw held-out examples from")
+    raise ValueError(f"{workdir} carries no data config to draw held-out examples from")
   warn_loop_cost(cfg, max(loops_list), length=config.data.seq_len,
-                 calls=args.time_points, samples=args.examples)
-  batch = min(args.examples, 8)
+                 calls=time_points, samples=examples)
+  batch = min(examples, 8)
   batches = make_eval_batches(config.data, batch_size=batch,
-                              num_batches=max(args.examples // batch, 1),
+                              num_batches=max(examples // batch, 1),
                               seed=int(config.get("train", {}).get("seed", 0)) + 2)
-  result = attention_profile(model, params, batches, loops_list=loops_list,
-                             time_points=args.time_points,
+  result = attention_profile(model, weights, batches, loops_list=loops_list,
+                             time_points=time_points,
                              schedule=make_schedule(config.diffusion))
-  outdir = output_dir(args.workdir, args.out)
+  outdir = output_dir(workdir, out)
   os.makedirs(os.path.join(outdir, "eval"), exist_ok=True)
   path = os.path.join(outdir, "eval", "attention.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=2)
-  plots = plot_attention(result, os.path.join(outdir, "plots"))
+  plot_paths = plot_attention(result, os.path.join(outdir, "plots"))
   for r in result["per_loops"]:
     fin = r["final_iteration_share"]
     print(f"S={r['loops']:>3}  mean share {r['mean_share']:.3f}  last loop iteration "
           f"{'-' if fin is None else f'{fin:.3f}'}  (uniform {r['chance']:.3f})")
-  print(f"wrote {path}, {', '.join(plots)}")
-  return 0
+  return result, path, plot_paths

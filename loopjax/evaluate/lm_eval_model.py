@@ -1,7 +1,7 @@
 """A loopjax run as an lm-evaluation-harness model, registered as "loopjax".
 
   loopjax-lm-eval --model loopjax --model_args workdir=DIR,loops=4 --tasks arc_easy
-  python -m loopjax.evaluate.lm_eval_model --model loopjax --model_args workdir=DIR ...
+  python -m loopjax.cli.lm_eval --model loopjax --model_args workdir=DIR ...
 
 Both import this module (which registers the model) and then run lm-eval's own CLI, whose
 arguments are unchanged. A plain `lm_eval --model loopjax` does not work: lm-eval 0.4 discovers
@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import lm_eval.models  # noqa: F401  lm-eval's own models, registered before ours
 import numpy as np
-from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -214,10 +213,7 @@ def _load(workdir: str, params, step):
   return _LOADED[key]
 
 
-def main() -> None:
-  """`loopjax-lm-eval`: lm-eval's CLI with the "loopjax" model registered."""
-  cli_evaluate()
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+if __name__ == "__main__":  # the command moved to loopjax/cli/: one line naming it, exit 2
+  print(f"{__spec__.name if __spec__ else __file__} is a library module now: run loopjax-lm-eval ... (or python -m loopjax.cli.lm_eval ...)",
+        file=sys.stderr)
+  sys.exit(2)

@@ -1,38 +1,29 @@
-"""`loopjax sample`: generate from a trained run, with any loop policy and sampler.
+"""Generation from a trained run or an export, with any loop policy and sampler (`run_sample`,
+behind `loopjax sample`).
 
-  loopjax sample --workdir DIR [--loops N|adaptive:TAU[:MIN[:MAX]]|time:A:B|mask:A:B]
-                 [--steps T] [--sampler ancestral|confidence] [--num N]
-                 [--prompt TEXT | --template TEXT [--mask-char ?] | --heldout]
-                 [--length L] [--temperature X] [--top-k K] [--top-p P] [--block-len B]
-
---prompt: the text is a fixed prefix, the rest of the row (up to --length) is generated.
---template: infilling; every --mask-char is one position to fill, the rest never changes.
---heldout: the run's held-out task examples (e.g. Sudoku puzzles) as prompts, scored.
---loops: 0 or max = S_max, as in every command (loopjax/evaluate/cli_args.py).
-Prints the decoded samples and one JSON line (loops executed, model calls, FLOPs, seconds) and
-writes WORKDIR/samples/sample_<time>.json (an export folder: EXPORT.outputs/samples/; --out DIR:
-DIR/samples/).
+prompt: the text is a fixed prefix, the rest of the row (up to `length`) is generated.
+template: infilling; every `mask_char` is one position to fill, the rest never changes.
+heldout: the run's held-out task examples (e.g. Sudoku puzzles) as prompts, scored.
+Prints the decoded samples and writes samples/sample_<time>.json (loops executed, model calls,
+FLOPs, seconds and the texts) under `output_dir(workdir, out)`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopjax.checkpoints import parse_step
 from loopjax.data import make_eval_batches, tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
-from loopjax.evaluate.cli_args import (check_counts, claim_output_dir, output_dir,
-                                      parse_loops_arg, warn_loop_cost)
+from loopjax.evaluate.loop_cost import parse_loops_arg, warn_loop_cost
+from loopjax.evaluate.outputs import claim_output_dir, output_dir
 from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler, resolve_policy,
                                        timed)
 from loopjax.evaluate.tasks import score
@@ -56,88 +47,64 @@ def _show(source: str, text: str) -> str:
   return text
 
 
-def sample_main(argv) -> int:
-  p = argparse.ArgumentParser(prog="loopjax sample", description=__doc__.split("\n\n")[0])
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--loops", default="max", help="S (or fixed:S), adaptive:TAU[:MIN[:MAX]], "
-                 "time:A:B, mask:A:B (0 or max = S_max, the default)")
-  p.add_argument("--steps", type=int, default=0, help="denoising steps (0: one per position)")
-  p.add_argument("--sampler", default="ancestral", choices=("ancestral", "confidence"))
-  p.add_argument("--num", type=int, default=4, help="samples (rows)")
-  g = p.add_mutually_exclusive_group()
-  g.add_argument("--prompt", default=None)
-  g.add_argument("--template", default=None)
-  g.add_argument("--heldout", action="store_true")
-  p.add_argument("--mask-char", default="?")
-  p.add_argument("--length", type=int, default=0, help="row length (default data.seq_len)")
-  p.add_argument("--temperature", type=float, default=None)
-  p.add_argument("--top-k", type=int, default=0)
-  p.add_argument("--top-p", type=float, default=1.0)
-  p.add_argument("--block-len", type=int, default=0)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--params", default=None, choices=("ema", "raw"),
-                 help="workdir: which weights (default ema); an export holds one kind")
-  p.add_argument("--step", type=parse_step, default=None, help="checkpoint step, or best (the lowest held-out NELBO of training); default: the newest")
-  p.add_argument("--out", default=None, help="write samples/ here (default: the workdir; beside "
-                 "an export folder, EXPORT.outputs)")
-  a = p.parse_args(argv)
-  check_counts(("--num", a.num, 1), ("--steps", a.steps, 0), ("--length", a.length, 0),
-               ("--block-len", a.block_len, 0), ("--top-k", a.top_k, 0))
-  claim_output_dir(a.workdir, a.out)
-
+def run_sample(workdir: str, *, loops="max", steps: int = 0, sampler: str = "ancestral",
+               samples: int = 4, prompt: str | None = None, template: str | None = None,
+               heldout: bool = False, mask_char: str = "?", length: int = 0,
+               temperature: float | None = None, top_k: int = 0, top_p: float = 1.0,
+               block_len: int = 0, seed: int = 0, params: str | None = None, step=None,
+               out: str | None = None) -> tuple[list[str], dict]:
+  """Generates `samples` rows from the run or export at `workdir`, prints them, writes
+  samples/sample_<time>.json under `output_dir(workdir, out)`; returns (texts, report)."""
+  claim_output_dir(workdir, out)
   # A training workdir or a `loopjax export` folder.
-  config, model, params = load_model_dir(a.workdir, params=a.params, step=a.step)
+  config, model, weights = load_model_dir(workdir, params=params, step=step)
   ckpt = config.source.get("step") or 0
   cfg, tok = model.cfg, tokenizer_for(config.data)
-  policy = resolve_policy(cfg, parse_loops_arg(a.loops, cfg.max_loops))
-  length = a.length or config.data.seq_len
+  policy = resolve_policy(cfg, parse_loops_arg(loops, cfg.max_loops))
+  length = length or config.data.seq_len
   batch = None
-  if a.heldout:
-    batch = make_eval_batches(config.data, batch_size=a.num, num_batches=1,
+  if heldout:
+    batch = make_eval_batches(config.data, batch_size=samples, num_batches=1,
                               seed=int(config.get("train", {}).get("seed", 0)) + 1)[0]
     x = np.where(batch["loss_mask"], cfg.mask_id, batch["tokens"])
-  elif a.template is not None:
-    x = np.tile(encode_template(tok, a.template, a.mask_char, cfg.mask_id), (a.num, 1))
+  elif template is not None:
+    x = np.tile(encode_template(tok, template, mask_char, cfg.mask_id), (samples, 1))
   else:
-    ids = np.asarray(tok.encode(a.prompt) if a.prompt else [], np.int32)
+    ids = np.asarray(tok.encode(prompt) if prompt else [], np.int32)
     if ids.size >= length:
       raise ValueError(f"the prompt has {ids.size} tokens; --length {length} leaves none to "
                        "generate")
     x = np.tile(np.concatenate([ids, np.full(length - ids.size, cfg.mask_id, np.int32)]),
-                (a.num, 1))
+                (samples, 1))
   if x.shape[1] > cfg.max_length:
     raise ValueError(f"rows of {x.shape[1]} tokens exceed model.max_length {cfg.max_length}")
-  steps = a.steps or int((x == cfg.mask_id).sum(-1).max()) or 1
-  warn_loop_cost(cfg, policy.largest, length=x.shape[1], calls=steps, samples=a.num)
-  fn = make_sampler(model, policy, steps=steps, method=a.sampler,
-                    schedule=make_schedule(config.diffusion), block_len=a.block_len,
-                    temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+  steps = steps or int((x == cfg.mask_id).sum(-1).max()) or 1
+  warn_loop_cost(cfg, policy.largest, length=x.shape[1], calls=steps, samples=samples)
+  fn = make_sampler(model, policy, steps=steps, method=sampler,
+                    schedule=make_schedule(config.diffusion), block_len=block_len,
+                    temperature=temperature, top_k=top_k, top_p=top_p,
                     **sampler_endpoint(config.diffusion))
   seg = None if batch is None else jnp.asarray(batch["segment_ids"])
-  out, secs, compile_s = timed(fn, params, jax.random.PRNGKey(a.seed), jnp.asarray(x, jnp.int32),
-                               seg, loop_args(policy))
-  tokens = np.asarray(out["tokens"])
+  result, secs, compile_s = timed(fn, weights, jax.random.PRNGKey(seed),
+                                  jnp.asarray(x, jnp.int32), seg, loop_args(policy))
+  tokens = np.asarray(result["tokens"])
   texts = [tok.decode(row.tolist()) for row in tokens]
   for i, text in enumerate(texts):
     print(f"--- sample {i}\n{_show(config.data.source, text)}")
   report = {"checkpoint_step": int(ckpt), "loops": policy.label,
-            "sampler": a.sampler, "steps": steps, "seconds": round(secs, 4),
+            "sampler": sampler, "steps": steps, "seconds": round(secs, 4),
             "compile_seconds": round(compile_s, 2),
-            **generation_stats(cfg, x.shape[1], out)}
+            **generation_stats(cfg, x.shape[1], result)}
   if batch is not None and config.data.source in ("sudoku", "arithmetic"):
     report.update(score(config.data.source, tokens, batch["tokens"], batch["fixed"],
                         batch["loss_mask"]))
   given = x != cfg.mask_id
   report["given_kept"] = bool(np.array_equal(tokens[given], x[given]))
   report["masks_left"] = int((tokens == cfg.mask_id).sum())
-  samples_dir = os.path.join(output_dir(a.workdir, a.out), "samples")
+  samples_dir = os.path.join(output_dir(workdir, out), "samples")
   os.makedirs(samples_dir, exist_ok=True)
   path = os.path.join(samples_dir, f"sample_{time.strftime('%Y%m%d_%H%M%S')}.json")
   with open(path, "w", encoding="utf-8") as f:
     json.dump({**report, "samples": texts}, f, indent=2)
-  print(json.dumps({**report, "file": path}))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(sample_main(sys.argv[1:]))
+  report["file"] = path
+  return texts, report

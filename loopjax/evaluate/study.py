@@ -23,13 +23,11 @@ is the run that trains for k steps: the curves double as the same-steps comparis
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 
-from loopjax import flops, folders
+from loopjax import flops
 from loopjax.data.arithmetic import required_seq_len
 from loopjax.evaluate.study_report import markdown_report, plot_study, summarize
 from loopjax.evaluate.tasks import heldout_batches, primary_metric, task_accuracy
@@ -257,19 +255,3 @@ def _loop_sweep(d: str, batches, task: str, metric: str, specs: list[str]) -> li
 
   key = dict(metric=metric, examples=sum(len(b["tokens"]) for b in batches), specs=specs)
   return _cached(os.path.join(d, "study_loop_sweep.json"), key, score)
-
-
-def study_main(argv) -> int:
-  p = argparse.ArgumentParser(prog="loopjax study", description=__doc__.split("\n\n")[0])
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
-                 help="cpu: ~45 min on 2 CPU cores (default); gpu: ~100x the compute, ~10 min "
-                      "on one H100/H200; tiny: seconds, for tests")
-  args = p.parse_args(argv)
-  folders.claim(args.workdir, "study")
-  run_study(args.workdir, preset=args.preset)
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(study_main(sys.argv[1:]))

@@ -114,12 +114,22 @@ def _orbax_client_barriers() -> None:
   flag.present = 1
 
 
+def _coordination():
+  """JAX's distributed state: the coordination-service client, process ids, the preemption sync
+  manager. Private jax: the public `jax.distributed` (jax 0.10) offers only initialize,
+  is_initialized and shutdown, and the public multihost helpers (sync_global_devices,
+  broadcast_one_to_all) are device collectives, with no timeout and no strings; a barrier with a
+  timeout and process 0's value in the key-value store need the client itself. Reading it needs
+  no backend, unlike jax.process_index()."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  return jax_distributed.global_state
+
+
 def barrier(name: str) -> None:
   """Waits until every process reaches `name`; a no-op in a single-process run."""
   if jax.process_count() == 1:
     return
-  from jax._src import distributed as jax_distributed  # the client JAX itself initialised
-  jax_distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=barrier_timeout() * 1000)
+  _coordination().client.wait_at_barrier(name, timeout_in_ms=barrier_timeout() * 1000)
 
 
 def from_process0(name: str, value: str | None = None) -> str | None:
@@ -127,8 +137,7 @@ def from_process0(name: str, value: str | None = None) -> str | None:
   it in the coordination service's key-value store); in a single-process run, `value`."""
   if jax.process_count() == 1:
     return value
-  from jax._src import distributed as jax_distributed
-  client = jax_distributed.global_state.client
+  client = _coordination().client
   if jax.process_index() == 0:
     client.key_value_set(name, value or "")
     return value
@@ -139,8 +148,7 @@ def from_process0(name: str, value: str | None = None) -> str | None:
 def uses_preemption_notices() -> bool:
   """Whether stop requests go through JAX's preemption service: a multi-process job, whose
   SIGTERM handler (installed by jax.distributed.initialize) records the notice and shares it."""
-  from jax._src import distributed as jax_distributed
-  state = jax_distributed.global_state
+  state = _coordination()
   return state.client is not None and state.num_processes > 1 \
       and state.preemption_sync_manager is not None
 
@@ -188,8 +196,7 @@ def session(command: str):
     else:
       traceback.print_exc()
       code = 1
-    from jax._src import distributed as jax_distributed  # needs no backend, unlike jax.process_*
-    state = jax_distributed.global_state
+    state = _coordination()  # needs no backend, unlike jax.process_*
     if getattr(e, "agreed", False):  # every process raised it: leave together, cleanly
       sys.stderr.flush()
       try:

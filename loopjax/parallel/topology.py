@@ -44,6 +44,8 @@ def tpu_topology_devices(name: str, num_slices: int = 1) -> list:
 
 
 def _libtpu_initialized() -> bool:
+  # Private jax: no public API says whether the TPU plugin is already loaded without starting
+  # the backends (jax.extend.backend.backends() would initialise them, loading libtpu).
   from jax._src.lib import xla_client  # pylint: disable=g-import-not-at-top
   return xla_client.pjrt_plugin_loaded("tpu") and xla_client.pjrt_plugin_initialized("tpu")
 

@@ -1,9 +1,11 @@
 """XLA / libtpu flag sets per accelerator generation: the one table every launcher reads.
 
-    python -m loopjax.parallel.xla_flags v5p            # the flags, one line (LIBTPU_INIT_ARGS)
-    python -m loopjax.parallel.xla_flags v5litepod-32   # accelerator types and topologies work too
-    python -m loopjax.parallel.xla_flags gpu            # XLA_FLAGS for GPU clusters
-    python -m loopjax.parallel.xla_flags v5p --env      # LIBTPU_INIT_ARGS='...' for `export`
+    python -m loopjax.cli.xla_flags v5p            # the flags, one line (LIBTPU_INIT_ARGS)
+    python -m loopjax.cli.xla_flags v5litepod-32   # accelerator types and topologies work too
+    python -m loopjax.cli.xla_flags gpu            # XLA_FLAGS for GPU clusters
+    python -m loopjax.cli.xla_flags v5p --env      # LIBTPU_INIT_ARGS='...' for `export`
+
+This module imports nothing but the standard library (launchers read it without jax).
 
 TPU sets go into LIBTPU_INIT_ARGS, which libtpu parses once, when the process loads it; GPU sets
 go into XLA_FLAGS. Both parsers refuse unknown flags, and the TPU compiler refuses some flags on
@@ -24,10 +26,8 @@ configs and GPU recipes, restricted to what the pinned libtpu/jaxlib accept:
 
 from __future__ import annotations
 
-import argparse
-import re
-import shlex
 import sys
+import re
 
 _DATA_PARALLEL = (
     "--xla_tpu_enable_data_parallel_all_reduce_opt=true",
@@ -108,20 +108,7 @@ def flag_string(name: str) -> str:
   return " ".join(flags(name))
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m loopjax.parallel.xla_flags",
-                              description=__doc__.split("\n\n")[0])
-  p.add_argument("generation", help=f"{', '.join(GENERATIONS)}, a topology or accelerator type")
-  p.add_argument("--env", action="store_true", help="print VAR='flags' for the shell")
-  args = p.parse_args(argv)
-  try:
-    text = flag_string(args.generation)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"{env_var(args.generation)}={shlex.quote(text)}" if args.env else text)
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+if __name__ == "__main__":  # the command moved to loopjax/cli/: one line naming it, exit 2
+  print(f"{__spec__.name if __spec__ else __file__} is a library module now: run python -m loopjax.cli.xla_flags ...",
+        file=sys.stderr)
+  sys.exit(2)

@@ -15,7 +15,6 @@ may keep bfloat16 math in float32): a guide, not a guarantee. Use `--topology` f
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import math
@@ -33,7 +32,6 @@ from loopjax.parallel import hlo, roofline
 from loopjax.parallel import mesh as mesh_lib
 from loopjax.parallel import topology as topology_lib
 from loopjax.parallel.topology import tpu_topology_devices
-from loopjax.train.config_load import load_config, split_config_args
 from loopjax.train.step import build_train_step
 
 GIB = 1024 ** 3
@@ -275,49 +273,24 @@ def parse_mesh(text: str) -> dict[str, int]:
   return out
 
 
-def main(argv) -> int:
-  spec, overrides, rest = split_config_args(argv)
-  p = argparse.ArgumentParser(prog="loopjax memory", description=__doc__.split("\n\n")[0])
-  p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (default: config.mesh)")
-  p.add_argument("--devices", type=int, default=None,
-                 help="fake CPU devices to compile for (default: the mesh's size, else 8)")
-  p.add_argument("--topology", default=None,
-                 help="compile for this TPU topology instead, e.g. v5e:2x4 (needs libtpu)")
-  p.add_argument("--num-slices", type=int, default=1, help="TPU slices of --topology")
-  p.add_argument("--device-memory-gib", type=float, default=None,
-                 help="memory per device to compare with (default: known for TPU/GPU kinds)")
-  p.add_argument("--json", action="store_true")
-  args = p.parse_args(argv if spec is None else rest)
-  if spec is None:
-    p.error("--config experiments/NAME.py[:VARIANT] is required")
-  mesh_cfg = parse_mesh(args.mesh) if args.mesh else None
-  if args.topology:
+def compile_devices(topology: str | None = None, num_slices: int = 1,
+                    count: int | None = None, mesh_cfg: dict | None = None):
+  """(devices, libtpu flags source or None) to compile for: compile-only TPU devices of
+  `topology` (with the launchers' libtpu flags for it, set before libtpu loads), else `count`
+  fake CPU devices (default: the mesh's size, else 8)."""
+  if topology:
     jax.config.update("jax_platforms", "cpu")
-    # The flags the launchers run this generation with, set before libtpu loads.
-    _, flags_source = topology_lib.set_libtpu_flags(args.topology)
-    devices = tpu_topology_devices(args.topology, args.num_slices)
-  else:
-    n = args.devices
-    if n is None:
-      sizes = list((mesh_cfg or {}).values())
-      n = math.prod(sizes) if sizes and all(s > 0 for s in sizes) else 8
-    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-    if xla_bridge.backends_are_initialized():
-      if len(jax.devices("cpu")) != n:
-        raise ValueError(f"jax is already initialised with {len(jax.devices('cpu'))} CPU "
-                         f"devices; run `loopjax memory` in a fresh process for {n}")
-    else:
-      jax.config.update("jax_platforms", "cpu")
-      jax.config.update("jax_num_cpu_devices", n)
-    devices = jax.devices("cpu")[:n]
-  config = load_config(spec, overrides)
-  if mesh_cfg is not None:
-    mesh_cfg = {**{k: v for k, v in dict(config.mesh).items() if k.startswith("dcn_")},
-                "data": 1, "fsdp": 1, "tensor": 1, **mesh_cfg}
-  report = memory_report(config, devices, mesh_cfg, args.device_memory_gib)
-  text = None if args.json else format_report(report)
-  if args.topology:
-    report["libtpu_init_args"] = topology_lib.libtpu_flags()
-    text = text and f"{text}\nlibtpu flags ({flags_source}): {report['libtpu_init_args']}"
-  print(json.dumps(report) if args.json else text, flush=True)
-  return 0
+    _, flags_source = topology_lib.set_libtpu_flags(topology)
+    return tpu_topology_devices(topology, num_slices), flags_source
+  n = count
+  if n is None:
+    sizes = list((mesh_cfg or {}).values())
+    n = math.prod(sizes) if sizes and all(s > 0 for s in sizes) else 8
+  jax.config.update("jax_platforms", "cpu")
+  try:
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError:  # jax refuses the device count once its backends exist
+    if len(jax.devices("cpu")) != n:
+      raise ValueError(f"jax is already initialised with {len(jax.devices('cpu'))} CPU "
+                       f"devices; run `loopjax memory` in a fresh process for {n}") from None
+  return jax.devices("cpu")[:n], None

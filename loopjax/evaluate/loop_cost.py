@@ -1,36 +1,28 @@
-"""What `sample`, `eval` and `analyze` share on the command line.
+"""Loop counts as commands give them, and what a large one costs.
 
-`--loops`: every command reads a loop count the same way (`parse_loops_arg`): `0` or `max` is
-S_max, the largest S of training (the model's default); `N >= 1` is S = N (S > S_max included);
-a negative S is an error; policies (`adaptive:...`, `time:...`, `mask:...`) pass through to
-`LoopPolicy.parse`.
+`parse_loops_arg`: `0` or `max` is S_max, the largest S of training (the model's default);
+`N >= 1` is S = N (S > S_max included); a negative S is an error; policies (`adaptive:...`,
+`time:...`, `mask:...`) pass through to `LoopPolicy.parse`.
 
-Cost: a loop count above `loop_bound(S_max)` = min(8 * S_max, 256) logs a warning with the
-estimated inference FLOPs per sample and a lower bound on the time at the device's peak, before
-anything compiles (`warn_loop_cost`).
-
-Outputs (`output_dir`): a training workdir gets its results inside it (WORKDIR/eval,
-WORKDIR/plots, WORKDIR/samples); an export folder is never written into: results go beside it,
-to `<EXPORT>.outputs/` with the same eval/ plots/ samples/ layout; `--out DIR` overrides both.
+A loop count above `loop_bound(S_max)` = min(8 * S_max, 256) logs a warning with the estimated
+inference FLOPs per sample and a lower bound on the time at the device's peak, before anything
+compiles (`warn_loop_cost`). `default_sweep` is the list of loop counts of a sweep (`eval`,
+`analyze attention`) that names none.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 
 import jax
 
-from loopjax import folders
 from loopjax.flops import inference_flops_per_sample, peak_flops_per_device
-from loopjax.weights import is_export
 
 log = logging.getLogger("loopjax")
 
 S_MAX_WORDS = ("0", "max")  # `--loops` values that mean S_max
 LOOP_WARN_FACTOR, LOOP_WARN_LIMIT = 8, 256
-EXPORT_OUTPUT_SUFFIX = ".outputs"
 
 
 def parse_loops_arg(spec, s_max: int) -> str:
@@ -43,6 +35,16 @@ def parse_loops_arg(spec, s_max: int) -> str:
     raise ValueError(f"--loops {s!r}: S must be >= 1, or 0 / max for S_max (= {s_max} for "
                      "this model)")
   return s
+
+
+def default_sweep(s_max: int, looped: bool = True) -> list[int]:
+  """The loop counts a sweep runs when none are named: powers of two below S_max, S_max and
+  2 * S_max (1, 2, 4, 8, 12, 24 for S_max = 12); [1] for a model without a looped block."""
+  if not looped:
+    return [1]
+  s_max = int(s_max)
+  powers = [2 ** k for k in range(s_max.bit_length()) if 2 ** k < s_max]
+  return [*powers, s_max, 2 * s_max]
 
 
 def loop_bound(s_max: int) -> int:
@@ -74,29 +76,3 @@ def _duration(seconds: float) -> str:
     if seconds >= size:
       return f"{seconds / size:.1f} {unit}"
   return f"{seconds:.2g} s"
-
-
-def output_dir(path: str, out: str | None = None) -> str:
-  """The folder a command reading the model at `path` writes its eval/, plots/ and samples/
-  under: `out` when given; `<path>.outputs` beside an export folder; else the workdir itself."""
-  if out:
-    return out
-  if is_export(path):
-    return os.path.normpath(path) + EXPORT_OUTPUT_SUFFIX
-  return path
-
-
-def check_counts(*checks) -> None:
-  """(flag, value, lowest allowed) triples: ValueError naming the first count below its bound,
-  before any model is loaded."""
-  for flag, value, low in checks:
-    if value < low:
-      raise ValueError(f"{flag} must be >= {low}, got {value}")
-
-
-def claim_output_dir(path: str, out: str | None = None) -> str:
-  """`output_dir(path, out)`, refused (one line, nothing written) when it holds an export, a
-  prepared corpus or a study rather than a run or earlier outputs."""
-  d = output_dir(path, out)
-  folders.claim(d, "outputs", flag="--out" if out else "--workdir")
-  return d

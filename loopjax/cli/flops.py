@@ -24,6 +24,7 @@ from loopjax.flops import (FLOP_CONVENTIONS, _depth, as_loop_distribution,
                            expected_train_flops_per_step, forward_flops_per_token,
                            layer_flops_per_seq, matched_depth, matched_steps, param_counts,
                            train_flops_per_step)
+from loopjax.cli.config import CONFIG_HELP, OVERRIDES_EPILOG
 from loopjax.train.config import model_config
 from loopjax.train.config_load import load_config, split_config_args
 
@@ -91,16 +92,15 @@ def _fmt(x: float | None) -> str:
   return f"{x:.4g}"
 
 
-def flops_main(argv: Sequence[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  _, match_overrides, argv = split_config_args(argv, prefix="--match-config")
-  spec, overrides, rest = split_config_args(argv)
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="loopjax flops",
       description="Parameters, FLOPs per token/step and FLOP matching of experiment configs. "
                   "--config A [--config.a.b=VALUE ...]: the experiment and its overrides, "
                   "as `loopjax train` takes them. --match B [--match-config.a.b=VALUE ...]: "
-                  "the reference run and its own overrides.")
+                  "the reference run and its own overrides.",
+      epilog=OVERRIDES_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", metavar="FILE[:VARIANT]", help=CONFIG_HELP)
   parser.add_argument("--match", help="path.py[:variant] whose total training FLOPs A must match; "
                       "A's --config. overrides do not apply to it: give B's as "
                       "--match-config.KEY=VALUE, or pass --same-overrides")
@@ -108,6 +108,14 @@ def flops_main(argv: Sequence[str] | None = None) -> int:
                       help="apply A's --config.KEY=VALUE overrides to --match B too (before B's "
                       "own --match-config.KEY=VALUE)")
   parser.add_argument("--json", action="store_true", help="print one JSON object")
+  return parser
+
+
+def flops_main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  _, match_overrides, argv = split_config_args(argv, prefix="--match-config")
+  spec, overrides, rest = split_config_args(argv)
+  parser = build_parser()
   args = parser.parse_args(rest)
   if spec is None:
     parser.error("--config experiments/NAME.py[:VARIANT] is required")
