@@ -79,7 +79,7 @@ _LAZY = {
     "sample": ("loopjax.evaluate.sample_cli", "sample_main"),
     "eval": ("loopjax.evaluate.sweep", "eval_main"),
     "memory": ("loopjax.train.memory", "main"),
-    "export": ("loopjax.export", "export_main"),
+    "export": ("loopjax.io.export", "export_main"),
     "analyze": ("loopjax.evaluate.attention", "analyze_main"),
     "study": ("loopjax.evaluate.study", "study_main"),
     "prepare": ("loopjax.data.prepare", "prepare_main"),

@@ -15,10 +15,11 @@ import jax.numpy as jnp
 import pytest
 
 from loopjax import data as D
-from loopjax import export
+from loopjax.io import export
 from loopjax.data.tokenizers import make_tokenizer
 from loopjax.train.config_load import load_config
-from loopjax.weights import abstract_params, run_model_config, runnable
+from loopjax.io.export_format import abstract_params
+from loopjax.io.load import run_model_config, runnable
 from loopjax.model import LoopedTransformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

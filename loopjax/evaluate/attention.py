@@ -34,7 +34,7 @@ from loopjax.evaluate import plots
 from loopjax.evaluate.cli_args import (check_counts, claim_output_dir, output_dir,
                                        parse_loops_arg, warn_loop_cost)
 from loopjax.model import LoopedTransformer
-from loopjax.weights import load_model_dir
+from loopjax.io.load import load_model_dir
 
 
 def masked_share(probs_NxBxHxLxL, masked_BxL):

@@ -24,7 +24,7 @@ import jax
 
 from loopjax import folders
 from loopjax.flops import inference_flops_per_sample, peak_flops_per_device
-from loopjax.weights import is_export
+from loopjax.io.export_format import is_export
 
 log = logging.getLogger("loopjax")
 

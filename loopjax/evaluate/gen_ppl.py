@@ -43,7 +43,7 @@ from loopjax.data import tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.errors import UserError
 from loopjax.evaluate import tables
-from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler, resolve_policy,
+from loopjax.inference.denoiser import (generation_stats, loop_args, make_sampler, resolve_policy,
                                        timed)
 from loopjax.hf import hub
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopjax.data.text import jsonl_objects
-from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler,
+from loopjax.inference.denoiser import (generation_stats, loop_args, make_sampler,
                                        resolve_policy, timed)
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"

@@ -48,9 +48,9 @@ from loopjax.data.tokenizers import bos_id, fill_id
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.evaluate.conditional import check_estimator, conditional_loglik
-from loopjax.evaluate.denoiser import loop_args, make_sampler, resolve_policy
+from loopjax.inference.denoiser import loop_args, make_sampler, resolve_policy
 from loopjax.evaluate.gsm8k import build_rows, decode_answer
-from loopjax.weights import load_model_dir
+from loopjax.io.load import load_model_dir
 
 log = logging.getLogger(__name__)
 

@@ -27,16 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopjax.checkpoints import parse_step
+from loopjax.io.checkpoints import parse_step
 from loopjax.data import make_eval_batches, tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.evaluate.cli_args import (check_counts, claim_output_dir, output_dir,
                                       parse_loops_arg, warn_loop_cost)
-from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler, resolve_policy,
+from loopjax.inference.denoiser import (generation_stats, loop_args, make_sampler, resolve_policy,
                                        timed)
 from loopjax.evaluate.tasks import score
-from loopjax.weights import load_model_dir
+from loopjax.io.load import load_model_dir
 
 
 def encode_template(tokenizer, template: str, mask_char: str, mask_id: int) -> np.ndarray:

@@ -27,21 +27,21 @@ import time
 
 import jax
 
-from loopjax.checkpoints import parse_step
+from loopjax.io.checkpoints import parse_step
 from loopjax.data import make_eval_batches, tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.evaluate import plots, tables
 from loopjax.evaluate.cli_args import (check_counts, claim_output_dir, output_dir,
                                       parse_loops_arg, warn_loop_cost)
-from loopjax.evaluate.denoiser import resolve_policy
+from loopjax.inference.denoiser import resolve_policy
 from loopjax.evaluate.gsm8k import gsm8k_accuracy, read_gsm8k
 from loopjax.evaluate.gen_ppl import check_judge, gen_ppl_sweep, load_judge
 from loopjax.evaluate.harness import check_lm_eval, parse_task_data, run_lm_eval
 from loopjax.evaluate.likelihood import heldout_nelbo
 from loopjax.evaluate.tasks import heldout_batches, task_accuracy
 from loopjax.evaluate.zero_shot import parse_corpus, zero_shot_eval
-from loopjax.weights import load_model_dir
+from loopjax.io.load import load_model_dir
 
 DEFAULT_LOOPS = "1,2,4,8,12,24"
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopjax.data import arithmetic_exact_match, make_eval_batches, sudoku_accuracy
-from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler,
+from loopjax.inference.denoiser import (generation_stats, loop_args, make_sampler,
                                        resolve_policy, timed)
 
 

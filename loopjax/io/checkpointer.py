@@ -1,12 +1,12 @@
 """Orbax checkpoints of a run, the training side: saves the train state (params, EMA, optimizer,
 step, rng) and the grain data-iterator state in one atomic step directory
 `WORKDIR/checkpoints/<step>/`, and resumes a run from the newest readable one. Reading only the
-weights (evaluation, export, fine-tuning) is `loopjax.checkpoints`.
+weights (evaluation, export, fine-tuning) is `loopjax.io.checkpoints`.
 
 Orbax writes into a temporary directory and renames it when complete, so a step directory that
 exists is complete (on gs://, which has no rename, it writes the step directory in place and
 marks it complete with commit_success.txt; an unmarked one is not a step); one whose files were
-damaged later is detected at restore, reported, and the previous step is used instead (`loopjax.checkpoints.newest_readable`, shared with every reader).
+damaged later is detected at restore, reported, and the previous step is used instead (`loopjax.io.checkpoints.newest_readable`, shared with every reader).
 
 Kept: the newest `train.keep_checkpoints`, and besides them the `train.keep_best` with the lowest
 held-out NELBO (`BEST_METRIC`, Orbax's step metrics, saved with the checkpoints of evaluated
@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from loopjax import storage
-from loopjax.checkpoints import (BEST_METRIC, STATE, CheckpointMismatchError, check_same_params,
+from loopjax.io.checkpoints import (BEST_METRIC, STATE, CheckpointMismatchError, check_same_params,
                                  newest_readable)
 from loopjax.data import reshard
 from loopjax.parallel import distributed

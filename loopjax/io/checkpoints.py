@@ -1,9 +1,9 @@
 """A run's Orbax checkpoints, the reading side: `WORKDIR/checkpoints/<step>/`, one directory per
 step, holding the item `state` (the train state as a dict: step, params, ema_params, opt_state,
 rng), the item `data` (the grain iterator state of every process) and the item `layout` (the
-process layout that saved them; see loopjax.train.checkpoint).
+process layout that saved them; see loopjax.io.checkpointer).
 
-`loopjax.train.checkpoint` writes them and resumes a run from them; this module lists the steps,
+`loopjax.io.checkpointer` writes them and resumes a run from them; this module lists the steps,
 checks a checkpoint's parameter tree against a model, and restores the parameters alone (raw or
 EMA; no optimizer state is read) for evaluation, export and fine-tuning.
 

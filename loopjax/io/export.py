@@ -1,7 +1,7 @@
 """Weights out: a training run's (or any stacked parameter tree's) weights as a self-contained
 folder that needs neither loopjax nor JAX to read, and that is a Hugging Face model repository:
 
-  model.safetensors      per-layer tensors, the looped block stored once (loopjax.weights)
+  model.safetensors      per-layer tensors, the looped block stored once (export_format.py)
   config.json            loopjax's self-describing config plus `model_type` / `auto_map`
   configuration_loopmdm.py, modeling_loopmdm.py   the PyTorch model (loopjax/hf templates)
   tokenizer.json, tokenizer_config.json, special_tokens_map.json   for AutoTokenizer, with
@@ -34,14 +34,15 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from loopjax import flops, folders, storage
-from loopjax.checkpoints import parse_step
 from loopjax.data import hf_datasets, shards, tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.errors import UserError
 from loopjax.hf import MODEL_TYPE, TEMPLATES, hub, model_card, tokenizer_files
-from loopjax.weights import (CONFIG, DTYPES, FORMAT, FORMAT_VERSION, TENSOR_NAMES, TOKENIZER_DIR,
-                             WEIGHTS, file_sha256, load_run, unstack_params)
+from loopjax.io.checkpoints import parse_step
+from loopjax.io.export_format import (CONFIG, DTYPES, FORMAT, FORMAT_VERSION, TENSOR_NAMES,
+                                      TOKENIZER_DIR, WEIGHTS, file_sha256, unstack_params)
+from loopjax.io.load import load_run
 
 
 # ------------------------------------------------------------------------------------------------
