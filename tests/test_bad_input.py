@@ -294,6 +294,7 @@ def test_large_loop_counts_warn_with_the_cost(caplog):
 
 def test_sample_warns_of_the_cost_before_it_compiles(assets, caplog, monkeypatch):
   from loopjax.evaluate import sample_cli
+  from loopjax.inference import generate
 
   class Stop(Exception):
     pass
@@ -301,7 +302,7 @@ def test_sample_warns_of_the_cost_before_it_compiles(assets, caplog, monkeypatch
   def no_compile(*args, **kwargs):
     raise Stop
 
-  monkeypatch.setattr(sample_cli, "make_sampler", no_compile)
+  monkeypatch.setattr(generate, "make_sampler", no_compile)
   with pytest.raises(Stop):
     sample_cli.sample_main(["--workdir", assets["export"], "--loops", "100000", "--num", "1"])
   assert "S = 100000" in caplog.text and "FLOPs per sample" in caplog.text

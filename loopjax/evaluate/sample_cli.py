@@ -19,35 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from loopjax.io.checkpoints import parse_step
 from loopjax.data import make_eval_batches, tokenizer_for
-from loopjax.diffusion import make_schedule
-from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.evaluate.cli_args import (check_counts, claim_output_dir, output_dir,
                                       parse_loops_arg, warn_loop_cost)
-from loopjax.inference.denoiser import (generation_stats, loop_args, make_sampler, resolve_policy,
-                                       timed)
 from loopjax.evaluate.tasks import score
+from loopjax.inference.denoiser import resolve_policy
+from loopjax.inference.generate import default_steps, generate, prompt_rows
+from loopjax.io.checkpoints import parse_step
 from loopjax.io.load import load_model_dir
-
-
-def encode_template(tokenizer, template: str, mask_char: str, mask_id: int) -> np.ndarray:
-  """ids of a template: each run of mask_char becomes that many [MASK] ids."""
-  ids = []
-  for piece in re.split(f"({re.escape(mask_char)}+)", template):
-    if piece and set(piece) == {mask_char}:
-      ids.extend([mask_id] * len(piece))
-    elif piece:
-      ids.extend(tokenizer.encode(piece))
-  return np.asarray(ids, np.int32)
 
 
 def _show(source: str, text: str) -> str:
@@ -96,34 +80,19 @@ def sample_main(argv) -> int:
     batch = make_eval_batches(config.data, batch_size=a.num, num_batches=1,
                               seed=int(config.get("train", {}).get("seed", 0)) + 1)[0]
     x = np.where(batch["loss_mask"], cfg.mask_id, batch["tokens"])
-  elif a.template is not None:
-    x = np.tile(encode_template(tok, a.template, a.mask_char, cfg.mask_id), (a.num, 1))
   else:
-    ids = np.asarray(tok.encode(a.prompt) if a.prompt else [], np.int32)
-    if ids.size >= length:
-      raise ValueError(f"the prompt has {ids.size} tokens; --length {length} leaves none to "
-                       "generate")
-    x = np.tile(np.concatenate([ids, np.full(length - ids.size, cfg.mask_id, np.int32)]),
-                (a.num, 1))
-  if x.shape[1] > cfg.max_length:
-    raise ValueError(f"rows of {x.shape[1]} tokens exceed model.max_length {cfg.max_length}")
-  steps = a.steps or int((x == cfg.mask_id).sum(-1).max()) or 1
+    x = prompt_rows(tok, cfg.mask_id, a.num, length, prompt=a.prompt, template=a.template,
+                    mask_char=a.mask_char)
+  steps = a.steps or default_steps(x, cfg.mask_id)
   warn_loop_cost(cfg, policy.largest, length=x.shape[1], calls=steps, samples=a.num)
-  fn = make_sampler(model, policy, steps=steps, method=a.sampler,
-                    schedule=make_schedule(config.diffusion), block_len=a.block_len,
-                    temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                    **sampler_endpoint(config.diffusion))
-  seg = None if batch is None else jnp.asarray(batch["segment_ids"])
-  out, secs, compile_s = timed(fn, params, jax.random.PRNGKey(a.seed), jnp.asarray(x, jnp.int32),
-                               seg, loop_args(policy))
-  tokens = np.asarray(out["tokens"])
-  texts = [tok.decode(row.tolist()) for row in tokens]
+  gen = generate(model, params, config, tok, x, loops=policy, steps=steps, sampler=a.sampler,
+                 block_len=a.block_len, temperature=a.temperature, top_k=a.top_k,
+                 top_p=a.top_p, seed=a.seed,
+                 segment_ids_BxL=None if batch is None else batch["segment_ids"])
+  tokens, texts = gen.tokens, gen.texts
   for i, text in enumerate(texts):
     print(f"--- sample {i}\n{_show(config.data.source, text)}")
-  report = {"checkpoint_step": int(ckpt), "loops": policy.label,
-            "sampler": a.sampler, "steps": steps, "seconds": round(secs, 4),
-            "compile_seconds": round(compile_s, 2),
-            **generation_stats(cfg, x.shape[1], out)}
+  report = {"checkpoint_step": int(ckpt), **gen.stats}
   if batch is not None and config.data.source in ("sudoku", "arithmetic"):
     report.update(score(config.data.source, tokens, batch["tokens"], batch["fixed"],
                         batch["loss_mask"]))

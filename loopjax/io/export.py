@@ -42,7 +42,7 @@ from loopjax.hf import MODEL_TYPE, TEMPLATES, hub, model_card, tokenizer_files
 from loopjax.io.checkpoints import parse_step
 from loopjax.io.export_format import (CONFIG, DTYPES, FORMAT, FORMAT_VERSION, TENSOR_NAMES,
                                       TOKENIZER_DIR, WEIGHTS, file_sha256, unstack_params)
-from loopjax.io.load import load_run
+from loopjax.io.load import load_run, run_model_config
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,12 +270,15 @@ def export_run(workdir: str, out: str, *, params: str = "ema", dtype: str = "flo
                step: int | None = None, overwrite: bool = False,
                card: dict | None = None) -> dict:
   """Exports a training run's checkpoint (EMA or raw params); returns the written config.json."""
-  config, model, tree, got = load_run(workdir, step=step, params=params)
+  config, _, tree, got = load_run(workdir, step=step, params=params)
+  # The architecture records the configured kernel set (e.g. auto), not the one this host
+  # resolved it to: kernels are chosen where the export is loaded.
+  cfg = run_model_config(config)
   summary = None
   path = storage.join(workdir, "eval", "summary.json")
   if storage.isfile(path):
     summary = json.loads(storage.read_text(path))
-  return export_params(out, model.cfg, tree, run_config=config, dtype=dtype, overwrite=overwrite,
+  return export_params(out, cfg, tree, run_config=config, dtype=dtype, overwrite=overwrite,
                        source={"params": params, "step": int(got),
                                "workdir": storage.basename(storage.resolve(workdir))},
                        eval_summary=summary, card=card)
