@@ -34,14 +34,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from loopjax import storage
-from loopjax.io.checkpoints import (BEST_METRIC, STATE, CheckpointMismatchError, check_same_params,
-                                 newest_readable)
 from loopjax.data import reshard
+from loopjax.io.checkpoints import (BEST_METRIC, DATA, LAYOUT, STATE, CheckpointMismatchError,
+                                    check_same_params, newest_readable)
 from loopjax.parallel import distributed
 
 log = logging.getLogger("loopjax")
-DATA = "data"  # the checkpoint item that holds the grain data-iterator state
-LAYOUT = "layout"  # the checkpoint item that records the process layout (JSON)
 
 
 def process_layout(global_batch_size: int, row_shards: list) -> dict:

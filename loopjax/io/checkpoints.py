@@ -21,6 +21,7 @@ import logging
 import math
 from typing import Any, Callable
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -30,6 +31,8 @@ from loopjax.errors import UserError
 log = logging.getLogger("loopjax")
 
 STATE = "state"  # the checkpoint item that holds the train state
+DATA = "data"  # the checkpoint item that holds the grain data-iterator state
+LAYOUT = "layout"  # the checkpoint item that records the process layout (JSON)
 # The step metric (Orbax's, saved by the train loop with each evaluated checkpoint) that ranks
 # checkpoints: held-out NELBO in nats per token; `--step best` takes the lowest.
 BEST_METRIC = "eval_nats_per_token"
@@ -155,6 +158,10 @@ def _reader(directory: str) -> ocp.CheckpointManager:
   reg = ocp.handlers.DefaultCheckpointHandlerRegistry()
   # The writer saves with StandardSave; PyTreeRestore reads it back and can restore a subtree.
   reg.add(STATE, ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler)
+  # The other items get their handlers too, though never read here: Orbax reads every item's
+  # metadata on a restore and warns about each item it has no handler for.
+  reg.add(DATA, grain.checkpoint.CheckpointRestore, grain.checkpoint.CheckpointHandler)
+  reg.add(LAYOUT, ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
   return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
                                handler_registry=reg)
 

@@ -51,7 +51,8 @@ def load_export(out: str, *, param_dtype: str | None = "float32", verify_checksu
   if dtype not in DTYPES:
     raise ValueError(f"{os.path.join(out, CONFIG)}: unknown weights dtype {dtype!r}")
   tensors = read_tensors(out, dtype)
-  abstract = traverse_util.flatten_dict(abstract_params(LoopedTransformer(runnable(cfg, quiet=True))))
+  model = LoopedTransformer(runnable(cfg, quiet=True))
+  abstract = traverse_util.flatten_dict(abstract_params(model))
   check_tensors(cfg, abstract, tensors, out)
   sha = config.get("weights", {}).get("sha256")
   if verify_checksum and sha and file_sha256(os.path.join(out, WEIGHTS)) != sha:
