@@ -136,7 +136,7 @@ def load_run(workdir: str, *, step: int | None = None, params: str = "ema"):
                                           step=step, params=params)
   if params == "ema":
     warn_young_ema(workdir, step, config.get("train", {}).get("ema_decay"),
-                   fix="pass --params raw (Python: params=\"raw\") for the optimizer's weights")
+                   fix="pass --params raw (Python: params='raw') for the optimizer's weights")
   return config, model, tree, step
 
 
