@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from loopjax.io import checkpoints
-from loopjax.io.checkpointer import Checkpointer
+from loopjax.io.checkpoints import Checkpointer
 
 NELBO = {1: 3.0, 2: 1.0, 3: 2.0, 4: 4.0, 5: 5.0}  # step -> held-out NELBO saved with it
 

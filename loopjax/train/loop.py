@@ -1,7 +1,7 @@
 """The training loop: set up a run (or resume it), step, log, evaluate, checkpoint, stop cleanly.
 
 Running the same command on the same workdir resumes from the newest readable checkpoint, also
-with another number of processes or another mesh (io/checkpointer.py).
+with another number of processes or another mesh (io/checkpoints.py).
 
 Stop requests: once training has started, SIGTERM and SIGINT save a checkpoint at the current step
 and return normally (exit code 0); in a multi-process job every process saves the same step (the
@@ -43,7 +43,7 @@ from loopjax.errors import Interrupted, UserError
 from loopjax.parallel import distributed
 from loopjax.parallel import mesh as mesh_lib
 from loopjax.train import config as config_lib
-from loopjax.io.checkpointer import Checkpointer, process_layout
+from loopjax.io.checkpoints import Checkpointer, process_layout
 from loopjax.train.lock import WorkdirLock, WorkdirLockedError
 from loopjax.train.metrics import MetricsWindow, MetricsWriter
 from loopjax.train.runtime import Profiler, enable_compile_cache
