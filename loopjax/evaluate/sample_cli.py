@@ -82,7 +82,7 @@ def sample_main(argv) -> int:
     x = np.where(batch["loss_mask"], cfg.mask_id, batch["tokens"])
   else:
     x = prompt_rows(tok, cfg.mask_id, a.num, length, prompt=a.prompt, template=a.template,
-                    mask_char=a.mask_char)
+                    mask_char=a.mask_char, length_name="--length")
   steps = a.steps or default_steps(x, cfg.mask_id)
   warn_loop_cost(cfg, policy.largest, length=x.shape[1], calls=steps, samples=a.num)
   gen = generate(model, params, config, tok, x, loops=policy, steps=steps, sampler=a.sampler,

@@ -36,15 +36,17 @@ def encode_template(tokenizer, template: str, mask_char: str, mask_id: int) -> n
 
 
 def prompt_rows(tokenizer, mask_id: int, num: int, length: int, *, prompt: str | None = None,
-                template: str | None = None, mask_char: str = "?") -> np.ndarray:
+                template: str | None = None, mask_char: str = "?",
+                length_name: str = "length") -> np.ndarray:
   """int32 num x L rows to sample: `template` (its own length) or `prompt` followed by
-  [MASK] up to `length` (no prompt: all [MASK])."""
+  [MASK] up to `length` (no prompt: all [MASK]). length_name: what the caller calls `length`
+  (a flag, an argument), for the error message."""
   if template is not None:
     return np.tile(encode_template(tokenizer, template, mask_char, mask_id), (num, 1))
   ids = np.asarray(tokenizer.encode(prompt) if prompt else [], np.int32)
   if ids.size >= length:
-    raise ValueError(f"the prompt has {ids.size} tokens; length {length} leaves none to "
-                     "generate (ask for a longer length)")
+    raise ValueError(f"the prompt has {ids.size} tokens; {length_name} {length} leaves none "
+                     f"to generate (ask for a longer {length_name})")
   return np.tile(np.concatenate([ids, np.full(length - ids.size, mask_id, np.int32)]), (num, 1))
 
 
