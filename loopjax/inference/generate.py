@@ -21,7 +21,7 @@ import numpy as np
 
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
-from loopjax.inference.denoiser import (generation_stats, loop_args, make_sampler, timed)
+from loopjax.inference.denoiser import generation_stats, loop_args, make_sampler, timed
 
 
 def encode_template(tokenizer, template: str, mask_char: str, mask_id: int) -> np.ndarray:
@@ -92,11 +92,18 @@ def generate(model, params, config, tokenizer, x_BxL, *, loops, steps: int,
                     schedule=make_schedule(config.diffusion), block_len=block_len,
                     temperature=temperature, top_k=top_k, top_p=top_p,
                     **sampler_endpoint(config.diffusion))
+  tokens, stats, secs, compile_s = run_sampler(fn, model.cfg, params, loops, x_BxL, seed=seed,
+                                               segment_ids_BxL=segment_ids_BxL)
+  stats = {"loops": loops.label, "sampler": sampler, "steps": steps, "seconds": round(secs, 4),
+           "compile_seconds": round(compile_s, 2), **stats}
+  return Generation(tokens, [tokenizer.decode(row.tolist()) for row in tokens], stats)
+
+
+def run_sampler(fn, cfg, params, policy, x_BxL, *, seed: int, segment_ids_BxL=None):
+  """One run of a sampler from `denoiser.make_sampler` on rows `x_BxL` (PRNG key `seed`):
+  (tokens B x L numpy, generation_stats, run seconds, compile seconds)."""
   seg = None if segment_ids_BxL is None else jnp.asarray(segment_ids_BxL)
   out, secs, compile_s = timed(fn, params, jax.random.PRNGKey(seed),
-                               jnp.asarray(x_BxL, jnp.int32), seg, loop_args(loops))
-  tokens = np.asarray(out["tokens"])
-  stats = {"loops": loops.label, "sampler": sampler, "steps": steps, "seconds": round(secs, 4),
-           "compile_seconds": round(compile_s, 2),
-           **generation_stats(model.cfg, x_BxL.shape[1], out)}
-  return Generation(tokens, [tokenizer.decode(row.tolist()) for row in tokens], stats)
+                               jnp.asarray(x_BxL, jnp.int32), seg, loop_args(policy))
+  return (np.asarray(out["tokens"]), generation_stats(cfg, x_BxL.shape[1], out), secs,
+          compile_s)
