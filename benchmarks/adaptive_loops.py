@@ -38,7 +38,7 @@ def decode(model, params, batches, policy, steps, seed=0):
   import jax.numpy as jnp
   import numpy as np
 
-  from loopjax.evaluate.denoiser import loop_args, make_sampler, timed
+  from loopjax.inference.denoiser import loop_args, make_sampler, timed
 
   cfg = model.cfg
   fn = make_sampler(model, policy, steps=steps, method="confidence")
@@ -58,7 +58,7 @@ def summarize(cfg, batches, outs, source):
   """Accuracy and per-sequence / executed compute of one decode (rows-weighted over batches)."""
   import numpy as np
 
-  from loopjax.evaluate.denoiser import generation_stats
+  from loopjax.inference.denoiser import generation_stats
   from loopjax.evaluate.tasks import score
 
   length = np.shape(batches[0]["tokens"])[1]
@@ -90,10 +90,10 @@ def main(argv=None):
 
   from common import kernel_set, machine, write_json
   from loopjax.diffusion.loop_policy import time_table
-  from loopjax.evaluate.denoiser import resolve_policy
+  from loopjax.inference.denoiser import resolve_policy
   from loopjax.evaluate.sweep import parse_loops
   from loopjax.evaluate.tasks import default_steps, heldout_batches
-  from loopjax.weights import load_model_dir
+  from loopjax.io.load import load_model_dir
 
   config, model, params = load_model_dir(args.workdir)
   cfg, source = model.cfg, config.data.source

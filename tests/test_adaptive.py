@@ -7,7 +7,7 @@ import pytest
 
 from loopjax.diffusion.loop_policy import LoopPolicy, batch_loops, run_loops, time_table
 from loopjax.diffusion.samplers import sample
-from loopjax.evaluate.denoiser import generation_stats
+from loopjax.inference.denoiser import generation_stats
 from loopjax.flops import forward_flops_per_seq
 from loopjax.model import ModelConfig
 

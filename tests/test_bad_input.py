@@ -15,10 +15,11 @@ import jax.numpy as jnp
 import pytest
 
 from loopjax import data as D
-from loopjax import export
+from loopjax.io import export
 from loopjax.data.tokenizers import make_tokenizer
 from loopjax.train.config_load import load_config
-from loopjax.weights import abstract_params, run_model_config, runnable
+from loopjax.io.export_format import abstract_params
+from loopjax.io.load import run_model_config, runnable
 from loopjax.model import LoopedTransformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -294,6 +295,7 @@ def test_large_loop_counts_warn_with_the_cost(caplog):
 def test_sample_warns_of_the_cost_before_it_compiles(assets, caplog, monkeypatch):
   from loopjax.cli import sample as sample_command
   from loopjax.evaluate import sample_cli
+  from loopjax.inference import generate
 
   class Stop(Exception):
     pass
@@ -301,7 +303,7 @@ def test_sample_warns_of_the_cost_before_it_compiles(assets, caplog, monkeypatch
   def no_compile(*args, **kwargs):
     raise Stop
 
-  monkeypatch.setattr(sample_cli, "make_sampler", no_compile)
+  monkeypatch.setattr(generate, "make_sampler", no_compile)
   with pytest.raises(Stop):
     sample_command.main(["--workdir", assets["export"], "--loops", "100000", "--samples", "1"])
   assert "S = 100000" in caplog.text and "FLOPs per sample" in caplog.text

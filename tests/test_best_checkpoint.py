@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from loopjax import checkpoints
-from loopjax.train.checkpoint import Checkpointer
+from loopjax.io import checkpoints
+from loopjax.io.checkpoints import Checkpointer
 
 NELBO = {1: 3.0, 2: 1.0, 3: 2.0, 4: 4.0, 5: 5.0}  # step -> held-out NELBO saved with it
 

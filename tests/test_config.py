@@ -11,7 +11,7 @@ import pytest
 
 from loopjax import flops as F
 from loopjax.diffusion.loop_policy import LoopPolicy
-from loopjax.evaluate.denoiser import loop_args, resolve_policy
+from loopjax.inference.denoiser import loop_args, resolve_policy
 from loopjax.evaluate.sweep import parse_loops
 from loopjax.model import LoopDistribution, ModelConfig
 from loopjax.train.config import model_config

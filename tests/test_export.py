@@ -18,7 +18,8 @@ import pytest
 import safetensors
 from safetensors.numpy import load_file, save_file
 
-from loopjax import checkpoints, cli, export, weights
+from loopjax import cli
+from loopjax.io import checkpoints, export, export_format, load
 from loopjax import reference as ref
 from loopjax.model import LoopedTransformer, ModelConfig
 from loopjax.train.config import base_config, model_config
@@ -93,7 +94,7 @@ def _logits(model, params, loops, segments=None, t=None):
 @pytest.mark.parametrize("name", ["loopmdm", "mdm"])
 def test_round_trip_gives_the_same_params_and_logits(exported, name):
   model, params, d = exported[name]
-  model2, params2, conf = weights.load_export(d)
+  model2, params2, conf = load.load_export(d)
   assert model2.cfg == model.cfg
   jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
   s = model.cfg.max_loops
@@ -128,12 +129,12 @@ def test_numpy_reference_reproduces_jax_from_the_folder_alone(exported, name, lo
 
 def test_more_loops_than_training_through_runtime_max_loops(exported):
   _, _, d = exported["loopmdm"]  # S_max = 3
-  model, params, _ = weights.load_export(d, runtime={"max_loops": 5})
+  model, params, _ = load.load_export(d, runtime={"max_loops": 5})
   cfg, w = ref.load(d)
   want = ref.forward(cfg, w, np.asarray(TOKENS), 5)
   assert np.abs(_logits(model, params, 5) - want).max() < 1e-4
   with pytest.raises(ValueError, match="runtime may change only"):
-    weights.load_export(d, runtime={"width": 64})
+    load.load_export(d, runtime={"width": 64})
 
 
 def test_numpy_reference_runs_without_jax_or_loopjax(exported, tmp_path):
@@ -165,13 +166,13 @@ def test_tensor_names_and_config(exported):
       "tokenizer/tokenizer.json"]
   assert os.path.isfile(os.path.join(d, "tokenizer", "tokenizer.json"))
   # load_model_dir: a run-shaped config whose tokenizer is the copied file.
-  config, model, _ = weights.load_model_dir(d)
+  config, model, _ = load.load_model_dir(d)
   assert config.data.tokenizer == f"hf:{os.path.join(d, 'tokenizer', 'tokenizer.json')}"
   assert config.source.kind == "export" and config.source.step == 7
   from loopjax.data import tokenizer_for
   assert tokenizer_for(config.data).encode("a b") == [3, 4]
   with pytest.raises(ValueError, match="holds params='ema'"):
-    weights.load_model_dir(d, params="raw")
+    load.load_model_dir(d, params="raw")
 
 
 def test_parameter_report(exported):
@@ -182,7 +183,7 @@ def test_parameter_report(exported):
   counted = sum(x.size for x in jax.tree_util.tree_leaves(exported["loopmdm"][1]))
   assert loop["unique_params"] == counted
   # S = 3 runs 1 + 3*1 + 1 = 5 layers; a plain 5-layer model has 2 more layers' parameters.
-  five = sum(np.prod(s) for s in weights.expected_tensors(ModelConfig(**{**TINY,
+  five = sum(np.prod(s) for s in export_format.expected_tensors(ModelConfig(**{**TINY,
                                                                         "num_layers": 5})).values())
   assert loop["executed_depth"] == 5 and loop["non_looped_same_depth_params"] == five
   assert mdm["non_looped_same_depth_params"] == mdm["unique_params"]
@@ -194,17 +195,17 @@ def test_bfloat16_export(exported, tmp_path):
   export.export_params(d, model.cfg, params, dtype="bfloat16")
   with safetensors.safe_open(os.path.join(d, "model.safetensors"), "np") as f:
     assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
-  _, params2, conf = weights.load_export(d)
+  _, params2, conf = load.load_export(d)
   assert conf["weights"]["dtype"] == "bfloat16"
   rounded = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params)
   jax.tree_util.tree_map(np.testing.assert_array_equal, params2, rounded)
   got = ref.forward(*ref.load(d), np.asarray(TOKENS), 3)  # the NumPy reference decodes bf16
   assert np.abs(got - _logits(model, params2, 3)).max() < 1e-4
   assert np.abs(got - _logits(model, params, 3)).max() > 1e-4  # it really was rounded
-  assert jax.tree_util.tree_leaves(weights.load_export(d, param_dtype=None)[1])[0].dtype == \
+  assert jax.tree_util.tree_leaves(load.load_export(d, param_dtype=None)[1])[0].dtype == \
       jnp.bfloat16
   # No training config was given: load_model_dir returns what the folder has.
-  config, model, _ = weights.load_model_dir(d)
+  config, model, _ = load.load_model_dir(d)
   assert config.loops.train is None and config.model.width == 32 and not config.diffusion.keys()
   assert config.source.kind == "export" and model.cfg.max_loops == 3
 
@@ -269,11 +270,11 @@ def test_damaged_or_mismatched_exports_are_refused(exported, tmp_path, damage):
   src = exported["loopmdm"][2]
   d = str(tmp_path / "copy")
   shutil.copytree(src, d)
-  weights.load_export(d)  # the intact copy loads
+  load.load_export(d)  # the intact copy loads
   fn, message = DAMAGE[damage]
   fn(d)
   with pytest.raises(ValueError, match=message) as err:
-    weights.load_export(d)
+    load.load_export(d)
   print(f"{damage}: {err.value}")
 
 
@@ -316,16 +317,16 @@ def test_a_run_loads_its_weights_without_the_optimizer(trained):
   """EMA and raw weights read from the checkpoint alone equal the trained state's, in the model
   that training built; a checkpoint of another architecture is refused by name."""
   d, out, config = trained
-  _, model, ema, step = weights.load_run(d)
-  assert step == 3 and model.cfg == weights.runnable(model_config(config)) == out["model"].cfg
+  _, model, ema, step = load.load_run(d)
+  assert step == 3 and model.cfg == load.runnable(model_config(config)) == out["model"].cfg
   state = jax.device_get(out["state"])
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(ema), state.ema_params)
-  raw = weights.load_run(d, params="raw")[2]
+  raw = load.load_run(d, params="raw")[2]
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(raw), state.params)
   assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(ema),
                                                        jax.tree_util.tree_leaves(raw))) > 0
   wider = LoopedTransformer(dataclasses.replace(model.cfg, width=64))
-  target = weights.abstract_params(wider, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  target = export_format.abstract_params(wider, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   with pytest.raises(ValueError, match="checkpoint 3 .* does not match this model"):
     checkpoints.restore_params(os.path.join(d, "checkpoints"), target)
 
@@ -345,8 +346,8 @@ def test_cli_export_of_a_trained_run(workdir, tmp_path, capsys):
   assert conf["tokenizer"]["type"] == "chars" and conf["training_config"]["data"]["source"] == \
       "sudoku"
   # Workdir and export load through the same entry point and give the same logits.
-  run_cfg, run_model, run_params = weights.load_model_dir(workdir, params="raw")
-  exp_cfg, exp_model, exp_params = weights.load_model_dir(out)
+  run_cfg, run_model, run_params = load.load_model_dir(workdir, params="raw")
+  exp_cfg, exp_model, exp_params = load.load_model_dir(out)
   assert run_model.cfg == exp_model.cfg and run_cfg.source.kind == "workdir"
   assert exp_cfg.diffusion.schedule == run_cfg.diffusion.schedule
   tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 81), 0, 10)

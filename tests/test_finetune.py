@@ -10,7 +10,7 @@ import pytest
 from loopjax.train.config_load import load_config
 from loopjax.evaluate.sweep import run_eval
 from loopjax.train.loop import train
-from loopjax.weights import load_model_dir
+from loopjax.io.load import load_model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.width=32", "--config.model.num_layers=3", "--config.model.num_heads=2",

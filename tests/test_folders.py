@@ -16,10 +16,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from loopjax import export, folders
+from loopjax import folders
+from loopjax.io import export
 from loopjax.model import LoopedTransformer
 from loopjax.train.config_load import load_config
-from loopjax.weights import abstract_params, run_model_config, runnable
+from loopjax.io.export_format import abstract_params
+from loopjax.io.load import run_model_config, runnable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUDOKU = os.path.join(ROOT, "experiments", "sudoku.py")
@@ -202,7 +204,7 @@ def test_train_batch_size_zero_as_a_process(tmp_path):
 def test_young_ema_weights_warn_once_naming_params_raw(kinds, caplog):
   """EMA weights that have averaged fewer than 1/(1 - decay) steps are mostly the
   initialisation: loading them says so once per folder and step; older ones load silently."""
-  from loopjax.weights import load_model_dir, warn_young_ema
+  from loopjax.io.load import load_model_dir, warn_young_ema
   assert warn_young_ema("/r", 131, 0.9999, fix="pass --params raw")
   assert "98.7% of the average is still the initialisation" in caplog.text
   assert "10000 steps" in caplog.text and "--params raw" in caplog.text

@@ -178,7 +178,7 @@ def test_gs_workdir_sigkill_resume_export_equals_local_run(gcs, tmp_path):
   # The exported weights, read back from the bucket (checksum verified), equal the local run's.
   import jax
   import numpy as np
-  from loopjax.weights import load_export
+  from loopjax.io.load import load_export
   assert storage.isfile(f"gs://{BUCKET}/export/model.safetensors")
   _, want_params, _ = load_export(str(tmp_path / "export"))
   _, got_params, exp = load_export(f"gs://{BUCKET}/export")

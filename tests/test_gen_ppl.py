@@ -90,7 +90,7 @@ def test_clear_errors_for_a_bad_judge(tmp_path, monkeypatch):
 
 
 def test_eval_gen_ppl_writes_the_table_and_samples(tmp_path, judge_dir, tokenizer_file, capsys):
-  from loopjax import export
+  from loopjax.io import export
   from loopjax.cli import main
   from loopjax.model import LoopedTransformer, ModelConfig
   from loopjax.train.config import base_config

@@ -92,7 +92,7 @@ def test_export_card_names_the_hub_datasets_of_a_prepared_run(tmp_path):
   """The card's `datasets` come from the prepared corpus's `datasets:` inputs that are Hub ids
   (a local folder is none)."""
   import ml_collections
-  from loopjax.export import hub_datasets
+  from loopjax.io.export import hub_datasets
   folder = tmp_path / "corpus"
   folder.mkdir()
   (folder / "train.jsonl").write_text(json.dumps({"text": "a b c"}) + "\n")

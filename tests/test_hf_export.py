@@ -25,11 +25,11 @@ transformers = pytest.importorskip(
 import transformers.dynamic_module_utils  # noqa: E402  (its module cache is redirected below)
 
 from test_export import CONFIGS, _random_params, _run_config  # noqa: E402
-from loopjax import export, weights  # noqa: E402
+from loopjax.io import export, export_format, load  # noqa: E402
 from loopjax.cli import export as export_command  # noqa: E402
 from loopjax.data import CharTokenizer, ByteTokenizer  # noqa: E402
 from loopjax.diffusion.loop_policy import LoopPolicy  # noqa: E402
-from loopjax.evaluate.denoiser import make_denoiser  # noqa: E402
+from loopjax.inference.denoiser import make_denoiser  # noqa: E402
 from loopjax.hf import tokenizer_files  # noqa: E402
 from loopjax.model import LoopedTransformer  # noqa: E402
 from word_tokenizer import word_level_tokenizer  # noqa: E402
@@ -115,7 +115,7 @@ def _check_loops(jax_model, params, d, label, random_weights=True, factors=(0, 1
   for s in [max(1, f * s_max) for f in factors]:
     model, p = jax_model, params
     if s > cfg.max_loops and cfg.looped:  # the JAX model's static loop length, same weights
-      model, p, _ = weights.load_export(d, runtime={"max_loops": s})
+      model, p, _ = load.load_export(d, runtime={"max_loops": s})
     jax_s = min(s, model.cfg.max_loops)
     want = _jax_logits(model, p, jax_s, SEGMENTS)
     got, out = _torch_logits(hf, s)
@@ -194,7 +194,7 @@ def test_bfloat16_export_loads_and_matches(exported, tmp_path):
   model, params, _ = exported["loopmdm"]
   d = str(tmp_path / "bf16")
   export.export_params(d, model.cfg, params, dtype="bfloat16")
-  _, rounded, conf = weights.load_export(d)  # the bf16 weights as float32
+  _, rounded, conf = load.load_export(d)  # the bf16 weights as float32
   assert conf["dtype"] == "bfloat16"
   want = _jax_logits(model, rounded, 3, SEGMENTS)
   got32 = _torch_logits(_load(d, dtype=torch.float32), 3)[0]
@@ -265,7 +265,7 @@ def trained_export(tiny_sudoku_run, tmp_path_factory):
 
 def test_trained_run_export_loads_in_transformers(trained_export):
   _, out = trained_export
-  _, model, params = weights.load_model_dir(out)
+  _, model, params = load.load_model_dir(out)
   # At the default S (the loop counts are covered on random weights above).
   _check_loops(model, params, out, "trained", random_weights=False, factors=(1,))
   tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True,
@@ -360,7 +360,7 @@ def test_sample_equals_loopjax_token_for_token(exported, case):
   S = 1, S_max, 2 S_max and adaptive loops, temperature with top-k / top-p, semi-AR blocks, a
   prompt kept."""
   from loopjax.diffusion import make_schedule
-  from loopjax.evaluate.denoiser import loop_args, make_sampler, resolve_policy
+  from loopjax.inference.denoiser import loop_args, make_sampler, resolve_policy
   name, method, steps, mult, final_step, n_prompt, opts = (*case, {})[:7]
   model, params, d = exported[name]
   cfg = model.cfg

@@ -380,6 +380,14 @@ def test_explicit_kernels_are_kept_and_validated():
       resolve_kernels(ModelConfig(kernels=name), _devices(platform))
 
 
+def test_runs_on_is_false_only_for_a_set_bound_to_other_devices():
+  runs_on = kernels.runs_on
+  assert not runs_on("splash", _devices("cpu")) and not runs_on("cudnn", _devices("cpu"))
+  assert not runs_on("splash", _devices("tpu", "cpu")) and not runs_on("cudnn", _devices("tpu"))
+  assert runs_on("splash", _devices("tpu")) and runs_on("cudnn", _devices("cuda"))
+  assert all(runs_on(name, _devices("cpu")) for name in ("auto", "reference", "xla_cpu"))
+
+
 def test_accelerator_attention_is_automatic_only_where_it_compiles():
   # splash: TPUs only, by `auto`; cudnn (cannot be lowered without a GPU): only when named.
   for name, attention, auto_on in (("cudnn", cudnn.attention, ()),

@@ -47,7 +47,7 @@ def offline(tmp_path_factory):
 def export_dir(tmp_path_factory):
   """A byte-level looped model (random weights, S_max 2) as a `loopjax export` folder."""
   import dataclasses
-  from loopjax.export import export_params
+  from loopjax.io.export import export_params
   from loopjax.model import LoopedTransformer, ModelConfig
   from loopjax.train.config import base_config
   cfg = ModelConfig(vocab_size=257, max_length=SEQ_LEN, width=32, num_layers=3, num_heads=2,

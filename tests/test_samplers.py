@@ -277,7 +277,7 @@ def random_params(model, length, scale=0.2, seed=0):
 
 
 def test_adaptive_tau_zero_equals_fixed_s_max_and_huge_tau_runs_minimum(tiny):
-  from loopjax.evaluate.denoiser import loop_args, make_denoiser, resolve_policy
+  from loopjax.inference.denoiser import loop_args, make_denoiser, resolve_policy
   model, params = tiny
   x = jnp.asarray(np.where(np.random.default_rng(0).random((4, 12)) < 0.5, MASK,
                            np.random.default_rng(1).integers(0, V, (4, 12))), jnp.int32)
@@ -303,7 +303,7 @@ def test_adaptive_tau_zero_equals_fixed_s_max_and_huge_tau_runs_minimum(tiny):
 def test_loop_embedding_refuses_s_beyond_s_max_and_cache_guard():
   import dataclasses
 
-  from loopjax.evaluate.denoiser import make_sampler, resolve_policy
+  from loopjax.inference.denoiser import make_sampler, resolve_policy
   from loopjax.model import LoopedTransformer, ModelConfig
   cfg = ModelConfig(vocab_size=V, max_length=8, width=32, num_layers=3, num_heads=2,
                     cond_dim=16, loop_start=1, loop_end=2, max_loops=3, loop_embedding=True)

@@ -275,7 +275,7 @@ def test_nonfinite_loss_stops_without_a_bad_checkpoint(tmp_path):
 
 
 def test_skip_mode_stops_after_consecutive_skips_with_only_finite_checkpoints(tmp_path):
-  from loopjax.weights import load_run
+  from loopjax.io.load import load_run
   workdir = tmp_path / "skip"
   skip = _run(workdir, "--config.train.steps=30", "--config.train.checkpoint_every=2",
               "--config.train.lr=1e30", "--config.train.warmup_steps=0",

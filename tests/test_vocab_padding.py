@@ -15,7 +15,8 @@ import pytest
 from jax.sharding import AbstractMesh
 
 from test_export import TINY, _random_params
-from loopjax import export, flops, reference
+from loopjax import flops, reference
+from loopjax.io import export
 from loopjax.diffusion import diffusion_loss, make_schedule, mask_tokens
 from loopjax.diffusion.samplers import sample_categorical
 from loopjax.model import LoopedTransformer, ModelConfig, count_params
@@ -136,8 +137,8 @@ def test_export_of_a_padded_model_gives_the_real_vocabulary(padded, tmp_path):
   ref = reference.forward(cfg, w, np.asarray(noisy), loops=2)
   assert ref.shape == (2, 8, V)
   np.testing.assert_allclose(ref, logits[..., :V], rtol=1e-4, atol=1e-4)
-  from loopjax import weights
-  model, back, _ = weights.load_export(out)
+  from loopjax.io import load
+  model, back, _ = load.load_export(out)
   assert model.cfg == PADDED
   np.testing.assert_array_equal(back["output"]["proj"]["kernel"],
                                 params["output"]["proj"]["kernel"])

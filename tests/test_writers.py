@@ -60,8 +60,8 @@ def test_all_three_writers_get_every_row_and_the_resume_attaches_to_the_same_wan
 
 def test_evaluated_checkpoints_carry_their_nelbo_and_step_best_reads_the_lowest(resumed_run):
   import orbax.checkpoint as ocp
-  from loopjax import checkpoints
-  from loopjax.weights import load_model_dir
+  from loopjax.io import checkpoints
+  from loopjax.io.load import load_model_dir
   rows = {r["step"]: r for r in logged_rows(resumed_run)}
   manager = ocp.CheckpointManager(os.path.join(resumed_run, "checkpoints"))
   kept = sorted(manager.all_steps())

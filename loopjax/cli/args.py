@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loopjax.checkpoints import BEST
+from loopjax.io.checkpoints import BEST
 
 LOOPS_HELP = ("S (or fixed:S), 0 or max = S_max, adaptive:TAU[:MIN[:MAX]], time:A:B or mask:A:B")
 

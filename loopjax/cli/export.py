@@ -8,7 +8,7 @@ import os
 import tempfile
 
 from loopjax.cli.args import parse_step
-from loopjax.weights import DTYPES
+from loopjax.io.export_format import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def main(argv) -> int:
     p.error("--out is required (or give --push-to-hub REPO)")
   from loopjax import folders, storage  # the library: only when exporting
   from loopjax.errors import UserError
-  from loopjax.export import export_run, format_report
+  from loopjax.io.export import export_run, format_report
   from loopjax.hf import hub
   if args.push_to_hub:  # before any work: a bad id, offline mode, no token, a remote OUT
     hub.check_push(args.push_to_hub)

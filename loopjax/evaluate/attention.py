@@ -33,7 +33,7 @@ from loopjax.evaluate import plots
 from loopjax.evaluate.loop_cost import default_sweep, parse_loops_arg, warn_loop_cost
 from loopjax.evaluate.outputs import claim_output_dir, output_dir
 from loopjax.model import LoopedTransformer
-from loopjax.weights import load_model_dir
+from loopjax.io.load import load_model_dir
 
 
 def masked_share(probs_NxBxHxLxL, masked_BxL):

@@ -25,7 +25,7 @@ import numpy as np
 
 from loopjax.data.batch import make_row, stack_rows
 from loopjax.diffusion import eval_time_grid, nelbo_on_grid
-from loopjax.evaluate.denoiser import compiled_policy, loop_args, make_denoiser, memo
+from loopjax.inference.denoiser import compiled_policy, loop_args, make_denoiser, memo
 
 
 def check_estimator(time_grid: int, mc_samples: int) -> None:

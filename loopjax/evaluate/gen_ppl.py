@@ -35,16 +35,14 @@ import json
 import os
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from loopjax.data import tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.errors import UserError
 from loopjax.evaluate import tables
-from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler, resolve_policy,
-                                       timed)
+from loopjax.inference.denoiser import make_sampler, resolve_policy
+from loopjax.inference.generate import prompt_rows, run_sampler
 from loopjax.hf import hub
 
 INSTALL_HINT = "pip install loopjax[torch]"
@@ -222,29 +220,24 @@ def gen_ppl_sweep(model, params, config, judge: Judge, *, specs, steps, samples:
     raise ValueError(f"--samples must be >= 1, got {samples}")
   cfg, tok = model.cfg, tokenizer_for(config.data)
   length = int(config.data.seq_len)
-  prompt_ids = np.asarray(tok.encode(prompt) if prompt else [], np.int32)
-  if prompt_ids.size >= length:
-    raise ValueError(f"the prompt has {prompt_ids.size} tokens; data.seq_len {length} leaves "
-                     "none to generate")
-  policies = [resolve_policy(cfg, s) for s in specs]
-  x = np.concatenate([prompt_ids, np.full(length - prompt_ids.size, cfg.mask_id, np.int32)])
   bs = min(batch_size, samples)
-  x_BxL = jnp.asarray(np.tile(x, (bs, 1)), jnp.int32)
+  x_BxL = prompt_rows(tok, cfg.mask_id, bs, length, prompt=prompt, length_name="data.seq_len")
+  prompt_len = int((x_BxL[0] != cfg.mask_id).sum())
+  policies = [resolve_policy(cfg, s) for s in specs]
   schedule = make_schedule(config.diffusion)
   rows, lines = [], []
   for n_steps in steps:
-    n = n_steps or int(length - prompt_ids.size)
+    n = n_steps or int(length - prompt_len)
     for policy in policies:
       fn = make_sampler(model, policy, steps=n, method=method, schedule=schedule,
                         **(sampler_kw or {}))
       out_tokens, stats, seconds = [], [], 0.0
       for k in range(-(-samples // bs)):
-        out, secs, _ = timed(fn, params, jax.random.PRNGKey(seed + k), x_BxL, None,
-                             loop_args(policy))
+        tokens, st, secs, _ = run_sampler(fn, cfg, params, policy, x_BxL, seed=seed + k)
         seconds += secs
-        out_tokens.append(np.asarray(out["tokens"]))
-        stats.append(generation_stats(cfg, length, out))
-      gen = np.concatenate(out_tokens)[:samples, prompt_ids.size:]
+        out_tokens.append(tokens)
+        stats.append(st)
+      gen = np.concatenate(out_tokens)[:samples, prompt_len:]
       t0 = time.perf_counter()
       docs = [split_documents(tok, g) for g in gen]
       seqs, firsts = zip(*[judge_sequence(judge, d, prompt) for d in docs])

@@ -21,13 +21,11 @@ import decimal
 import os
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from loopjax.data.corpus import jsonl_objects
-from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler,
-                                       resolve_policy, timed)
+from loopjax.inference.denoiser import make_sampler, resolve_policy
+from loopjax.inference.generate import run_sampler
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
 STOP = ("Question:", "</s>", "<|im_end|>")  # lm-eval gsm8k's generation_kwargs.until
@@ -121,11 +119,10 @@ def gsm8k_accuracy(model, params, tokenizer, examples, *, seq_len: int, loops,
     chunk = padded[k:k + batch_size]
     x, seg, start = build_rows(tokenizer, [e["question"] for e in chunk], seq_len=seq_len,
                                answer_len=answer_len, mask_id=cfg.mask_id, template=template)
-    out, secs, _ = timed(fn, params, jax.random.PRNGKey(seed + k), jnp.asarray(x),
-                         jnp.asarray(seg), loop_args(policy))
+    tokens, st, secs, _ = run_sampler(fn, cfg, params, policy, np.asarray(x), seed=seed + k,
+                                      segment_ids_BxL=seg)
     seconds += secs
-    stats.append(generation_stats(cfg, seq_len, out))
-    tokens = np.asarray(out["tokens"])
+    stats.append(st)
     for i, e in enumerate(chunk):
       if k + i >= len(examples):
         break

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopjax.diffusion import eval_time_grid, metrics_from_nelbo, nelbo_on_grid
-from loopjax.evaluate.denoiser import (compiled_policy, loop_args, make_denoiser, memo,
+from loopjax.inference.denoiser import (compiled_policy, loop_args, make_denoiser, memo,
                                        resolve_policy)
 from loopjax.evaluate.intervals import weighted_mean_se
 from loopjax.flops import forward_flops_per_seq

@@ -34,8 +34,6 @@ import logging
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
 import lm_eval.models  # noqa: F401  lm-eval's own models, registered before ours
 import numpy as np
 from lm_eval.api.model import TemplateLM
@@ -47,9 +45,10 @@ from loopjax.data.tokenizers import bos_id, fill_id
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.evaluate.conditional import check_estimator, conditional_loglik
-from loopjax.evaluate.denoiser import loop_args, make_sampler, resolve_policy
+from loopjax.inference.denoiser import make_sampler, resolve_policy
+from loopjax.inference.generate import run_sampler
 from loopjax.evaluate.gsm8k import build_rows, decode_answer
-from loopjax.weights import load_model_dir
+from loopjax.io.load import load_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +190,8 @@ class LoopjaxLM(TemplateLM):
         texts += texts[-1:] * (self.batch_size - len(chunk))  # one compiled shape
         x, seg, start = build_rows(self.tok, texts, seq_len=self.seq_len, answer_len=n,
                                    mask_id=self.model.cfg.mask_id, template="{question}")
-        res = fn(self.params, jax.random.PRNGKey(self.seed + k), jnp.asarray(x),
-                 jnp.asarray(seg), loop_args(self.policy))
-        tokens = np.asarray(res["tokens"])
+        tokens = run_sampler(fn, self.model.cfg, self.params, self.policy, np.asarray(x),
+                             seed=self.seed + k, segment_ids_BxL=seg)[0]
         for j, i in enumerate(chunk):
           text = decode_answer(self.tok, tokens[j, start[j]:start[j] + n], stop=until)
           out[i] = text

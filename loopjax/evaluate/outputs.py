@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from loopjax import folders
-from loopjax.weights import is_export
+from loopjax.io.export_format import is_export
 
 EXPORT_OUTPUT_SUFFIX = ".outputs"
 

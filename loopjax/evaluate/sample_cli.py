@@ -12,33 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from loopjax.data import make_eval_batches, tokenizer_for
-from loopjax.diffusion import make_schedule
-from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.evaluate.loop_cost import parse_loops_arg, warn_loop_cost
 from loopjax.evaluate.outputs import claim_output_dir, output_dir
-from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler, resolve_policy,
-                                       timed)
 from loopjax.evaluate.tasks import score
-from loopjax.weights import load_model_dir
-
-
-def encode_template(tokenizer, template: str, mask_char: str, mask_id: int) -> np.ndarray:
-  """ids of a template: each run of mask_char becomes that many [MASK] ids."""
-  ids = []
-  for piece in re.split(f"({re.escape(mask_char)}+)", template):
-    if piece and set(piece) == {mask_char}:
-      ids.extend([mask_id] * len(piece))
-    elif piece:
-      ids.extend(tokenizer.encode(piece))
-  return np.asarray(ids, np.int32)
+from loopjax.inference.denoiser import resolve_policy
+from loopjax.inference.generate import default_steps, generate, prompt_rows
+from loopjax.io.load import load_model_dir
 
 
 def _show(source: str, text: str) -> str:
@@ -67,34 +51,18 @@ def run_sample(workdir: str, *, loops="max", steps: int = 0, sampler: str = "anc
     batch = make_eval_batches(config.data, batch_size=samples, num_batches=1,
                               seed=int(config.get("train", {}).get("seed", 0)) + 1)[0]
     x = np.where(batch["loss_mask"], cfg.mask_id, batch["tokens"])
-  elif template is not None:
-    x = np.tile(encode_template(tok, template, mask_char, cfg.mask_id), (samples, 1))
   else:
-    ids = np.asarray(tok.encode(prompt) if prompt else [], np.int32)
-    if ids.size >= length:
-      raise ValueError(f"the prompt has {ids.size} tokens; --length {length} leaves none to "
-                       "generate")
-    x = np.tile(np.concatenate([ids, np.full(length - ids.size, cfg.mask_id, np.int32)]),
-                (samples, 1))
-  if x.shape[1] > cfg.max_length:
-    raise ValueError(f"rows of {x.shape[1]} tokens exceed model.max_length {cfg.max_length}")
-  steps = steps or int((x == cfg.mask_id).sum(-1).max()) or 1
+    x = prompt_rows(tok, cfg.mask_id, samples, length, prompt=prompt, template=template,
+                    mask_char=mask_char, length_name="--length")
+  steps = steps or default_steps(x, cfg.mask_id)
   warn_loop_cost(cfg, policy.largest, length=x.shape[1], calls=steps, samples=samples)
-  fn = make_sampler(model, policy, steps=steps, method=sampler,
-                    schedule=make_schedule(config.diffusion), block_len=block_len,
-                    temperature=temperature, top_k=top_k, top_p=top_p,
-                    **sampler_endpoint(config.diffusion))
-  seg = None if batch is None else jnp.asarray(batch["segment_ids"])
-  result, secs, compile_s = timed(fn, weights, jax.random.PRNGKey(seed),
-                                  jnp.asarray(x, jnp.int32), seg, loop_args(policy))
-  tokens = np.asarray(result["tokens"])
-  texts = [tok.decode(row.tolist()) for row in tokens]
+  gen = generate(model, weights, config, tok, x, loops=policy, steps=steps, sampler=sampler,
+                 block_len=block_len, temperature=temperature, top_k=top_k, top_p=top_p,
+                 seed=seed, segment_ids_BxL=None if batch is None else batch["segment_ids"])
+  tokens, texts = gen.tokens, gen.texts
   for i, text in enumerate(texts):
     print(f"--- sample {i}\n{_show(config.data.source, text)}")
-  report = {"checkpoint_step": int(ckpt), "loops": policy.label,
-            "sampler": sampler, "steps": steps, "seconds": round(secs, 4),
-            "compile_seconds": round(compile_s, 2),
-            **generation_stats(cfg, x.shape[1], result)}
+  report = {"checkpoint_step": int(ckpt), **gen.stats}
   if batch is not None and config.data.source in ("sudoku", "arithmetic"):
     report.update(score(config.data.source, tokens, batch["tokens"], batch["fixed"],
                         batch["loss_mask"]))

@@ -36,7 +36,7 @@ from loopjax.train.config import model_config
 from loopjax.train.config_load import read_config
 from loopjax.train.loop import NonFiniteLossError, train
 from loopjax.train.variants import resolve_variant
-from loopjax.weights import load_run
+from loopjax.io.load import load_run
 
 # Multi-digit addition: the carry into a digit depends on every lower digit, a chain as long as
 # the operands, so how many serial steps the network can compute plausibly limits it (unlike

@@ -27,9 +27,9 @@ import jax
 
 from loopjax.evaluate.loop_cost import default_sweep, parse_loops_arg, warn_loop_cost
 from loopjax.evaluate.outputs import claim_output_dir
-from loopjax.evaluate.denoiser import resolve_policy
+from loopjax.inference.denoiser import resolve_policy
 from loopjax.evaluate.evaluations import Sweep, checked_options
-from loopjax.weights import load_model_dir
+from loopjax.io.load import load_model_dir
 
 
 def parse_loops(specs) -> list[str]:

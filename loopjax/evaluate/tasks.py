@@ -10,13 +10,11 @@ quality can be put beside compute.
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from loopjax.data import arithmetic_exact_match, make_eval_batches, sudoku_accuracy
-from loopjax.evaluate.denoiser import (generation_stats, loop_args, make_sampler,
-                                       resolve_policy, timed)
+from loopjax.inference.denoiser import make_sampler, resolve_policy
+from loopjax.inference.generate import run_sampler
 
 
 def score(source: str, pred, tokens, fixed, scored) -> dict:
@@ -70,12 +68,11 @@ def task_accuracy(model, params, batches, *, source: str, loops, steps: int = 0,
   preds, stats, seconds = [], [], 0.0
   for k, b in enumerate(batches):
     x = np.where(np.asarray(b["loss_mask"], bool), cfg.mask_id, b["tokens"])
-    args = (params, jax.random.PRNGKey(seed + k), jnp.asarray(x, jnp.int32),
-            jnp.asarray(b["segment_ids"]), loop_args(policy))
-    out, secs, _ = timed(fn, *args)
+    tokens, st, secs, _ = run_sampler(fn, cfg, params, policy, x, seed=seed + k,
+                                      segment_ids_BxL=b["segment_ids"])
     seconds += secs
-    preds.append(np.asarray(out["tokens"]))
-    stats.append(generation_stats(cfg, x.shape[1], out))
+    preds.append(tokens)
+    stats.append(st)
   cat = lambda key: np.concatenate([np.asarray(b[key]) for b in batches])
   result = score(source, np.concatenate(preds), cat("tokens"), cat("fixed").astype(bool),
                  cat("loss_mask").astype(bool))

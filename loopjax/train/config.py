@@ -18,7 +18,7 @@ from loopjax.flops import FLOP_CONVENTIONS
 from loopjax.model import ModelConfig
 from loopjax.train import writers
 from loopjax.train.runtime import parse_profile_steps
-from loopjax.weights import run_model_config
+from loopjax.io.load import run_model_config
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -1,7 +1,7 @@
 """The training loop: set up a run (or resume it), step, log, evaluate, checkpoint, stop cleanly.
 
 Running the same command on the same workdir resumes from the newest readable checkpoint, also
-with another number of processes or another mesh (train/checkpoint.py).
+with another number of processes or another mesh (io/checkpoints.py).
 
 Stop requests: once training has started, SIGTERM and SIGINT save a checkpoint at the current step
 and return normally (exit code 0); in a multi-process job every process saves the same step (the
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopjax import flops, folders, storage
-from loopjax.checkpoints import BEST_METRIC, param_shape_diff
+from loopjax.io.checkpoints import BEST_METRIC, param_shape_diff
 from loopjax.data import prepared
 from loopjax.data import shards as data_shards
 from loopjax.data.process_rows import make_shards_eval_batches, make_shards_iterator
@@ -43,12 +43,12 @@ from loopjax.errors import Interrupted, UserError
 from loopjax.parallel import distributed
 from loopjax.parallel import mesh as mesh_lib
 from loopjax.train import config as config_lib
-from loopjax.train.checkpoint import Checkpointer, process_layout
+from loopjax.io.checkpoints import Checkpointer, process_layout
 from loopjax.train.lock import WorkdirLock, WorkdirLockedError
 from loopjax.train.metrics import MetricsWindow, MetricsWriter
 from loopjax.train.runtime import Profiler, enable_compile_cache
 from loopjax.train.step import TrainProgram, all_finite, build_train_step, make_eval_step
-from loopjax.weights import load_model_dir, read_run_config
+from loopjax.io.load import load_model_dir, read_run_config
 
 log = logging.getLogger("loopjax")
 

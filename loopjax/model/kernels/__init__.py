@@ -110,6 +110,13 @@ def resolve(name: str, devices: Iterable[Any]) -> str:
   return _AUTO[platforms[0]]
 
 
+def runs_on(name: str, devices: Iterable[Any]) -> bool:
+  """Whether the kernel set `name` (or `auto`) can run on the platform of every one of
+  `devices`: false only for a set bound to other devices (splash off TPU, cudnn off GPU)."""
+  bound = _PLATFORMS.get(name)
+  return bound is None or {d.platform for d in devices} <= bound
+
+
 def resolve_kernels(cfg, devices: Iterable[Any]):
   """`cfg` (a ModelConfig) unchanged unless `cfg.kernels == "auto"`; then with the kernel set
   `resolve` picks for `devices`. A set bound to other devices than `devices` is an error."""

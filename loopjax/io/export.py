@@ -1,7 +1,7 @@
 """Weights out: a training run's (or any stacked parameter tree's) weights as a self-contained
 folder that needs neither loopjax nor JAX to read, and that is a Hugging Face model repository:
 
-  model.safetensors      per-layer tensors, the looped block stored once (loopjax.weights)
+  model.safetensors      per-layer tensors, the looped block stored once (export_format.py)
   config.json            loopjax's self-describing config plus `model_type` / `auto_map`
   configuration_loopmdm.py, modeling_loopmdm.py   the PyTorch model (loopjax/hf templates)
   tokenizer.json, tokenizer_config.json, special_tokens_map.json   for AutoTokenizer, with
@@ -38,8 +38,10 @@ from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.errors import UserError
 from loopjax.hf import MODEL_TYPE, TEMPLATES, hub, model_card, tokenizer_files
-from loopjax.weights import (CONFIG, DTYPES, FORMAT, FORMAT_VERSION, TENSOR_NAMES, TOKENIZER_DIR,
-                             WEIGHTS, file_sha256, load_run, unstack_params)
+from loopjax.io.checkpoints import parse_step
+from loopjax.io.export_format import (CONFIG, DTYPES, FORMAT, FORMAT_VERSION, TENSOR_NAMES,
+                                      TOKENIZER_DIR, WEIGHTS, file_sha256, unstack_params)
+from loopjax.io.load import load_run, run_model_config
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,12 +269,15 @@ def export_run(workdir: str, out: str, *, params: str = "ema", dtype: str = "flo
                step: int | None = None, overwrite: bool = False,
                card: dict | None = None) -> dict:
   """Exports a training run's checkpoint (EMA or raw params); returns the written config.json."""
-  config, model, tree, got = load_run(workdir, step=step, params=params)
+  config, _, tree, got = load_run(workdir, step=step, params=params)
+  # The architecture records the configured kernel set (e.g. auto), not the one this host
+  # resolved it to: kernels are chosen where the export is loaded.
+  cfg = run_model_config(config)
   summary = None
   path = storage.join(workdir, "eval", "summary.json")
   if storage.isfile(path):
     summary = json.loads(storage.read_text(path))
-  return export_params(out, model.cfg, tree, run_config=config, dtype=dtype, overwrite=overwrite,
+  return export_params(out, cfg, tree, run_config=config, dtype=dtype, overwrite=overwrite,
                        source={"params": params, "step": int(got),
                                "workdir": storage.basename(storage.resolve(workdir))},
                        eval_summary=summary, card=card)
