@@ -32,7 +32,7 @@ USAGE = __doc__.split("\n\n")[1]
 def _train(argv) -> int:
   import argparse
 
-  from loopjax.train.config_load import load_config, split_config_args
+  from loopjax.config.load import load_config, split_config_args
 
   spec, overrides, rest = split_config_args(argv)
   p = argparse.ArgumentParser(prog="loopjax train")

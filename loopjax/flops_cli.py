@@ -24,8 +24,8 @@ from loopjax.flops import (FLOP_CONVENTIONS, _depth, as_loop_distribution,
                            expected_train_flops_per_step, forward_flops_per_token,
                            layer_flops_per_seq, matched_depth, matched_steps, param_counts,
                            train_flops_per_step)
-from loopjax.train.config import model_config
-from loopjax.train.config_load import load_config, split_config_args
+from loopjax.config.base import model_config
+from loopjax.config.load import load_config, split_config_args
 
 
 def load_experiment(spec: str, overrides: Sequence[str] = ()):

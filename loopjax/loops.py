@@ -1,7 +1,13 @@
-"""How many loops S the looped block runs at each denoising step: fixed, scheduled, adaptive.
+"""Loop counts S of the looped block: the training distribution and the inference policies.
 
-Loops are an inference-time knob: any S >= 1 works, S > S_max included. A policy
-is parsed from one spec string (the `--loops` flag):
+Training draws one S per step from a `LoopDistribution`, parsed once from config `loops.train`:
+  "S" or "fixed:S"     always S
+  "uniform:LO:HI"      S ~ Uniform{LO..HI} (paper: uniform:1:12)
+  "table:p1,p2,..."    P(S = k) = p_k for k = 1..len(table) (normalised)
+Its largest S is the model's S_max.
+
+At inference, loops are a knob: any S >= 1 works, S > S_max included. A `LoopPolicy` says how
+many loops run at each denoising step and is parsed from one spec string (the `--loops` flag):
 
   "8" or "fixed:8"        fixed S = 8 at every step (the same grammar as training's
                           `loops.train`, where "8" is fixed:8 too).
@@ -40,6 +46,55 @@ import jax.numpy as jnp
 import numpy as np
 
 KINDS = ("fixed", "adaptive", "time", "mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopDistribution:
+  probs: tuple[float, ...]  # probs[k-1] = P(S = k)
+
+  @classmethod
+  def parse(cls, spec: str | int) -> "LoopDistribution":
+    """Parses a spec (see the module docstring); an int or a bare integer string is fixed."""
+    text = str(spec).strip()
+    kind, sep, rest = text.partition(":")
+    if not sep:
+      kind, rest = "fixed", text
+    try:
+      if kind == "fixed":
+        s = int(rest)
+        if s < 1:
+          raise ValueError
+        probs = [0.0] * (s - 1) + [1.0]
+      elif kind == "uniform":
+        lo, hi = (int(v) for v in rest.split(":"))
+        if not 1 <= lo <= hi:
+          raise ValueError
+        probs = [0.0] * (lo - 1) + [1.0] * (hi - lo + 1)
+      elif kind == "table":
+        probs = [float(v) for v in rest.split(",")]
+        if any(p < 0 for p in probs) or sum(probs) <= 0:
+          raise ValueError
+      else:
+        raise ValueError
+    except ValueError:
+      raise ValueError(f"loops.train: cannot parse {spec!r}; expected 'S' or 'fixed:S' (S >= 1), "
+                       "'uniform:LO:HI' (1 <= LO <= HI) or 'table:p1,p2,...' (non-negative, not "
+                       "all zero)") from None
+    total = sum(probs)
+    return cls(tuple(p / total for p in probs))
+
+  @property
+  def max_loops(self) -> int:
+    return len(self.probs)
+
+  @property
+  def expected(self) -> float:
+    return float(sum((k + 1) * p for k, p in enumerate(self.probs)))
+
+  def sample(self, rng: jax.Array) -> jax.Array:
+    """One S for the whole global batch, as an int32 scalar (traced-friendly)."""
+    logits = jnp.log(jnp.asarray(np.asarray(self.probs), jnp.float32))
+    return (jax.random.categorical(rng, logits) + 1).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,8 +43,8 @@ from flax import traverse_util
 
 from loopjax import storage
 from loopjax import checkpoints
-from loopjax.data import data_vocab_size
-from loopjax.model import LoopDistribution, LoopedTransformer, ModelConfig, resolve_kernels
+from loopjax.config import base as config_lib
+from loopjax.model import LoopedTransformer, ModelConfig, resolve_kernels
 
 FORMAT, FORMAT_VERSION = "loopjax-export", 1
 WEIGHTS, CONFIG, TOKENIZER_DIR = "model.safetensors", "config.json", "tokenizer"
@@ -259,13 +259,8 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def run_model_config(config) -> ModelConfig:
-  """The ModelConfig a run's config describes: S_max from loops.train, vocab_size 0 = the data's
-  vocabulary; validated."""
-  fields = dict(config.model)
-  if fields.get("vocab_size", 0) == 0:
-    fields["vocab_size"] = data_vocab_size(config.data)
-  return ModelConfig.from_dict(
-      {**fields, "max_loops": LoopDistribution.parse(config.loops.train).max_loops})
+  """The ModelConfig a run's config describes (loopjax.config.model_config)."""
+  return config_lib.model_config(config)
 
 
 def load_run(workdir: str, *, step: int | None = None, params: str = "ema"):

@@ -17,7 +17,7 @@ import pytest
 from loopjax import data as D
 from loopjax import export
 from loopjax.data.tokenizers import make_tokenizer
-from loopjax.train.config_load import load_config
+from loopjax.config.load import load_config
 from loopjax.weights import abstract_params, run_model_config, runnable
 from loopjax.model import LoopedTransformer
 

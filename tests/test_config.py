@@ -10,13 +10,14 @@ import sys
 import pytest
 
 from loopjax import flops as F
-from loopjax.diffusion.loop_policy import LoopPolicy
+from loopjax.loops import LoopPolicy
 from loopjax.evaluate.denoiser import loop_args, resolve_policy
 from loopjax.evaluate.sweep import parse_loops
-from loopjax.model import LoopDistribution, ModelConfig
-from loopjax.train.config import model_config
-from loopjax.train.config_load import load_config, split_config_args
-from loopjax.train.variants import VARIANTS
+from loopjax.loops import LoopDistribution
+from loopjax.model import ModelConfig
+from loopjax.config.base import model_config
+from loopjax.config.load import load_config, split_config_args
+from loopjax.config.variants import VARIANTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OWT = os.path.join(ROOT, "experiments", "owt.py")

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 from loopjax import checkpoints, cli, export, weights
 from loopjax import reference as ref
 from loopjax.model import LoopedTransformer, ModelConfig
-from loopjax.train.config import base_config, model_config
+from loopjax.config.base import base_config, model_config
 from word_tokenizer import word_level_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

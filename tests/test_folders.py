@@ -18,7 +18,7 @@ import pytest
 
 from loopjax import export, folders
 from loopjax.model import LoopedTransformer
-from loopjax.train.config_load import load_config
+from loopjax.config.load import load_config
 from loopjax.weights import abstract_params, run_model_config, runnable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -27,7 +27,7 @@ import transformers.dynamic_module_utils  # noqa: E402  (its module cache is red
 from test_export import CONFIGS, _random_params, _run_config  # noqa: E402
 from loopjax import export, weights  # noqa: E402
 from loopjax.data import CharTokenizer, ByteTokenizer  # noqa: E402
-from loopjax.diffusion.loop_policy import LoopPolicy  # noqa: E402
+from loopjax.loops import LoopPolicy  # noqa: E402
 from loopjax.evaluate.denoiser import make_denoiser  # noqa: E402
 from loopjax.hf import tokenizer_files  # noqa: E402
 from loopjax.model import LoopedTransformer  # noqa: E402

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from loopjax.diffusion import Schedule
-from loopjax.diffusion.loop_policy import LoopPolicy, relative_change, run_loops
+from loopjax.loops import LoopPolicy, relative_change, run_loops
 from loopjax.diffusion.samplers import (confidence_sample, exponential32, filter_logits,
                                         from_logits_fn, sample, sample_categorical)
 

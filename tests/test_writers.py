@@ -98,19 +98,20 @@ def test_the_step_argument_is_an_integer_or_best():
     parse_step("last")
 
 
-def test_unknown_or_uninstalled_writers_are_refused_when_the_config_is_validated(monkeypatch):
-  from loopjax.train import config as config_lib
+def test_unknown_or_uninstalled_writers_are_refused_before_the_run_starts(monkeypatch, tmp_path):
+  workdir = str(tmp_path / "run")
   c = _config(steps=4)
   c.train.writers = "jsonl,tensorbord"
   with pytest.raises(ValueError, match="no writer named 'tensorbord'; known: jsonl, tensorboard"):
-    config_lib.validate(c)
+    loop.train(c, workdir)
   c.train.writers = "jsonl,jsonl"
   with pytest.raises(ValueError, match="names a writer twice"):
-    config_lib.validate(c)
+    loop.train(c, workdir)
   monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
   c.train.writers = "jsonl,wandb"
   with pytest.raises(ValueError, match=r"wandb package is missing: pip install -e '\.\[wandb\]'"):
-    config_lib.validate(c)
+    loop.train(c, workdir)
+  assert not os.path.exists(workdir), "the writers are checked before the workdir is written"
 
 
 def test_a_registered_writer_gets_every_row(tmp_path):

@@ -2,7 +2,7 @@
 
 Experiment files in `experiments/` start from `base_config()` and change what they need; a key
 that is not here is an error (ml_collections refuses unknown override keys), so typos fail fast.
-Reading a file with its overrides and resolving its variant: loopjax/train/config_load.py.
+Reading a file with its overrides and resolving its variant: loopjax/config/load.py.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from loopjax.data import data_vocab_size, default_data_config
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.flops import FLOP_CONVENTIONS
+from loopjax.loops import LoopDistribution
 from loopjax.model import ModelConfig
-from loopjax.train import writers
-from loopjax.train.runtime import parse_profile_steps
-from loopjax.weights import run_model_config
+from loopjax.config.runtime import parse_profile_steps
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -71,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = dict(  # end-of-run task evaluation (built-in tasks)
       examples=64, steps=0, loops=0,  # steps 0: one token per step; loops 0: S_max
   )
-  # The comparison run this is (loopjax/train/variants.py), resolved after the overrides:
+  # The comparison run this is (loopjax/config/variants.py), resolved after the overrides:
   # name "" = the config as written; else one of variants.VARIANTS, whose block, loops and
   # FLOP-matched steps derive from this base and `baseline_steps` (mdm's step count).
   # flop_convention: the F_base of the matching rule (loopjax.flops.FLOP_CONVENTIONS).
@@ -81,8 +80,13 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def model_config(config) -> ModelConfig:
-  """ModelConfig of an experiment (S_max from loops.train), validated: the one a run of it has."""
-  return run_model_config(config)
+  """The ModelConfig an experiment or a run's config describes, validated: S_max from
+  loops.train, vocab_size 0 = the data's vocabulary, the configured kernels (e.g. auto)."""
+  fields = dict(config.model)
+  if fields.get("vocab_size", 0) == 0:
+    fields["vocab_size"] = data_vocab_size(config.data)
+  return ModelConfig.from_dict(
+      {**fields, "max_loops": LoopDistribution.parse(config.loops.train).max_loops})
 
 
 def validate(config) -> None:
@@ -101,7 +105,6 @@ def validate(config) -> None:
     if int(t[key]) < 1:
       raise ValueError(f"train.{key} must be >= 1, got {t[key]}")
   parse_profile_steps(t.profile_steps)
-  writers.parse(t.writers)
   if int(t.keep_best) < 0:
     raise ValueError(f"train.keep_best must be >= 0 (0: keep no best checkpoint), got "
                      f"{t.keep_best}")

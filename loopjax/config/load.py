@@ -1,5 +1,5 @@
 """Reading an experiment: `path.py[:variant]`, then the `--config.a.b=value` overrides, then the
-values the variant derives from the result (loopjax/train/variants.py).
+values the variant derives from the result (loopjax/config/variants.py).
 
 Used by every command that takes `--config` (train, flops, memory) and by tests and tools, so
 they all see the same resolved config: the one `loopjax train` writes to WORKDIR/config.json.
@@ -14,7 +14,7 @@ from typing import Sequence
 from absl import flags
 from ml_collections import config_flags
 
-from loopjax.train.variants import resolve_variant
+from loopjax.config.variants import resolve_variant
 
 
 def read_config(spec: str, overrides: Sequence[str] = ()):
@@ -54,7 +54,7 @@ def unknown_key_message(e: Exception, overrides: Sequence[str]) -> str:
   given = [o for o in overrides if bad in o.split("=", 1)[0].split(".")[1:]]
   where = f" in {given[0]}" if given else ""
   return (f'unknown config key "{bad}"{where}' + (f": {hint}" if hint else "")
-          + " (every key and its default: loopjax/train/config.py base_config)")
+          + " (every key and its default: loopjax/config/base.py base_config)")
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()):

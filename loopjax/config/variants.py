@@ -26,8 +26,8 @@ import logging
 from typing import Any, Mapping
 
 from loopjax import flops
-from loopjax.model import LoopDistribution
-from loopjax.train.config import model_config
+from loopjax.loops import LoopDistribution
+from loopjax.config.base import model_config
 
 VARIANTS = ("mdm", "loopmdm", "deep_mdm", "uniform_loop", "mdm_matched")
 # Overrides of these keys change what a variant derives (data.*: through the vocabulary, when

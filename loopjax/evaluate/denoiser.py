@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopjax.diffusion.loop_policy import LoopPolicy, batch_loops, run_loops
+from loopjax.loops import LoopPolicy, batch_loops, run_loops
 from loopjax.diffusion.samplers import sample
 from loopjax.flops import inference_flops_per_sample
 

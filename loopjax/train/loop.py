@@ -42,11 +42,12 @@ from loopjax.diffusion import eval_time_grid, make_schedule, metrics_from_nelbo
 from loopjax.errors import Interrupted, UserError
 from loopjax.parallel import distributed
 from loopjax.parallel import mesh as mesh_lib
-from loopjax.train import config as config_lib
+from loopjax.config import base as config_lib
 from loopjax.train.checkpoint import Checkpointer, process_layout
 from loopjax.train.lock import WorkdirLock, WorkdirLockedError
+from loopjax.train import writers
 from loopjax.train.metrics import MetricsWindow, MetricsWriter
-from loopjax.train.runtime import Profiler, enable_compile_cache
+from loopjax.config.runtime import Profiler, enable_compile_cache
 from loopjax.train.step import TrainProgram, all_finite, build_train_step, make_eval_step
 from loopjax.weights import load_model_dir, read_run_config
 
@@ -199,6 +200,7 @@ class _Run:
 def _setup(config, workdir: str) -> _Run:
   """Validates the config and mesh, builds the step, writes the workdir and opens the data."""
   config_lib.validate(config)
+  writers.parse(config.train.writers)  # names and installed packages, before any work
   folders.claim(workdir, "run")  # an export, corpus, study or eval output is left untouched
   workdir = storage.resolve(workdir)
   storage.check_client(workdir)  # a missing gs:// client is named before anything is built

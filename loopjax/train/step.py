@@ -18,9 +18,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from loopjax.diffusion import (Schedule, make_schedule, mask_tokens, nelbo_on_grid,
                                nelbo_terms, sample_times)
-from loopjax.model import LoopDistribution, LoopedTransformer, resolve_kernels
+from loopjax.loops import LoopDistribution
+from loopjax.model import LoopedTransformer, resolve_kernels
 from loopjax.parallel import mesh as mesh_lib
-from loopjax.train import config as config_lib
+from loopjax.config import base as config_lib
 from loopjax.train.state import (TrainState, create_abstract_state, init_state, learning_rate,
                                  make_optimizer)
 
