@@ -406,7 +406,8 @@ def _loop(run: _Run, state, step: int, step_fn, evaluate, stop: _StopRequests):
       stop_now = stop.reached(step)  # every step: the multi-process agreement needs each one
       save_now = step % t.checkpoint_every == 0 or step == t.steps or stop_now
       evaluated = None  # this step's held-out NELBO, saved with its checkpoint to rank it
-      if step % t.log_every == 0 or step == t.steps:
+      # A stop logs the partial window too: its steps are in the checkpoint saved below.
+      if step % t.log_every == 0 or step == t.steps or stop_now:
         pending = window.cut(step)
         if eval_now or save_now:  # these wait for the state anyway: no step to overlap
           last, pending = write(pending, state if eval_now else None), None
