@@ -79,19 +79,21 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def model_config(config) -> ModelConfig:
+def model_config(config, data=None) -> ModelConfig:
   """The ModelConfig an experiment or a run's config describes, validated: S_max from
-  loops.train, vocab_size 0 = the data's vocabulary, the configured kernels (e.g. auto)."""
+  loops.train, vocab_size 0 = the data's vocabulary (of `data`, a DataSpec, when given), the
+  configured kernels (e.g. auto)."""
   fields = dict(config.model)
   if fields.get("vocab_size", 0) == 0:
-    fields["vocab_size"] = data_vocab_size(config.data)
+    fields["vocab_size"] = data_vocab_size(data if data is not None else config.data)
   return ModelConfig.from_dict(
       {**fields, "max_loops": LoopDistribution.parse(config.loops.train).max_loops})
 
 
-def validate(config) -> None:
-  """Checks everything that can be checked without devices or data files; raises ValueError."""
-  model = model_config(config)
+def validate(config, data=None) -> None:
+  """Checks everything that can be checked without devices; raises ValueError. `data`: the
+  config's DataSpec, when already loaded (its tokenizer gives the vocabulary)."""
+  model = model_config(config, data)
   make_schedule(config.diffusion)
   sampler_endpoint(config.diffusion)
   convention = config.get("variant", {}).get("flop_convention", "all_forward")
@@ -124,7 +126,7 @@ def validate(config) -> None:
   if config.data.seq_len > model.max_length:
     raise ValueError(f"data.seq_len {config.data.seq_len} exceeds model.max_length "
                      f"{model.max_length}")
-  need = data_vocab_size(config.data)
+  need = data_vocab_size(data if data is not None else config.data)
   if need > model.vocab_size:
     raise ValueError(f"the data's token ids go up to {need - 1} but model.vocab_size is "
                      f"{model.vocab_size}: set model.vocab_size >= {need}")
