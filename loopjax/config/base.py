@@ -79,21 +79,21 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def model_config(config, data=None) -> ModelConfig:
+def model_config(config, data=None, loops: LoopDistribution | None = None) -> ModelConfig:
   """The ModelConfig an experiment or a run's config describes, validated: S_max from
-  loops.train, vocab_size 0 = the data's vocabulary (of `data`, a DataSpec, when given), the
-  configured kernels (e.g. auto)."""
+  loops.train, vocab_size 0 = the data's vocabulary, the configured kernels (e.g. auto).
+  `data` (a DataSpec) and `loops` (loops.train parsed): reused when already loaded."""
   fields = dict(config.model)
   if fields.get("vocab_size", 0) == 0:
     fields["vocab_size"] = data_vocab_size(data if data is not None else config.data)
   return ModelConfig.from_dict(
-      {**fields, "max_loops": LoopDistribution.parse(config.loops.train).max_loops})
+      {**fields, "max_loops": (loops or LoopDistribution.parse(config.loops.train)).max_loops})
 
 
-def validate(config, data=None) -> None:
-  """Checks everything that can be checked without devices; raises ValueError. `data`: the
-  config's DataSpec, when already loaded (its tokenizer gives the vocabulary)."""
-  model = model_config(config, data)
+def validate(config, data=None, loops: LoopDistribution | None = None) -> ModelConfig:
+  """Checks everything that can be checked without devices; raises ValueError. Returns the
+  ModelConfig (see model_config, which takes the same `data` and `loops`)."""
+  model = model_config(config, data, loops)
   make_schedule(config.diffusion)
   sampler_endpoint(config.diffusion)
   convention = config.get("variant", {}).get("flop_convention", "all_forward")
@@ -134,3 +134,4 @@ def validate(config, data=None) -> None:
     raise ValueError(f"loops.eval must be >= 0 (0 = S_max), got {config.loops.eval}")
   if model.looped and config.loops.eval > model.max_loops:
     raise ValueError(f"loops.eval {config.loops.eval} exceeds S_max {model.max_loops}")
+  return model

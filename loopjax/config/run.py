@@ -20,7 +20,7 @@ from typing import Sequence
 import ml_collections
 
 from loopjax import storage
-from loopjax.config.base import model_config, validate
+from loopjax.config.base import validate
 from loopjax.config.load import load_config
 from loopjax.data import DataSpec
 from loopjax.loops import LoopDistribution
@@ -54,11 +54,11 @@ def from_config(config) -> Run:
   if isinstance(config, Run):
     return config
   data = DataSpec.load(config.data)
-  validate(config, data)
+  loops = LoopDistribution.parse(config.loops.train)
+  model = validate(config, data, loops)
   frozen = ml_collections.FrozenConfigDict(config)
-  return Run(config=frozen, model=model_config(config, data),
-             loops=LoopDistribution.parse(config.loops.train), data=data,
-             train=frozen.train, mesh=frozen.mesh)
+  return Run(config=frozen, model=model, loops=loops, data=data, train=frozen.train,
+             mesh=frozen.mesh)
 
 
 def resolve(spec: str, overrides: Sequence[str] = ()) -> Run:

@@ -72,7 +72,8 @@ def _model(c, loops_train: str | None = None, **model_edits):
   c.model.update(model_edits)
   if loops_train is not None:
     c.loops.train = loops_train
-  return model_config(c), LoopDistribution.parse(c.loops.train)
+  dist = LoopDistribution.parse(c.loops.train)
+  return model_config(c, loops=dist), dist
 
 
 def _get(c, key: str):
