@@ -91,7 +91,7 @@ def main(argv=None):
   from common import machine, write_json
   from loopjax.loops import time_table
   from loopjax.evaluate.denoiser import resolve_policy
-  from loopjax.evaluate.sweep import parse_loops
+  from loopjax.loops import split_specs as parse_loops
   from loopjax.evaluate.tasks import default_steps, heldout_batches
   from loopjax.weights import load_model_dir
 

@@ -46,6 +46,19 @@ import jax.numpy as jnp
 import numpy as np
 
 KINDS = ("fixed", "adaptive", "time", "mask")
+S_MAX_WORDS = ("0", "max")  # `--loops` values that mean S_max, the largest S of training
+
+
+def split_specs(specs) -> list[str]:
+  """`--loops` values: comma lists of S or policies ("1,2,4,adaptive:0.01"); a schedule table
+  ("time:8,4,2") is taken whole."""
+  out = []
+  for spec in specs:
+    if spec.startswith(("time:", "mask:")):
+      out.append(spec)
+    else:
+      out.extend(s.strip() for s in spec.split(",") if s.strip())
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,10 +132,15 @@ class LoopPolicy:
 
   @classmethod
   def parse(cls, spec, s_max: int | None = None) -> "LoopPolicy":
-    """Parses a spec (see the module docstring). `s_max` fills the adaptive default maximum."""
+    """Parses a spec (see the module docstring): the one parser of `--loops` values. `s_max`
+    (the model's) fills the adaptive default maximum and gives `0` / `max` their S."""
     s = str(spec).strip()
-    bad = lambda msg: ValueError(f"--loops {s!r}: {msg} (forms: N | fixed:N | "
+    bad = lambda msg: ValueError(f"--loops {s!r}: {msg} (forms: N | fixed:N | 0 / max = S_max | "
                                  "adaptive:TAU[:MIN[:MAX]] | time:A:B | mask:A:B | time:S1,S2,...)")
+    if s.lower() in S_MAX_WORDS:
+      if not s_max:
+        raise bad("S_max is not known here; pass an S")
+      s = str(int(s_max))
     parts = s.split(":")
     try:
       if len(parts) == 1 or parts[0] == "fixed":
@@ -155,7 +173,7 @@ class LoopPolicy:
     if self.kind not in KINDS:
       raise ValueError(f"loop policy kind must be one of {KINDS}, got {self.kind!r}")
     if self.kind == "fixed" and self.loops < 1:
-      raise ValueError(f"--loops: S must be >= 1, got {self.loops}")
+      raise ValueError(f"--loops {self.spec or self.loops}: S must be >= 1, or 0 / max for S_max")
     if self.kind == "adaptive":
       if not self.tau >= 0:
         raise ValueError(f"--loops adaptive: TAU must be >= 0, got {self.tau}")
@@ -170,6 +188,12 @@ class LoopPolicy:
     if self.kind == "adaptive" and not self.max_loops:
       return dataclasses.replace(self, max_loops=int(s_max))
     return self
+
+  def __str__(self) -> str:
+    return self.spec or (str(self.loops) if self.kind == "fixed" else self.kind)
+
+  def __format__(self, fmt: str) -> str:
+    return format(str(self), fmt)
 
   @property
   def label(self):

@@ -272,8 +272,9 @@ def test_process_exit_status_and_debug_traceback(tmp_path, debug):
 def test_loops_zero_and_max_mean_s_max_everywhere():
   from loopjax.evaluate.cli_args import parse_loops_arg
 
-  assert [parse_loops_arg(s, 6) for s in ("0", "max", " MAX ", "3", "fixed:9", "adaptive:0.1")] \
-      == ["6", "6", "6", "3", "fixed:9", "adaptive:0.1"]
+  got = [parse_loops_arg(s, 6) for s in ("0", "max", " MAX ", "3", "fixed:9", "adaptive:0.1")]
+  assert [str(p) for p in got] == ["6", "6", "6", "3", "fixed:9", "adaptive:0.1"]
+  assert [p.loops for p in got[:5]] == [6, 6, 6, 3, 9] and got[5].max_loops == 6
   for bad in ("-1", "fixed:-2"):
     with pytest.raises(ValueError, match="S must be >= 1"):
       parse_loops_arg(bad, 6)

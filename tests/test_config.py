@@ -12,8 +12,7 @@ import pytest
 from loopjax import flops as F
 from loopjax.loops import LoopPolicy
 from loopjax.evaluate.denoiser import loop_args, resolve_policy
-from loopjax.evaluate.sweep import parse_loops
-from loopjax.loops import LoopDistribution
+from loopjax.loops import LoopDistribution, split_specs
 from loopjax.model import ModelConfig
 from loopjax.config.base import model_config
 from loopjax.config.load import load_config, split_config_args
@@ -157,7 +156,7 @@ def test_inference_loops_accept_bare_and_fixed_forms():
                     cond_dim=8, loop_start=1, loop_end=2, max_loops=4)
   assert [int(a) for a in loop_args(resolve_policy(cfg, "fixed:3"))[:2]] == [3, 3]
   assert resolve_policy(cfg, "fixed:3").label == resolve_policy(cfg, 3).label == 3
-  specs = parse_loops(["1,fixed:2,adaptive:0.1", "time:8,4"])
+  specs = split_specs(["1,fixed:2,adaptive:0.1", "time:8,4"])
   assert specs == ["1", "fixed:2", "adaptive:0.1", "time:8,4"]
   assert [resolve_policy(cfg, s).largest for s in specs] == [1, 2, 4, 8]
   for bad, msg in (("fixed:0", "S must be >= 1"), ("fixed:1:2", "fixed takes one S"),

@@ -35,6 +35,7 @@ from loopjax.evaluate import plots, tables
 from loopjax.evaluate.cli_args import (check_counts, claim_output_dir, output_dir,
                                       parse_loops_arg, warn_loop_cost)
 from loopjax.evaluate.denoiser import resolve_policy
+from loopjax.loops import split_specs
 from loopjax.evaluate.gsm8k import gsm8k_accuracy, read_gsm8k
 from loopjax.evaluate.gen_ppl import check_judge, gen_ppl_sweep, load_judge
 from loopjax.evaluate.harness import check_lm_eval, parse_task_data, run_lm_eval
@@ -44,18 +45,6 @@ from loopjax.evaluate.zero_shot import parse_corpus, zero_shot_eval
 from loopjax.weights import load_model_dir
 
 DEFAULT_LOOPS = "1,2,4,8,12,24"
-
-
-def parse_loops(specs) -> list[str]:
-  """`--loops` values: comma lists of S or policies ("1,2,4,adaptive:0.01"); a schedule table
-  ("time:8,4,2") is taken whole."""
-  out = []
-  for spec in specs:
-    if spec.startswith(("time:", "mask:")):
-      out.append(spec)
-    else:
-      out.extend(s.strip() for s in spec.split(",") if s.strip())
-  return out
 
 
 def machine() -> str:
@@ -107,7 +96,7 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
   config, model, weights = load_model_dir(workdir, step=step, params=params)
   ckpt = config.source.get("step") or 0
   cfg = model.cfg
-  specs = [parse_loops_arg(s, cfg.max_loops) for s in parse_loops(loops)]
+  specs = [parse_loops_arg(s, cfg.max_loops) for s in split_specs(loops)]  # LoopPolicy, once
   for s in specs:  # fail (or warn of the cost) before any work on a policy this model cannot run
     warn_loop_cost(cfg, resolve_policy(cfg, s).largest, length=config.data.seq_len,
                    calls=max(steps, default=0) or config.data.seq_len, samples=examples)
@@ -117,7 +106,7 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
   sampler_kw = dict(sampler_kw or {})
   summary = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(ckpt),
              "params": config.source.get("params"), "s_max": cfg.max_loops, "source": source,
-             "loops": specs, "machine": machine(), "command": command}
+             "loops": [p.label for p in specs], "machine": machine(), "command": command}
   eval_seed = int(config.get("train", {}).get("seed", 0)) + 1
   plot_paths = []
 
@@ -198,7 +187,7 @@ def run_eval(workdir: str, *, loops=(DEFAULT_LOOPS,), steps=(0,), method: str = 
         workdir=workdir_out, header=summary, log=_log)
 
   if lm_eval:  # {tasks, args, include_path, data}: lm-eval's tasks with the "loopjax" model
-    rows = run_lm_eval(workdir, loops=specs, **lm_eval,
+    rows = run_lm_eval(workdir, loops=[str(p) for p in specs], **lm_eval,
                        tasks_dir=os.path.join(workdir_out, "eval", "lm_eval_tasks"), model_args={
         "params": params, "step": step, "seed": seed, "batch_size": batch_size,
         "sampler": method, "steps": steps[0], "time_grid": time_points,
