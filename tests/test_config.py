@@ -106,6 +106,16 @@ def test_empty_variant_leaves_the_config_as_written():
   assert c.train.steps == 7 and c.loops.train == "fixed:1" and c.model.loop_end == 0
 
 
+def test_eval_loops_is_a_deprecated_name_of_loops_eval(caplog):
+  with caplog.at_level(logging.WARNING, logger="loopjax"):
+    c = load_config(SUDOKU, ["--config.eval.loops=5"])
+  assert c.loops.eval == 5 and c.eval.loops == 0
+  assert "eval.loops is deprecated: set loops.eval=5" in caplog.text
+  assert load_config(SUDOKU, ["--config.loops.eval=4"]).loops.eval == 4
+  with pytest.raises(ValueError, match="eval.loops=5 and loops.eval=4 disagree"):
+    load_config(SUDOKU, ["--config.eval.loops=5", "--config.loops.eval=4"])
+
+
 def test_split_config_args():
   spec, overrides, rest = split_config_args(
       ["--workdir", "w", "--config", "a.py:x", "--config.train.steps", "5",

@@ -8,6 +8,7 @@ they all see the same resolved config: the one `loopjax train` writes to WORKDIR
 from __future__ import annotations
 
 import ast
+import logging
 import os
 from typing import Sequence
 
@@ -15,6 +16,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from loopjax.config.variants import resolve_variant
+
+log = logging.getLogger("loopjax")
 
 
 def read_config(spec: str, overrides: Sequence[str] = ()):
@@ -61,7 +64,19 @@ def load_config(spec: str, overrides: Sequence[str] = ()):
   """The resolved config of `path.py[:variant]` with `--config.a.b=value` overrides: overrides
   first, then the variant's derived values (an overridden derived key keeps the override)."""
   config, given = read_config(spec, overrides)
-  return resolve_variant(config, given)
+  return eval_loops_alias(resolve_variant(config, given))
+
+
+def eval_loops_alias(config):
+  """Reads the deprecated `eval.loops` into `loops.eval`, the one key for the evaluation's S."""
+  old = int(config.get("eval", {}).get("loops", 0) or 0)
+  if old:
+    if config.loops.eval and int(config.loops.eval) != old:
+      raise ValueError(f"eval.loops={old} and loops.eval={config.loops.eval} disagree: set only "
+                       "loops.eval (eval.loops is its deprecated name)")
+    log.warning("eval.loops is deprecated: set loops.eval=%d instead", old)
+    config.loops.eval, config.eval.loops = old, 0
+  return config
 
 
 def split_config_args(argv: Sequence[str], prefix: str = "--config"):
