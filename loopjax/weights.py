@@ -43,7 +43,7 @@ from flax import traverse_util
 
 from loopjax import storage
 from loopjax import checkpoints
-from loopjax.config import base as config_lib
+from loopjax import config as config_lib
 from loopjax.model import LoopedTransformer, ModelConfig, resolve_kernels
 
 FORMAT, FORMAT_VERSION = "loopjax-export", 1
@@ -239,23 +239,12 @@ def runnable(cfg: ModelConfig) -> ModelConfig:
 # A run's workdir.
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with (its workdir's config.json)."""
-  path = storage.join(workdir, "config.json")
-  if not storage.exists(path):
-    raise FileNotFoundError(f"{workdir} is not a loopjax run: no config.json (train one with "
-                            "`loopjax train --config ... --workdir DIR`)")
-  try:
-    saved = json.loads(storage.read_text(path))
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is damaged, not a JSON config ({e}): restore the run's "
-                     "config.json or train into a new --workdir") from None
-  if not isinstance(saved, dict):
-    raise ValueError(f"{path} is damaged: a JSON {type(saved).__name__}, not the run's config "
-                     "object (restore it or train into a new --workdir)")
+  """The config a run was trained with (loopjax.config.read_config_json), refusing an export."""
+  saved = config_lib.read_config_json(workdir)
   if saved.get("format") == FORMAT:
     raise ValueError(f"{workdir} is a `loopjax export` folder, not a training workdir: this "
                      "command needs the run's workdir (sample, eval and analyze read either)")
-  return ml_collections.ConfigDict(saved)
+  return saved
 
 
 def run_model_config(config) -> ModelConfig:

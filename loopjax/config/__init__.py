@@ -4,7 +4,7 @@ the one resolve step to a frozen run description (run)."""
 
 from loopjax.config.base import base_config, model_config, validate
 from loopjax.config.load import load_config, read_config, split_config_args
-from loopjax.config.run import Run, from_config, resolve
+from loopjax.config.run import Run, from_config, read_config_json, resolve
 
 __all__ = ["Run", "base_config", "from_config", "load_config", "model_config", "read_config",
-           "resolve", "split_config_args", "validate"]
+           "read_config_json", "resolve", "split_config_args", "validate"]

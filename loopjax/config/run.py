@@ -15,6 +15,7 @@ config.json holds, keeps the configured name.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Sequence
 
 import ml_collections
@@ -46,6 +47,23 @@ class Run:
     path = storage.join(workdir, CONFIG_FILE)
     storage.write_text(path, self.to_json())
     return path
+
+
+def read_config_json(workdir: str) -> ml_collections.ConfigDict:
+  """WORKDIR/config.json, the config a run was trained with (`Run.write` wrote it)."""
+  path = storage.join(workdir, CONFIG_FILE)
+  if not storage.exists(path):
+    raise FileNotFoundError(f"{workdir} is not a loopjax run: no config.json (train one with "
+                            "`loopjax train --config ... --workdir DIR`)")
+  try:
+    saved = json.loads(storage.read_text(path))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is damaged, not a JSON config ({e}): restore the run's "
+                     "config.json or train into a new --workdir") from None
+  if not isinstance(saved, dict):
+    raise ValueError(f"{path} is damaged: a JSON {type(saved).__name__}, not the run's config "
+                     "object (restore it or train into a new --workdir)")
+  return ml_collections.ConfigDict(saved)
 
 
 def from_config(config) -> Run:
