@@ -45,6 +45,7 @@ from loopjax import storage
 from loopjax import checkpoints
 from loopjax import config as config_lib
 from loopjax.model import LoopedTransformer, ModelConfig, resolve_kernels
+from loopjax.model.config import RUNTIME_FIELDS
 
 FORMAT, FORMAT_VERSION = "loopjax-export", 1
 WEIGHTS, CONFIG, TOKENIZER_DIR = "model.safetensors", "config.json", "tokenizer"
@@ -57,9 +58,6 @@ TENSOR_NAMES = {
     "loop_block.<j>.*": "layer a + j of the looped block: stored once, applied S times",
     "layout": "y = x @ kernel (+ bias); attn q/k/v kernel D x H x K, out H x K x D; adaln: "
               "shift1 scale1 gate1 shift2 scale2 gate2 (output.adaln: shift scale)"}
-# ModelConfig fields that change how the same weights are computed, not what they are.
-RUNTIME_FIELDS = ("max_loops", "kernels", "remat", "loop_remat", "dtype", "scan_unroll",
-                  "unroll_layers")
 
 
 # ------------------------------------------------------------------------------------------------

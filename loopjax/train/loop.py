@@ -40,6 +40,7 @@ from loopjax.data import shards as data_shards
 from loopjax.data.process_rows import make_shards_eval_batches, make_shards_iterator
 from loopjax.diffusion import eval_time_grid, make_schedule, metrics_from_nelbo
 from loopjax.errors import Interrupted, UserError
+from loopjax.model.config import RUNTIME_FIELDS
 from loopjax.parallel import distributed
 from loopjax.parallel import mesh as mesh_lib
 from loopjax.config import Run, from_config
@@ -55,9 +56,9 @@ log = logging.getLogger("loopjax")
 
 # Sections that must match between a run's saved config and a resuming command.
 _COMPAT_SECTIONS = ("model", "loops")
-# ...except these, which change how the same weights are computed, not what they are.
-_RUNTIME_KEYS = {("model", k) for k in ("kernels", "remat", "loop_remat", "dtype",
-                                        "scan_unroll", "unroll_layers")}
+# ...except these, which change how the same weights are computed, not what they are
+# (max_loops is not a key of the model section: loops.train sets it).
+_RUNTIME_KEYS = {("model", k) for k in RUNTIME_FIELDS if k != "max_loops"}
 # Keys that runs saved before the key existed lack: they were trained with this value.
 _IMPLIED = {("model", "vocab_multiple"): 1}
 
