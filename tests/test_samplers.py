@@ -208,9 +208,14 @@ def test_policy_parsing_and_schedules():
   lo, _, _ = table.bounds(jnp.zeros(4), jnp.asarray([0.0, 0.4, 0.7, 1.0]))
   assert np.array_equal(lo, [8, 4, 2, 2])
   assert ramp.time_dependent and not table.time_dependent
-  for bad in ("0", "adaptive", "adaptive:-1", "adaptive:0.1:3:2", "time:0:4", "foo:1", "x"):
+  for bad in ("-1", "fixed:0", "adaptive", "adaptive:-1", "adaptive:0.1:3:2", "time:0:4", "foo:1",
+              "x"):
     with pytest.raises(ValueError, match="loops"):
       LoopPolicy.parse(bad, s_max=4)
+  # 0 / max: S_max of the model, which must be known.
+  assert LoopPolicy.parse("0", s_max=4).loops == LoopPolicy.parse("max", s_max=4).loops == 4
+  with pytest.raises(ValueError, match="S_max is not known"):
+    LoopPolicy.parse("max")
 
 
 def _contraction(rates_B):
