@@ -387,6 +387,14 @@ class LoopedTransformer(nn.Module):
                      h0_BxLxD)
     return h
 
+  def run_loop(self, h_BxLxD, c_BxC, mask, loops):
+    """The looped block applied S = `loops` times (int or traced, any S >= 1) to the head's
+    output `h`, as `__call__` does at inference."""
+    if self.loop is None:
+      return h_BxLxD
+    h, _ = self.loop(h_BxLxD, c_BxC, mask, loops, False, False)
+    return self.extra_loops(h, h_BxLxD, c_BxC, mask, loops, False)
+
   def extra_loops(self, h_BxLxD, h0_BxLxD, c_BxC, mask, loops, train: bool):
     """Iterations S_max .. S-1 of the looped block, after the S_max-long scan.
 
