@@ -150,6 +150,9 @@ def test_unroll_layers_keeps_params_outputs_and_the_rolled_loop():
   # independent of S_max), beside the while loop of the iterations past S_max.
   hlo = f.lower(params, x, jnp.int32(4)).compile().as_text()
   assert hlo.count(" while(") == 2
+  # Training (S <= S_max by its distribution) builds no loop past S_max: its program is the scan.
+  g = jax.jit(lambda p, x, s: unrolled.apply({"params": p}, x, s, train=True))
+  assert g.lower(params, x, jnp.int32(4)).compile().as_text().count(" while(") == 1
 
 
 def test_mask_is_never_predicted_and_segments_isolate():
