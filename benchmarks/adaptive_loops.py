@@ -8,7 +8,7 @@ its slowest sequence's loops at every call), and the median wall time and proces
 the whole decode (after compilation; rounds interleaved, order rotated), with ratios to fixed
 S = S_max. CPU seconds are the steadier figure on a shared host: other jobs stretch wall time.
 
-A "time" schedule calibrated on the first adaptive policy is added (`loop_policy.time_table`:
+A "time" schedule calibrated on the first adaptive policy is added (`loops.time_table`:
 the mean loops that policy spent in each of K bins of t): every sequence of a call runs the same
 S, so its executed compute is its per-sequence compute.
 
@@ -89,9 +89,9 @@ def main(argv=None):
   import numpy as np
 
   from common import kernel_set, machine, write_json
-  from loopjax.diffusion.loop_policy import time_table
+  from loopjax.loops import time_table
   from loopjax.inference.denoiser import resolve_policy
-  from loopjax.evaluate.sweep import parse_loops
+  from loopjax.loops import split_specs as parse_loops
   from loopjax.evaluate.tasks import default_steps, heldout_batches
   from loopjax.io.load import load_model_dir
 

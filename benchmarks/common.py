@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopjax.parallel import mesh as mesh_lib
-from loopjax.train.config import base_config
+from loopjax.config.base import base_config
 from loopjax.train.step import build_train_step
 
 

@@ -82,7 +82,7 @@ def log(msg):
 
 
 def paper_config(variant, overrides):
-  from loopjax.train.config_load import load_config
+  from loopjax.config.load import load_config
   return load_config(os.path.join(ROOT, "experiments", f"owt.py:{variant}"), overrides)
 
 
@@ -107,7 +107,7 @@ def check_attention(config, kernels, loops=3, batch=2):
   import numpy as np
 
   from loopjax.model import LoopedTransformer, resolve_kernels
-  from loopjax.train import config as config_lib
+  from loopjax.config import base as config_lib
 
   cfg = config_lib.model_config(config)
   length = int(config.data.seq_len)
@@ -319,7 +319,7 @@ def main(argv=None):
     report.phase(name, r)
 
   if time_left("sampling"):
-    from loopjax.train import config as config_lib
+    from loopjax.config import base as config_lib
     loop_cfg = config_lib.model_config(paper_config("loopmdm", overrides + kernels))
     smax = loop_cfg.max_loops
     log(f"[sampling] confidence decoding, {args.sample_steps} steps, batch 8")

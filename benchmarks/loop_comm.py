@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv) -> int:
-  from loopjax.train.config_load import load_config, split_config_args
+  from loopjax.config.load import load_config, split_config_args
   spec, overrides, rest = split_config_args(argv)
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--mesh", required=True)

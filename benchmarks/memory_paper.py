@@ -28,7 +28,7 @@ jax.config.update("jax_platforms", "cpu")  # compile-only TPU devices; nothing r
 
 from common import kernel_set, write_json  # noqa: E402
 
-from loopjax.train.config_load import load_config  # noqa: E402
+from loopjax.config.load import load_config  # noqa: E402
 from loopjax.parallel.topology import tpu_topology_devices  # noqa: E402
 from loopjax.train.memory import GIB, memory_report  # noqa: E402
 

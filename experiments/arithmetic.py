@@ -6,7 +6,7 @@ is. The model and recipe are the `cpu` study preset's (loopjax/evaluate/study.py
 where every model learns the task to ~0.96 exact match: 12 layers of width 32, layers 3-4 looped
 S ~ U{1..4} for loopmdm. The run ends with held-out exact match at S = 1, 2, S_max and 2 S_max
 and a plot of it (loopjax/evaluate/final.py). Variants (`--config experiments/arithmetic.py:V`,
-loopjax/train/variants.py):
+loopjax/config/variants.py):
   loopmdm       layers [3, 5) looped, S ~ U{1..4}, steps FLOP-matched to mdm   (default)
   mdm           the same 12 layers without looping (same parameters), 3000 steps
   deep_mdm      a plain MDM with LoopMDM's per-step compute, LoopMDM's steps
@@ -15,7 +15,7 @@ loopjax/train/variants.py):
 """
 
 from loopjax.data.arithmetic import required_seq_len
-from loopjax.train.config import base_config
+from loopjax.config.base import base_config
 
 BASELINE_STEPS = 3000
 MAX_DIGITS, OPS = 3, "+"

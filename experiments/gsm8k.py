@@ -23,11 +23,11 @@ held out for the NELBO evaluation during training (data.eval_examples).
 The fine-tuning recipe (steps, lr, batch) is a starting point chosen here, not the paper's;
 steps are FLOP-matched across variants by the same rule as pretraining.
 
-Variants: mdm, loopmdm, deep_mdm, uniform_loop, mdm_matched (loopjax/train/variants.py).
+Variants: mdm, loopmdm, deep_mdm, uniform_loop, mdm_matched (loopjax/config/variants.py).
 """
 
-from loopjax.train.config import base_config
-from loopjax.train.variants import paper_backbone
+from loopjax.config.base import base_config
+from loopjax.config.variants import paper_backbone
 
 BASELINE_STEPS = 3_000
 

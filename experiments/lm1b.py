@@ -16,11 +16,11 @@ joined with BOS/EOS separators (MDLM's wrap); `--config.data.wrap=document` isol
 Recipe: MDLM's (variants.paper_backbone; docs/recipe.md).
 
 Variants (--config experiments/lm1b.py:VARIANT): mdm, loopmdm, deep_mdm, uniform_loop,
-mdm_matched (see loopjax/train/variants.py; step counts are FLOP-matched by loopjax.flops).
+mdm_matched (see loopjax/config/variants.py; step counts are FLOP-matched by loopjax.flops).
 """
 
-from loopjax.train.config import base_config
-from loopjax.train.variants import paper_backbone
+from loopjax.config.base import base_config
+from loopjax.config.variants import paper_backbone
 
 BASELINE_STEPS = 1_000_000
 

@@ -13,11 +13,11 @@ Documents are joined with BOS/EOS separators and attend across each other (MDLM'
 
 Recipe: MDLM's (variants.paper_backbone; docs/recipe.md).
 
-Variants: mdm, loopmdm, deep_mdm, uniform_loop, mdm_matched (loopjax/train/variants.py).
+Variants: mdm, loopmdm, deep_mdm, uniform_loop, mdm_matched (loopjax/config/variants.py).
 """
 
-from loopjax.train.config import base_config
-from loopjax.train.variants import paper_backbone
+from loopjax.config.base import base_config
+from loopjax.config.variants import paper_backbone
 
 BASELINE_STEPS = 1_000_000
 

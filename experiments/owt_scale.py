@@ -12,7 +12,7 @@ and spans the paper's share of the depth (2 of 12 layers): [1, 1 + round(n / 6))
     loopjax memory --config experiments/owt_scale.py:loopmdm_7b --topology v5p:4x4x4 \\
         --mesh fsdp=64                                   # v5p-128: 64 chips
 
-Variants: `<variant>_<size>` with variant one of loopjax/train/variants.py's (mdm, loopmdm,
+Variants: `<variant>_<size>` with variant one of loopjax/config/variants.py's (mdm, loopmdm,
 deep_mdm, uniform_loop, mdm_matched) and size 1b or 7b.
 """
 

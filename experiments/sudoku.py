@@ -4,7 +4,7 @@ Hardware and time: 2 CPU cores, about 5 minutes for the default variant (loopmdm
 near held-out cell accuracy 0.24 (chance 0.11) and no solved board: the model and budget are too
 small to learn it (experiments/arithmetic.py, the default experiment, is learned). Given cells
 stay unmasked; only blanks are noised and scored. The paper uses Sudoku to show what later loops
-repair. Variants (`--config experiments/sudoku.py:VARIANT`, loopjax/train/variants.py):
+repair. Variants (`--config experiments/sudoku.py:VARIANT`, loopjax/config/variants.py):
   loopmdm       4 layers, layer 1 looped, S ~ U{1..6}, steps FLOP-matched to mdm   (default)
   mdm           the same 4 layers without looping (same parameters), 1000 steps
   deep_mdm      a plain MDM with LoopMDM's per-step compute, LoopMDM's steps
@@ -12,7 +12,7 @@ repair. Variants (`--config experiments/sudoku.py:VARIANT`, loopjax/train/varian
   mdm_matched   the plain 4-layer MDM for LoopMDM's step count
 """
 
-from loopjax.train.config import base_config
+from loopjax.config.base import base_config
 
 BASELINE_STEPS = 1000
 

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from loopjax.model.config import ModelConfig
-from loopjax.model.loop_distribution import LoopDistribution
+from loopjax.loops import LoopDistribution
 
 TIME_FREQ_DIM = 256  # sinusoidal feature size of TimeEmbedding (loopjax/model/transformer.py).
 TRAIN_MULTIPLIER = 3  # forward + backward.

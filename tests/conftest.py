@@ -23,7 +23,7 @@ def pytest_configure(config):
 def tiny_sudoku_run(tmp_path_factory):
   """(workdir, what train returned, config) of a tiny Sudoku LoopMDM run of 3 steps, trained once
   per session for the tests that export or load a real run."""
-  from loopjax.train.config_load import load_config
+  from loopjax.config.load import load_config
   from loopjax.train.loop import train
   c = load_config(os.path.join(ROOT, "experiments", "sudoku.py") + ":loopmdm")
   c.model.update(width=32, num_layers=3, num_heads=2, cond_dim=16)

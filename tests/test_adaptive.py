@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from loopjax.diffusion.loop_policy import LoopPolicy, batch_loops, run_loops, time_table
+from loopjax.loops import LoopPolicy, batch_loops, run_loops, time_table
 from loopjax.diffusion.samplers import sample
 from loopjax.inference.denoiser import generation_stats
 from loopjax.flops import forward_flops_per_seq

@@ -17,7 +17,7 @@ import pytest
 from loopjax import data as D
 from loopjax.io import export
 from loopjax.data.tokenizers import make_tokenizer
-from loopjax.train.config_load import load_config
+from loopjax.config.load import load_config
 from loopjax.io.export_format import abstract_params
 from loopjax.io.load import run_model_config, runnable
 from loopjax.model import LoopedTransformer
@@ -273,8 +273,9 @@ def test_process_exit_status_and_debug_traceback(tmp_path, debug):
 def test_loops_zero_and_max_mean_s_max_everywhere():
   from loopjax.evaluate.loop_cost import parse_loops_arg
 
-  assert [parse_loops_arg(s, 6) for s in ("0", "max", " MAX ", "3", "fixed:9", "adaptive:0.1")] \
-      == ["6", "6", "6", "3", "fixed:9", "adaptive:0.1"]
+  got = [parse_loops_arg(s, 6) for s in ("0", "max", " MAX ", "3", "fixed:9", "adaptive:0.1")]
+  assert [str(p) for p in got] == ["6", "6", "6", "3", "fixed:9", "adaptive:0.1"]
+  assert [p.loops for p in got[:5]] == [6, 6, 6, 3, 9] and got[5].max_loops == 6
   for bad in ("-1", "fixed:-2"):
     with pytest.raises(ValueError, match="S must be >= 1"):
       parse_loops_arg(bad, 6)

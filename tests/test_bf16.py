@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopjax.parallel import mesh as mesh_lib
-from loopjax.train.config_load import load_config
+from loopjax.config.load import load_config
 from loopjax.train.step import build_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -74,7 +74,7 @@ def test_train_help_documents_the_config_file_and_overrides(capsys):
 def test_the_example_in_train_help_is_a_valid_config():
   """The overrides of the help's example load (unknown keys or bad values would raise)."""
   from loopjax.cli.config import OVERRIDES_EPILOG
-  from loopjax.train.config_load import load_config
+  from loopjax.config.load import load_config
   example = OVERRIDES_EPILOG.split("example:")[1].replace("\\\n", " ").split()
   spec = example[example.index("--config") + 1]
   overrides = [w for w in example if w.startswith("--config.")]

@@ -10,13 +10,13 @@ import sys
 import pytest
 
 from loopjax import flops as F
-from loopjax.diffusion.loop_policy import LoopPolicy
+from loopjax.loops import LoopPolicy
 from loopjax.inference.denoiser import loop_args, resolve_policy
-from loopjax.evaluate.sweep import parse_loops
-from loopjax.model import LoopDistribution, ModelConfig
-from loopjax.train.config import model_config
-from loopjax.train.config_load import load_config, split_config_args
-from loopjax.train.variants import VARIANTS
+from loopjax.loops import LoopDistribution, split_specs
+from loopjax.model import ModelConfig
+from loopjax.config.base import model_config
+from loopjax.config.load import load_config, split_config_args
+from loopjax.config.variants import VARIANTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OWT = os.path.join(ROOT, "experiments", "owt.py")
@@ -106,6 +106,16 @@ def test_empty_variant_leaves_the_config_as_written():
   assert c.train.steps == 7 and c.loops.train == "fixed:1" and c.model.loop_end == 0
 
 
+def test_eval_loops_is_a_deprecated_name_of_loops_eval(caplog):
+  with caplog.at_level(logging.WARNING, logger="loopjax"):
+    c = load_config(SUDOKU, ["--config.eval.loops=5"])
+  assert c.loops.eval == 5 and c.eval.loops == 0
+  assert "eval.loops is deprecated: set loops.eval=5" in caplog.text
+  assert load_config(SUDOKU, ["--config.loops.eval=4"]).loops.eval == 4
+  with pytest.raises(ValueError, match="eval.loops=5 and loops.eval=4 disagree"):
+    load_config(SUDOKU, ["--config.eval.loops=5", "--config.loops.eval=4"])
+
+
 def test_split_config_args():
   spec, overrides, rest = split_config_args(
       ["--workdir", "w", "--config", "a.py:x", "--config.train.steps", "5",
@@ -156,7 +166,7 @@ def test_inference_loops_accept_bare_and_fixed_forms():
                     cond_dim=8, loop_start=1, loop_end=2, max_loops=4)
   assert [int(a) for a in loop_args(resolve_policy(cfg, "fixed:3"))[:2]] == [3, 3]
   assert resolve_policy(cfg, "fixed:3").label == resolve_policy(cfg, 3).label == 3
-  specs = parse_loops(["1,fixed:2,adaptive:0.1", "time:8,4"])
+  specs = split_specs(["1,fixed:2,adaptive:0.1", "time:8,4"])
   assert specs == ["1", "fixed:2", "adaptive:0.1", "time:8,4"]
   assert [resolve_policy(cfg, s).largest for s in specs] == [1, 2, 4, 8]
   for bad, msg in (("fixed:0", "S must be >= 1"), ("fixed:1:2", "fixed takes one S"),

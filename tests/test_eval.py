@@ -272,3 +272,23 @@ def test_sample_and_eval_accept_an_exported_folder(trained, tmp_path, capsys):
   assert summary["params"] == "ema" and summary["tasks"][0]["loops"] == 3  # max = S_max
   assert report["file"].startswith(str(tmp_path / "exported.outputs" / "samples"))
   assert sorted(p.name for p in out.rglob("*")) == files
+
+
+def test_eval_and_sample_parse_each_loops_value_once(trained, monkeypatch, capsys):
+  # A counting spy on the one `--loops` parser: every value is parsed once at the command line
+  # and the parsed policy travels down to the model calls (no re-parsing of its string).
+  from loopjax.loops import LoopPolicy
+  parses, parse = [], LoopPolicy.parse.__func__
+  monkeypatch.setattr(LoopPolicy, "parse", classmethod(
+      lambda cls, spec, s_max=None: parses.append(str(spec)) or parse(cls, spec, s_max)))
+  _main(capsys, "eval", "--workdir", str(trained), "--loops", "1,max", "--loops",
+        "adaptive:0.05:1:4", "--examples", "2", "--batch-size", "2", "--nelbo-batches", "1",
+        "--time-points", "2", "--steps", "4", "--out", str(trained / "spy"))
+  assert parses == ["1", "max", "adaptive:0.05:1:4"]
+  like = json.loads((trained / "spy" / "eval" / "likelihood.json").read_text())["rows"]
+  assert [r["loops"] for r in like] == [1, 3, "adaptive:0.05:1:4"]
+  parses.clear()
+  stdout = _main(capsys, "sample", "--workdir", str(trained), "--num", "2", "--loops", "5",
+                 "--steps", "4", "--out", str(trained / "spy"))
+  assert parses == ["5"]
+  assert json.loads(stdout.strip().splitlines()[-1])["loops_mean"] == 5.0  # S > S_max runs

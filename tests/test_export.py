@@ -22,7 +22,7 @@ from loopjax import cli
 from loopjax.io import checkpoints, export, export_format, load
 from loopjax import reference as ref
 from loopjax.model import LoopedTransformer, ModelConfig
-from loopjax.train.config import base_config, model_config
+from loopjax.config.base import base_config, model_config
 from word_tokenizer import word_level_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from loopjax.train.config_load import load_config
+from loopjax.config.load import load_config
 from loopjax.evaluate.sweep import run_eval
 from loopjax.train.loop import train
 from loopjax.io.load import load_model_dir

@@ -19,9 +19,10 @@ import pytest
 
 from loopjax import flops as F
 from loopjax.cli.flops import flops_main
-from loopjax.model import LoopDistribution, LoopedTransformer, ModelConfig, count_params
-from loopjax.train.config import model_config
-from loopjax.train.config_load import load_config
+from loopjax.loops import LoopDistribution
+from loopjax.model import LoopedTransformer, ModelConfig, count_params
+from loopjax.config.base import model_config
+from loopjax.config.load import load_config
 
 TINY = dict(vocab_size=64, max_length=32, width=64, num_layers=4, num_heads=4, cond_dim=32,
             scan_unroll=True)
@@ -219,7 +220,7 @@ def test_param_report_equals_count_params(kw):
 
 
 CONFIG_FILE = textwrap.dedent("""
-    from loopjax.train.config import base_config
+    from loopjax.config.base import base_config
 
     def get_config(arg="loop"):
       c = base_config()

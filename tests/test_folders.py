@@ -19,7 +19,7 @@ import pytest
 from loopjax import folders
 from loopjax.io import export
 from loopjax.model import LoopedTransformer
-from loopjax.train.config_load import load_config
+from loopjax.config.load import load_config
 from loopjax.io.export_format import abstract_params
 from loopjax.io.load import run_model_config, runnable
 

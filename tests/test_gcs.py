@@ -242,7 +242,7 @@ OWT_TINY = ["--config.data.tokenizer=byte", "--config.data.seq_len=32",
 # Two processes of one CPU device each, or one process of two: the same program and sums.
 ONE_PROCESS = ("import logging, sys; logging.basicConfig(level=logging.WARNING); "
                "logging.getLogger('loopjax').setLevel(logging.INFO); "
-               "from loopjax.train.config_load import load_config; "
+               "from loopjax.config.load import load_config; "
                "from loopjax.train.loop import train; "
                "train(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2])")
 

@@ -16,7 +16,7 @@ import pytest
 from run_logs import logged_losses
 
 # The public API this test pins (kept in one place).
-from loopjax.train.config_load import load_config
+from loopjax.config.load import load_config
 from loopjax.train.loop import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -28,7 +28,7 @@ from test_export import CONFIGS, _random_params, _run_config  # noqa: E402
 from loopjax.io import export, export_format, load  # noqa: E402
 from loopjax.cli import export as export_command  # noqa: E402
 from loopjax.data import CharTokenizer, ByteTokenizer  # noqa: E402
-from loopjax.diffusion.loop_policy import LoopPolicy  # noqa: E402
+from loopjax.loops import LoopPolicy  # noqa: E402
 from loopjax.inference.denoiser import make_denoiser  # noqa: E402
 from loopjax.hf import tokenizer_files  # noqa: E402
 from loopjax.model import LoopedTransformer  # noqa: E402

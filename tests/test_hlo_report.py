@@ -199,7 +199,7 @@ def test_roofline_against_a_hand_computed_bound():
 def test_report_of_a_real_tpu_compile(loop_weights):
   from loopjax.parallel.topology import tpu_topology_devices
   from loopjax.train import memory
-  from loopjax.train.config_load import load_config
+  from loopjax.config.load import load_config
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   tiny = ["--config.model.width=64", "--config.model.num_layers=3", "--config.model.num_heads=2",
           "--config.model.cond_dim=16", "--config.train.batch_size=16",

@@ -17,6 +17,8 @@ LAYERS = {
     "loopjax": 0,  # the package's own __init__.py
     "loopjax.model": 0, "loopjax.diffusion": 0, "loopjax.data": 0, "loopjax.parallel": 0,
     "loopjax.flops": 0, "loopjax.errors": 0,
+    # Loop counts: the training distribution and the inference policies.
+    "loopjax.loops": 0,
     # Local or gs:// paths for every file a run reads or writes.
     "loopjax.storage": 0,
     # What a folder is (run, export, corpus, study, eval output), before a command writes to it.
@@ -25,6 +27,8 @@ LAYERS = {
     "loopjax.reference": 0, "loopjax.hf": 0,
     # Weights on disk: checkpoints (read and write), the export format (both ways), loading.
     "loopjax.io": 1,
+    # The experiment file + overrides resolved into the run's config (imports no weights).
+    "loopjax.config": 1,
     # The denoiser/sampler driver of sample, lm-eval, gen-PPL and tasks.
     "loopjax.train": 2, "loopjax.inference": 2,
     "loopjax.evaluate": 3,

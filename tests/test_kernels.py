@@ -453,7 +453,7 @@ def test_tpu_train_step_with_splash_compiles_and_keeps_activations_sharded(monke
   # no collective moves activations.
   from loopjax.parallel.topology import tpu_topology_devices
   from loopjax.train import memory
-  from loopjax.train.config_load import load_config
+  from loopjax.config.load import load_config
   hlo = []
   optimized = memory._optimized_hlo
   monkeypatch.setattr(memory, "_optimized_hlo", lambda *a: hlo.append(optimized(*a)) or hlo[-1])

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # The public API this test uses (kept in one place).
-from loopjax.train.config_load import load_config
+from loopjax.config.load import load_config
 from loopjax.data import make_eval_batches
 from loopjax.diffusion import make_schedule
 from loopjax.evaluate.likelihood import heldout_nelbo

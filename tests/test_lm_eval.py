@@ -49,7 +49,7 @@ def export_dir(tmp_path_factory):
   import dataclasses
   from loopjax.io.export import export_params
   from loopjax.model import LoopedTransformer, ModelConfig
-  from loopjax.train.config import base_config
+  from loopjax.config.base import base_config
   cfg = ModelConfig(vocab_size=257, max_length=SEQ_LEN, width=32, num_layers=3, num_heads=2,
                     cond_dim=16, loop_start=1, loop_end=2, max_loops=2)
   model = LoopedTransformer(cfg)

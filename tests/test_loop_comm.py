@@ -24,7 +24,7 @@ _SCRIPT = textwrap.dedent("""
     jax.config.update("jax_num_cpu_devices", 8)
     from loopjax.parallel import mesh as mesh_lib
     from loopjax.parallel.hlo import collectives
-    from loopjax.train.config_load import load_config
+    from loopjax.config.load import load_config
     from loopjax.train.step import build_train_step
 
     OVERRIDES = ["--config.model.width=64", "--config.model.num_layers=3",

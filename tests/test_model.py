@@ -50,13 +50,31 @@ def test_looped_equals_block_applied_by_hand(loops):
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("loop_inject", [False, True])
+def test_more_loops_than_s_max_run_the_same_for_a_traced_and_a_python_s(loop_inject):
+  # S_max = 5, S = 7: a traced S runs 7 loops like a Python int, equal to the unrolled model
+  # with 7 copies of the block, and not to S = S_max.
+  cfg, loops = _loop_cfg(loop_inject=loop_inject), 7
+  model, params, x = _init(cfg)
+  traced = jax.jit(lambda p, x, s: model.apply({"params": p}, x, s))(params, x, jnp.int32(loops))
+  static = model.apply({"params": params}, x, loops)
+  np.testing.assert_allclose(traced, static, rtol=2e-5, atol=2e-5)
+  at_s_max = jax.jit(lambda p, x, s: model.apply({"params": p}, x, s))(params, x, jnp.int32(5))
+  assert np.abs(np.asarray(traced) - np.asarray(at_s_max)).max() > 1e-3
+  if not loop_inject:
+    plain = ModelConfig(**{**TINY, "num_layers": cfg.executed_depth(loops)})
+    want = LoopedTransformer(plain).apply({"params": _unrolled_params(params, loops)}, x)
+    np.testing.assert_allclose(traced, want, rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("loop_remat", ["none", "full"])
 def test_loop_gradient_equals_unrolled_gradient(loop_remat):
   # Traced S = 3 of S_max = 5: skipped iterations add nothing; the shared block's gradient is the
   # sum of its 3 unrolled copies' gradients, with or without rematerialised iterations.
   cfg, loops = _loop_cfg(loop_remat=loop_remat), 3
   model, params, x = _init(cfg)
-  loss = lambda m, p, *s: jnp.sum(jnp.sin(m.apply({"params": p}, x, *s)))
+  # train=True (dropout 0): the training program, whose traced S needs no loop past S_max.
+  loss = lambda m, p, *s: jnp.sum(jnp.sin(m.apply({"params": p}, x, *s, train=True)))
   got = jax.jit(jax.grad(lambda p, s: loss(model, p, s)))(params, jnp.int32(loops))
   plain = LoopedTransformer(ModelConfig(**{**TINY, "num_layers": cfg.executed_depth(loops)}))
   want = jax.grad(lambda p: loss(plain, p))(_unrolled_params(params, loops))
@@ -129,9 +147,12 @@ def test_unroll_layers_keeps_params_outputs_and_the_rolled_loop():
   np.testing.assert_allclose(f(params, x, jnp.int32(4)), model.apply({"params": params}, x, 4),
                              rtol=2e-5, atol=2e-5)
   # The head/tail stacks are unrolled; the loop stays one rolled while loop (compile time
-  # independent of S_max).
+  # independent of S_max), beside the while loop of the iterations past S_max.
   hlo = f.lower(params, x, jnp.int32(4)).compile().as_text()
-  assert hlo.count(" while(") == 1
+  assert hlo.count(" while(") == 2
+  # Training (S <= S_max by its distribution) builds no loop past S_max: its program is the scan.
+  g = jax.jit(lambda p, x, s: unrolled.apply({"params": p}, x, s, train=True))
+  assert g.lower(params, x, jnp.int32(4)).compile().as_text().count(" while(") == 1
 
 
 def test_mask_is_never_predicted_and_segments_isolate():
@@ -170,7 +191,7 @@ def test_grad_last_k_cuts_early_iterations():
   # the head output enters iteration 0, which is cut when S > 1, so head params get no gradient.
   cfg = _loop_cfg(grad_last_k=1)
   model, params, x = _init(cfg)
-  loss = lambda p, s: jnp.mean(model.apply({"params": p}, x, s) ** 2)
+  loss = lambda p, s: jnp.mean(model.apply({"params": p}, x, s, train=True) ** 2)
   g = jax.grad(loss)(params, jnp.int32(3))
   assert float(jnp.abs(g["head"]["scan"]["layer"]["mlp"]["wi"]["kernel"]).max()) == 0.0
   g1 = jax.grad(loss)(params, jnp.int32(1))

@@ -80,7 +80,7 @@ def _env(cache, devices=None):
 DRIVER = textwrap.dedent("""
   import json, sys
   import jax
-  from loopjax.train.config_load import load_config
+  from loopjax.config.load import load_config
   from loopjax.train.loop import train
   spec = lambda x: [a if a is None or isinstance(a, str) else list(a) for a in x.sharding.spec]
   out = {}

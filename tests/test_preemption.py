@@ -33,7 +33,7 @@ RTOL = 1e-5  # float32 sums in another order (2 processes vs 1 process of 2 devi
 # One process, two devices, no end-of-run task evaluation: the uninterrupted reference.
 DRIVER = textwrap.dedent("""
   import sys
-  from loopjax.train.config_load import load_config
+  from loopjax.config.load import load_config
   from loopjax.train.loop import train
   train(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2])
 """)

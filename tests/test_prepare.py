@@ -468,7 +468,7 @@ def test_truncated_or_corrupt_shard(tmp_path):
 def test_owt_recipe_trains_on_a_prepared_corpus_and_resumes_bitwise(tmp_path):
   """experiments/owt.py:loopmdm with size overrides reads a prepared corpus; a run stopped at a
   checkpoint and resumed logs the same losses as one that went straight through."""
-  from loopjax.train.config_load import load_config
+  from loopjax.config.load import load_config
   from loopjax.train.loop import train
   raw, _ = _corpus_dir(tmp_path, files=2, per_file=60)
   out = str(tmp_path / "corpus")

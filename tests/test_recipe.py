@@ -17,7 +17,7 @@ from loopjax.model import config as model_config_module
 from loopjax.model.kernels.masks import AttentionMask
 from loopjax.model.layers import Block, Mlp, layer_norm
 from loopjax.model.transformer import OutputLayer, TimeEmbedding, embedding_initializer
-from loopjax.train.config_load import load_config
+from loopjax.config.load import load_config
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "experiments")

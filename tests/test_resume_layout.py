@@ -36,7 +36,7 @@ DRIVER = textwrap.dedent("""
   import logging, sys
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger("loopjax").setLevel(logging.INFO)
-  from loopjax.train.config_load import load_config
+  from loopjax.config.load import load_config
   from loopjax.train.loop import train
   train(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2])
 """)

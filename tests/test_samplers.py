@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from loopjax.diffusion import Schedule
-from loopjax.diffusion.loop_policy import LoopPolicy, relative_change, run_loops
+from loopjax.loops import LoopPolicy, relative_change, run_loops
 from loopjax.diffusion.samplers import (confidence_sample, exponential32, filter_logits,
                                         from_logits_fn, sample, sample_categorical)
 
@@ -208,9 +208,14 @@ def test_policy_parsing_and_schedules():
   lo, _, _ = table.bounds(jnp.zeros(4), jnp.asarray([0.0, 0.4, 0.7, 1.0]))
   assert np.array_equal(lo, [8, 4, 2, 2])
   assert ramp.time_dependent and not table.time_dependent
-  for bad in ("0", "adaptive", "adaptive:-1", "adaptive:0.1:3:2", "time:0:4", "foo:1", "x"):
+  for bad in ("-1", "fixed:0", "adaptive", "adaptive:-1", "adaptive:0.1:3:2", "time:0:4", "foo:1",
+              "x"):
     with pytest.raises(ValueError, match="loops"):
       LoopPolicy.parse(bad, s_max=4)
+  # 0 / max: S_max of the model, which must be known.
+  assert LoopPolicy.parse("0", s_max=4).loops == LoopPolicy.parse("max", s_max=4).loops == 4
+  with pytest.raises(ValueError, match="S_max is not known"):
+    LoopPolicy.parse("max")
 
 
 def _contraction(rates_B):
@@ -277,15 +282,19 @@ def random_params(model, length, scale=0.2, seed=0):
 
 
 def test_adaptive_tau_zero_equals_fixed_s_max_and_huge_tau_runs_minimum(tiny):
-  from loopjax.inference.denoiser import loop_args, make_denoiser, resolve_policy
+  from loopjax.inference.denoiser import compiled_policy, loop_args, make_denoiser, resolve_policy
   model, params = tiny
   x = jnp.asarray(np.where(np.random.default_rng(0).random((4, 12)) < 0.5, MASK,
                            np.random.default_rng(1).integers(0, V, (4, 12))), jnp.int32)
   t, r = jnp.full(4, 0.5), jnp.full(4, 0.5)
 
-  compiled = jax.jit(lambda arr: make_denoiser(
-      model, params, resolve_policy(model.cfg, "adaptive:0"), loop_arr=arr)(x, t, r))
-  run = lambda spec: compiled(loop_args(resolve_policy(model.cfg, spec)))  # one program
+  # One program per kind: every fixed S runs the model's own loop, every adaptive rule the
+  # while loop that measures the change per iteration.
+  programs = {kind: jax.jit(lambda arr, kind=kind: make_denoiser(
+      model, params, compiled_policy(resolve_policy(model.cfg, kind)), loop_arr=arr)(x, t, r))
+      for kind in ("3", "adaptive:0")}
+  run = lambda spec: programs["3" if spec.isdigit() else "adaptive:0"](
+      loop_args(resolve_policy(model.cfg, spec)))
 
   ref = model.apply({"params": params}, x, 3)  # the model's own scan over S_max = 3
   fixed, loops_f = run("3")
@@ -298,6 +307,10 @@ def test_adaptive_tau_zero_equals_fixed_s_max_and_huge_tau_runs_minimum(tiny):
   beyond, loops_b = run("5")  # S > S_max: runs, and really runs 5 iterations
   assert np.array_equal(loops_b, [5] * 4)
   assert np.abs(np.asarray(beyond) - np.asarray(fixed)).max() > 1e-3
+  assert np.allclose(beyond, model.apply({"params": params}, x, 5), atol=1e-4)
+  assert programs["3"]._cache_size() == 1 and programs["adaptive:0"]._cache_size() == 1
+  hlo = programs["3"].lower(loop_args(resolve_policy(model.cfg, "3"))).as_text()
+  assert "stablehlo.sqrt" not in hlo, "a fixed S runs no per-iteration relative change"
 
 
 def test_loop_embedding_refuses_s_beyond_s_max_and_cache_guard():

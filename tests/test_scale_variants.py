@@ -5,8 +5,8 @@ import os
 import pytest
 
 from loopjax import flops
-from loopjax.train.config import model_config
-from loopjax.train.config_load import load_config
+from loopjax.config.base import model_config
+from loopjax.config.load import load_config
 
 SCALE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
                      "owt_scale.py")

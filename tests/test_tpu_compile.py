@@ -16,7 +16,7 @@ from loopjax.parallel import mesh as mesh_lib
 from loopjax.parallel import topology, xla_flags
 from loopjax.parallel.topology import have_libtpu, tpu_topology_devices
 from loopjax.train import memory
-from loopjax.train.config_load import load_config
+from loopjax.config.load import load_config
 
 pytestmark = pytest.mark.skipif(not have_libtpu(),
                                 reason="TPU compiles need the libtpu wheel (pip install -e "

@@ -1,6 +1,7 @@
 """Metric writers chosen by train.writers: a run writing metrics.jsonl, TensorBoard and an offline
 W&B run, resumed into the same W&B run id; the checkpoints of evaluated steps carry their
-held-out NELBO and `--step best` reads the lowest; bad writer names fail before any work."""
+held-out NELBO and `--step best` reads the lowest; bad writer names fail before any work; a stop
+signal logs the partial window."""
 
 import importlib.util
 import json
@@ -98,19 +99,20 @@ def test_the_step_argument_is_an_integer_or_best():
     parse_step("last")
 
 
-def test_unknown_or_uninstalled_writers_are_refused_when_the_config_is_validated(monkeypatch):
-  from loopjax.train import config as config_lib
+def test_unknown_or_uninstalled_writers_are_refused_before_the_run_starts(monkeypatch, tmp_path):
+  workdir = str(tmp_path / "run")
   c = _config(steps=4)
   c.train.writers = "jsonl,tensorbord"
   with pytest.raises(ValueError, match="no writer named 'tensorbord'; known: jsonl, tensorboard"):
-    config_lib.validate(c)
+    loop.train(c, workdir)
   c.train.writers = "jsonl,jsonl"
   with pytest.raises(ValueError, match="names a writer twice"):
-    config_lib.validate(c)
+    loop.train(c, workdir)
   monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
   c.train.writers = "jsonl,wandb"
   with pytest.raises(ValueError, match=r"wandb package is missing: pip install -e '\.\[wandb\]'"):
-    config_lib.validate(c)
+    loop.train(c, workdir)
+  assert not os.path.exists(workdir), "the writers are checked before the workdir is written"
 
 
 def test_a_registered_writer_gets_every_row(tmp_path):
@@ -139,3 +141,26 @@ def test_a_registered_writer_gets_every_row(tmp_path):
   assert json.dumps(writers.scalars(writers.jsonable(
       {"step": 1, "a": np.float32(2.0), "b": {"3": 1.0}, "c": "ema", "d": float("nan")}))) == \
       '{"a": 2.0, "b/3": 1.0}'
+
+
+def test_a_stop_signal_logs_the_partial_metrics_window(monkeypatch, tmp_path):
+  # SIGINT during step 3 of a 10-step logging window: the run saves checkpoint 3 and its row
+  # for steps 1-3 is logged (a window cut only at log steps would drop those steps' metrics).
+  import signal
+  workdir = str(tmp_path / "run")
+  c = _config(steps=50)
+  c.train.update(log_every=10, checkpoint_every=50, eval_every=50, writers="jsonl")
+  reached = loop._StopRequests.reached
+
+  def signal_at_step_3(self, step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGINT)
+    return reached(self, step)
+
+  monkeypatch.setattr(loop._StopRequests, "reached", signal_at_step_3)
+  out = loop.train(c, workdir)
+  assert out["metrics"]["stopped_by_signal"] and out["metrics"]["step"] == 3
+  rows = logged_rows(workdir)
+  assert [r["step"] for r in rows] == [3], rows
+  assert np.isfinite(rows[0]["loss"])
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]

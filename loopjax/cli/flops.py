@@ -25,8 +25,8 @@ from loopjax.flops import (FLOP_CONVENTIONS, _depth, as_loop_distribution,
                            layer_flops_per_seq, matched_depth, matched_steps, param_counts,
                            train_flops_per_step)
 from loopjax.cli.config import CONFIG_HELP, OVERRIDES_EPILOG
-from loopjax.train.config import model_config
-from loopjax.train.config_load import load_config, split_config_args
+from loopjax.config.base import model_config
+from loopjax.config.load import load_config, split_config_args
 
 
 def load_experiment(spec: str, overrides: Sequence[str] = ()):

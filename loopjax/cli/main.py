@@ -57,7 +57,7 @@ def train_parser():
 
 
 def _train(argv) -> int:
-  from loopjax.train.config_load import load_config, split_config_args
+  from loopjax.config.load import load_config, split_config_args
 
   spec, overrides, rest = split_config_args(argv)
   p = train_parser()

@@ -8,7 +8,7 @@ import argparse
 import json
 
 from loopjax.cli.config import CONFIG_HELP, OVERRIDES_EPILOG
-from loopjax.train.config_load import split_config_args
+from loopjax.config.load import split_config_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def main(argv) -> int:
   if spec is None:
     p.error("--config experiments/NAME.py[:VARIANT] is required")
   from loopjax.parallel import topology as topology_lib  # jax and the step: only when compiling
-  from loopjax.train.config_load import load_config
+  from loopjax.config.load import load_config
   from loopjax.train.memory import compile_devices, format_report, memory_report, parse_mesh
   mesh_cfg = parse_mesh(args.mesh) if args.mesh else None
   devices, flags_source = compile_devices(args.topology, args.num_slices, args.devices, mesh_cfg)

@@ -17,10 +17,14 @@ Row streams:
                         tokenized, then packed (see packing.py) or one padded doc per row.
                         Held out: `eval_examples` fixed documents (text) or `eval_split` (tfds).
 The data seed is `data.shuffle_seed` if set, else the `seed` argument.
+
+Each function taking a data config also takes a `DataSpec` (the section resolved with its
+tokenizer and prepared manifest loaded once) and then reuses what it holds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from types import SimpleNamespace
@@ -30,6 +34,7 @@ import ml_collections
 from grain.experimental import ThreadPrefetchIterDataset
 from ml_collections import config_dict
 
+from loopjax import storage
 from loopjax.data import (arithmetic, heldout, packing, prepared, prompt_answer, sudoku, text,
                           tfds_source)
 from loopjax.data.batch import slice_rows, stack_rows
@@ -89,6 +94,8 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 def _resolve(data_cfg) -> SimpleNamespace:
   """Defaults overlaid with `data_cfg`; unknown keys are an error (typos)."""
+  if isinstance(data_cfg, DataSpec):
+    return data_cfg.section
   cfg = default_data_config().to_dict()
   given = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
   unknown = sorted(set(given) - set(cfg))
@@ -129,17 +136,39 @@ def _resolve(data_cfg) -> SimpleNamespace:
   return c
 
 
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """A run's data, resolved once: the section (defaults filled in, validated), its tokenizer
+  and, for a prepared corpus, its manifest checked against that tokenizer."""
+  section: SimpleNamespace
+  tokenizer: Tokenizer
+  manifest: dict | None
+
+  @classmethod
+  def load(cls, data_cfg) -> "DataSpec":
+    if isinstance(data_cfg, DataSpec):
+      return data_cfg
+    c = _resolve(data_cfg)
+    manifest = None
+    if c.source == "sudoku":
+      tok = sudoku.sudoku_tokenizer()
+    elif c.source == "arithmetic":
+      tok = arithmetic.arithmetic_tokenizer()
+    else:
+      tok = make_tokenizer(c.tokenizer)
+      if c.source == "prepared":
+        storage.check_client(c.path)  # a gs:// corpus: a missing client named first
+        manifest = prepared.open_manifest(c.path, tok)
+    return cls(c, tok, manifest)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tokenizer.vocab_size
+
+
 def tokenizer_for(data_cfg) -> Tokenizer:
   """The tokenizer of the configured source (character vocabularies for built-in tasks)."""
-  c = _resolve(data_cfg)
-  if c.source == "sudoku":
-    return sudoku.sudoku_tokenizer()
-  if c.source == "arithmetic":
-    return arithmetic.arithmetic_tokenizer()
-  tok = make_tokenizer(c.tokenizer)
-  if c.source == "prepared":
-    prepared.open_manifest(c.path, tok)
-  return tok
+  return DataSpec.load(data_cfg).tokenizer
 
 
 def data_vocab_size(data_cfg) -> int:
@@ -205,10 +234,10 @@ def _local_rows(global_batch_size: int, process_index: int, process_count: int):
 def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1) -> DataIterator:
   """Infinite, deterministic, resumable iterator of this process's training batches."""
-  c = _resolve(data_cfg)
+  spec = DataSpec.load(data_cfg)
+  c, tok = spec.section, spec.tokenizer
   local = _local_rows(global_batch_size, process_index, process_count)
   dseed = _data_seed(c, seed)
-  tok = tokenizer_for(data_cfg)
   fingerprint = dict(source=c.source, seq_len=c.seq_len, seed=dseed,
                      global_batch_size=global_batch_size, process_index=process_index,
                      process_count=process_count, packing=bool(c.packing),
@@ -216,7 +245,7 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
                      vocab_size=tok.vocab_size)
   rows = None
   if c.source == "prepared":
-    manifest = prepared.open_manifest(c.path, tok)
+    manifest = spec.manifest
     fingerprint.update(corpus=prepared.corpus_fingerprint(manifest), wrap=c.wrap,
                        shuffle_window=c.shuffle_window)
     ds = prepared.train_batches(c.path, manifest, seq_len=c.seq_len, wrap=c.wrap, seed=dseed,
@@ -260,27 +289,27 @@ def make_eval_batches(data_cfg, *, batch_size: int, num_batches: int, seed: int,
   sudoku / arithmetic: examples 0.. of the held-out partition for `seed`. text: the held-out
   documents in corpus order; tfds: `eval_split` in order (`seed` unused for both).
   """
-  c = _resolve(data_cfg)
+  spec = DataSpec.load(data_cfg)
+  c = spec.section
   local = _local_rows(batch_size, process_index, process_count)
   need = batch_size * num_batches
   if c.source in _SYNTHETIC:
     dseed = _data_seed(c, seed)
     rows = [_synthetic_row(i, c=c, seed=dseed, heldout_split=True) for i in range(need)]
   elif c.source == "prepared":
-    manifest = prepared.open_manifest(c.path, make_tokenizer(c.tokenizer))
-    batch = prepared.eval_rows(c.path, manifest, seq_len=c.seq_len, wrap=c.wrap, num_rows=need,
+    batch = prepared.eval_rows(c.path, spec.manifest, seq_len=c.seq_len, wrap=c.wrap, num_rows=need,
                                verify=c.verify_shards, stage_dir=c.stage_dir)
     lo = process_index * local
     return [{k: v[k0 + lo:k0 + lo + local] for k, v in batch.items()}
             for k0 in range(0, need, batch_size)]
   elif c.source == "prompt_answer":
-    rows = _pair_rows(c, tokenizer_for(data_cfg), train=False)[:need]
+    rows = _pair_rows(c, spec.tokenizer, train=False)[:need]
     if len(rows) < need:
       raise ValueError(f"{len(rows)} held-out prompt/answer pairs, but {num_batches} batches of "
                        f"{batch_size} need {need}: raise data.eval_examples or ask for fewer "
                        "evaluation batches")
   else:
-    tok = tokenizer_for(data_cfg)
+    tok = spec.tokenizer
     docs = grain.MapDataset.source(_documents(c, train=False)).map(
         functools.partial(text.encode_document, tok))
     if c.packing:

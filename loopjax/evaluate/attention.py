@@ -188,16 +188,12 @@ def _tail_layers(row: dict) -> int:
   return sum(1 for name in row["layers"] if str(name).startswith("tail"))
 
 
-def _fixed_loops(spec: str) -> int:
+def _fixed_loops(policy) -> int:
   """S of a fixed `--loops` value (this analysis runs one S at a time, no adaptive policy)."""
-  try:
-    loops = int(spec.removeprefix("fixed:"))
-  except ValueError:
-    raise ValueError(f"--loops {spec!r}: analyze takes fixed loop counts (N, or 0 / max for "
-                     "S_max)") from None
-  if loops < 1:
-    raise ValueError(f"--loops {spec!r}: S must be >= 1, or 0 / max for S_max")
-  return loops
+  if policy.kind != "fixed":
+    raise ValueError(f"--loops {policy}: analyze takes fixed loop counts (N, or 0 / max for "
+                     "S_max)")
+  return policy.loops
 
 
 def analyze_attention(workdir: str, *, loops: str = "", examples: int = 16,

@@ -1,6 +1,6 @@
 """End-of-run report: held-out task accuracy for built-in tasks, printed and saved.
 
-The run's own loop count (`eval.loops`, default S_max) gives the headline numbers; a looped
+The run's own loop count (`loops.eval`, default S_max) gives the headline numbers; a looped
 model is also scored at S = 1, 2, S_max and 2 S_max (one compiled sampler serves every S), so
 the report shows what the loops do at inference: a table in the log, the rows in
 WORKDIR/eval/final_task_accuracy.json and a plot, WORKDIR/plots/final_accuracy_vs_loops.png.
@@ -39,7 +39,7 @@ def report_task_accuracy(config, out: dict, workdir: str) -> dict | None:
   params = jax.device_get(state.ema_params if config.train.eval_params == "ema"
                           else state.params)
   batches = heldout_batches(config.data, int(config.eval.examples), seed=config.train.seed + 1)
-  own = int(config.eval.loops or cfg.max_loops)
+  own = int(config.loops.eval or cfg.max_loops)
   rows = [dict(task_accuracy(model, params, batches, source=source, loops=s,
                              steps=config.eval.steps), loops=s)
           for s in report_loops(cfg.max_loops, cfg.looped, own)]

@@ -1,8 +1,8 @@
 """Loop counts as commands give them, and what a large one costs.
 
-`parse_loops_arg`: `0` or `max` is S_max, the largest S of training (the model's default);
-`N >= 1` is S = N (S > S_max included); a negative S is an error; policies (`adaptive:...`,
-`time:...`, `mask:...`) pass through to `LoopPolicy.parse`.
+`--loops`: every command parses a loop count once, with `LoopPolicy.parse` (`parse_loops_arg`):
+`0` or `max` is S_max, the largest S of training (the model's default); `N >= 1` is S = N (S >
+S_max included); a negative S is an error; policies (`adaptive:...`, `time:...`, `mask:...`).
 
 A loop count above `loop_bound(S_max)` = min(8 * S_max, 256) logs a warning with the estimated
 inference FLOPs per sample and a lower bound on the time at the device's peak, before anything
@@ -13,28 +13,20 @@ compiles (`warn_loop_cost`). `default_sweep` is the list of loop counts of a swe
 from __future__ import annotations
 
 import logging
-import re
 
 import jax
 
 from loopjax.flops import inference_flops_per_sample, peak_flops_per_device
+from loopjax.loops import LoopPolicy
 
 log = logging.getLogger("loopjax")
 
-S_MAX_WORDS = ("0", "max")  # `--loops` values that mean S_max
 LOOP_WARN_FACTOR, LOOP_WARN_LIMIT = 8, 256
 
 
-def parse_loops_arg(spec, s_max: int) -> str:
-  """One `--loops` value with `0` / `max` replaced by S_max; a negative S is refused."""
-  s = str(spec).strip()
-  if s.lower() in S_MAX_WORDS:
-    return str(int(s_max))
-  m = re.fullmatch(r"(?:fixed:)?\s*(-\d+)", s)
-  if m:
-    raise ValueError(f"--loops {s!r}: S must be >= 1, or 0 / max for S_max (= {s_max} for "
-                     "this model)")
-  return s
+def parse_loops_arg(spec, s_max: int) -> LoopPolicy:
+  """One `--loops` value parsed (loopjax.loops.LoopPolicy.parse; `0` / `max` = S_max)."""
+  return LoopPolicy.parse(spec, s_max)
 
 
 def default_sweep(s_max: int, looped: bool = True) -> list[int]:

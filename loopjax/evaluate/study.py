@@ -2,7 +2,7 @@
 
   loopjax study --workdir DIR [--preset cpu|gpu|tiny]
 
-Compares three models of the paper's comparison (loopjax/train/variants.py) on one built-in task:
+Compares three models of the paper's comparison (loopjax/config/variants.py) on one built-in task:
 
   mdm       a 12-layer MDM, `steps` steps                            (the FLOP budget)
   loopmdm   the same 12 layers with a two-layer block looped, S ~ U{1..S_max}; steps FLOP-matched
@@ -31,11 +31,11 @@ from loopjax import flops
 from loopjax.data.arithmetic import required_seq_len
 from loopjax.evaluate.study_report import markdown_report, plot_study, summarize
 from loopjax.evaluate.tasks import heldout_batches, primary_metric, task_accuracy
-from loopjax.model import LoopDistribution
-from loopjax.train.config import model_config
-from loopjax.train.config_load import read_config
+from loopjax.loops import LoopDistribution
+from loopjax.config.base import model_config
+from loopjax.config.load import read_config
 from loopjax.train.loop import NonFiniteLossError, train
-from loopjax.train.variants import resolve_variant
+from loopjax.config.variants import resolve_variant
 from loopjax.io.load import load_run
 
 # Multi-digit addition: the carry into a digit depends on every lower digit, a chain as long as

@@ -30,18 +30,7 @@ from loopjax.evaluate.outputs import claim_output_dir
 from loopjax.inference.denoiser import resolve_policy
 from loopjax.evaluate.evaluations import Sweep, checked_options
 from loopjax.io.load import load_model_dir
-
-
-def parse_loops(specs) -> list[str]:
-  """`--loops` values: comma lists of S or policies ("1,2,4,adaptive:0.01"); a schedule table
-  ("time:8,4,2") is taken whole."""
-  out = []
-  for spec in specs:
-    if spec.startswith(("time:", "mask:")):
-      out.append(spec)
-    else:
-      out.extend(s.strip() for s in spec.split(",") if s.strip())
-  return out
+from loopjax.loops import split_specs
 
 
 def machine() -> str:
@@ -66,7 +55,7 @@ def run_eval(workdir: str, evaluations: dict, *, loops=None, steps=(0,),
   config, model, weights = load_model_dir(workdir, step=step, params=params)
   cfg = model.cfg
   loops = loops or [",".join(map(str, default_sweep(cfg.max_loops, cfg.looped)))]
-  specs = [parse_loops_arg(s, cfg.max_loops) for s in parse_loops(loops)]
+  specs = [parse_loops_arg(s, cfg.max_loops) for s in split_specs(loops)]  # LoopPolicy, once
   samples = options["tasks"][1]["examples"] if "tasks" in options else 1
   for s in specs:  # fail (or warn of the cost) before any work on a policy this model cannot run
     warn_loop_cost(cfg, resolve_policy(cfg, s).largest, length=config.data.seq_len,
@@ -74,7 +63,7 @@ def run_eval(workdir: str, evaluations: dict, *, loops=None, steps=(0,),
   summary = {"workdir": os.path.abspath(workdir),
              "checkpoint_step": int(config.source.get("step") or 0),
              "params": config.source.get("params"), "s_max": cfg.max_loops,
-             "source": config.data.source, "loops": specs, "machine": machine(),
+             "source": config.data.source, "loops": [p.label for p in specs], "machine": machine(),
              "command": command}
   sweep = Sweep(workdir=workdir, out_dir=workdir_out, config=config, model=model,
                 weights=weights, specs=specs, steps=list(steps), method=method,

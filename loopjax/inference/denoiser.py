@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopjax.diffusion.loop_policy import LoopPolicy, batch_loops, run_loops
+from loopjax.loops import LoopPolicy, batch_loops, run_loops
 from loopjax.diffusion.samplers import sample
 from loopjax.flops import inference_flops_per_sample
 
@@ -36,7 +36,9 @@ def cache_valid(cfg, policy: LoopPolicy) -> bool:
   return not cfg.time_conditioning and not policy.time_dependent
 
 
-_RUNTIME = LoopPolicy(kind="adaptive", max_loops=1, spec="runtime")  # compile-time stand-in
+# Compile-time stand-ins: the numbers of a fixed or adaptive policy are run-time arguments.
+_RUNTIME = LoopPolicy(kind="adaptive", max_loops=1, spec="runtime")
+_FIXED = LoopPolicy(kind="fixed", loops=1, spec="runtime")
 
 
 def loop_args(policy: LoopPolicy):
@@ -50,8 +52,9 @@ def loop_args(policy: LoopPolicy):
 
 
 def compiled_policy(policy: LoopPolicy) -> LoopPolicy:
-  """The static part of a policy: fixed and adaptive ones all compile to `_RUNTIME`."""
-  return _RUNTIME if policy.kind in ("fixed", "adaptive") else policy
+  """The static part of a policy: every fixed S compiles to `_FIXED` (the model's own loop),
+  every adaptive rule to `_RUNTIME`."""
+  return {"fixed": _FIXED, "adaptive": _RUNTIME}.get(policy.kind, policy)
 
 
 def make_denoiser(model, params, policy: LoopPolicy, segment_ids_BxL=None, loop_arr=None):
@@ -71,6 +74,10 @@ def make_denoiser(model, params, policy: LoopPolicy, segment_ids_BxL=None, loop_
     b = x_BxL.shape[0]
     if not cfg.looped:
       h, loops_B = h0, jnp.ones((b,), jnp.int32)
+    elif policy.kind == "fixed":  # the model's loop: no per-iteration change to measure
+      s = jnp.asarray(loop_arr[1], jnp.int32)
+      h = model.apply(variables, h0, c, mask, s, method="run_loop")
+      loops_B = jnp.full((b,), s, jnp.int32)
     else:
       if policy.kind in ("fixed", "adaptive"):
         lo, hi, tau = loop_arr

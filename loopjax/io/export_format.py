@@ -51,9 +51,6 @@ TENSOR_NAMES = {
     "loop_block.<j>.*": "layer a + j of the looped block: stored once, applied S times",
     "layout": "y = x @ kernel (+ bias); attn q/k/v kernel D x H x K, out H x K x D; adaln: "
               "shift1 scale1 gate1 shift2 scale2 gate2 (output.adaln: shift scale)"}
-# ModelConfig fields that change how the same weights are computed, not what they are.
-RUNTIME_FIELDS = ("max_loops", "kernels", "remat", "loop_remat", "dtype", "scan_unroll",
-                  "unroll_layers")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,13 +19,14 @@ import jax.numpy as jnp
 import ml_collections
 from flax import traverse_util
 
+from loopjax import config as config_lib
 from loopjax import storage
-from loopjax.data import data_vocab_size
 from loopjax.io import checkpoints
-from loopjax.io.export_format import (CONFIG, DTYPES, RUNTIME_FIELDS, WEIGHTS, FORMAT,
+from loopjax.io.export_format import (CONFIG, DTYPES, WEIGHTS, FORMAT,
                                       abstract_params, check_tensors, file_sha256, is_export,
                                       read_export_config, read_tensors, restack)
-from loopjax.model import LoopDistribution, LoopedTransformer, ModelConfig, resolve_kernels
+from loopjax.model import LoopedTransformer, ModelConfig, resolve_kernels
+from loopjax.model.config import RUNTIME_FIELDS
 from loopjax.model.kernels import runs_on
 
 log = logging.getLogger("loopjax")
@@ -92,33 +93,17 @@ def runnable(cfg: ModelConfig, *, quiet: bool = False) -> ModelConfig:
 # A run's workdir.
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with (its workdir's config.json)."""
-  path = storage.join(workdir, "config.json")
-  if not storage.exists(path):
-    raise FileNotFoundError(f"{workdir} is not a loopjax run: no config.json (train one with "
-                            "`loopjax train --config ... --workdir DIR`)")
-  try:
-    saved = json.loads(storage.read_text(path))
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is damaged, not a JSON config ({e}): restore the run's "
-                     "config.json or train into a new --workdir") from None
-  if not isinstance(saved, dict):
-    raise ValueError(f"{path} is damaged: a JSON {type(saved).__name__}, not the run's config "
-                     "object (restore it or train into a new --workdir)")
+  """The config a run was trained with (loopjax.config.read_config_json), refusing an export."""
+  saved = config_lib.read_config_json(workdir)
   if saved.get("format") == FORMAT:
     raise ValueError(f"{workdir} is a `loopjax export` folder, not a training workdir: this "
                      "command needs the run's workdir (sample, eval and analyze read either)")
-  return ml_collections.ConfigDict(saved)
+  return saved
 
 
 def run_model_config(config) -> ModelConfig:
-  """The ModelConfig a run's config describes: S_max from loops.train, vocab_size 0 = the data's
-  vocabulary; validated."""
-  fields = dict(config.model)
-  if fields.get("vocab_size", 0) == 0:
-    fields["vocab_size"] = data_vocab_size(config.data)
-  return ModelConfig.from_dict(
-      {**fields, "max_loops": LoopDistribution.parse(config.loops.train).max_loops})
+  """The ModelConfig a run's config describes (loopjax.config.model_config)."""
+  return config_lib.model_config(config)
 
 
 def load_run(workdir: str, *, step: int | None = None, params: str = "ema"):

@@ -2,7 +2,6 @@
 
 from loopjax.model.config import ModelConfig
 from loopjax.model.kernels import KERNELS, resolve_kernels
-from loopjax.model.loop_distribution import LoopDistribution
 from loopjax.model.transformer import LoopedTransformer
 
 
@@ -13,5 +12,5 @@ def count_params(params) -> int:
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(nn.unbox(params)))
 
 
-__all__ = ["KERNELS", "ModelConfig", "LoopDistribution", "LoopedTransformer", "count_params",
+__all__ = ["KERNELS", "ModelConfig", "LoopedTransformer", "count_params",
            "resolve_kernels"]

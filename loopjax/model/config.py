@@ -21,6 +21,11 @@ MLP_TYPES = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16")
 LOOP_WEIGHTS = ("gathered", "per_iteration")
 EMBED_INITS = ("normal", "mdlm")
+# Fields that change how the same weights are computed, not what they are: a loaded model or a
+# resumed run may set them anew (max_loops: the loop count's scan length, not a weight shape,
+# unless there is a loop embedding).
+RUNTIME_FIELDS = ("max_loops", "kernels", "remat", "loop_remat", "dtype", "scan_unroll",
+                  "unroll_layers")
 DENSE_INITS = ("lecun_normal", "torch")
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,8 @@
 
 `S` (`loops`) may be a traced integer: the loop is an `nn.scan` of static length `max_loops` whose
 body runs the block under `nn.cond(i < S)`, so one compiled program serves every S <= S_max and
-its cost follows S. The plain MDM, the deeper MDM and uniform looping are configurations of this
+its cost follows S. Any S runs S loops: the iterations past S_max follow the scan
+(`extra_loops`). The plain MDM, the deeper MDM and uniform looping are configurations of this
 one module (no looped block; more layers; block = every layer).
 
 The same code returns, on request, the hidden state after every loop iteration and the attention
@@ -334,23 +335,23 @@ class LoopedTransformer(nn.Module):
     float32 B x L, in place of the logits, which are then built model.loss_chunk positions at a
     time and never whole.
 
-    `loops` is S: a Python int or a traced int32 scalar, 1 <= S <= max_loops (a traced S above
-    max_loops runs max_loops; for more loops rebuild the model with a larger max_loops, which
-    leaves the parameters unchanged, or drive `loop_chunk`). aux: `loop_hiddens_SxBxLxD` (hidden
-    state after each of the S_max iterations; iterations >= S repeat the last one) and `attn` with layers x B x H x L x L
-    probabilities per stack (`head`, `loop` with a leading S_max axis, zeros for iterations >= S,
-    `tail`).
+    `loops` is S >= 1, a Python int or a traced int32 scalar; either runs S loops, S > max_loops
+    included (see `extra_loops`). aux: `loop_hiddens_SxBxLxD` (hidden state after each of the
+    first S_max iterations; iterations >= S repeat the last one) and `attn` with layers x B x H x
+    L x L probabilities per stack (`head`, `loop` with a leading S_max axis, zeros for
+    iterations >= S, `tail`).
     """
-    if isinstance(loops, int) and self.cfg.looped and not 1 <= loops <= self.cfg.max_loops:
-      raise ValueError(f"loops={loops} is outside [1, model.max_loops={self.cfg.max_loops}]; "
-                       "rebuild the model with max_loops >= loops to run more")
+    if isinstance(loops, int) and self.cfg.looped and loops < 1:
+      raise ValueError(f"loops={loops}: the looped block needs S >= 1 (pass loops=1 or more)")
     h, c, mask, head_probs = self.encode(tokens_BxL, t_B, segment_ids_BxL, train=train,
                                          collect=collect)
     aux = {"attn": {"head": head_probs, "loop": None, "tail": None}}
     if self.loop is not None:
+      h0 = h
       h, ys = self.loop(h, c, mask, loops, train, collect)
       if collect:
         aux["loop_hiddens_SxBxLxD"], aux["attn"]["loop"] = ys
+      h = self.extra_loops(h, h0, c, mask, loops, train)
     logits, aux["attn"]["tail"] = self.decode(h, c, mask, train=train, collect=collect,
                                               targets_BxL=targets_BxL)
     return (logits, aux) if collect else logits
@@ -384,6 +385,44 @@ class LoopedTransformer(nn.Module):
       return h_BxLxD
     h, _ = self.loop(h_BxLxD, c_BxC, mask, RUN_ALL, False, False, start, length,
                      h0_BxLxD)
+    return h
+
+  def run_loop(self, h_BxLxD, c_BxC, mask, loops):
+    """The looped block applied S = `loops` times (int or traced, any S >= 1) to the head's
+    output `h`, as `__call__` does at inference."""
+    if self.loop is None:
+      return h_BxLxD
+    h, _ = self.loop(h_BxLxD, c_BxC, mask, loops, False, False)
+    return self.extra_loops(h, h_BxLxD, c_BxC, mask, loops, False)
+
+  def extra_loops(self, h_BxLxD, h0_BxLxD, c_BxC, mask, loops, train: bool):
+    """Iterations S_max .. S-1 of the looped block, after the S_max-long scan.
+
+    A Python S runs them as a second static chunk (differentiable). A traced S runs them in a
+    `while_loop` that executes zero iterations when S <= S_max, built only outside training:
+    reverse-mode differentiation needs a static trip count, and training draws S <= S_max
+    (its distribution defines S_max), so the training step keeps its one scan and its cost.
+    """
+    s_max = self.cfg.max_loops
+    if isinstance(loops, int):
+      if loops <= s_max or self.is_initializing():
+        return h_BxLxD
+      h, _ = self.loop(h_BxLxD, c_BxC, mask, RUN_ALL, train, False, s_max, loops - s_max,
+                       h0_BxLxD)
+      return h
+    if train or self.is_initializing():
+      return h_BxLxD
+    loops = jnp.asarray(loops, jnp.int32)
+
+    def more(mdl, carry):
+      return carry[0] < loops
+
+    def one(mdl, carry):
+      i, h = carry
+      h, _ = mdl.loop(h, c_BxC, mask, RUN_ALL, False, False, i, 1, h0_BxLxD)
+      return i + 1, h
+
+    _, h = nn.while_loop(more, one, self, (jnp.int32(s_max), h_BxLxD))
     return h
 
   def decode(self, h_BxLxD, c_BxC, mask, *, train=False, collect=False, targets_BxL=None):

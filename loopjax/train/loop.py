@@ -34,19 +34,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopjax import flops, folders, storage
-from loopjax.io.checkpoints import BEST_METRIC, param_shape_diff
 from loopjax.data import prepared
 from loopjax.data import shards as data_shards
 from loopjax.data.process_rows import make_shards_eval_batches, make_shards_iterator
 from loopjax.diffusion import eval_time_grid, make_schedule, metrics_from_nelbo
 from loopjax.errors import Interrupted, UserError
+from loopjax.model.config import RUNTIME_FIELDS
 from loopjax.parallel import distributed
 from loopjax.parallel import mesh as mesh_lib
-from loopjax.train import config as config_lib
-from loopjax.io.checkpoints import Checkpointer, process_layout
+from loopjax.config import Run, from_config
+from loopjax.io.checkpoints import BEST_METRIC, Checkpointer, param_shape_diff, process_layout
 from loopjax.train.lock import WorkdirLock, WorkdirLockedError
+from loopjax.train import writers
 from loopjax.train.metrics import MetricsWindow, MetricsWriter
-from loopjax.train.runtime import Profiler, enable_compile_cache
+from loopjax.config.runtime import Profiler, enable_compile_cache
 from loopjax.train.step import TrainProgram, all_finite, build_train_step, make_eval_step
 from loopjax.io.load import load_model_dir, read_run_config
 
@@ -54,9 +55,9 @@ log = logging.getLogger("loopjax")
 
 # Sections that must match between a run's saved config and a resuming command.
 _COMPAT_SECTIONS = ("model", "loops")
-# ...except these, which change how the same weights are computed, not what they are.
-_RUNTIME_KEYS = {("model", k) for k in ("kernels", "remat", "loop_remat", "dtype",
-                                        "scan_unroll", "unroll_layers")}
+# ...except these, which change how the same weights are computed, not what they are
+# (max_loops is not a key of the model section: loops.train sets it).
+_RUNTIME_KEYS = {("model", k) for k in RUNTIME_FIELDS if k != "max_loops"}
 # Keys that runs saved before the key existed lack: they were trained with this value.
 _IMPLIED = {("model", "vocab_multiple"): 1}
 
@@ -163,7 +164,7 @@ def init_from(state, shardings, path: str):
 @dataclasses.dataclass
 class _Run:
   """What the phases of one run share: its config, workdir, train program, data and checkpoints."""
-  config: Any
+  resolved: Run  # the run description: config, model, loops, data (tokenizer, manifest)
   workdir: str
   program: TrainProgram
   # The global batch rows this process loads, as data-pipeline shards [(index, count), ...].
@@ -173,9 +174,13 @@ class _Run:
   first: dict | None = None  # drawn at set-up to check the data; trained on first
   ckpt: Checkpointer | None = None
 
+  @property
+  def config(self):
+    return self.resolved.config
+
   def open_data(self):
     t = self.config.train
-    return make_shards_iterator(self.config.data, global_batch_size=t.batch_size, seed=t.seed,
+    return make_shards_iterator(self.resolved.data, global_batch_size=t.batch_size, seed=t.seed,
                                 shards=self.shards)
 
   def to_global(self, batch: dict) -> dict:
@@ -196,21 +201,20 @@ class _Run:
       self.lock.release()
 
 
-def _setup(config, workdir: str) -> _Run:
-  """Validates the config and mesh, builds the step, writes the workdir and opens the data."""
-  config_lib.validate(config)
+def _setup(resolved: Run, workdir: str) -> _Run:
+  """Checks the writers and mesh, builds the step, writes the workdir and opens the data."""
+  config = resolved.config
+  writers.parse(config.train.writers)  # names and installed packages, before any work
   folders.claim(workdir, "run")  # an export, corpus, study or eval output is left untouched
   workdir = storage.resolve(workdir)
   storage.check_client(workdir)  # a missing gs:// client is named before anything is built
-  if config.data.source == "prepared":
-    storage.check_client(config.data.path)  # a gs:// corpus needs the same client
   t = config.train
   enable_compile_cache(t.compile_cache)
   mesh = mesh_lib.make_mesh(config.mesh)
-  program = build_train_step(config, mesh)  # refuses a batch the mesh cannot split
+  program = build_train_step(resolved, mesh)  # refuses a batch the mesh cannot split
   storage.makedirs(workdir)
   # Which rows of each global batch this process loads (processes that share rows load the same).
-  run = _Run(config, workdir, program, mesh_lib.process_row_shards(mesh, t.batch_size))
+  run = _Run(resolved, workdir, program, mesh_lib.process_row_shards(mesh, t.batch_size))
   refused = None
   if jax.process_index() == 0:  # one run per workdir: refused here, before anything is written
     try:
@@ -226,7 +230,7 @@ def _setup(config, workdir: str) -> _Run:
   try:
     check_workdir(workdir, config)
     if jax.process_index() == 0:  # written whole or not at all (a stop signal may come)
-      storage.write_text(storage.join(workdir, "config.json"), config.to_json(indent=2))
+      resolved.write(workdir)
       if config.data.source == "prepared":  # what the run reads, kept beside what it made
         storage.copy_file(data_shards.manifest_path(config.data.path),
                           storage.join(workdir, "data_manifest.json"))
@@ -275,7 +279,7 @@ def _compile(run: _Run, state):
   step_fn = p.step.lower(state, p.abstract_batch()).compile()
   eval_loops = config.loops.eval or p.model.cfg.max_loops
   batches = [run.to_global(b) for b in make_shards_eval_batches(
-      config.data, batch_size=t.batch_size, num_batches=t.eval_batches, seed=t.seed,
+      run.resolved.data, batch_size=t.batch_size, num_batches=t.eval_batches, seed=t.seed,
       shards=run.shards)]
   schedule = make_schedule(config.diffusion)
   eval_fn = jax.jit(make_eval_step(p.model, schedule, eval_time_grid(t.eval_time_points,
@@ -372,7 +376,7 @@ def _loop(run: _Run, state, step: int, step_fn, evaluate, stop: _StopRequests):
                          start_step=step, writers=t.writers, config=run.config)
 
   data = run.config.data
-  manifest = data_shards.load_manifest(data.path) if data.source == "prepared" else None
+  manifest = run.resolved.data.manifest
 
   def write(closed, eval_state=None) -> dict:
     row, bad = window.row(closed)
@@ -404,7 +408,8 @@ def _loop(run: _Run, state, step: int, step_fn, evaluate, stop: _StopRequests):
       stop_now = stop.reached(step)  # every step: the multi-process agreement needs each one
       save_now = step % t.checkpoint_every == 0 or step == t.steps or stop_now
       evaluated = None  # this step's held-out NELBO, saved with its checkpoint to rank it
-      if step % t.log_every == 0 or step == t.steps:
+      # A stop logs the partial window too: its steps are in the checkpoint saved below.
+      if step % t.log_every == 0 or step == t.steps or stop_now:
         pending = window.cut(step)
         if eval_now or save_now:  # these wait for the state anyway: no step to overlap
           last, pending = write(pending, state if eval_now else None), None
@@ -428,9 +433,11 @@ def _loop(run: _Run, state, step: int, step_fn, evaluate, stop: _StopRequests):
 
 def train(config, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`: {"metrics": the last logged and evaluated row,
-  "state": the final train state, "model": the LoopedTransformer}."""
+  "state": the final train state, "model": the LoopedTransformer}. `config`: a loopjax.config
+  Run, or a config resolved into one here."""
+  resolved = from_config(config)  # validated, data loaded once, before any work
   with _StopRequests() as stop:
-    run = _setup(config, workdir)
+    run = _setup(resolved, workdir)
     try:
       state, start = _restore_or_init(run)
       step_fn, evaluate = _compile(run, state)
@@ -438,6 +445,6 @@ def train(config, workdir: str) -> dict:
       state, step, last = _loop(run, state, start, step_fn, evaluate, stop)
     finally:
       run.close()
-  stopped = step < config.train.steps
+  stopped = step < resolved.train.steps
   last = dict(last, step=step, stopped_by_signal=stopped)
   return {"metrics": last, "state": state, "model": run.program.model}

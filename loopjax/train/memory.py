@@ -27,11 +27,12 @@ import jax
 import numpy as np
 
 from loopjax import flops as flops_lib
-from loopjax.model import LoopDistribution
+from loopjax.loops import LoopDistribution
 from loopjax.parallel import hlo, roofline
 from loopjax.parallel import mesh as mesh_lib
 from loopjax.parallel import topology as topology_lib
 from loopjax.parallel.topology import tpu_topology_devices
+from loopjax.config.load import load_config, split_config_args
 from loopjax.train.step import build_train_step
 
 GIB = 1024 ** 3

@@ -18,9 +18,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from loopjax.diffusion import (Schedule, make_schedule, mask_tokens, nelbo_on_grid,
                                nelbo_terms, sample_times)
-from loopjax.model import LoopDistribution, LoopedTransformer, resolve_kernels
+from loopjax.model import LoopedTransformer, resolve_kernels
 from loopjax.parallel import mesh as mesh_lib
-from loopjax.train import config as config_lib
+from loopjax.config import Run, model_config
+from loopjax.loops import LoopDistribution
 from loopjax.train.state import (TrainState, create_abstract_state, init_state, learning_rate,
                                  make_optimizer)
 
@@ -158,19 +159,26 @@ class TrainProgram:
 
 
 def build_train_step(config, mesh: Mesh) -> TrainProgram:
-  """The train step of an experiment config on `mesh`, sharded and jitted (nothing compiled).
+  """The train step of a run (a loopjax.config Run, or an experiment config, of which only the
+  model, loops, diffusion and train sections are read) on `mesh`, sharded and jitted (nothing
+  compiled).
 
   The model's kernels are resolved for the mesh's devices, so an AOT compile for a topology
   other than this host's gets that topology's kernels."""
+  if isinstance(config, Run):
+    model_cfg, loop_dist, config = config.model, config.loops, config.config
+  else:
+    loop_dist = LoopDistribution.parse(config.loops.train)
+    model_cfg = model_config(config, loops=loop_dist)
   t = config.train
   batch_size, seq_len = int(t.batch_size), int(config.data.seq_len)
   mesh_lib.check_batch_divisible(mesh, batch_size, int(t.grad_accum))
-  cfg = resolve_kernels(config_lib.model_config(config), list(mesh.devices.flat))
+  cfg = resolve_kernels(model_cfg, list(mesh.devices.flat))
   model, tx = LoopedTransformer(cfg), make_optimizer(t)
   example = jnp.zeros((1, seq_len), jnp.int32)
   abstract, shardings = create_abstract_state(model, tx, example, int(t.seed), mesh)
   fn = make_train_step(model, tx, make_schedule(config.diffusion),
-                       LoopDistribution.parse(config.loops.train),
+                       loop_dist,
                        antithetic=config.diffusion.antithetic, ema_decay=t.ema_decay,
                        grad_accum=int(t.grad_accum), lr_fn=learning_rate(t))
   batch_sh, rep = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)

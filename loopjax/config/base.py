@@ -2,7 +2,7 @@
 
 Experiment files in `experiments/` start from `base_config()` and change what they need; a key
 that is not here is an error (ml_collections refuses unknown override keys), so typos fail fast.
-Reading a file with its overrides and resolving its variant: loopjax/train/config_load.py.
+Reading a file with its overrides and resolving its variant: loopjax/config/load.py.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from loopjax.data import data_vocab_size, default_data_config
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.flops import FLOP_CONVENTIONS
+from loopjax.loops import LoopDistribution
 from loopjax.model import ModelConfig
-from loopjax.train import writers
-from loopjax.train.runtime import parse_profile_steps
-from loopjax.io.load import run_model_config
+from loopjax.config.runtime import parse_profile_steps
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -31,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = model
   c.loops = dict(
       train="fixed:1",  # S per step: fixed:S | uniform:LO:HI | table:p1,p2,...
-      eval=0,           # S for held-out NELBO during training; 0 = S_max
+      eval=0,           # S for held-out NELBO and the end-of-run task evaluation; 0 = S_max
   )
   c.diffusion = dict(
       schedule="linear", exponent=1.0, eps=1e-3, antithetic=True,
@@ -69,9 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
   # (multi-slice) or hosts (multi-node GPU); 1 everywhere = data spans the slices, if several.
   c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
   c.eval = dict(  # end-of-run task evaluation (built-in tasks)
-      examples=64, steps=0, loops=0,  # steps 0: one token per step; loops 0: S_max
+      examples=64, steps=0,  # steps 0: one token per step
+      loops=0,  # deprecated alias of loops.eval (read into it by loopjax/config/load.py)
   )
-  # The comparison run this is (loopjax/train/variants.py), resolved after the overrides:
+  # The comparison run this is (loopjax/config/variants.py), resolved after the overrides:
   # name "" = the config as written; else one of variants.VARIANTS, whose block, loops and
   # FLOP-matched steps derive from this base and `baseline_steps` (mdm's step count).
   # flop_convention: the F_base of the matching rule (loopjax.flops.FLOP_CONVENTIONS).
@@ -80,14 +80,21 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def model_config(config) -> ModelConfig:
-  """ModelConfig of an experiment (S_max from loops.train), validated: the one a run of it has."""
-  return run_model_config(config)
+def model_config(config, data=None, loops: LoopDistribution | None = None) -> ModelConfig:
+  """The ModelConfig an experiment or a run's config describes, validated: S_max from
+  loops.train, vocab_size 0 = the data's vocabulary, the configured kernels (e.g. auto).
+  `data` (a DataSpec) and `loops` (loops.train parsed): reused when already loaded."""
+  fields = dict(config.model)
+  if fields.get("vocab_size", 0) == 0:
+    fields["vocab_size"] = data_vocab_size(data if data is not None else config.data)
+  return ModelConfig.from_dict(
+      {**fields, "max_loops": (loops or LoopDistribution.parse(config.loops.train)).max_loops})
 
 
-def validate(config) -> None:
-  """Checks everything that can be checked without devices or data files; raises ValueError."""
-  model = model_config(config)
+def validate(config, data=None, loops: LoopDistribution | None = None) -> ModelConfig:
+  """Checks everything that can be checked without devices; raises ValueError. Returns the
+  ModelConfig (see model_config, which takes the same `data` and `loops`)."""
+  model = model_config(config, data, loops)
   make_schedule(config.diffusion)
   sampler_endpoint(config.diffusion)
   convention = config.get("variant", {}).get("flop_convention", "all_forward")
@@ -101,7 +108,6 @@ def validate(config) -> None:
     if int(t[key]) < 1:
       raise ValueError(f"train.{key} must be >= 1, got {t[key]}")
   parse_profile_steps(t.profile_steps)
-  writers.parse(t.writers)
   if int(t.keep_best) < 0:
     raise ValueError(f"train.keep_best must be >= 0 (0: keep no best checkpoint), got "
                      f"{t.keep_best}")
@@ -121,11 +127,10 @@ def validate(config) -> None:
   if config.data.seq_len > model.max_length:
     raise ValueError(f"data.seq_len {config.data.seq_len} exceeds model.max_length "
                      f"{model.max_length}")
-  need = data_vocab_size(config.data)
+  need = data_vocab_size(data if data is not None else config.data)
   if need > model.vocab_size:
     raise ValueError(f"the data's token ids go up to {need - 1} but model.vocab_size is "
                      f"{model.vocab_size}: set model.vocab_size >= {need}")
   if config.loops.eval < 0:
     raise ValueError(f"loops.eval must be >= 0 (0 = S_max), got {config.loops.eval}")
-  if model.looped and config.loops.eval > model.max_loops:
-    raise ValueError(f"loops.eval {config.loops.eval} exceeds S_max {model.max_loops}")
+  return model

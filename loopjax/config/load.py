@@ -1,5 +1,5 @@
 """Reading an experiment: `path.py[:variant]`, then the `--config.a.b=value` overrides, then the
-values the variant derives from the result (loopjax/train/variants.py).
+values the variant derives from the result (loopjax/config/variants.py).
 
 Used by every command that takes `--config` (train, flops, memory) and by tests and tools, so
 they all see the same resolved config: the one `loopjax train` writes to WORKDIR/config.json.
@@ -8,13 +8,16 @@ they all see the same resolved config: the one `loopjax train` writes to WORKDIR
 from __future__ import annotations
 
 import ast
+import logging
 import os
 from typing import Sequence
 
 from absl import flags
 from ml_collections import config_flags
 
-from loopjax.train.variants import resolve_variant
+from loopjax.config.variants import resolve_variant
+
+log = logging.getLogger("loopjax")
 
 
 def read_config(spec: str, overrides: Sequence[str] = ()):
@@ -54,14 +57,26 @@ def unknown_key_message(e: Exception, overrides: Sequence[str]) -> str:
   given = [o for o in overrides if bad in o.split("=", 1)[0].split(".")[1:]]
   where = f" in {given[0]}" if given else ""
   return (f'unknown config key "{bad}"{where}' + (f": {hint}" if hint else "")
-          + " (every key and its default: loopjax/train/config.py base_config)")
+          + " (every key and its default: loopjax/config/base.py base_config)")
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()):
   """The resolved config of `path.py[:variant]` with `--config.a.b=value` overrides: overrides
   first, then the variant's derived values (an overridden derived key keeps the override)."""
   config, given = read_config(spec, overrides)
-  return resolve_variant(config, given)
+  return eval_loops_alias(resolve_variant(config, given))
+
+
+def eval_loops_alias(config):
+  """Reads the deprecated `eval.loops` into `loops.eval`, the one key for the evaluation's S."""
+  old = int(config.get("eval", {}).get("loops", 0) or 0)
+  if old:
+    if config.loops.eval and int(config.loops.eval) != old:
+      raise ValueError(f"eval.loops={old} and loops.eval={config.loops.eval} disagree: set only "
+                       "loops.eval (eval.loops is its deprecated name)")
+    log.warning("eval.loops is deprecated: set loops.eval=%d instead", old)
+    config.loops.eval, config.eval.loops = old, 0
+  return config
 
 
 def split_config_args(argv: Sequence[str], prefix: str = "--config"):

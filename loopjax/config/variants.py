@@ -26,8 +26,8 @@ import logging
 from typing import Any, Mapping
 
 from loopjax import flops
-from loopjax.model import LoopDistribution
-from loopjax.train.config import model_config
+from loopjax.loops import LoopDistribution
+from loopjax.config.base import model_config
 
 VARIANTS = ("mdm", "loopmdm", "deep_mdm", "uniform_loop", "mdm_matched")
 # Overrides of these keys change what a variant derives (data.*: through the vocabulary, when
@@ -72,7 +72,8 @@ def _model(c, loops_train: str | None = None, **model_edits):
   c.model.update(model_edits)
   if loops_train is not None:
     c.loops.train = loops_train
-  return model_config(c), LoopDistribution.parse(c.loops.train)
+  dist = LoopDistribution.parse(c.loops.train)
+  return model_config(c, loops=dist), dist
 
 
 def _get(c, key: str):

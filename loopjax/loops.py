@@ -1,7 +1,13 @@
-"""How many loops S the looped block runs at each denoising step: fixed, scheduled, adaptive.
+"""Loop counts S of the looped block: the training distribution and the inference policies.
 
-Loops are an inference-time knob: any S >= 1 works, S > S_max included. A policy
-is parsed from one spec string (the `--loops` flag):
+Training draws one S per step from a `LoopDistribution`, parsed once from config `loops.train`:
+  "S" or "fixed:S"     always S
+  "uniform:LO:HI"      S ~ Uniform{LO..HI} (paper: uniform:1:12)
+  "table:p1,p2,..."    P(S = k) = p_k for k = 1..len(table) (normalised)
+Its largest S is the model's S_max.
+
+At inference, loops are a knob: any S >= 1 works, S > S_max included. A `LoopPolicy` says how
+many loops run at each denoising step and is parsed from one spec string (the `--loops` flag):
 
   "8" or "fixed:8"        fixed S = 8 at every step (the same grammar as training's
                           `loops.train`, where "8" is fixed:8 too).
@@ -40,6 +46,68 @@ import jax.numpy as jnp
 import numpy as np
 
 KINDS = ("fixed", "adaptive", "time", "mask")
+S_MAX_WORDS = ("0", "max")  # `--loops` values that mean S_max, the largest S of training
+
+
+def split_specs(specs) -> list[str]:
+  """`--loops` values: comma lists of S or policies ("1,2,4,adaptive:0.01"); a schedule table
+  ("time:8,4,2") is taken whole."""
+  out = []
+  for spec in specs:
+    if spec.startswith(("time:", "mask:")):
+      out.append(spec)
+    else:
+      out.extend(s.strip() for s in spec.split(",") if s.strip())
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopDistribution:
+  probs: tuple[float, ...]  # probs[k-1] = P(S = k)
+
+  @classmethod
+  def parse(cls, spec: str | int) -> "LoopDistribution":
+    """Parses a spec (see the module docstring); an int or a bare integer string is fixed."""
+    text = str(spec).strip()
+    kind, sep, rest = text.partition(":")
+    if not sep:
+      kind, rest = "fixed", text
+    try:
+      if kind == "fixed":
+        s = int(rest)
+        if s < 1:
+          raise ValueError
+        probs = [0.0] * (s - 1) + [1.0]
+      elif kind == "uniform":
+        lo, hi = (int(v) for v in rest.split(":"))
+        if not 1 <= lo <= hi:
+          raise ValueError
+        probs = [0.0] * (lo - 1) + [1.0] * (hi - lo + 1)
+      elif kind == "table":
+        probs = [float(v) for v in rest.split(",")]
+        if any(p < 0 for p in probs) or sum(probs) <= 0:
+          raise ValueError
+      else:
+        raise ValueError
+    except ValueError:
+      raise ValueError(f"loops.train: cannot parse {spec!r}; expected 'S' or 'fixed:S' (S >= 1), "
+                       "'uniform:LO:HI' (1 <= LO <= HI) or 'table:p1,p2,...' (non-negative, not "
+                       "all zero)") from None
+    total = sum(probs)
+    return cls(tuple(p / total for p in probs))
+
+  @property
+  def max_loops(self) -> int:
+    return len(self.probs)
+
+  @property
+  def expected(self) -> float:
+    return float(sum((k + 1) * p for k, p in enumerate(self.probs)))
+
+  def sample(self, rng: jax.Array) -> jax.Array:
+    """One S for the whole global batch, as an int32 scalar (traced-friendly)."""
+    logits = jnp.log(jnp.asarray(np.asarray(self.probs), jnp.float32))
+    return (jax.random.categorical(rng, logits) + 1).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +132,15 @@ class LoopPolicy:
 
   @classmethod
   def parse(cls, spec, s_max: int | None = None) -> "LoopPolicy":
-    """Parses a spec (see the module docstring). `s_max` fills the adaptive default maximum."""
+    """Parses a spec (see the module docstring): the one parser of `--loops` values. `s_max`
+    (the model's) fills the adaptive default maximum and gives `0` / `max` their S."""
     s = str(spec).strip()
-    bad = lambda msg: ValueError(f"--loops {s!r}: {msg} (forms: N | fixed:N | "
+    bad = lambda msg: ValueError(f"--loops {s!r}: {msg} (forms: N | fixed:N | 0 / max = S_max | "
                                  "adaptive:TAU[:MIN[:MAX]] | time:A:B | mask:A:B | time:S1,S2,...)")
+    if s.lower() in S_MAX_WORDS:
+      if not s_max:
+        raise bad("S_max is not known here; pass an S")
+      s = str(int(s_max))
     parts = s.split(":")
     try:
       if len(parts) == 1 or parts[0] == "fixed":
@@ -100,7 +173,7 @@ class LoopPolicy:
     if self.kind not in KINDS:
       raise ValueError(f"loop policy kind must be one of {KINDS}, got {self.kind!r}")
     if self.kind == "fixed" and self.loops < 1:
-      raise ValueError(f"--loops: S must be >= 1, got {self.loops}")
+      raise ValueError(f"--loops {self.spec or self.loops}: S must be >= 1, or 0 / max for S_max")
     if self.kind == "adaptive":
       if not self.tau >= 0:
         raise ValueError(f"--loops adaptive: TAU must be >= 0, got {self.tau}")
@@ -115,6 +188,12 @@ class LoopPolicy:
     if self.kind == "adaptive" and not self.max_loops:
       return dataclasses.replace(self, max_loops=int(s_max))
     return self
+
+  def __str__(self) -> str:
+    return self.spec or (str(self.loops) if self.kind == "fixed" else self.kind)
+
+  def __format__(self, fmt: str) -> str:
+    return format(str(self), fmt)
 
   @property
   def label(self):
