@@ -59,6 +59,8 @@ class Model:
     if loops is None:
       loops = self.model_config.max_loops
     if isinstance(loops, (int, np.integer)):
+      if loops < 1:
+        raise ValueError(f"loops={loops}: S must be >= 1 (None: S_max of training)")
       resolve_policy(self.model_config, int(loops))  # S >= 1, loop-embedding limit
     s = jnp.asarray(loops, jnp.int32)
     return s, s, jnp.float32(0.0)

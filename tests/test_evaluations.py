@@ -47,8 +47,8 @@ def test_adding_an_evaluation_is_one_registered_function(tiny_sudoku_run, tmp_pa
 
   @E.register("probe", scale=1)
   def probe(sweep, options):
-    seen.append((sweep.specs, sweep.steps, options))
-    rows = [{"loops": s, "value": options["scale"] * int(s)} for s in sweep.specs]
+    seen.append(([p.label for p in sweep.specs], sweep.steps, options))
+    rows = [{"loops": p.label, "value": options["scale"] * p.largest} for p in sweep.specs]
     sweep.write("probe.json", {**sweep.header, "rows": rows})
     return rows
 

@@ -63,6 +63,9 @@ def read_config_json(workdir: str) -> ml_collections.ConfigDict:
   if not isinstance(saved, dict):
     raise ValueError(f"{path} is damaged: a JSON {type(saved).__name__}, not the run's config "
                      "object (restore it or train into a new --workdir)")
+  if "format" in saved:  # an export's config.json names its format; a run's has no such key
+    raise ValueError(f"{workdir} is a `loopjax export` folder, not a training workdir: this "
+                     "command needs the run's workdir (sample, eval and analyze read either)")
   return ml_collections.ConfigDict(saved)
 
 
