@@ -58,9 +58,9 @@ def test_adding_an_evaluation_is_one_registered_function(tiny_sudoku_run, tmp_pa
   out = str(tmp_path / "out")
   summary = run_eval(workdir, {"probe": {"scale": 3}}, steps=(2,), out=out)
   s_max = summary["s_max"]
-  want = [str(s) for s in default_sweep(s_max)]
+  want = list(default_sweep(s_max))  # fixed S: the label is S itself
   assert seen == [(want, [2], {"scale": 3})]
-  assert summary["probe"] == [{"loops": s, "value": 3 * int(s)} for s in want]
+  assert summary["probe"] == [{"loops": s, "value": 3 * s} for s in want]
   assert "likelihood" not in summary and "tasks" not in summary  # only what was asked for
   on_disk = json.load(open(os.path.join(out, "eval", "summary.json")))
   assert on_disk["probe"] == summary["probe"]
