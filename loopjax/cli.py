@@ -81,7 +81,7 @@ _LAZY = {
     "memory": ("loopjax.train.memory", "main"),
     "export": ("loopjax.export", "export_main"),
     "analyze": ("loopjax.evaluate.attention", "analyze_main"),
-    "study": ("loopjax.evaluate.study", "study_main"),
+    "study": ("experiments.study.cli", "main"),
     "prepare": ("loopjax.data.prepare", "prepare_main"),
 }
 

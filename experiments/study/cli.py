@@ -1,0 +1,27 @@
+"""`loopjax study`: the command line of the study (experiments.study.run)."""
+
+from __future__ import annotations
+
+import argparse
+
+from experiments.study.presets import PRESETS
+
+
+def main(argv) -> int:
+  p = argparse.ArgumentParser(
+      prog="loopjax study",
+      description="LoopMDM vs MDM on text: held-out NELBO at equal training FLOPs, the FLOP "
+                  "multiplier against budget, inference loops, adaptive loops and attention")
+  p.add_argument("--workdir", required=True, help="runs, caches, study.json, study.md, plots/")
+  p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
+                 help="cpu: under an hour on 2 CPU cores (default); gpu: ~100x the training "
+                      "compute, one H100; tiny: seconds, for tests")
+  p.add_argument("--corpus", default=None,
+                 help="folder of fortune files (default for cpu/gpu: "
+                      f"{PRESETS['cpu']['corpus']})")
+  args = p.parse_args(argv)
+  from loopjax import folders
+  from experiments.study import run
+  folders.claim(args.workdir, "study")
+  run(args.workdir, preset=args.preset, corpus=args.corpus)
+  return 0
