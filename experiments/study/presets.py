@@ -14,7 +14,7 @@ DEFAULT_CORPUS = "~/fortunes/usr/share/games/fortunes"
 
 PRESETS = {
     "cpu": dict(model=dict(width=32, num_layers=12, num_heads=2, cond_dim=16),
-                seq_len=128, batch_size=32, baseline_steps=480, warmup_steps=20, mdm_extend=3,
+                seq_len=128, batch_size=32, baseline_steps=320, warmup_steps=10, mdm_extend=3,
                 units=16, lrs=(3e-3, 6e-3), lr_seed=100, seeds=(0, 1, 2), ema_decay=0.999,
                 eval_rows=64, eval_batch=32, time_points=16,
                 loop_sweep=(1, 2, 6, 12, 24), taus=(0.05, 0.01), attention_rows=8,
@@ -27,7 +27,7 @@ PRESETS = {
                 loop_sweep=(1, 2, 6, 12, 24), taus=(0.05, 0.01), attention_rows=32,
                 corpus=DEFAULT_CORPUS),
     "tiny": dict(model=dict(width=16, num_layers=4, num_heads=2, cond_dim=8),
-                 seq_len=32, batch_size=4, baseline_steps=8, warmup_steps=1, mdm_extend=2,
+                 seq_len=32, batch_size=4, baseline_steps=32, warmup_steps=2, mdm_extend=2,
                  units=4, lrs=(1e-3, 3e-3), lr_seed=100, seeds=(0, 1), ema_decay=0.9,
                  eval_rows=8, eval_batch=4, time_points=4, loop_sweep=(1, 2, 4),
                  taus=(0.05,), attention_rows=2, corpus=None, block=(1, 3), s_max=3,
