@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+import grain
 import numpy as np
 
 from loopjax.data.batch import stack_rows
@@ -18,8 +19,6 @@ from loopjax.data.heldout import is_heldout
 from loopjax.data.packing import packed_stream
 from loopjax.data.text import encode_document
 from loopjax.data.tokenizers import fill_id
-
-import grain
 
 HOW_TO_GET = (
     "apt-get download fortunes fortunes-min && mkdir -p ~/fortunes && "
@@ -103,5 +102,5 @@ def heldout_batches(heldout_path: str, tokenizer, *, seq_len: int, rows: int,
     raise ValueError(f"the held-out documents give {len(out)} rows of {seq_len} bytes, the "
                      f"preset asks for {rows}: lower the preset's eval_rows")
   n = rows // batch_size
-  return [{k: np.asarray(v) for k, v in stack_rows(out[i * batch_size:(i + 1) * batch_size]).items()}
-          for i in range(n)]
+  batches = [stack_rows(out[i * batch_size:(i + 1) * batch_size]) for i in range(n)]
+  return [{k: np.asarray(v) for k, v in b.items()} for b in batches]

@@ -1,12 +1,13 @@
 """The study's verdicts, its markdown report and its plots.
 
 Verdict rule (every claim): each reported seed gives one difference d in held-out bits per
-byte, signed so that d > 0 favours the claim, and a noise floor f = 2 x the Monte-Carlo
-standard error of that difference (sqrt(se_a^2 + se_b^2), the held-out estimates' errors over
-batches). The claim is "reproduced" when d > f on every seed, "not reproduced" when d < -f on
-every seed, and "inconclusive" otherwise. Adaptive loops must also run at most 90 % of S_max's
-executed loops on every seed to be reproduced (and are not reproduced when no seed saves that
-much). The attention claim compares shares of attention, with a floor of 0.005.
+byte, signed so that d > 0 favours the claim, and a noise floor f = 2 x the standard error of
+that difference over the held-out batches (both sides scored on the same rows with the same
+Monte-Carlo draws, so the difference is paired; an MDM value at FLOPs between two checkpoints is
+interpolated per batch). The claim is "reproduced" when d > f on every seed, "not reproduced"
+when d < -f on every seed, and "inconclusive" otherwise. Adaptive loops must also run at most
+90 % of S_max's executed loops on every seed to be reproduced (and are not reproduced when no
+seed saves that much). The attention claim compares shares of attention, with a floor of 0.005.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import math
 import os
 
 import numpy as np
+
+from loopjax.evaluate.intervals import weighted_mean_se
 
 from experiments.study import measure
 
@@ -46,8 +49,25 @@ def verdict(diffs, floors, floor_min: float = 0.0) -> str:
   return "inconclusive"
 
 
-def _floor(a: float, b: float) -> float:
-  return 2.0 * math.sqrt(a * a + b * b)
+def _floor(a: dict, b: dict) -> float:
+  """2 x the standard error of the paired difference a - b: per held-out batch, the same rows
+  and the same draws, so what both share (the rows' own difficulty) cancels."""
+  d = np.asarray(a["batches"], float) - np.asarray(b["batches"], float)
+  if len(d) < 2:
+    return 0.0
+  _, se = weighted_mean_se(d, a["tokens"])
+  return 2.0 * float(se)
+
+
+def _at(curve: list, flops: float) -> dict:
+  """Per-batch values of a curve at `flops`: linear in ln(FLOPs) between the checkpoints around
+  it (the nearest end outside)."""
+  xs = [math.log(q["flops"]) for q in curve]
+  x = min(max(math.log(flops), xs[0]), xs[-1])
+  i = max(1, min(int(np.searchsorted(xs, x)), len(xs) - 1))
+  f = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+  a, b = (np.asarray(curve[j]["batches"], float) for j in (i - 1, i))
+  return dict(batches=((1 - f) * a + f * b).tolist(), tokens=curve[i]["tokens"])
 
 
 def _fmt(xs, spec="+.4f") -> str:
@@ -69,7 +89,8 @@ def summarize(r: dict) -> dict:
     for i in range(len(seeds[0]["curve"])):
       ms = [s["flop_multiplier"][i] for s in seeds]
       gaps = [s["gap_at_equal_flops"][i]["bits_per_byte"] for s in seeds]
-      rows.append(dict(budget=seeds[0]["curve"][i]["flops"], multiplier=measure.multiplier_stats(ms),
+      rows.append(dict(budget=seeds[0]["curve"][i]["flops"],
+                       multiplier=measure.multiplier_stats(ms),
                        gap=measure.spread(gaps) if None not in gaps else None,
                        bits_per_byte=measure.spread(s["curve"][i]["bits_per_byte"] for s in seeds)))
     out["multiplier"][model] = rows
@@ -81,13 +102,12 @@ def summarize(r: dict) -> dict:
   def mdm_at(seed, flops):
     c = mdm_seeds[seed]["curve"]
     v = measure.interpolate([(q["flops"], q["bits_per_byte"]) for q in c], flops)
-    se = min(c, key=lambda q: abs(math.log(q["flops"] / flops)))["se"]
-    return v, se
+    return v, _at(c, flops)
 
   lo = models["loopmdm"]["seeds"]
   at = [mdm_at(s["seed"], s["curve"][-1]["flops"]) for s in lo]
   d = [m - s["curve"][-1]["bits_per_byte"] for (m, _), s in zip(at, lo)]
-  f = [_floor(se, s["curve"][-1]["se"]) for (_, se), s in zip(at, lo)]
+  f = [_floor(s["curve"][-1], m) for (_, m), s in zip(at, lo)]
   ms = [s["flop_multiplier"][-1] for s in lo]
   claims.append(dict(key="flops", claim=PAPER["flops"], verdict=verdict(d, f), evidence=(
       f"at the largest budget, MDM minus LoopMDM bits/byte per seed: {_fmt(d)} (floors "
@@ -95,26 +115,29 @@ def summarize(r: dict) -> dict:
           f"{'' if m['bound'] == '=' else m['bound']}{m['value']:.2f}" for m in ms))))
   dp = final("deep_mdm")
   d = [a["bits_per_byte"] - b["bits_per_byte"] for a, b in zip(dp, final("loopmdm"))]
-  f = [_floor(a["se"], b["se"]) for a, b in zip(dp, final("loopmdm"))]
+  f = [_floor(a, b) for a, b in zip(dp, final("loopmdm"))]
   claims.append(dict(key="deep", claim=PAPER["deep"], verdict=verdict(d, f),
                      evidence=f"deeper MDM minus LoopMDM, per seed: {_fmt(d)}"))
   s4 = final("loopmdm_s4")
   d = [a["bits_per_byte"] - b["bits_per_byte"] for a, b in zip(s4, final("loopmdm"))]
-  f = [_floor(a["se"], b["se"]) for a, b in zip(s4, final("loopmdm"))]
+  f = [_floor(a, b) for a, b in zip(s4, final("loopmdm"))]
   claims.append(dict(key="range", claim=PAPER["range"], verdict=verdict(d, f),
-                     evidence=f"S_max = 4 minus S_max = 12, per seed: {_fmt(d)}"))
+                     evidence=f"S_max = {r['ablation_s_max']} minus S_max = {r['s_max']}, "
+                              f"per seed: "
+                              f"{_fmt(d)}"))
   s_max = str(r["s_max"])
   if "loop_sweep" in lo[0]:
     specs = [x["loops"] for x in lo[0]["loop_sweep"]]
     one = [_sweep_row(s, "1") for s in lo]
     d = [m - x["bits_per_byte"] for (m, _), x in zip(at, one)]
-    f = [_floor(se, x["se"]) for (_, se), x in zip(at, one)]
-    claims.append(dict(key="s1", claim=PAPER["s1"], verdict=verdict([-x for x in d], f),
-                       evidence=f"LoopMDM at S = 1 minus the MDM at equal FLOPs: {_fmt([-x for x in d])}"))
+    f = [_floor(x, m) for (_, m), x in zip(at, one)]
+    worse = [-x for x in d]
+    claims.append(dict(key="s1", claim=PAPER["s1"], verdict=verdict(worse, f),
+                       evidence=f"LoopMDM at S = 1 minus the MDM at equal FLOPs: {_fmt(worse)}"))
     if s_max in specs:
       top = [_sweep_row(s, s_max) for s in lo]
       d = [a["bits_per_byte"] - b["bits_per_byte"] for a, b in zip(one, top)]
-      f = [_floor(a["se"], b["se"]) for a, b in zip(one, top)]
+      f = [_floor(a, b) for a, b in zip(one, top)]
       claims.append(dict(key="loops", claim=PAPER["loops"], verdict=verdict(d, f),
                          evidence=f"S = 1 minus S = {s_max}, per seed: {_fmt(d)}"))
       beyond = [k for k in specs if k.isdigit() and int(k) > int(s_max)]
@@ -122,7 +145,7 @@ def summarize(r: dict) -> dict:
         far = beyond[-1]
         fr = [_sweep_row(s, far) for s in lo]
         d = [a["bits_per_byte"] - b["bits_per_byte"] for a, b in zip(top, fr)]
-        f = [_floor(a["se"], b["se"]) for a, b in zip(top, fr)]
+        f = [_floor(a, b) for a, b in zip(top, fr)]
         claims.append(dict(key="extrapolate", claim=PAPER["extrapolate"].replace(
             "2 S_max", far), verdict=verdict(d, f),
             evidence=f"S = {s_max} minus S = {far}, per seed: {_fmt(d)}"))
@@ -130,14 +153,15 @@ def summarize(r: dict) -> dict:
       for k in (k for k in specs if k.startswith("adaptive")):
         ad = [_sweep_row(s, k) for s in lo]
         d = [b["bits_per_byte"] - a["bits_per_byte"] for a, b in zip(ad, top)]
-        f = [_floor(a["se"], b["se"]) for a, b in zip(ad, top)]
+        f = [_floor(a, b) for a, b in zip(ad, top)]
         frac = [a["executed_loops"] / b["executed_loops"] for a, b in zip(ad, top)]
         kept = all(x > -y for x, y in zip(d, f))
         v = ("reproduced" if kept and all(x <= 0.9 for x in frac) else
              "not reproduced" if all(x < -y for x, y in zip(d, f)) or all(x > 0.9 for x in frac)
              else "inconclusive")
         vs.append(v)
-        parts.append(f"{k}: quality change {_fmt(d)}, executed loops {_fmt(frac, '.2f')} of S_max's")
+        parts.append(f"{k}: quality change {_fmt(d)}, executed loops {_fmt(frac, '.2f')} of "
+                     "S_max's")
       if vs:
         v = ("reproduced" if "reproduced" in vs else
              "not reproduced" if all(x == "not reproduced" for x in vs) else "inconclusive")
@@ -169,7 +193,8 @@ def markdown(r: dict) -> str:
   lines = [
       "## Setup", "",
       f"Preset `{r['preset']}`. Metric: {r['metric']}, on one fixed held-out set of {h['rows']} "
-      f"rows x {h['seq_len']} bytes ({r['corpus']['documents']['heldout']} held-out documents "
+      f"rows x {h['seq_len']} bytes in {h['batches']} batches "
+      f"({r['corpus']['documents']['heldout']} held-out documents "
       f"chosen by a hash of their text), {h['time_points']} time points on a fixed grid and "
       f"one fixed Monte-Carlo seed for every model and seed. LoopMDM loops block "
       f"[{r['loop_block'][0]}, {r['loop_block'][1]}) with S ~ U{{1..{r['s_max']}}}. Learning "
@@ -177,7 +202,7 @@ def markdown(r: dict) -> str:
       "Values: mean [min, max] over seeds; EMA weights (warm-up as MDLM) unless marked raw.", "",
       "## Models", "",
       "| model | layers | training loops | params | FLOPs per step | steps | chosen lr | "
-      "final bits/byte (EMA) | final bits/byte (raw) | Monte-Carlo SE |",
+      "final bits/byte (EMA) | final bits/byte (raw) | SE over held-out batches |",
       "|---|---|---|---|---|---|---|---|---|---|"]
   for model, m in models.items():
     fin = measure.spread(x["curve"][-1]["bits_per_byte"] for x in m["seeds"])
@@ -198,7 +223,8 @@ def markdown(r: dict) -> str:
             "(per seed against the same seed's MDM; geometric mean [min, max]; > x / < x: "
             "censored at the end of the MDM's curve). Gap: model minus MDM at equal FLOPs, "
             f"bits/byte. The MDM's end slope: {_ms(slope)} bits/byte per e-fold of FLOPs.", "",
-            "| model | budget (FLOPs) | bits/byte | M | gap at equal FLOPs |", "|---|---|---|---|---|"]
+            "| model | budget (FLOPs) | bits/byte | M | gap at equal FLOPs |",
+            "|---|---|---|---|---|"]
   for model, rows in s["multiplier"].items():
     for row in rows:
       gap = _ms(row["gap"], "+.4f") if row["gap"] else "outside the MDM's curve"
@@ -207,7 +233,8 @@ def markdown(r: dict) -> str:
   lines += ["", "## MDM curve", "", "| training FLOPs | bits/byte |", "|---|---|"]
   mc = models["mdm"]["seeds"]
   for i, q in enumerate(mc[0]["curve"]):
-    lines.append(f"| {q['flops']:.3g} | {_ms(measure.spread(x['curve'][i]['bits_per_byte'] for x in mc))} |")
+    st = measure.spread(x["curve"][i]["bits_per_byte"] for x in mc)
+    lines.append(f"| {q['flops']:.3g} | {_ms(st)} |")
   lo = models["loopmdm"]["seeds"]
   if "loop_sweep" in lo[0]:
     lines += ["", "## LoopMDM at inference", "",
@@ -224,7 +251,8 @@ def markdown(r: dict) -> str:
               "| loops | share | chance |", "|---|---|---|"]
     for i, row in enumerate(lo[0]["attention"]):
       rows = [x["attention"][i] for x in lo]
-      lines.append(f"| {row['loops']} | {_ms(measure.spread(x['final_iteration_share'] for x in rows), '.3f')} "
+      st = measure.spread(x["final_iteration_share"] for x in rows)
+      lines.append(f"| {row['loops']} | {_ms(st, '.3f')} "
                    f"| {np.mean([x['chance'] for x in rows]):.3f} |")
   lines += ["", "## The paper's claims", "",
             "Rule: " + __doc__.split("\n\n")[1].replace("\n", " "), "",
@@ -247,7 +275,8 @@ def plots(r: dict, out_dir: str) -> list[str]:
     g = np.array([row["multiplier"]["geomean"] for row in rows])
     lo = np.array([row["multiplier"]["min"] for row in rows])
     hi = np.array([row["multiplier"]["max"] for row in rows])
-    ax.errorbar(x, g, yerr=[np.maximum(g - lo, 0), np.maximum(hi - g, 0)], marker="o", capsize=3, label=name(r, model))
+    ax.errorbar(x, g, yerr=[np.maximum(g - lo, 0), np.maximum(hi - g, 0)], marker="o",
+                capsize=3, label=name(r, model))
   ax.axhline(1.0, color="0.3", ls=":", lw=1)
   ax.set_xscale("log")
   ax.set_yscale("log")

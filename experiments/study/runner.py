@@ -46,7 +46,7 @@ def run_config(p: dict, model: str, *, lr: float, seed: int, train_path: str, ex
   """The experiment config of one run; `extend` multiplies the MDM's budget."""
   c = base_config()
   c.data.update(source="text", paths=train_path, packing=True, tokenizer="byte",
-                seq_len=p["seq_len"], eval_examples=32)
+                seq_len=p["seq_len"], eval_examples=64)
   c.model.update(p["model"], max_length=p["seq_len"])
   c.diffusion.update(schedule="linear", eps=1e-3, antithetic=True)
   c.train.update(batch_size=p["batch_size"], warmup_steps=p["warmup_steps"], lr=lr, seed=seed,
@@ -121,7 +121,8 @@ def run_study(workdir: str, *, preset: str = "cpu", corpus: str | None = None,
   result = dict(preset=preset, metric="held-out NELBO, bits per byte (byte-level tokens)",
                 loop_block=list(p.get("block", (1, 3))), s_max=s_max_of(p, "loopmdm"),
                 ablation_s_max=s_max_of(p, "loopmdm_s4"), corpus=split,
-                heldout=dict(rows=p["eval_rows"], seq_len=p["seq_len"], time_points=tp,
+                heldout=dict(rows=p["eval_rows"], batches=len(batches), seq_len=p["seq_len"],
+                             time_points=tp,
                              eval_seed=scoring.EVAL_SEED),
                 lrs=list(p["lrs"]), lr_seed=p["lr_seed"], seeds=list(p["seeds"]),
                 model_shape=p["model"], batch_size=p["batch_size"],

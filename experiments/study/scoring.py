@@ -19,6 +19,7 @@ from loopjax.diffusion import eval_time_grid, make_schedule, mask_tokens
 from loopjax.evaluate.attention import attention_profile
 from loopjax.evaluate.denoiser import (compiled_policy, loop_args, make_denoiser, memo,
                                        resolve_policy)
+from loopjax.evaluate.intervals import weighted_mean_se
 from loopjax.evaluate.likelihood import heldout_nelbo
 from loopjax.flops import forward_flops_per_seq
 from loopjax.weights import load_run
@@ -57,10 +58,18 @@ def cached(path: str, key: dict, compute):
   return value
 
 
-def _bits(out: dict, tokens_per_byte: float = 1.0) -> dict:
-  """bits per byte and its Monte-Carlo standard error from heldout_nelbo's output."""
-  return dict(bits_per_byte=out["bits_per_token"] * tokens_per_byte,
-              se=(out["bits_per_token_se"] or 0.0) * tokens_per_byte)
+def nelbo_per_batch(model, params, batches, *, schedule, loops, time_points: int) -> dict:
+  """Held-out bits per byte, batch by batch (batch k draws with seed EVAL_SEED + k, as one
+  heldout_nelbo call over all batches would): the token-weighted mean, its standard error over
+  batches, and the per-batch values, from which paired differences get their own error."""
+  vals, tokens = [], []
+  for k, b in enumerate(batches):
+    out = heldout_nelbo(model, params, [b], schedule=schedule, loops=loops,
+                        time_points=time_points, seed=EVAL_SEED + k)
+    vals.append(out["bits_per_token"])
+    tokens.append(out["tokens"])
+  mean, se = weighted_mean_se(vals, tokens)
+  return dict(bits_per_byte=float(mean), se=float(se or 0.0), batches=vals, tokens=tokens)
 
 
 def score_checkpoint(run_dir: str, step: int, batches, *, time_points: int, params: str,
@@ -69,12 +78,11 @@ def score_checkpoint(run_dir: str, step: int, batches, *, time_points: int, para
   def compute():
     config, model, tree, _ = _load(run_dir, step=step, params=params)
     s = loops or (model.cfg.max_loops if model.cfg.looped else 1)
-    out = heldout_nelbo(model, tree, batches, schedule=make_schedule(config.diffusion), loops=s,
-                        time_points=time_points, seed=EVAL_SEED)
-    return _bits(out)
+    return nelbo_per_batch(model, tree, batches, schedule=make_schedule(config.diffusion),
+                           loops=s, time_points=time_points)
 
   key = dict(step=step, params=params, loops=loops, time_points=time_points,
-             rows=sum(len(b["tokens"]) for b in batches))
+             rows=sum(len(b["tokens"]) for b in batches), batches=len(batches))
   name = f"score_{step}_{params}_{loops}.json"
   return cached(os.path.join(run_dir, name), key, compute)
 
@@ -110,10 +118,10 @@ def loop_sweep(run_dir: str, batches, *, time_points: int, specs: list[str]) -> 
     length = int(np.shape(batches[0]["tokens"])[1])
     rows = []
     for spec in specs:
-      kw = dict(schedule=schedule, loops=spec, time_points=time_points, seed=EVAL_SEED)
-      heldout_nelbo(model, tree, batches[:1], **kw)  # compile
+      kw = dict(schedule=schedule, loops=spec, time_points=time_points)
+      nelbo_per_batch(model, tree, batches[:1], **kw)  # compile
       t0 = time.perf_counter()
-      out = heldout_nelbo(model, tree, batches, **kw)
+      out = nelbo_per_batch(model, tree, batches, **kw)
       seconds = time.perf_counter() - t0
       policy = resolve_policy(model.cfg, spec)
       fn = _executed_loops_fn(model, policy)
@@ -128,12 +136,13 @@ def loop_sweep(run_dir: str, batches, *, time_points: int, specs: list[str]) -> 
           per_seq.append(float(loops_B.mean()))
           executed.append(int(loops_B.max()))
       ex = float(np.mean(executed))
-      rows.append(dict(loops=spec, **_bits(out), seconds=seconds,
+      rows.append(dict(loops=spec, **out, seconds=seconds,
                        loops_per_sequence=float(np.mean(per_seq)), executed_loops=ex,
                        executed_flops_per_seq=float(forward_flops_per_seq(model.cfg, length, ex))))
     return rows
 
-  key = dict(specs=specs, time_points=time_points, rows=sum(len(b["tokens"]) for b in batches))
+  key = dict(specs=specs, time_points=time_points, rows=sum(len(b["tokens"]) for b in batches),
+             batches=len(batches))
   return cached(os.path.join(run_dir, "score_loop_sweep.json"), key, compute)
 
 
@@ -148,7 +157,7 @@ def attention(run_dir: str, batches, *, loops_list, time_points: int) -> list[di
                  mean_share=r["mean_share"], chance=r["chance"]) for r in prof["per_loops"]]
 
   key = dict(loops=list(loops_list), time_points=time_points,
-             rows=sum(len(b["tokens"]) for b in batches))
+             rows=sum(len(b["tokens"]) for b in batches), batches=len(batches))
   return cached(os.path.join(run_dir, "score_attention.json"), key, compute)
 
 
