@@ -14,7 +14,7 @@ DEFAULT_CORPUS = "~/fortunes/usr/share/games/fortunes"
 
 PRESETS = {
     "cpu": dict(model=dict(width=32, num_layers=12, num_heads=2, cond_dim=16),
-                seq_len=128, batch_size=32, baseline_steps=320, warmup_steps=10, mdm_extend=3,
+                seq_len=128, batch_size=32, baseline_steps=400, warmup_steps=10, mdm_extend=3,
                 units=16, lrs=(3e-3, 6e-3), lr_seed=100, seeds=(0, 1, 2), ema_decay=0.999,
                 eval_rows=96, eval_batch=8, time_points=16,
                 loop_sweep=(1, 2, 6, 12, 24), taus=(0.05, 0.01), attention_rows=8,
