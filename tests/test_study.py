@@ -189,6 +189,8 @@ def test_tiny_study_end_to_end_and_cached(tmp_path, in_process_compile_cache):
       "flops", "deep", "range", "s1", "loops", "extrapolate", "adaptive", "attention"}
   md = open(os.path.join(w, "study.md")).read()
   assert "## FLOP multiplier against training budget" in md and "flop_multiplier" not in md
+  assert set(saved["summary"]["trend"]) == {"loopmdm", "deep_mdm", "loopmdm_s4"}
+  assert "Trend of M with budget" in md
   for plot in ("study_multiplier_vs_budget.png", "study_bits_vs_flops.png"):
     assert os.path.getsize(os.path.join(w, "plots", plot)) > 0
   assert any("trained loopmdm" in x for x in lines)
@@ -198,3 +200,11 @@ def test_tiny_study_end_to_end_and_cached(tmp_path, in_process_compile_cache):
   assert runner.Counter.trained == 0 and scoring.Counter.computed == 0
   first = result["models"]["loopmdm"]["seeds"][1]["curve"]
   assert again["models"]["loopmdm"]["seeds"][1]["curve"] == first
+
+
+def test_multiplier_trend_reads_the_growth_of_m_with_budget():
+  # M = 0.5 at b = 1e9 growing as b^0.25; a censored point is left out.
+  entries = [dict(budget=b, value=0.5 * (b / 1e9) ** 0.25, bound="=") for b in (1e9, 2e9, 8e9)]
+  assert measure.trend(entries + [dict(budget=1.6e10, value=9.0, bound=">")]) == \
+      pytest.approx(0.25)
+  assert measure.trend(entries[:1]) is None

@@ -79,3 +79,13 @@ def multiplier_stats(entries) -> dict:
   # The geometric mean is the natural centre of a ratio.
   out["geomean"] = float(np.exp(np.mean(np.log(values))))
   return out
+
+
+def trend(entries) -> float | None:
+  """d ln M / d ln(budget) over the measured (uncensored) multipliers of one seed, least
+  squares; > 0: the model gains on the MDM as the budget grows. None with fewer than 2."""
+  pts = [(math.log(e["budget"]), math.log(e["value"])) for e in entries if e["bound"] == "="]
+  if len(pts) < 2 or len({x for x, _ in pts}) < 2:
+    return None
+  x, y = zip(*pts)
+  return float(np.polyfit(x, y, 1)[0])

@@ -94,6 +94,10 @@ def summarize(r: dict) -> dict:
                        gap=measure.spread(gaps) if None not in gaps else None,
                        bits_per_byte=measure.spread(s["curve"][i]["bits_per_byte"] for s in seeds)))
     out["multiplier"][model] = rows
+    slopes = [measure.trend(s["flop_multiplier"]) for s in seeds]
+    out.setdefault("trend", {})[model] = dict(
+        per_seed=slopes, stats=measure.spread(x for x in slopes if x is not None)
+        if any(x is not None for x in slopes) else None)
   claims = out["claims"]
 
   def final(model):
@@ -230,6 +234,12 @@ def markdown(r: dict) -> str:
       gap = _ms(row["gap"], "+.4f") if row["gap"] else "outside the MDM's curve"
       lines.append(f"| {name(r, model)} | {row['budget']:.3g} | {_ms(row['bits_per_byte'])} | "
                    f"{_m(row['multiplier'])} | {gap} |")
+  lines += ["", "Trend of M with budget (d ln M / d ln budget per seed, over the uncensored "
+            "budgets; > 0: the model gains on the MDM as the budget grows):", ""]
+  for model, t in s["trend"].items():
+    per = ", ".join("n/a" if x is None else f"{x:+.3f}" for x in t["per_seed"])
+    lines.append(f"- {name(r, model)}: {per}" + (f"; mean {t['stats']['mean']:+.3f}"
+                                                 if t["stats"] else ""))
   lines += ["", "## MDM curve", "", "| training FLOPs | bits/byte |", "|---|---|"]
   mc = models["mdm"]["seeds"]
   for i, q in enumerate(mc[0]["curve"]):
