@@ -100,8 +100,8 @@ def run_study(workdir: str, *, preset: str = "cpu", corpus: str | None = None,
     d = os.path.join(workdir, "runs", model, f"lr{lr:g}_seed{seed}" + (
         f"_x{extend}" if extend > 1 else ""))
     failed = os.path.join(d, "study_diverged.txt")
-    if not os.path.isdir(os.path.join(d, "checkpoints", str(c.train.steps))) and not \
-        os.path.exists(failed):
+    bad = os.path.exists(failed)
+    if not os.path.isdir(os.path.join(d, "checkpoints", str(c.train.steps))) and not bad:
       Counter.trained += 1
       start = time.time()
       try:
@@ -110,6 +110,11 @@ def run_study(workdir: str, *, preset: str = "cpu", corpus: str | None = None,
         os.makedirs(d, exist_ok=True)
         with open(failed, "w") as f:
           f.write(str(e))
+        bad = True
+      if not bad and not os.path.isdir(os.path.join(d, "checkpoints", str(c.train.steps))):
+        # train() returns after saving where a stop request (Ctrl-C, SIGTERM) found it.
+        raise KeyboardInterrupt(f"study stopped while training {d}; run the same command again "
+                                "to resume")
       say(f"trained {model} lr {lr:g} seed {seed}: {c.train.steps} steps in "
           f"{time.time() - start:.0f} s")
     return c, d, os.path.exists(failed)
