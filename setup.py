@@ -5,7 +5,8 @@ setup(
     version="0.1.0",
     description="Looped masked diffusion language models (LoopMDM) in JAX/Flax",
     python_requires=">=3.11",
-    packages=find_packages(include=["loopjax", "loopjax.*"]),
+    # experiments: the experiment configs and the study (`loopjax study` imports experiments.study).
+    packages=find_packages(include=["loopjax", "loopjax.*", "experiments", "experiments.*"]),
     # lm-eval task files (`loopjax eval --lm-eval loopjax_gsm8k ...`).
     package_data={"loopjax.evaluate.lm_eval_tasks": ["*.yaml"]},
     install_requires=[

@@ -2,8 +2,8 @@
 
 Hardware and time: 2 CPU cores, a few minutes for the default variant (loopmdm; the time
 measured is in the README's quick start). The prompt is never noised or scored; the answer field
-is. The model and recipe are the `cpu` study preset's (loopjax/evaluate/study.py, docs/RESULTS.md),
-where every model learns the task to ~0.96 exact match: 12 layers of width 32, layers 3-4 looped
+is. The model and recipe are those of the earlier arithmetic study (the text study replaced it),
+where every model learned the task to ~0.96 exact match: 12 layers of width 32, layers 3-4 looped
 S ~ U{1..4} for loopmdm. The run ends with held-out exact match at S = 1, 2, S_max and 2 S_max
 and a plot of it (loopjax/evaluate/final.py). Variants (`--config experiments/arithmetic.py:V`,
 loopjax/config/variants.py):

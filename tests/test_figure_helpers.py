@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from loopjax.evaluate import intervals, labels, plots
-from loopjax.evaluate.study_report import pooled_accuracy_interval
 
 
 def _wilson_reference(p, n, z=intervals.Z95):
@@ -54,8 +53,6 @@ def test_a_rows_interval_follows_what_the_metric_is():
   assert intervals.metric_interval(nelbo, "bits_per_token") == pytest.approx(
       (1.5 - 1.959964 * 0.01, 1.5 + 1.959964 * 0.01))
   assert intervals.metric_interval({"bits_per_token": 1.5}, "bits_per_token") is None
-  mean, low, high = pooled_accuracy_interval([0.94, 0.96], 512)
-  assert mean == pytest.approx(0.95) and (low, high) == intervals.wilson_interval(0.95, 1024)
 
 
 def test_labels_are_human_names_with_units_and_never_raw_keys():

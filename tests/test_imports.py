@@ -45,7 +45,8 @@ _LAZY_COMMAND = ("each subcommand's libraries are imported when it runs, so `loo
                  "stays fast and `loopjax.cli` imports no jax")
 LAZY = {m: _LAZY_COMMAND for m in (
     "loopjax.cli.main", "loopjax.cli.sample", "loopjax.cli.eval", "loopjax.cli.analyze",
-    "loopjax.cli.export", "loopjax.cli.memory", "loopjax.cli.prepare", "loopjax.cli.lm_eval")}
+    "loopjax.cli.export", "loopjax.cli.memory", "loopjax.cli.prepare", "loopjax.cli.lm_eval",
+    "loopjax.cli.study")}
 LAZY["loopjax"] = ("the Python API is imported on first use, so `import loopjax` stays "
                   "cheap")
 

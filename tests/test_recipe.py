@@ -51,6 +51,7 @@ MDLM = {
     "train.lr_schedule": "constant",    # configs/lr_scheduler/constant_warmup.yaml (constant after)
     "train.clip_norm": 1.0,             # configs/config.yaml: trainer.gradient_clip_val
     "train.ema_decay": 0.9999,          # configs/config.yaml: training.ema
+    "train.ema_warmup": True,           # models/ema.py: min(decay, (1 + n) / (10 + n))
     "diffusion.schedule": "linear",     # configs/noise/loglinear.yaml: 1 - alpha_t = t (loglinear)
     "diffusion.eps": 1e-3,              # configs/config.yaml: training.sampling_eps
     "diffusion.antithetic": True,       # configs/config.yaml: training.antithetic_sampling

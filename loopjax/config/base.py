@@ -46,7 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
       # b2 0.98 (a ~50-step second-moment horizon) for the 1k-step built-in tasks; the paper
       # configs set MDLM's 0.999 (variants.paper_backbone).
       weight_decay=0.01, b1=0.9, b2=0.98, adam_eps=1e-8, clip_norm=1.0,
-      ema_decay=0.999, grad_accum=1,
+      # ema_warmup: MDLM's decay min(ema_decay, (1 + n) / (10 + n)) at update n.
+      ema_decay=0.999, ema_warmup=False, grad_accum=1,
       log_every=50, checkpoint_every=500, keep_checkpoints=3, async_checkpoints=True,
       # Besides the newest keep_checkpoints: this many with the lowest held-out NELBO (the
       # eval_every evaluation at a checkpoint's step); `--step best` reads the lowest. 0: none.

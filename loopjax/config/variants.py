@@ -53,7 +53,7 @@ def paper_backbone(c, *, vocab_size: int, length: int, dropout: float = 0.1):
                  time_conditioning=False, dtype="bfloat16", remat="dots_no_batch")
   c.train.update(batch_size=512, lr=3e-4, warmup_steps=2500, lr_schedule="constant",
                  weight_decay=0.0, b1=0.9, b2=0.999, adam_eps=1e-8, clip_norm=1.0,
-                 ema_decay=0.9999, log_every=100, checkpoint_every=10_000,
+                 ema_decay=0.9999, ema_warmup=True, log_every=100, checkpoint_every=10_000,
                  eval_every=10_000, eval_batches=8)
   # MDLM's sampler: steps from t = 1 to t = 1e-5 (diffusion.py `_sample(eps=1e-5)`), then one
   # argmax denoising of the positions still masked (`sampling.noise_removal: True`).

@@ -30,9 +30,20 @@ BATCH_DTYPES = {"tokens": jnp.int32, "fixed": jnp.bool_, "loss_mask": jnp.bool_,
                 "segment_ids": jnp.int32}
 
 
+def ema_decay_at(num_updates, decay: float, warmup: bool):
+  """The EMA decay of update number `num_updates` (1 for the first update).
+
+  With warm-up, MDLM's min(decay, (1 + n) / (10 + n)): the average forgets the initial weights
+  within the first updates instead of holding them for ~1 / (1 - decay) steps."""
+  if not warmup:
+    return jnp.float32(decay)
+  n = jnp.asarray(num_updates, jnp.float32)
+  return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+
+
 def make_train_step(model: LoopedTransformer, tx: optax.GradientTransformation,
                     schedule: Schedule, loop_dist: LoopDistribution, *, antithetic: bool,
-                    ema_decay: float, grad_accum: int, lr_fn):
+                    ema_decay: float, grad_accum: int, lr_fn, ema_warmup: bool = False):
   mask_id = model.cfg.mask_id
 
   def micro_grads(params, batch, rngs, loops):
@@ -89,8 +100,8 @@ def make_train_step(model: LoopedTransformer, tx: optax.GradientTransformation,
     def update(_):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-                                   state.ema_params, params)
+      d = ema_decay_at(state.step + 1, ema_decay, ema_warmup)
+      ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
       return params, ema, opt_state
 
     # A conditional, not a select over the whole state: a skipped update costs nothing and a
@@ -180,7 +191,8 @@ def build_train_step(config, mesh: Mesh) -> TrainProgram:
   fn = make_train_step(model, tx, make_schedule(config.diffusion),
                        loop_dist,
                        antithetic=config.diffusion.antithetic, ema_decay=t.ema_decay,
-                       grad_accum=int(t.grad_accum), lr_fn=learning_rate(t))
+                       grad_accum=int(t.grad_accum), lr_fn=learning_rate(t),
+                       ema_warmup=bool(t.get("ema_warmup", False)))
   batch_sh, rep = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
   # Traced under the mesh's logical-axis rules: activations shard over the batch axes.
   jit = lambda *in_sh: jax.jit(mesh_lib.with_rules(fn, mesh), in_shardings=in_sh,

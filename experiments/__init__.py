@@ -1,0 +1,1 @@
+"""Experiment configs (one file per experiment family) and the paper study (`experiments.study`)."""
