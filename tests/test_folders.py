@@ -14,6 +14,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from loopjax import folders
@@ -201,16 +202,32 @@ def test_train_batch_size_zero_as_a_process(tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
+def test_ema_initialisation_share_equals_the_product_of_the_decays():
+  """init_share = prod_{n=1..N} d_n (float64 NumPy), with and without MDLM's warm-up;
+  is_young: below 1/(1 - decay) steps without warm-up, a share above 1/e with it."""
+  from loopjax.ema import init_share, is_young
+  for d in (0.5, 0.9, 0.99, 0.9999):
+    for steps in (0, 1, 2, 7, 79, 80, 81, 1000, 30000):
+      n = np.arange(1, steps + 1, dtype=np.float64)
+      want = np.prod(np.minimum(d, (1 + n) / (10 + n)))
+      np.testing.assert_allclose(init_share(steps, d, True), want, rtol=1e-9, atol=1e-300)
+      np.testing.assert_allclose(init_share(steps, d, False), d ** steps, rtol=1e-12)
+  assert is_young(99, 0.99, False) and not is_young(100, 0.99, False)
+  assert is_young(0, 0.99, True) and not is_young(1, 0.99, True)  # 2/11 < 1/e after one update
+
+
 def test_young_ema_weights_warn_once_naming_params_raw(kinds, caplog):
   """EMA weights that have averaged fewer than 1/(1 - decay) steps are mostly the
   initialisation: loading them says so once per folder and step; older ones load silently."""
   from loopjax.io.load import load_model_dir, warn_young_ema
   assert warn_young_ema("/r", 131, 0.9999, fix="pass --params raw")
-  assert "98.7% of the average is still the initialisation" in caplog.text
+  assert "98.7% of the EMA weights at step 131 is still the initialisation" in caplog.text
   assert "10000 steps" in caplog.text and "--params raw" in caplog.text
   assert not warn_young_ema("/r", 131, 0.9999, fix="pass --params raw")  # once
   assert not warn_young_ema("/r", 100, 0.99, fix="")  # 1/(1 - 0.99) = 100 steps averaged
   assert not warn_young_ema("/r", 5, None, fix="")  # no decay known: nothing to say
+  # MDLM's warm-up forgets the initialisation within the first updates: nothing to warn of.
+  assert not warn_young_ema("/w", 131, 0.9999, fix="", warmup=True)
   caplog.clear()
   load_model_dir(kinds["export"])  # EMA weights of step 1, ema_decay 0.99
   load_model_dir(kinds["export"])

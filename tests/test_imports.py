@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = {
     "loopjax": 0,  # the package's own __init__.py
     "loopjax.model": 0, "loopjax.diffusion": 0, "loopjax.data": 0, "loopjax.parallel": 0,
-    "loopjax.flops": 0, "loopjax.errors": 0,
+    "loopjax.flops": 0, "loopjax.errors": 0, "loopjax.ema": 0,
     # Loop counts: the training distribution and the inference policies.
     "loopjax.loops": 0,
     # Local or gs:// paths for every file a run reads or writes.

@@ -20,7 +20,7 @@ import ml_collections
 from flax import traverse_util
 
 from loopjax import config as config_lib
-from loopjax import storage
+from loopjax import ema, storage
 from loopjax.io import checkpoints
 from loopjax.io.export_format import (CONFIG, DTYPES, WEIGHTS, FORMAT,
                                       abstract_params, check_tensors, file_sha256, is_export,
@@ -120,7 +120,8 @@ def load_run(workdir: str, *, step: int | None = None, params: str = "ema"):
   tree, step = checkpoints.restore_params(storage.join(workdir, "checkpoints"), target,
                                           step=step, params=params)
   if params == "ema":
-    warn_young_ema(workdir, step, config.get("train", {}).get("ema_decay"),
+    train = config.get("train", {})
+    warn_young_ema(workdir, step, train.get("ema_decay"), warmup=bool(train.get("ema_warmup")),
                    fix="pass --params raw (Python: params='raw') for the optimizer's weights")
   return config, model, tree, step
 
@@ -128,20 +129,20 @@ def load_run(workdir: str, *, step: int | None = None, params: str = "ema"):
 _WARNED_EMA: set = set()
 
 
-def warn_young_ema(path: str, step, decay, *, fix: str) -> bool:
-  """Warns (once per folder and step) when EMA weights have averaged fewer than 1/(1 - decay)
-  steps: they still weigh the initialisation heavily (a fraction decay**step of it remains), so
-  samples and scores of them understate the training."""
+def warn_young_ema(path: str, step, decay, *, fix: str, warmup: bool = False) -> bool:
+  """Warns (once per folder and step) when EMA weights are still mostly the initialisation
+  (`loopjax.ema.is_young`: without warm-up, fewer than 1/(1 - decay) steps averaged), so samples
+  and scores of them understate the training."""
   if step is None or decay is None or not 0.0 < float(decay) < 1.0:
     return False
-  horizon = 1.0 / (1.0 - float(decay))
-  if int(step) >= horizon or (path, int(step)) in _WARNED_EMA:
+  if not ema.is_young(int(step), float(decay), warmup) or (path, int(step)) in _WARNED_EMA:
     return False
   _WARNED_EMA.add((path, int(step)))
   logging.getLogger("loopjax").warning(
-      "%s: the EMA weights at step %d have averaged fewer than 1/(1 - ema_decay %g) = %d steps "
-      "(%.1f%% of the average is still the initialisation); %s", path, int(step), float(decay),
-      round(horizon), 100 * float(decay) ** int(step), fix)
+      "%s: %.1f%% of the EMA weights at step %d is still the initialisation (ema_decay %g "
+      "averages about %d steps%s); %s", path,
+      100 * ema.init_share(int(step), float(decay), warmup), int(step), float(decay),
+      round(1.0 / (1.0 - float(decay))), ", after MDLM's warm-up" if warmup else "", fix)
   return True
 
 
@@ -188,6 +189,8 @@ def load_model_dir(path: str, *, params: str | None = None, step: int | None = N
   config.source = {"kind": "export", "path": storage.resolve(path),
                    "params": w.get("params"), "step": w.get("step")}
   if w.get("params") == "ema":
-    warn_young_ema(path, w.get("step"), config.get("train", {}).get("ema_decay"),
+    train = config.get("train", {})
+    warn_young_ema(path, w.get("step"), train.get("ema_decay"),
+                   warmup=bool(train.get("ema_warmup")),
                    fix="export the run again with --params raw for the optimizer's weights")
   return config, model, tree

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from loopjax import ema as ema_lib
 from loopjax import flops, folders, storage
 from loopjax.data import prepared
 from loopjax.data import shards as data_shards
@@ -297,13 +298,13 @@ def _compile(run: _Run, state):
                               sum(float(o["num_tokens"]) for o in outs))
 
   def evaluate(state, step: int) -> dict:
-    """eval_* of the weights train.eval_params names; with EMA weights that have averaged
-    fewer than 1/(1 - decay) steps (mostly still the initial weights), eval_raw_* beside."""
+    """eval_* of the weights train.eval_params names; with EMA weights that are still mostly
+    the initial weights (`loopjax.ema.is_young`), eval_raw_* beside."""
     ema = t.eval_params == "ema"
     row = {f"eval_{k}": float(v) for k, v in figures(
         state.ema_params if ema else state.params).items()}
     row |= {"eval_loops": eval_loops, "eval_params": t.eval_params}
-    if ema and step < 1.0 / (1.0 - t.ema_decay):
+    if ema and ema_lib.is_young(step, t.ema_decay, bool(t.get("ema_warmup", False))):
       row |= {f"eval_raw_{k}": float(v) for k, v in figures(state.params).items()}
       row["ema_decay"] = float(t.ema_decay)
     return row

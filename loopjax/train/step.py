@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from loopjax import ema
 from loopjax.diffusion import (Schedule, make_schedule, mask_tokens, nelbo_on_grid,
                                nelbo_terms, sample_times)
 from loopjax.model import LoopedTransformer, resolve_kernels
@@ -28,17 +29,6 @@ from loopjax.train.state import (TrainState, create_abstract_state, init_state, 
 # The batch format's arrays (loopjax/data/batch.py), each [B, L].
 BATCH_DTYPES = {"tokens": jnp.int32, "fixed": jnp.bool_, "loss_mask": jnp.bool_,
                 "segment_ids": jnp.int32}
-
-
-def ema_decay_at(num_updates, decay: float, warmup: bool):
-  """The EMA decay of update number `num_updates` (1 for the first update).
-
-  With warm-up, MDLM's min(decay, (1 + n) / (10 + n)): the average forgets the initial weights
-  within the first updates instead of holding them for ~1 / (1 - decay) steps."""
-  if not warmup:
-    return jnp.float32(decay)
-  n = jnp.asarray(num_updates, jnp.float32)
-  return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
 
 
 def make_train_step(model: LoopedTransformer, tx: optax.GradientTransformation,
@@ -100,7 +90,7 @@ def make_train_step(model: LoopedTransformer, tx: optax.GradientTransformation,
     def update(_):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      d = ema_decay_at(state.step + 1, ema_decay, ema_warmup)
+      d = ema.decay_at(state.step + 1, ema_decay, ema_warmup)
       ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
       return params, ema, opt_state
 
