@@ -17,8 +17,9 @@ from experiments.study import runner, scoring
 from loopjax.cli import main
 from loopjax.data.tokenizers import make_tokenizer
 from loopjax.diffusion import make_schedule
-from loopjax.model import LoopDistribution, LoopedTransformer, ModelConfig
-from loopjax.train.config import base_config
+from loopjax.loops import LoopDistribution
+from loopjax.model import LoopedTransformer, ModelConfig
+from loopjax.config.base import base_config
 from loopjax.train.state import TrainState, make_optimizer
 from loopjax.train.step import make_train_step
 

@@ -18,10 +18,10 @@ import time
 
 from loopjax import flops
 from loopjax.data.tokenizers import make_tokenizer
-from loopjax.model import LoopDistribution
-from loopjax.train.config import base_config, model_config
+from loopjax.loops import LoopDistribution
+from loopjax.config.base import base_config, model_config
 from loopjax.train.loop import NonFiniteLossError, train
-from loopjax.train.variants import resolve_variant
+from loopjax.config.variants import resolve_variant
 
 from experiments.study import corpus as corpus_lib
 from experiments.study import measure, report, scoring

@@ -17,12 +17,12 @@ import numpy as np
 
 from loopjax.diffusion import eval_time_grid, make_schedule, mask_tokens
 from loopjax.evaluate.attention import attention_profile
-from loopjax.evaluate.denoiser import (compiled_policy, loop_args, make_denoiser, memo,
+from loopjax.inference.denoiser import (compiled_policy, loop_args, make_denoiser, memo,
                                        resolve_policy)
 from loopjax.evaluate.intervals import weighted_mean_se
 from loopjax.evaluate.likelihood import heldout_nelbo
 from loopjax.flops import forward_flops_per_seq
-from loopjax.weights import load_run
+from loopjax.io.load import load_run
 
 EVAL_SEED = 1234  # the Monte-Carlo draws of every held-out score; no training seed enters
 
