@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from loopjax import loops
+from loopjax.loops import policies
 from loopjax.inference.denoiser import (cache_valid, loop_args, make_denoiser, make_sampler,
                                         resolve_policy)
 from loopjax.evaluate.labels import policy_label
@@ -48,7 +49,7 @@ class MostlyMaskedLoops(loops.LoopPolicy):
 
 @pytest.fixture()
 def registry(monkeypatch):
-  monkeypatch.setattr(loops, "REGISTRY", dict(loops.REGISTRY))
+  monkeypatch.setattr(policies, "REGISTRY", dict(policies.REGISTRY))
   loops.register(MostlyMaskedLoops)
 
 

@@ -1,49 +1,13 @@
-"""Loop counts S of the looped block: the training distribution and the inference policies.
-
-Training draws one S per step from a `LoopDistribution`, parsed once from config `loops.train`:
-  "S" or "fixed:S"     always S
-  "uniform:LO:HI"      S ~ Uniform{LO..HI} (paper: uniform:1:12)
-  "table:p1,p2,..."    P(S = k) = p_k for k = 1..len(table) (normalised)
-Its largest S is the model's S_max.
-
-At inference, loops are a knob: any S >= 1 works, S > S_max included. A `LoopPolicy` says how
-many loops run at each denoising step and is parsed from one spec string (the `--loops` flag):
-
-  "8" or "fixed:8"        fixed S = 8 at every step (the same grammar as training's
-                          `loops.train`, where "8" is fixed:8 too).
-  "adaptive:TAU[:MIN[:MAX]]"  per sequence, stop once the relative change of the looped block's
-                          hidden state on masked positions, ||h_i - h_{i-1}|| / ||h_{i-1}||,
-                          falls below TAU; at least MIN (default 1) and at most MAX (default
-                          S_max of the model) iterations.
-  "time:A:B"              S ramps linearly with the diffusion time t: S = round(A + (B - A) t),
-                          so A loops near the clean end (t = 0), B near all-masked (t = 1).
-  "mask:A:B"              the same with r = the fraction of the initially masked positions that
-                          are still masked (1 at the first step, -> 0 at the last).
-  "time:S1,S2,...,Sk"     a table: [0, 1] cut into k equal bins, bin j (in t or r) runs S_{j+1}.
-
-`run_loops` is the executor every policy shares: a `lax.while_loop` over single iterations that
-continues while any sequence is active, with finished sequences frozen by `jnp.where`. So the work
-follows the loops actually executed, never a fixed maximum, and one compiled program serves every
-S. It is a pure function of a per-iteration step callback: the diffusion package stays
-independent of the model (the binding lives in loopjax.evaluate).
-
-Per-sequence and executed compute. The loop body runs on the whole batch (static shapes), so a
-model call costs the loops of its slowest sequence for every row: `batch_loops` = max over the
-sequences. An adaptive policy's per-sequence loop counts are what each sequence needed (its
-result is frozen there), not what was spent; the executed figure is the batch maximum. A "time"
-schedule gives every sequence of a call the same S (t is shared by the batch), so its
-per-sequence and executed compute are equal by construction, and "mask" schedules are equal
-whenever the sequences' masked fractions fall in the same bin. `time_table` turns the loops an
-adaptive run spent per denoising step into such a schedule.
-"""
+"""The inference loop policies (`--loops`): one registered class per spec prefix (grammar:
+loopjax.loops). A new policy is a subclass of `LoopPolicy` decorated with `register`."""
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
-import numpy as np
+
+from loopjax.loops.executor import run_loops
 
 S_MAX_WORDS = ("0", "max")  # `--loops` values that mean S_max, the largest S of training
 
@@ -58,55 +22,6 @@ def split_specs(specs) -> list[str]:
     else:
       out.extend(s.strip() for s in spec.split(",") if s.strip())
   return out
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopDistribution:
-  probs: tuple[float, ...]  # probs[k-1] = P(S = k)
-
-  @classmethod
-  def parse(cls, spec: str | int) -> "LoopDistribution":
-    """Parses a spec (see the module docstring); an int or a bare integer string is fixed."""
-    text = str(spec).strip()
-    kind, sep, rest = text.partition(":")
-    if not sep:
-      kind, rest = "fixed", text
-    try:
-      if kind == "fixed":
-        s = int(rest)
-        if s < 1:
-          raise ValueError
-        probs = [0.0] * (s - 1) + [1.0]
-      elif kind == "uniform":
-        lo, hi = (int(v) for v in rest.split(":"))
-        if not 1 <= lo <= hi:
-          raise ValueError
-        probs = [0.0] * (lo - 1) + [1.0] * (hi - lo + 1)
-      elif kind == "table":
-        probs = [float(v) for v in rest.split(",")]
-        if any(p < 0 for p in probs) or sum(probs) <= 0:
-          raise ValueError
-      else:
-        raise ValueError
-    except ValueError:
-      raise ValueError(f"loops.train: cannot parse {spec!r}; expected 'S' or 'fixed:S' (S >= 1), "
-                       "'uniform:LO:HI' (1 <= LO <= HI) or 'table:p1,p2,...' (non-negative, not "
-                       "all zero)") from None
-    total = sum(probs)
-    return cls(tuple(p / total for p in probs))
-
-  @property
-  def max_loops(self) -> int:
-    return len(self.probs)
-
-  @property
-  def expected(self) -> float:
-    return float(sum((k + 1) * p for k, p in enumerate(self.probs)))
-
-  def sample(self, rng: jax.Array) -> jax.Array:
-    """One S for the whole global batch, as an int32 scalar (traced-friendly)."""
-    logits = jnp.log(jnp.asarray(np.asarray(self.probs), jnp.float32))
-    return (jax.random.categorical(rng, logits) + 1).astype(jnp.int32)
 
 
 class LoopPolicy:
@@ -397,84 +312,3 @@ class ScheduledLoops(LoopPolicy):
       s_B = table[jnp.minimum((key_B * k).astype(jnp.int32), k - 1)]
     s_B = jnp.maximum(s_B, 1.0).astype(jnp.int32)
     return s_B, s_B, 0.0
-
-
-def batch_loops(loops_TxB):
-  """Loops each model call executed for the whole batch: the max over its sequences (a
-  `while_loop` over the batch stops with its slowest sequence). [T, B] -> [T]; 0 for calls a
-  sampler skipped (cached)."""
-  return jnp.max(jnp.asarray(loops_TxB), axis=-1, initial=0)
-
-
-def time_table(loops_TxB, bins: int, *, how: str = "mean") -> str:
-  """A "time:S1,...,Sk" spec from the loops a sampler run spent at each of its T steps.
-
-  Step j of a T-step sampler runs at t = (T - j) / T, which falls in bin min(floor(t k), k - 1)
-  of the schedule (the binning `LoopPolicy.bounds` uses). Each bin gets the per-sequence loops of
-  its steps, aggregated by `how` ("mean": mean over steps and sequences; "max": the largest),
-  rounded and at least 1; a bin no step falls in takes its nearer filled neighbour's value.
-  Cached steps (0 loops everywhere) are ignored. Host-side NumPy: the result is a spec string.
-  """
-  loops = np.asarray(loops_TxB, np.float64)
-  steps, k = loops.shape[0], int(bins)
-  if k < 1 or steps < 1:
-    raise ValueError(f"time_table: need bins >= 1 and at least one step, got {k}, {steps}")
-  if how not in ("mean", "max"):
-    raise ValueError(f"time_table: how must be 'mean' or 'max', got {how!r}")
-  t_T = (steps - np.arange(steps)) / steps
-  bin_T = np.minimum((t_T * k).astype(np.int64), k - 1)
-  called_T = loops.max(-1) > 0
-  table = [None] * k
-  for j in range(k):
-    sel = loops[(bin_T == j) & called_T]
-    if sel.size:
-      v = sel.mean() if how == "mean" else sel.max()
-      table[j] = max(int(np.floor(v + 0.5)), 1)
-  filled = [j for j in range(k) if table[j] is not None]
-  if not filled:
-    raise ValueError("time_table: no step executed any loop")
-  table = [table[j] if table[j] is not None else table[min(filled, key=lambda f: abs(f - j))]
-           for j in range(k)]
-  return "time:" + ",".join(str(v) for v in table)
-
-
-def relative_change(new_BxLxD, old_BxLxD, where_BxL):
-  """||new - old|| / ||old|| per sequence over the positions `where` (0 when there are none)."""
-  w = where_BxL.astype(jnp.float32)[..., None]
-  num_B = jnp.sum(w * jnp.square(new_BxLxD - old_BxLxD), axis=(1, 2))
-  den_B = jnp.sum(w * jnp.square(old_BxLxD), axis=(1, 2))
-  return jnp.where(den_B > 0, jnp.sqrt(num_B / jnp.maximum(den_B, 1e-30)), 0.0)
-
-
-def run_loops(step_fn, h_BxLxD, watch_BxL, min_B, max_B, tau):
-  """Applies `step_fn(h, i) -> h` iteration by iteration, per sequence between min_B and max_B.
-
-  A sequence stays active while i < max_B and (i < min_B or the relative change of its hidden
-  state on the `watch` positions (the masked ones) is still >= tau). tau = 0 therefore runs
-  exactly max_B iterations; a huge tau runs exactly min_B. Inactive sequences keep their state
-  (`jnp.where`) but are still computed: the loop ends when none is active, so every row costs
-  max(loops_B) iterations (`batch_loops`), whatever its own count.
-
-  Returns (h_BxLxD, loops_B): the final state and the iterations each sequence's result took
-  (int32); the iterations executed for the batch are loops_B.max().
-  """
-  min_B = jnp.asarray(min_B, jnp.int32)
-  max_B = jnp.asarray(max_B, jnp.int32)
-  tau = jnp.asarray(tau, jnp.float32)
-
-  def cond(carry):
-    return jnp.any(carry[2])
-
-  def body(carry):
-    i, h, active_B, loops_B = carry
-    new = step_fn(h, i)
-    change_B = relative_change(new, h, watch_BxL)
-    h = jnp.where(active_B[:, None, None], new, h)
-    loops_B = loops_B + active_B.astype(jnp.int32)
-    i = i + 1
-    active_B = active_B & (i < max_B) & ((i < min_B) | (change_B >= tau))
-    return i, h, active_B, loops_B
-
-  init = (jnp.int32(0), h_BxLxD, max_B >= 1, jnp.zeros_like(max_B))
-  _, h, _, loops_B = jax.lax.while_loop(cond, body, init)
-  return h, loops_B
