@@ -63,6 +63,6 @@ def policy_label(spec) -> str:
   if s.isdigit():
     return f"S = {s}"
   try:
-    return LoopPolicy.parse(s).legend()
+    return LoopPolicy.from_label(s).legend()
   except ValueError:
     return s

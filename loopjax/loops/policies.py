@@ -43,7 +43,16 @@ class LoopPolicy:
     """Parses a spec (see the module docstring): the one parser of `--loops` values, dispatching
     on the prefix through the registry. `s_max` (the model's) fills the adaptive default maximum
     and gives `0` / `max` their S."""
-    s = str(spec).strip()
+    return cls._from_text(str(spec).strip(), s_max)
+
+  @classmethod
+  def from_label(cls, label) -> "LoopPolicy":
+    """The policy a result row's `loops` label names (for legends): the same grammar, read
+    after a run rather than parsed for one."""
+    return cls._from_text(str(label).strip(), None)
+
+  @classmethod
+  def _from_text(cls, s: str, s_max) -> "LoopPolicy":
     bad = lambda msg: ValueError(f"--loops {s!r}: {msg} (forms: N | fixed:N | 0 / max = S_max | "
                                  "adaptive:TAU[:MIN[:MAX]] | time:A:B | mask:A:B | time:S1,S2,..."
                                  f"; registered: {', '.join(REGISTRY)})")
