@@ -38,7 +38,6 @@ from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.errors import UserError
 from loopjax.hf import MODEL_TYPE, TEMPLATES, hub, model_card, tokenizer_files
-from loopjax.io.checkpoints import parse_step
 from loopjax.io.export_format import (CONFIG, DTYPES, FORMAT, FORMAT_VERSION, TENSOR_NAMES,
                                       TOKENIZER_DIR, WEIGHTS, file_sha256, unstack_params)
 from loopjax.io.load import load_run, run_model_config
