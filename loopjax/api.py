@@ -60,7 +60,9 @@ class Model:
     if loops is None:
       loops = self.model_config.max_loops
     if isinstance(loops, (int, np.integer)):
-      resolve_policy(self.model_config, int(loops))  # S >= 1, loop-embedding limit
+      if loops < 1:  # an int is S itself here, not the `--loops` word 0 = S_max
+        raise ValueError(f"loops={loops}: S must be >= 1 (None for S_max of training)")
+      resolve_policy(self.model_config, FixedLoops(loops=int(loops)))  # loop-embedding limit
     s = jnp.asarray(loops, jnp.int32)
     return s, s, jnp.float32(0.0)
 
