@@ -22,9 +22,10 @@ import numpy as np
 
 from loopjax.data import tokenizer_for
 from loopjax.diffusion import eval_time_grid, make_schedule, metrics_from_nelbo, nelbo_on_grid
-from loopjax.inference.denoiser import compiled_policy, make_denoiser, memo, resolve_policy
+from loopjax.inference.denoiser import make_denoiser, memo, resolve_policy
 from loopjax.inference.generate import Generation, default_steps, generate, prompt_rows
 from loopjax.io.load import load_model_dir
+from loopjax.loops import FixedLoops
 
 
 def load(path: str, *, step: int | str | None = None, params: str | None = None) -> "Model":
@@ -59,9 +60,9 @@ class Model:
     if loops is None:
       loops = self.model_config.max_loops
     if isinstance(loops, (int, np.integer)):
-      if loops < 1:
-        raise ValueError(f"loops={loops}: S must be >= 1 (None: S_max of training)")
-      resolve_policy(self.model_config, int(loops))  # S >= 1, loop-embedding limit
+      if loops < 1:  # an int is S itself here, not the `--loops` word 0 = S_max
+        raise ValueError(f"loops={loops}: S must be >= 1 (None for S_max of training)")
+      resolve_policy(self.model_config, FixedLoops(loops=int(loops)))  # loop-embedding limit
     s = jnp.asarray(loops, jnp.int32)
     return s, s, jnp.float32(0.0)
 
@@ -80,7 +81,7 @@ class Model:
   def _logits_fn(self, params, x_BxL, t_B, segment_ids_BxL, loop_arr):
     cfg = self.model_config
     masked_B = (x_BxL == cfg.mask_id).mean(-1)
-    policy = compiled_policy(resolve_policy(cfg, 1))
+    policy = FixedLoops().compiled()  # S comes in `loop_arr`: one program for every S
     denoise = make_denoiser(self.module, params, policy, segment_ids_BxL, loop_arr)
     logits, _ = denoise(x_BxL, masked_B if t_B is None else t_B, masked_B)
     return logits[..., :cfg.vocab_size].astype(jnp.float32)

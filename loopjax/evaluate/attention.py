@@ -190,10 +190,10 @@ def _tail_layers(row: dict) -> int:
 
 def _fixed_loops(policy) -> int:
   """S of a fixed `--loops` value (this analysis runs one S at a time, no adaptive policy)."""
-  if policy.kind != "fixed":
+  if policy.fixed_loops is None:
     raise ValueError(f"--loops {policy}: analyze takes fixed loop counts (N, or 0 / max for "
                      "S_max)")
-  return policy.loops
+  return policy.fixed_loops
 
 
 def analyze_attention(workdir: str, *, loops: str = "", examples: int = 16,

@@ -6,6 +6,8 @@ an underscore.
 
 from __future__ import annotations
 
+from loopjax.loops import LoopPolicy
+
 # key -> (name, unit or "")
 METRICS = {
     "exact_match": ("exact match", "fraction of problems"),
@@ -55,17 +57,12 @@ def words(key: str) -> str:
 
 
 def policy_label(spec) -> str:
-  """A loop policy as a legend entry: "S = 4", "adaptive, τ = 0.1", "time-scheduled 2→8"."""
+  """A loop policy as a legend entry: "S = 4", "adaptive, τ = 0.1", "time-scheduled 2→8"
+  (`LoopPolicy.legend`); a value that is no policy spec reads as itself."""
   s = str(spec)
   if s.isdigit():
     return f"S = {s}"
-  kind, _, rest = s.partition(":")
-  args = [a for a in rest.split(":") if a]
-  if kind == "fixed" and args:
-    return f"S = {args[0]}"
-  if kind == "adaptive" and args:
-    extra = f", S ≤ {args[2]}" if len(args) > 2 else ""
-    return f"adaptive, τ = {args[0]}{extra}"
-  if kind in ("time", "mask") and len(args) >= 2:
-    return f"{kind}-scheduled S {args[0]}→{args[1]}"
-  return s
+  try:
+    return LoopPolicy.from_label(s).legend()
+  except ValueError:
+    return s

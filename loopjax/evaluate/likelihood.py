@@ -79,6 +79,6 @@ def heldout_nelbo(model, params, batches, *, schedule, loops, time_points: int =
   out["tokens"] = int(count)
   out["loops"] = policy.label
   out["forward_flops_per_seq"] = (float(forward_flops_per_seq(
-      cfg, int(np.shape(batches[0]["tokens"])[1]), policy.loops))
-      if policy.kind == "fixed" else None)
+      cfg, int(np.shape(batches[0]["tokens"])[1]), policy.fixed_loops))
+      if policy.fixed_loops else None)
   return out

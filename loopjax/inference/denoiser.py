@@ -21,9 +21,10 @@ from loopjax.flops import inference_flops_per_sample
 
 
 def resolve_policy(cfg, loops) -> LoopPolicy:
-  """A LoopPolicy for this model from an int, a spec string or a policy; validated against cfg."""
+  """A LoopPolicy for this model from an int, a spec string or a policy; validated against cfg.
+  Idempotent: a resolved policy comes back equal."""
   policy = loops if isinstance(loops, LoopPolicy) else LoopPolicy.parse(str(loops), cfg.max_loops)
-  policy = policy.with_s_max(cfg.max_loops)
+  policy = policy.resolve(cfg.max_loops)
   if cfg.looped and cfg.loop_embedding and policy.largest > cfg.max_loops:
     raise ValueError(f"loops {policy.spec or policy.largest}: this model has a learned loop "
                      f"embedding with {cfg.max_loops} rows (S_max), so it cannot run S > "
@@ -36,56 +37,35 @@ def cache_valid(cfg, policy: LoopPolicy) -> bool:
   return not cfg.time_conditioning and not policy.time_dependent
 
 
-# Compile-time stand-ins: the numbers of a fixed or adaptive policy are run-time arguments.
-_RUNTIME = LoopPolicy(kind="adaptive", max_loops=1, spec="runtime")
-_FIXED = LoopPolicy(kind="fixed", loops=1, spec="runtime")
-
-
 def loop_args(policy: LoopPolicy):
-  """(min, max, tau) of a fixed or adaptive policy as arrays: passed at run time, so one
-  compiled program serves every S and every adaptive rule. Schedules ignore them."""
-  if policy.kind == "fixed":
-    return jnp.int32(policy.loops), jnp.int32(policy.loops), jnp.float32(0.0)
-  if policy.kind == "adaptive":
-    return jnp.int32(policy.min_loops), jnp.int32(policy.max_loops), jnp.float32(policy.tau)
-  return jnp.int32(1), jnp.int32(1), jnp.float32(0.0)
+  """The run-time numbers of a policy (`LoopPolicy.loop_args`): passed as arguments, so one
+  compiled program serves every fixed S and every adaptive rule."""
+  return policy.loop_args()
 
 
 def compiled_policy(policy: LoopPolicy) -> LoopPolicy:
-  """The static part of a policy: every fixed S compiles to `_FIXED` (the model's own loop),
-  every adaptive rule to `_RUNTIME`."""
-  return {"fixed": _FIXED, "adaptive": _RUNTIME}.get(policy.kind, policy)
+  """The static part of a policy (`LoopPolicy.compiled`): every fixed S compiles to the model's
+  own loop, every adaptive rule to one while loop."""
+  return policy.compiled()
 
 
 def make_denoiser(model, params, policy: LoopPolicy, segment_ids_BxL=None, loop_arr=None):
   """denoise(x, t_B, r_B) -> (logits, loops_B) for the samplers and the NELBO.
 
-  `loop_arr` = `loop_args(...)` (possibly traced) gives the bounds of fixed / adaptive policies
-  at run time; without it they come from `policy`. A model without a looped block reports 1
-  loop per call.
+  `loop_arr` = `loop_args(...)` (possibly traced) gives the policy's numbers at run time;
+  without it they come from `policy`. A model without a looped block reports 1 loop per call.
   """
   cfg = model.cfg
   variables = {"params": params}
-  if loop_arr is None and policy.kind in ("fixed", "adaptive"):
-    loop_arr = loop_args(policy)
 
   def denoise(x_BxL, t_B, r_B):
     h0, c, mask, _ = model.apply(variables, x_BxL, t_B, segment_ids_BxL, method="encode")
-    b = x_BxL.shape[0]
     if not cfg.looped:
-      h, loops_B = h0, jnp.ones((b,), jnp.int32)
-    elif policy.kind == "fixed":  # the model's loop: no per-iteration change to measure
-      s = jnp.asarray(loop_arr[1], jnp.int32)
-      h = model.apply(variables, h0, c, mask, s, method="run_loop")
-      loops_B = jnp.full((b,), s, jnp.int32)
+      h, loops_B = h0, jnp.ones((x_BxL.shape[0],), jnp.int32)
     else:
-      if policy.kind in ("fixed", "adaptive"):
-        lo, hi, tau = loop_arr
-        lo_B, hi_B = jnp.full((b,), lo, jnp.int32), jnp.full((b,), hi, jnp.int32)
-      else:
-        lo_B, hi_B, tau = policy.bounds(t_B, r_B)
       step = lambda h, i: model.apply(variables, h, h0, c, mask, i, 1, method="loop_chunk")
-      h, loops_B = run_loops(step, h0, x_BxL == cfg.mask_id, lo_B, hi_B, tau)
+      model_loop = lambda s: model.apply(variables, h0, c, mask, s, method="run_loop")
+      h, loops_B = policy.run(step, model_loop, h0, x_BxL == cfg.mask_id, t_B, r_B, loop_arr)
     logits, _ = model.apply(variables, h, c, mask, method="decode")
     return logits, loops_B
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from loopjax import ema
+from loopjax import ema as ema_lib
 from loopjax.diffusion import (Schedule, make_schedule, mask_tokens, nelbo_on_grid,
                                nelbo_terms, sample_times)
 from loopjax.model import LoopedTransformer, resolve_kernels
@@ -90,7 +90,7 @@ def make_train_step(model: LoopedTransformer, tx: optax.GradientTransformation,
     def update(_):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      d = ema.decay_at(state.step + 1, ema_decay, ema_warmup)
+      d = ema_lib.decay_at(state.step + 1, ema_decay, ema_warmup)
       ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
       return params, ema, opt_state
 
