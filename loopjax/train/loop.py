@@ -435,7 +435,8 @@ def train(config, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`: {"metrics": the last logged and evaluated row,
   "state": the final train state, "model": the LoopedTransformer}. `config`: a loopjax.config
   Run, or a config resolved into one here."""
-  resolved = from_config(config)  # validated, data loaded once, before any work
+  resolved = from_config(config)  # validated
+  resolved.check_data()  # tokenizer and a prepared manifest read once, before any work
   with _StopRequests() as stop:
     run = _setup(resolved, workdir)
     try:
