@@ -31,8 +31,7 @@ from loopjax import flops
 from loopjax.data.arithmetic import required_seq_len
 from loopjax.evaluate.study_report import markdown_report, plot_study, summarize
 from loopjax.evaluate.tasks import heldout_batches, primary_metric, task_accuracy
-from loopjax.loops import LoopDistribution
-from loopjax.config.base import model_config
+from loopjax.config.run import from_config
 from loopjax.config.load import read_config
 from loopjax.train.loop import NonFiniteLossError, train
 from loopjax.config.variants import resolve_variant
@@ -143,9 +142,10 @@ def run_study(workdir: str, *, preset: str = "cpu", log=print) -> dict:
       raise RuntimeError(f"study: {variant} at lr {best:g} diverged on a seed other than "
                          f"{p['seeds'][0]}; see {runs[-1]['dir']}")
     config = runs[0]["config"]
-    cfg = model_config(config)
+    run = from_config(config)
+    cfg = run.model
     per_step = flops.expected_train_flops_per_step(
-        cfg, config.data.seq_len, config.train.batch_size, LoopDistribution.parse(config.loops.train))
+        cfg, config.data.seq_len, config.train.batch_size, run.loops)
     batches = batches or heldout_batches(config.data, p["examples"], seed=10_000)
     s_max = cfg.max_loops if cfg.looped else 1
     seeds = []
