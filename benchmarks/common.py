@@ -32,7 +32,8 @@ def lm_config(*, width, layers, heads, vocab, length, batch, loop=(0, 0), loops=
                  num_heads=heads, loop_start=loop[0], loop_end=loop[1], dtype=dtype,
                  remat=remat, **model_kw)
   c.loops.train = loops
-  c.data.seq_len = length
+  # Steps run on random tokens; a text source of any length resolves without reading a file.
+  c.data.source, c.data.seq_len = "text", length
   c.train.batch_size = batch
   c.mesh.update(data=1, fsdp=1, tensor=1)
   return c

@@ -107,9 +107,9 @@ def check_attention(config, kernels, loops=3, batch=2):
   import numpy as np
 
   from loopjax.model import LoopedTransformer, resolve_kernels
-  from loopjax.config import base as config_lib
+  from loopjax.config import from_config
 
-  cfg = config_lib.model_config(config)
+  cfg = from_config(config).model
   length = int(config.data.seq_len)
   models = {"candidate": LoopedTransformer(resolve_kernels(
                 dataclasses.replace(cfg, kernels=kernels), jax.devices())),
@@ -319,8 +319,8 @@ def main(argv=None):
     report.phase(name, r)
 
   if time_left("sampling"):
-    from loopjax.config import base as config_lib
-    loop_cfg = config_lib.model_config(paper_config("loopmdm", overrides + kernels))
+    from loopjax.config import from_config
+    loop_cfg = from_config(paper_config("loopmdm", overrides + kernels)).model
     smax = loop_cfg.max_loops
     log(f"[sampling] confidence decoding, {args.sample_steps} steps, batch 8")
     try:

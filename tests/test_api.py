@@ -19,7 +19,7 @@ import loopjax
 from loopjax import reference
 from loopjax.cli import main as cli_main
 from loopjax.io.export import export_params, export_run
-from loopjax.io.load import run_model_config
+from loopjax.io.load import read_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ema_decay 0.5: the EMA of step 2 has averaged its horizon of 2 steps, so a clean load has
@@ -48,7 +48,7 @@ def export(run, tmp_path_factory):
   params = jax.tree_util.tree_map(
       lambda p: np.asarray(p) + rng.normal(0, 0.3, p.shape).astype(np.float32), m.params)
   out = str(tmp_path_factory.mktemp("api") / "export")
-  export_params(out, run_model_config(m.config), params, run_config=m.config,
+  export_params(out, read_run(run).model, params, run_config=m.config,
                 source={"params": "raw", "step": 2})
   return out
 

@@ -19,7 +19,8 @@ from loopjax.io import export
 from loopjax.data.tokenizers import make_tokenizer
 from loopjax.config.load import load_config
 from loopjax.io.export_format import abstract_params
-from loopjax.io.load import run_model_config, runnable
+from loopjax.config import model_config
+from loopjax.io.load import runnable
 from loopjax.model import LoopedTransformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +70,7 @@ def assets(tmp_path_factory):
   their values), a workdir with a config.json and no checkpoint, a text file."""
   root = tmp_path_factory.mktemp("bad_input")
   config = _tiny_config()
-  cfg = run_model_config(config)
+  cfg = model_config(config)
   params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
                                   abstract_params(LoopedTransformer(runnable(cfg))))
   out = str(root / "export")
@@ -285,7 +286,7 @@ def test_large_loop_counts_warn_with_the_cost(caplog):
   from loopjax.evaluate.loop_cost import loop_bound, warn_loop_cost
   from loopjax.flops import inference_flops_per_sample
 
-  cfg = run_model_config(_tiny_config())
+  cfg = model_config(_tiny_config())
   assert loop_bound(2) == 16 and loop_bound(100) == 256
   assert warn_loop_cost(cfg, 16, length=81, calls=4) is None
   msg = warn_loop_cost(cfg, 100000, length=81, calls=4, samples=2, device="tpu v5e")

@@ -229,7 +229,7 @@ CONFIG_FILE = textwrap.dedent("""
       if arg == "loop":
         c.model.update(loop_start=1, loop_end=3)
         c.loops.train = "uniform:1:6"
-      c.data.seq_len = 32
+      c.data.source, c.data.seq_len = "arithmetic", 32  # a valid run: flops resolves it whole
       c.train.batch_size, c.train.steps = 8, 1000
       return c
 """)

@@ -22,7 +22,8 @@ from loopjax.io import export
 from loopjax.model import LoopedTransformer
 from loopjax.config.load import load_config
 from loopjax.io.export_format import abstract_params
-from loopjax.io.load import run_model_config, runnable
+from loopjax.config import model_config
+from loopjax.io.load import runnable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUDOKU = os.path.join(ROOT, "experiments", "sudoku.py")
@@ -50,7 +51,7 @@ def kinds(tmp_path_factory):
   from loopjax.cli import main
   root = tmp_path_factory.mktemp("folders")
   config = load_config(SUDOKU + ":loopmdm", TINY)
-  cfg = run_model_config(config)
+  cfg = model_config(config)
   params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
                                   abstract_params(LoopedTransformer(runnable(cfg))))
   out = {"export": str(root / "export")}

@@ -68,3 +68,31 @@ def test_a_prepared_data_run_loads_its_tokenizer_and_manifest_once(monkeypatch, 
   saved = json.load(open(tmp_path / "run" / "config.json"))
   assert saved["model"]["kernels"] == "auto", "config.json keeps the configured kernels"
   assert out["model"].cfg.kernels == "xla_cpu", "the CPU step runs the kernels auto picks there"
+
+
+def test_flops_of_a_gpt2_config_reads_no_tokenizer(monkeypatch, capsys):
+  # owt.py configures vocab_size and a GPT-2 tokenizer file that is absent here: the FLOP count
+  # needs only the model, so the resolved run's data must not read its tokenizer or manifest.
+  from loopjax.cli.flops import flops_main
+  tokenizer_loads = _spy(monkeypatch, tokenizers, "make_tokenizer")
+  manifest_loads = _spy(monkeypatch, shards, "load_manifest")
+  flops_main(["--config", os.path.join(ROOT, "experiments", "owt.py") + ":loopmdm", "--json"])
+  out = json.loads(capsys.readouterr().out)
+  assert tokenizer_loads == [] and manifest_loads == [], (tokenizer_loads, manifest_loads)
+  assert out["max_loops"] == 12 and out["expected_loops"] == 6.5, out
+
+
+def test_the_data_of_a_run_is_read_once_on_first_use(monkeypatch, tmp_path, corpus):
+  tokenizer_loads = _spy(monkeypatch, tokenizers, "make_tokenizer")
+  manifest_loads = _spy(monkeypatch, shards, "load_manifest")
+  run = from_config(load_config(os.path.join(ROOT, "experiments", "owt.py") + ":loopmdm", [
+      f"--config.data.path={corpus}", "--config.data.tokenizer=byte"]))
+  assert tokenizer_loads == [] and manifest_loads == []
+  run.check_data()
+  assert run.data.manifest is run.data.manifest and run.data.tokenizer is run.data.tokenizer
+  assert len(tokenizer_loads) == 1 and len(manifest_loads) == 1, (tokenizer_loads, manifest_loads)
+  too_small = from_config(load_config(os.path.join(ROOT, "experiments", "owt.py") + ":loopmdm", [
+      f"--config.data.path={corpus}", "--config.data.tokenizer=byte",
+      "--config.model.vocab_size=100"]))
+  with pytest.raises(ValueError, match="model.vocab_size is 100: set model.vocab_size >= "):
+    too_small.check_data()

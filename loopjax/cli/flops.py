@@ -19,19 +19,19 @@ import json
 import sys
 from typing import Any, Sequence
 
-from loopjax.flops import (FLOP_CONVENTIONS, _depth, as_loop_distribution,
+from loopjax.flops import (FLOP_CONVENTIONS, _depth,
                            executed_depth_params_for,
                            expected_train_flops_per_step, forward_flops_per_token,
                            layer_flops_per_seq, matched_depth, matched_steps, param_counts,
                            train_flops_per_step)
 from loopjax.cli.config import CONFIG_HELP, OVERRIDES_EPILOG
-from loopjax.config.base import model_config
-from loopjax.config.load import load_config, split_config_args
+from loopjax.config.load import split_config_args
+from loopjax.config.run import Run, resolve
 
 
-def load_experiment(spec: str, overrides: Sequence[str] = ()):
-  """`path.py[:variant]` + overrides -> the resolved ConfigDict (the loader of `loopjax train`)."""
-  return load_config(spec, overrides)
+def load_experiment(spec: str, overrides: Sequence[str] = ()) -> Run:
+  """`path.py[:variant]` + overrides -> the resolved Run (the resolve step of `loopjax train`)."""
+  return resolve(spec, overrides)
 
 
 def _get(cfg, dotted: str, default: Any = None):
@@ -44,13 +44,10 @@ def _get(cfg, dotted: str, default: Any = None):
   return node
 
 
-def experiment_summary(config) -> dict[str, Any]:
-  """The FLOP/parameter numbers of one experiment config (sections model, loops, data, train)."""
-  if _get(config, "model") is None:
-    raise ValueError("config has no 'model' section")
-  cfg = model_config(config)  # S_max from loops.train, vocabulary from the data if 0
-  spec = _get(config, "loops.train") or "fixed:1"
-  dist = as_loop_distribution(spec)
+def experiment_summary(run: Run) -> dict[str, Any]:
+  """The FLOP/parameter numbers of one resolved run (its model, loops, data and train)."""
+  cfg, dist, config = run.model, run.loops, run.config
+  spec = config.loops.train
   length = int(_get(config, "data.seq_len", cfg.max_length))
   batch = int(_get(config, "train.batch_size", 1))
   steps = _get(config, "train.steps")

@@ -34,15 +34,15 @@ def main(argv) -> int:
   if spec is None:
     p.error("--config experiments/NAME.py[:VARIANT] is required")
   from loopjax.parallel import topology as topology_lib  # jax and the step: only when compiling
-  from loopjax.config.load import load_config
+  from loopjax.config.run import resolve
   from loopjax.train.memory import compile_devices, format_report, memory_report, parse_mesh
   mesh_cfg = parse_mesh(args.mesh) if args.mesh else None
   devices, flags_source = compile_devices(args.topology, args.num_slices, args.devices, mesh_cfg)
-  config = load_config(spec, overrides)
+  run = resolve(spec, overrides)
   if mesh_cfg is not None:
-    mesh_cfg = {**{k: v for k, v in dict(config.mesh).items() if k.startswith("dcn_")},
+    mesh_cfg = {**{k: v for k, v in dict(run.mesh).items() if k.startswith("dcn_")},
                 "data": 1, "fsdp": 1, "tensor": 1, **mesh_cfg}
-  report = memory_report(config, devices, mesh_cfg, args.device_memory_gib)
+  report = memory_report(run, devices, mesh_cfg, args.device_memory_gib)
   text = None if args.json else format_report(report)
   if args.topology:
     report["libtpu_init_args"] = topology_lib.libtpu_flags()

@@ -92,9 +92,18 @@ def model_config(config, data=None, loops: LoopDistribution | None = None) -> Mo
       {**fields, "max_loops": (loops or LoopDistribution.parse(config.loops.train)).max_loops})
 
 
+def check_vocab(model: ModelConfig, data) -> None:
+  """Raises unless the model's vocabulary covers the data's token ids (reads the tokenizer)."""
+  need = data_vocab_size(data)
+  if need > model.vocab_size:
+    raise ValueError(f"the data's token ids go up to {need - 1} but model.vocab_size is "
+                     f"{model.vocab_size}: set model.vocab_size >= {need}")
+
+
 def validate(config, data=None, loops: LoopDistribution | None = None) -> ModelConfig:
-  """Checks everything that can be checked without devices; raises ValueError. Returns the
-  ModelConfig (see model_config, which takes the same `data` and `loops`)."""
+  """Checks everything that can be checked without devices or data files (check_vocab reads the
+  data's tokenizer); raises ValueError. Returns the ModelConfig (see model_config, which takes
+  the same `data` and `loops`)."""
   model = model_config(config, data, loops)
   make_schedule(config.diffusion)
   sampler_endpoint(config.diffusion)
@@ -128,10 +137,6 @@ def validate(config, data=None, loops: LoopDistribution | None = None) -> ModelC
   if config.data.seq_len > model.max_length:
     raise ValueError(f"data.seq_len {config.data.seq_len} exceeds model.max_length "
                      f"{model.max_length}")
-  need = data_vocab_size(data if data is not None else config.data)
-  if need > model.vocab_size:
-    raise ValueError(f"the data's token ids go up to {need - 1} but model.vocab_size is "
-                     f"{model.vocab_size}: set model.vocab_size >= {need}")
   if config.loops.eval < 0:
     raise ValueError(f"loops.eval must be >= 0 (0 = S_max), got {config.loops.eval}")
   return model

@@ -4,7 +4,8 @@ description that every command receives instead of re-deriving its parts.
     run = resolve("experiments/sudoku.py:loopmdm", ["--config.train.steps=10"])
     run.model   ModelConfig: S_max from loops.train, the *configured* kernels (e.g. "auto")
     run.loops   LoopDistribution of loops.train (parsed here, once)
-    run.data    DataSpec: the data section with its tokenizer and prepared manifest, loaded once
+    run.data    DataSpec: the data section; its tokenizer and prepared manifest are read on first
+                access and kept, so a command that needs neither reads neither
     run.train, run.mesh, run.config   the train and mesh sections and the whole resolved config
 
 Kernel resolution (auto -> a kernel set) is not part of it: it is made from the devices a step is
@@ -21,7 +22,7 @@ from typing import Sequence
 import ml_collections
 
 from loopjax import storage
-from loopjax.config.base import validate
+from loopjax.config.base import check_vocab, validate
 from loopjax.config.load import load_config
 from loopjax.data import DataSpec
 from loopjax.loops import LoopDistribution
@@ -38,6 +39,12 @@ class Run:
   data: DataSpec
   train: ml_collections.FrozenConfigDict
   mesh: ml_collections.FrozenConfigDict
+
+  def check_data(self) -> None:
+    """Reads the data's tokenizer and a prepared corpus's manifest (each kept for the run) and
+    checks the model's vocabulary covers the data: what training needs before any compile."""
+    check_vocab(self.model, self.data)
+    self.data.manifest  # noqa: B018 -- read here, so a bad corpus fails before any compile
 
   def to_json(self) -> str:
     return self.config.to_json(indent=2)
@@ -71,7 +78,8 @@ def read_config_json(workdir: str) -> ml_collections.ConfigDict:
 
 def from_config(config) -> Run:
   """The Run of an already read config (a ConfigDict, e.g. a run folder's config.json),
-  validated; the data's tokenizer and manifest are loaded here, once."""
+  validated; the data's tokenizer is read here only when model.vocab_size is 0 (the data's
+  vocabulary), its manifest only where first used (DataSpec)."""
   if isinstance(config, Run):
     return config
   data = DataSpec.load(config.data)

@@ -139,27 +139,34 @@ def _resolve(data_cfg) -> SimpleNamespace:
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
   """A run's data, resolved once: the section (defaults filled in, validated), its tokenizer
-  and, for a prepared corpus, its manifest checked against that tokenizer."""
+  and, for a prepared corpus, its manifest checked against that tokenizer. The tokenizer and the
+  manifest are read on first access and kept (functools.cached_property), so a command that never
+  needs them (FLOP counting, a memory estimate with the vocabulary configured) reads no file."""
   section: SimpleNamespace
-  tokenizer: Tokenizer
-  manifest: dict | None
 
   @classmethod
   def load(cls, data_cfg) -> "DataSpec":
     if isinstance(data_cfg, DataSpec):
       return data_cfg
-    c = _resolve(data_cfg)
-    manifest = None
+    return cls(_resolve(data_cfg))
+
+  @functools.cached_property
+  def tokenizer(self) -> Tokenizer:
+    c = self.section
     if c.source == "sudoku":
-      tok = sudoku.sudoku_tokenizer()
-    elif c.source == "arithmetic":
-      tok = arithmetic.arithmetic_tokenizer()
-    else:
-      tok = make_tokenizer(c.tokenizer)
-      if c.source == "prepared":
-        storage.check_client(c.path)  # a gs:// corpus: a missing client named first
-        manifest = prepared.open_manifest(c.path, tok)
-    return cls(c, tok, manifest)
+      return sudoku.sudoku_tokenizer()
+    if c.source == "arithmetic":
+      return arithmetic.arithmetic_tokenizer()
+    return make_tokenizer(c.tokenizer)
+
+  @functools.cached_property
+  def manifest(self) -> dict | None:
+    c = self.section
+    if c.source != "prepared":
+      return None
+    tok = self.tokenizer
+    storage.check_client(c.path)  # a gs:// corpus: a missing client named first
+    return prepared.open_manifest(c.path, tok)
 
   @property
   def vocab_size(self) -> int:

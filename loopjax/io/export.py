@@ -40,7 +40,7 @@ from loopjax.errors import UserError
 from loopjax.hf import MODEL_TYPE, TEMPLATES, hub, model_card, tokenizer_files
 from loopjax.io.export_format import (CONFIG, DTYPES, FORMAT, FORMAT_VERSION, TENSOR_NAMES,
                                       TOKENIZER_DIR, WEIGHTS, file_sha256, unstack_params)
-from loopjax.io.load import load_run, run_model_config
+from loopjax.io.load import load_run
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,10 +268,10 @@ def export_run(workdir: str, out: str, *, params: str = "ema", dtype: str = "flo
                step: int | None = None, overwrite: bool = False,
                card: dict | None = None) -> dict:
   """Exports a training run's checkpoint (EMA or raw params); returns the written config.json."""
-  config, _, tree, got = load_run(workdir, step=step, params=params)
+  run, _, tree, got = load_run(workdir, step=step, params=params)
   # The architecture records the configured kernel set (e.g. auto), not the one this host
   # resolved it to: kernels are chosen where the export is loaded.
-  cfg = run_model_config(config)
+  cfg, config = run.model, run.config
   summary = None
   path = storage.join(workdir, "eval", "summary.json")
   if storage.isfile(path):

@@ -22,7 +22,7 @@ from flax import traverse_util
 from loopjax import config as config_lib
 from loopjax import ema, storage
 from loopjax.io import checkpoints
-from loopjax.io.export_format import (CONFIG, DTYPES, WEIGHTS, FORMAT,
+from loopjax.io.export_format import (CONFIG, DTYPES, WEIGHTS,
                                       abstract_params, check_tensors, file_sha256, is_export,
                                       read_export_config, read_tensors, restack)
 from loopjax.model import LoopedTransformer, ModelConfig, resolve_kernels
@@ -92,30 +92,28 @@ def runnable(cfg: ModelConfig, *, quiet: bool = False) -> ModelConfig:
 # ------------------------------------------------------------------------------------------------
 # A run's workdir.
 
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with (loopjax.config.read_config_json), refusing an export."""
-  saved = config_lib.read_config_json(workdir)
-  if saved.get("format") == FORMAT:
+def read_run(workdir: str) -> config_lib.Run:
+  """The resolved Run of a training workdir's config.json (refusing an export folder): the one
+  place a saved run's ModelConfig, S_max and data spec are derived."""
+  if is_export(workdir):
     raise ValueError(f"{workdir} is a `loopjax export` folder, not a training workdir: this "
                      "command needs the run's workdir (sample, eval and analyze read either)")
-  return saved
-
-
-def run_model_config(config) -> ModelConfig:
-  """The ModelConfig a run's config describes (loopjax.config.model_config)."""
-  return config_lib.model_config(config)
+  return config_lib.from_config(config_lib.read_config_json(workdir))
 
 
 def load_run(workdir: str, *, step: int | None = None, params: str = "ema"):
-  """(config, model, params, step) of the newest (or given) checkpoint of a run.
+  """(run, model, params, step) of the newest (or given) checkpoint of a run.
 
-  params: "ema" (EMA weights) or "raw" (the optimizer's current weights); the optimizer state is
-  not read. The parameters are placed on this process's first device.
+  run: the workdir's resolved Run (read_run); model: its LoopedTransformer with the kernels
+  resolved for this host (runnable). params: "ema" (EMA weights) or "raw" (the optimizer's
+  current weights); the optimizer state is not read. The parameters are placed on this
+  process's first device.
   """
   if params not in checkpoints.PARAMS:
     raise ValueError(f"params must be 'ema' or 'raw', got {params!r}")
-  config = read_run_config(workdir)
-  model = LoopedTransformer(runnable(run_model_config(config)))
+  run = read_run(workdir)
+  config = run.config
+  model = LoopedTransformer(runnable(run.model))
   target = abstract_params(model, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
   tree, step = checkpoints.restore_params(storage.join(workdir, "checkpoints"), target,
                                           step=step, params=params)
@@ -123,7 +121,7 @@ def load_run(workdir: str, *, step: int | None = None, params: str = "ema"):
     train = config.get("train", {})
     warn_young_ema(workdir, step, train.get("ema_decay"), warmup=bool(train.get("ema_warmup")),
                    fix="pass --params raw (Python: params='raw') for the optimizer's weights")
-  return config, model, tree, step
+  return run, model, tree, step
 
 
 _WARNED_EMA: set = set()
@@ -166,7 +164,8 @@ def load_model_dir(path: str, *, params: str | None = None, step: int | None = N
   was exported (or be None). param_dtype, verify_checksum (exports only), runtime: see load_export.
   """
   if not is_export(path):
-    config, model, tree, got = load_run(path, step=step, params=params or "ema")
+    run, model, tree, got = load_run(path, step=step, params=params or "ema")
+    config = ml_collections.ConfigDict(run.config)  # a mutable copy that carries `source`
     model = LoopedTransformer(with_runtime(model.cfg, runtime))
     config.source = {"kind": "workdir", "path": storage.resolve(path),
                      "params": params or "ema", "step": int(got)}

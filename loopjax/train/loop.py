@@ -43,14 +43,14 @@ from loopjax.errors import Interrupted, UserError
 from loopjax.model.config import RUNTIME_FIELDS
 from loopjax.parallel import distributed
 from loopjax.parallel import mesh as mesh_lib
-from loopjax.config import Run, from_config
+from loopjax.config import Run, from_config, read_config_json
 from loopjax.io.checkpoints import BEST_METRIC, Checkpointer, param_shape_diff, process_layout
 from loopjax.train.lock import WorkdirLock, WorkdirLockedError
 from loopjax.train import writers
 from loopjax.train.metrics import MetricsWindow, MetricsWriter
 from loopjax.config.runtime import Profiler, enable_compile_cache
 from loopjax.train.step import TrainProgram, all_finite, build_train_step, make_eval_step
-from loopjax.io.load import load_model_dir, read_run_config
+from loopjax.io.load import load_model_dir
 
 log = logging.getLogger("loopjax")
 
@@ -74,7 +74,7 @@ def check_workdir(workdir: str, config) -> None:
   ckpts = storage.join(workdir, "checkpoints")
   if not (storage.exists(path) and storage.listdir(ckpts)):
     return
-  saved = read_run_config(workdir).to_dict()  # a damaged file: an error naming it
+  saved = read_config_json(workdir).to_dict()  # a damaged file: an error naming it
   now = json.loads(config.to_json())
   was = lambda sec, k: saved.get(sec, {}).get(k, _IMPLIED.get((sec, k)))
   diffs = [f"{sec}.{k}: saved {was(sec, k)!r}, now {v!r}"
@@ -436,7 +436,8 @@ def train(config, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`: {"metrics": the last logged and evaluated row,
   "state": the final train state, "model": the LoopedTransformer}. `config`: a loopjax.config
   Run, or a config resolved into one here."""
-  resolved = from_config(config)  # validated, data loaded once, before any work
+  resolved = from_config(config)  # validated
+  resolved.check_data()  # tokenizer and a prepared manifest read once, before any work
   with _StopRequests() as stop:
     run = _setup(resolved, workdir)
     try:

@@ -27,12 +27,11 @@ import jax
 import numpy as np
 
 from loopjax import flops as flops_lib
-from loopjax.loops import LoopDistribution
 from loopjax.parallel import hlo, roofline
 from loopjax.parallel import mesh as mesh_lib
 from loopjax.parallel import topology as topology_lib
 from loopjax.parallel.topology import tpu_topology_devices
-from loopjax.config.load import load_config, split_config_args
+from loopjax.config.run import from_config
 from loopjax.train.step import build_train_step
 
 GIB = 1024 ** 3
@@ -89,13 +88,16 @@ def _optimized_hlo(compiled, dump_dir: str | None) -> str:
     return f.read()
 
 
-def memory_report(config, devices=None, mesh_cfg=None, memory_gib: float | None = None) -> dict:
-  """Bytes per device of the train step of `config` on a mesh over `devices` (default: all)."""
+def memory_report(run, devices=None, mesh_cfg=None, memory_gib: float | None = None) -> dict:
+  """Bytes per device of the train step of `run` (a resolved Run, or a config resolved here) on
+  a mesh over `devices` (default: all)."""
+  run = from_config(run)
+  config = run.config
   devices = list(jax.devices() if devices is None else devices)
-  mesh = mesh_lib.make_mesh(dict(config.mesh) if mesh_cfg is None else mesh_cfg, devices)
+  mesh = mesh_lib.make_mesh(dict(run.mesh) if mesh_cfg is None else mesh_cfg, devices)
   dump_dir = None if devices[0].platform == "cpu" else tempfile.mkdtemp(prefix="loopjax_hlo_")
   try:
-    compiled, program = compile_train_step(config, mesh, dump_dir)
+    compiled, program = compile_train_step(run, mesh, dump_dir)
     hlo_text = _optimized_hlo(compiled, dump_dir)
   except jax.errors.JaxRuntimeError as e:
     # The TPU compiler refuses programs that cannot fit; that is an answer, not a failure.
@@ -146,14 +148,14 @@ def memory_report(config, devices=None, mesh_cfg=None, memory_gib: float | None 
     out["device_memory"] = int(gib * GIB)
     out["fits"] = out["needed"] <= out["device_memory"]
   out["kernels"] = program.model.cfg.kernels
-  out.update(_collective_report(hlo_text, config, program.model.cfg, out["mesh"]))
-  out.update(_roofline_report(compiled, config, program.model.cfg, out))
+  out.update(_collective_report(hlo_text, run, program.model.cfg, out["mesh"]))
+  out.update(_roofline_report(compiled, run, program.model.cfg, out))
   return out
 
 
-def _collective_report(hlo_text: str, config, cfg, mesh_shape: dict) -> dict:
+def _collective_report(hlo_text: str, run, cfg, mesh_shape: dict) -> dict:
   """The partitioned program's collectives (loopjax.parallel.hlo), each flagged, and totals."""
-  dist = LoopDistribution.parse(config.loops.train)
+  config, dist = run.config, run.loops
   fraction = dist.expected / cfg.max_loops if cfg.looped else 1.0
   colls = hlo.classify(hlo.collectives(hlo_text, loop_fraction=fraction),
                        batch=int(config.train.batch_size), length=int(config.data.seq_len),
@@ -166,13 +168,13 @@ def _collective_report(hlo_text: str, config, cfg, mesh_shape: dict) -> dict:
           "activation_collectives": [c for c in listed if c["activation"] and not c["expected"]]}
 
 
-def _roofline_report(compiled, config, cfg, r: dict) -> dict:
+def _roofline_report(compiled, run, cfg, r: dict) -> dict:
   """FLOPs per device (the compiler's count, which covers each while body once, and the model's,
   loopjax.flops) and the roofline bound for the chip compiled for (loopjax.parallel.roofline)."""
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  config, dist = run.config, run.loops
   n, batch, length = r["num_devices"], int(config.train.batch_size), int(config.data.seq_len)
-  dist = LoopDistribution.parse(config.loops.train)
   loops = dist.expected if cfg.looped else 1.0
   model = flops_lib.expected_train_flops_per_step(cfg, length, batch, dist) / n
   executed = model + flops_lib.remat_overhead_flops_per_seq(cfg, length, loops) * batch / n

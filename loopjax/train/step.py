@@ -21,7 +21,7 @@ from loopjax.diffusion import (Schedule, make_schedule, mask_tokens, nelbo_on_gr
                                nelbo_terms, sample_times)
 from loopjax.model import LoopedTransformer, resolve_kernels
 from loopjax.parallel import mesh as mesh_lib
-from loopjax.config import Run, model_config
+from loopjax.config import from_config
 from loopjax.loops import LoopDistribution
 from loopjax.train.state import (TrainState, create_abstract_state, init_state, learning_rate,
                                  make_optimizer)
@@ -160,17 +160,13 @@ class TrainProgram:
 
 
 def build_train_step(config, mesh: Mesh) -> TrainProgram:
-  """The train step of a run (a loopjax.config Run, or an experiment config, of which only the
-  model, loops, diffusion and train sections are read) on `mesh`, sharded and jitted (nothing
-  compiled).
+  """The train step of a run (a loopjax.config Run, or a config resolved into one here) on
+  `mesh`, sharded and jitted (nothing compiled).
 
   The model's kernels are resolved for the mesh's devices, so an AOT compile for a topology
   other than this host's gets that topology's kernels."""
-  if isinstance(config, Run):
-    model_cfg, loop_dist, config = config.model, config.loops, config.config
-  else:
-    loop_dist = LoopDistribution.parse(config.loops.train)
-    model_cfg = model_config(config, loops=loop_dist)
+  run = from_config(config)
+  model_cfg, loop_dist, config = run.model, run.loops, run.config
   t = config.train
   batch_size, seq_len = int(t.batch_size), int(config.data.seq_len)
   mesh_lib.check_batch_divisible(mesh, batch_size, int(t.grad_accum))
