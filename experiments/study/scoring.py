@@ -33,8 +33,8 @@ _MODELS: dict = {}
 def _load(run_dir: str, **kw):
   """load_run, with one model object per architecture: the evaluation programs, memoised per
   model object, then compile once for all checkpoints and seeds of a model."""
-  config, model, tree, step = load_run(run_dir, **kw)
-  return config, _MODELS.setdefault(model.cfg, model), tree, step
+  run, model, tree, step = load_run(run_dir, **kw)
+  return run.config, _MODELS.setdefault(model.cfg, model), tree, step
 
 
 class Counter:
