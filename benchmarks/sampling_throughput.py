@@ -87,13 +87,16 @@ def main(argv=None):
   args = p.parse_args(argv)
 
   from common import kernel_set, machine, write_json
-  from loopjax.model import ModelConfig
+  import jax
+  from loopjax.model import ModelConfig, resolve_kernels
   from perf_common import load_average
 
   loops = [int(s) for s in args.loops.split(",")]
   cfg = ModelConfig(vocab_size=args.vocab, max_length=args.length, width=args.width,
                     num_layers=args.layers, num_heads=args.heads, loop_start=1, loop_end=3,
                     max_loops=max(loops))
+  configured = cfg.kernels
+  cfg = resolve_kernels(cfg, jax.devices())  # `auto`: what a run on these devices computes with
   load0 = load_average()
   rows = run(cfg, batch=args.batch, length=args.length, steps=args.steps, loops=loops,
              repeats=args.repeats)
@@ -105,7 +108,7 @@ def main(argv=None):
     print(f"{r['loops']:>3} {r['seconds']:>8.3f} {r['tokens_per_sec']:>9.1f} "
           f"{r['gflops_per_sec']:>11.1f}")
   path = write_json("sampling_throughput.json", dict(machine=machine(), args=vars(args), rows=rows),
-                    kernels=kernel_set(cfg.kernels))
+                    kernels=kernel_set(configured))
   print(f"wrote {path}")
 
 

@@ -42,7 +42,8 @@ def test_run_loops_stops_each_sequence_at_its_own_loop_and_runs_the_slowest():
 
 
 def test_executed_loops_and_flops_of_a_sampler_run_match_a_hand_count():
-  cfg = ModelConfig(vocab_size=9, max_length=6, width=16, num_layers=3, num_heads=2,
+  cfg = ModelConfig(kernels="reference",
+                    vocab_size=9, max_length=6, width=16, num_layers=3, num_heads=2,
                     cond_dim=8, loop_start=1, loop_end=2, max_loops=8)
   b, length, steps = 3, 6, 4
   calls = []
@@ -69,7 +70,8 @@ def test_executed_loops_and_flops_of_a_sampler_run_match_a_hand_count():
 
 
 def test_generation_stats_skips_cached_calls_and_takes_the_max_per_call():
-  cfg = ModelConfig(vocab_size=9, max_length=5, width=16, num_layers=3, num_heads=2,
+  cfg = ModelConfig(kernels="reference",
+                    vocab_size=9, max_length=5, width=16, num_layers=3, num_heads=2,
                     cond_dim=8, loop_start=1, loop_end=2, max_loops=6)
   loops_TxB = np.array([[1, 3, 5], [2, 2, 2], [0, 0, 0]])  # the last call was cached
   stats = generation_stats(cfg, 5, {"loops_TxB": loops_TxB, "nfe": 2})

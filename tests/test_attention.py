@@ -32,7 +32,7 @@ def test_uniform_attention_gives_the_masked_fraction():
 
 
 def test_layer_labels_follow_execution_order():
-  cfg = ModelConfig(num_layers=4, loop_start=1, loop_end=3, max_loops=3)
+  cfg = ModelConfig(kernels="reference", num_layers=4, loop_start=1, loop_end=3, max_loops=3)
   labels = layer_labels(cfg, 2)
   assert labels == ["head 0", "loop 1 / layer 1", "loop 1 / layer 2", "loop 2 / layer 1",
                     "loop 2 / layer 2", "tail 3"]

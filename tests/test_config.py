@@ -27,9 +27,10 @@ PAPER = dict(vocab_size=50258, vocab_multiple=128, max_length=1024, width=768, n
 
 def _owt_steps(num_layers, loops="uniform:1:12", block=(1, 3)):
   """FLOP-matched steps of an owt LoopMDM against the same-depth MDM, straight from flops."""
-  base = ModelConfig(**PAPER, num_layers=num_layers)
+  base = ModelConfig(kernels="reference", **PAPER, num_layers=num_layers)
   dist = LoopDistribution.parse(loops)
-  loop = ModelConfig(**PAPER, num_layers=num_layers, loop_start=block[0], loop_end=block[1],
+  loop = ModelConfig(kernels="reference",
+                     **PAPER, num_layers=num_layers, loop_start=block[0], loop_end=block[1],
                      max_loops=dist.max_loops)
   return round(F.matched_steps(loop, dist, base, None, 1_000_000, 1024, 512))
 
@@ -162,7 +163,8 @@ def test_inference_loops_accept_bare_and_fixed_forms():
   for spec in ("8", "fixed:8", " fixed:8", 8):
     pol = LoopPolicy.parse(spec)
     assert (pol.kind, pol.loops, pol.largest) == ("fixed", 8, 8)
-  cfg = ModelConfig(vocab_size=16, max_length=8, width=16, num_layers=3, num_heads=2,
+  cfg = ModelConfig(kernels="reference",
+                    vocab_size=16, max_length=8, width=16, num_layers=3, num_heads=2,
                     cond_dim=8, loop_start=1, loop_end=2, max_loops=4)
   assert [int(a) for a in loop_args(resolve_policy(cfg, "fixed:3"))[:2]] == [3, 3]
   assert resolve_policy(cfg, "fixed:3").label == resolve_policy(cfg, 3).label == 3

@@ -90,7 +90,8 @@ def test_build_rows_masks_only_the_answer_field():
 
 def test_gsm8k_accuracy_runs_on_a_byte_model(tmp_path):
   from loopjax.model import LoopedTransformer, ModelConfig
-  cfg = ModelConfig(vocab_size=257, max_length=24, width=32, num_layers=3, num_heads=2,
+  cfg = ModelConfig(kernels="reference",
+                    vocab_size=257, max_length=24, width=32, num_layers=3, num_heads=2,
                     cond_dim=16, loop_start=1, loop_end=2, max_loops=2)
   model = LoopedTransformer(cfg)
   params = random_params(model, 24)
@@ -120,7 +121,8 @@ def test_gsm8k_accuracy_of_a_constant_answer(monkeypatch):
   import loopjax.evaluate.gsm8k as gsm8k_lib
   from loopjax.model import LoopedTransformer, ModelConfig
   tok = ByteTokenizer()
-  cfg = ModelConfig(vocab_size=257, max_length=16, width=32, num_layers=1, num_heads=2,
+  cfg = ModelConfig(kernels="reference",
+                    vocab_size=257, max_length=16, width=32, num_layers=1, num_heads=2,
                     cond_dim=16)
   answer = np.full(4, tok.eos_id, np.int32)
   answer[:2] = tok.encode("4 ")
@@ -147,7 +149,8 @@ def test_sudoku_task_accuracy_of_an_oracle_and_a_constant_predictor(monkeypatch)
   from loopjax.data.pipeline import default_data_config
   from loopjax.evaluate.tasks import task_accuracy
   from loopjax.model import LoopedTransformer, ModelConfig
-  cfg = ModelConfig(vocab_size=9, max_length=81, width=32, num_layers=1, num_heads=2,
+  cfg = ModelConfig(kernels="reference",
+                    vocab_size=9, max_length=81, width=32, num_layers=1, num_heads=2,
                     cond_dim=16)
   model = LoopedTransformer(cfg)
   (batch,) = make_eval_batches(default_data_config(), batch_size=6, num_batches=1, seed=0)
@@ -179,7 +182,8 @@ def test_heldout_nelbo_matches_the_model_forward():
   from loopjax.diffusion import Schedule, eval_time_grid, nelbo_on_grid
   from loopjax.evaluate.likelihood import heldout_nelbo
   from loopjax.model import LoopedTransformer, ModelConfig
-  cfg = ModelConfig(vocab_size=9, max_length=81, width=32, num_layers=3, num_heads=2,
+  cfg = ModelConfig(kernels="reference",
+                    vocab_size=9, max_length=81, width=32, num_layers=3, num_heads=2,
                     cond_dim=16, loop_start=1, loop_end=2, max_loops=3)
   model = LoopedTransformer(cfg)
   params = random_params(model, 81)

@@ -28,10 +28,11 @@ from word_tokenizer import word_level_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=9, max_length=16, width=32, num_layers=3, num_heads=2, cond_dim=16)
 CONFIGS = {
-    "loopmdm": ModelConfig(**TINY, loop_start=1, loop_end=2, max_loops=3),
-    "mdm": ModelConfig(**TINY),  # the same size, no looped block
+    "loopmdm": ModelConfig(kernels="reference", **TINY, loop_start=1, loop_end=2, max_loops=3),
+    "mdm": ModelConfig(kernels="reference", **TINY),  # the same size, no looped block
     # uniform looping (no head, no tail), input injection, loop embedding, SwiGLU, time input
-    "variant": ModelConfig(**TINY, loop_start=0, loop_end=3, max_loops=3, loop_inject=True,
+    "variant": ModelConfig(kernels="reference",
+                           **TINY, loop_start=0, loop_end=3, max_loops=3, loop_inject=True,
                            loop_embedding=True, mlp_type="swiglu", time_conditioning=True),
 }
 TOKENS = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 10)  # includes [MASK] = 9
@@ -183,7 +184,8 @@ def test_parameter_report(exported):
   counted = sum(x.size for x in jax.tree_util.tree_leaves(exported["loopmdm"][1]))
   assert loop["unique_params"] == counted
   # S = 3 runs 1 + 3*1 + 1 = 5 layers; a plain 5-layer model has 2 more layers' parameters.
-  five = sum(np.prod(s) for s in export_format.expected_tensors(ModelConfig(**{**TINY,
+  five = sum(np.prod(s) for s in export_format.expected_tensors(ModelConfig(kernels="reference",
+                                                                            **{**TINY,
                                                                         "num_layers": 5})).values())
   assert loop["executed_depth"] == 5 and loop["non_looped_same_depth_params"] == five
   assert mdm["non_looped_same_depth_params"] == mdm["unique_params"]

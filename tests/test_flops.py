@@ -26,9 +26,10 @@ from loopjax.config.load import load_config
 
 TINY = dict(vocab_size=64, max_length=32, width=64, num_layers=4, num_heads=4, cond_dim=32,
             scan_unroll=True)
-PLAIN = ModelConfig(**TINY)
-LOOPED = ModelConfig(**TINY, loop_start=1, loop_end=3, max_loops=3)
-SWIGLU = ModelConfig(**{**TINY, "vocab_size": 300}, mlp_type="swiglu", time_conditioning=True)
+PLAIN = ModelConfig(kernels="reference", **TINY)
+LOOPED = ModelConfig(kernels="reference", **TINY, loop_start=1, loop_end=3, max_loops=3)
+SWIGLU = ModelConfig(kernels="reference",
+                     **{**TINY, "vocab_size": 300}, mlp_type="swiglu", time_conditioning=True)
 PAPER = dict(vocab_size=50257, max_length=1024, width=768, num_layers=12, num_heads=12,
              cond_dim=128)
 
@@ -98,7 +99,8 @@ def test_xla_counts_a_train_step_as_three_forwards():
                                                ("dots_no_batch", "dots_no_batch"),
                                                ("none", "full")])  # the last: the default
 def test_remat_overhead_is_the_recomputed_matmuls(remat, loop_remat):
-  cfg = ModelConfig(**{**TINY, "remat": remat}, loop_remat=loop_remat, loop_start=1, loop_end=3,
+  cfg = ModelConfig(kernels="reference",
+                    **{**TINY, "remat": remat}, loop_remat=loop_remat, loop_start=1, loop_end=3,
                     max_loops=3)
   model, params, x = _abstract(cfg)
   useful = 2 * F.train_flops_per_step(cfg, 32, 1, 3)
@@ -113,7 +115,7 @@ def test_remat_overhead_is_the_recomputed_matmuls(remat, loop_remat):
 @pytest.mark.xla_behaviour
 def test_xla_needs_unrolled_scans_and_static_full_loops():
   """Why the cross-checks use scan_unroll=True and S == max_loops (a Python int)."""
-  rolled = ModelConfig(**{**TINY, "scan_unroll": False})
+  rolled = ModelConfig(kernels="reference", **{**TINY, "scan_unroll": False})
   model, params, x = _abstract(rolled)
   want = 2 * F.forward_flops_per_seq(rolled, 32, 1)
   # A rolled scan is a while loop; XLA counts its body once, not 4 times.
@@ -128,16 +130,16 @@ def test_xla_needs_unrolled_scans_and_static_full_loops():
 
 
 def test_flops_linear_in_loops_with_slope_of_the_block():
-  cfg = ModelConfig(**TINY, loop_start=1, loop_end=3, max_loops=12)
+  cfg = ModelConfig(kernels="reference", **TINY, loop_start=1, loop_end=3, max_loops=12)
   slope = cfg.block_layers * F.layer_flops_per_seq(cfg, 32)
   f = [F.forward_flops_per_seq(cfg, 32, s) for s in range(1, 16)]
   assert all(b - a == slope for a, b in zip(f, f[1:]))
   assert F.forward_flops_per_seq(cfg, 32, 1) == F.forward_flops_per_seq(
-      ModelConfig(**{**TINY, "num_layers": 4}), 32, 1)
+      ModelConfig(kernels="reference", **{**TINY, "num_layers": 4}), 32, 1)
   # The slope as JAX sees it: compiled forwards at S = 1, 2, 3 (static, S == max_loops).
   counts = []
   for s in (1, 2, 3):
-    c = ModelConfig(**TINY, loop_start=1, loop_end=3, max_loops=s)
+    c = ModelConfig(kernels="reference", **TINY, loop_start=1, loop_end=3, max_loops=s)
     model, params, x = _abstract(c, batch=1)
     counts.append(F.jaxpr_dot_flops(_forward(model, s), params, x))
   assert counts[1] - counts[0] == counts[2] - counts[1] == slope
@@ -153,8 +155,8 @@ def test_flops_linear_in_loops_with_slope_of_the_block():
 
 def test_paper_flop_matching():
   """The paper's rule: F_loop = F_base + (E[S]-1) n_m F_layer; matched deeper MDM ~ 23 layers."""
-  base = ModelConfig(**PAPER)
-  loop = ModelConfig(**PAPER, loop_start=1, loop_end=3, max_loops=12)
+  base = ModelConfig(kernels="reference", **PAPER)
+  loop = ModelConfig(kernels="reference", **PAPER, loop_start=1, loop_end=3, max_loops=12)
   L, D, F_, C, V = 1024, 768, 3072, 128, 50257
   f_layer = 8 * L * D * D + 4 * L * L * D + 4 * L * D * F_ + 12 * C * D  # written out by hand
   f_base = 12 * f_layer + 2 * L * D * V + 2 * 256 * C + 2 * C * C + 4 * C * D
@@ -180,8 +182,8 @@ def test_paper_flop_matching():
 def test_flop_conventions_by_hand():
   """The paper's rule under each F_base: layers only gives n / (n + (E[S]-1) n_m) exactly; 6ND
   counts N = all parameters (written out by hand) and N_layer per extra layer executed."""
-  base = ModelConfig(**PAPER)
-  loop = ModelConfig(**PAPER, loop_start=1, loop_end=3, max_loops=12)
+  base = ModelConfig(kernels="reference", **PAPER)
+  loop = ModelConfig(kernels="reference", **PAPER, loop_start=1, loop_end=3, max_loops=12)
   L, D, F_, C, V = 1024, 768, 3072, 128, 50257
   steps = lambda conv: F.matched_steps(loop, "uniform:1:12", base, None, 1_000_000, L, 512,
                                        convention=conv)
@@ -198,8 +200,10 @@ def test_flop_conventions_by_hand():
   owt = {**PAPER, "vocab_size": 50258}
   for multiple, want in ((1, [599_440, 521_739, 667_610]), (128, [599_500, 521_739, 667_701])):
     cfg = {**owt, "vocab_multiple": multiple}
-    assert [round(F.matched_steps(ModelConfig(**cfg, loop_start=1, loop_end=3, max_loops=12),
-                                  "uniform:1:12", ModelConfig(**cfg), None, 1_000_000, L, 512,
+    assert [round(F.matched_steps(ModelConfig(kernels="reference",
+                                              **cfg, loop_start=1, loop_end=3, max_loops=12),
+                                  "uniform:1:12", ModelConfig(kernels="reference",
+                                                              **cfg), None, 1_000_000, L, 512,
                                   convention=c)) for c in F.FLOP_CONVENTIONS] == want
   with pytest.raises(ValueError, match="FLOP convention"):
     steps("kaplan")
@@ -210,11 +214,12 @@ def test_flop_conventions_by_hand():
     dict(mlp_type="swiglu", mlp_ratio=2.5, time_conditioning=True, vocab_size=300)],
     ids=["mdm", "looped_loop_emb", "swiglu"])
 def test_param_report_equals_count_params(kw):
-  cfg = ModelConfig(**{**TINY, **kw})
+  cfg = ModelConfig(kernels="reference", **{**TINY, **kw})
   report = F.param_report(cfg)
   assert report["unique_params"] == count_params(_abstract(cfg)[1])
   s = cfg.max_loops
-  plain = ModelConfig(**{**TINY, **kw, "num_layers": cfg.executed_depth(s), "loop_start": 0,
+  plain = ModelConfig(kernels="reference",
+                      **{**TINY, **kw, "num_layers": cfg.executed_depth(s), "loop_start": 0,
                          "loop_end": 0, "max_loops": 1, "loop_embedding": False})
   assert report["executed_depth_params"][s] == count_params(_abstract(plain)[1])
 
@@ -240,8 +245,9 @@ def test_cli_json_and_table(tmp_path, capsys):
   path.write_text(CONFIG_FILE)
   assert flops_main(["--config", f"{path}:loop", "--match", f"{path}:base", "--json"]) == 0
   out = json.loads(capsys.readouterr().out)
-  loop = ModelConfig(**{**TINY, "scan_unroll": False}, loop_start=1, loop_end=3, max_loops=6)
-  base = ModelConfig(**{**TINY, "scan_unroll": False})
+  loop = ModelConfig(kernels="reference",
+                     **{**TINY, "scan_unroll": False}, loop_start=1, loop_end=3, max_loops=6)
+  base = ModelConfig(kernels="reference", **{**TINY, "scan_unroll": False})
   assert out["params"] == F.param_report(loop)["unique_params"]
   assert out["expected_loops"] == pytest.approx(3.5)
   assert out["flops_per_step"] == pytest.approx(F.expected_train_flops_per_step(

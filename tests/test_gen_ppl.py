@@ -94,7 +94,8 @@ def test_eval_gen_ppl_writes_the_table_and_samples(tmp_path, judge_dir, tokenize
   from loopjax.cli import main
   from loopjax.model import LoopedTransformer, ModelConfig
   from loopjax.config.base import base_config
-  cfg = ModelConfig(vocab_size=len(WORDS), max_length=24, width=32, num_layers=2, num_heads=2,
+  cfg = ModelConfig(kernels="reference",
+                    vocab_size=len(WORDS), max_length=24, width=32, num_layers=2, num_heads=2,
                     cond_dim=16, loop_start=1, loop_end=2, max_loops=3)
   shapes = jax.eval_shape(LoopedTransformer(cfg).init, jax.random.PRNGKey(0),
                           jnp.zeros((1, 24), jnp.int32), 1)["params"]

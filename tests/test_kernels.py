@@ -142,7 +142,8 @@ def test_splash_model_matches_reference(monkeypatch):
   # gradient is checked above, and each interpreted kernel in a program adds seconds of compile.
   monkeypatch.setitem(kernels._SETS, "splash", dataclasses.replace(
       kernels.get("splash"), attention=splash.interpreted))
-  cfg = ModelConfig(**dict(TINY, num_layers=1, loop_start=0, loop_end=1, max_loops=2))
+  cfg = ModelConfig(kernels="reference",
+                    **dict(TINY, num_layers=1, loop_start=0, loop_end=1, max_loops=2))
   x, seg = _model_inputs()
   ref, spl = (LoopedTransformer(dataclasses.replace(cfg, kernels=n))
               for n in ("reference", "splash"))
@@ -304,7 +305,7 @@ def _init(model, *args):
                                        (dict(mlp_type="swiglu", dtype="bfloat16"), 5e-2)],
                          ids=["f32_gelu", "bf16_swiglu"])
 def test_model_xla_cpu_matches_reference(extra, tol):
-  ref_cfg = ModelConfig(**TINY, **extra)
+  ref_cfg = ModelConfig(kernels="reference", **TINY, **extra)
   x, seg = _model_inputs()
   ref = LoopedTransformer(ref_cfg)
   cpu = LoopedTransformer(dataclasses.replace(ref_cfg, kernels="xla_cpu"))
@@ -325,7 +326,7 @@ def test_model_xla_cpu_matches_reference(extra, tol):
 
 
 def test_jvp_through_the_reference_model_matches_the_gradient():
-  model = LoopedTransformer(ModelConfig(**TINY, time_conditioning=True))
+  model = LoopedTransformer(ModelConfig(kernels="reference", **TINY, time_conditioning=True))
   x, seg = _model_inputs()
   t = jnp.array([0.3, 0.7])
   params = _init(model, x, 1, t)
@@ -358,7 +359,7 @@ def _devices(*platforms):
 def test_auto_picks_from_the_device_platform(platform, want):
   cfg = resolve_kernels(ModelConfig(kernels="auto"), _devices(platform, platform))
   assert cfg.kernels == want
-  assert cfg == dataclasses.replace(ModelConfig(), kernels=want)
+  assert cfg == dataclasses.replace(ModelConfig(kernels="reference"), kernels=want)
 
 
 def test_resolve_refuses_mixed_unknown_or_no_devices():

@@ -50,7 +50,8 @@ def export_dir(tmp_path_factory):
   from loopjax.io.export import export_params
   from loopjax.model import LoopedTransformer, ModelConfig
   from loopjax.config.base import base_config
-  cfg = ModelConfig(vocab_size=257, max_length=SEQ_LEN, width=32, num_layers=3, num_heads=2,
+  cfg = ModelConfig(kernels="reference",
+                    vocab_size=257, max_length=SEQ_LEN, width=32, num_layers=3, num_heads=2,
                     cond_dim=16, loop_start=1, loop_end=2, max_loops=2)
   model = LoopedTransformer(cfg)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),

@@ -92,7 +92,8 @@ _SP_SCRIPT = textwrap.dedent("""
         np.int32), mesh_lib.batch_sharding(mesh))
     out = {}
     for sp in (False, True):
-      model = LoopedTransformer(ModelConfig(vocab_size=11, max_length=16, width=32, num_layers=3,
+      model = LoopedTransformer(ModelConfig(kernels="reference",
+                                            vocab_size=11, max_length=16, width=32, num_layers=3,
                                             num_heads=2, cond_dim=8, loop_start=1, loop_end=2,
                                             max_loops=2, sequence_parallel=sp))
       params = jax.device_put(nn.unbox(model.init(jax.random.PRNGKey(0), tokens, 2)["params"]),

@@ -56,7 +56,8 @@ def registry(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny():
   from loopjax.model import LoopedTransformer, ModelConfig
-  cfg = ModelConfig(vocab_size=V, max_length=12, width=32, num_layers=3, num_heads=2,
+  cfg = ModelConfig(kernels="reference",
+                    vocab_size=V, max_length=12, width=32, num_layers=3, num_heads=2,
                     cond_dim=16, loop_start=1, loop_end=2, max_loops=3)
   model = LoopedTransformer(cfg)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 12), jnp.int32), 1)

@@ -15,7 +15,8 @@ TINY = dict(vocab_size=11, max_length=16, width=32, num_layers=4, num_heads=4, c
 
 
 def _loop_cfg(**kw):
-  return ModelConfig(**{**TINY, "loop_start": 1, "loop_end": 3, "max_loops": 5, **kw})
+  return ModelConfig(kernels="reference",
+                     **{**TINY, "loop_start": 1, "loop_end": 3, "max_loops": 5, **kw})
 
 
 def _init(cfg, seed=0, batch=2, length=16):
@@ -45,7 +46,7 @@ def test_looped_equals_block_applied_by_hand(loops):
   cfg = _loop_cfg()
   model, params, x = _init(cfg)
   got = jax.jit(lambda p, x, s: model.apply({"params": p}, x, s))(params, x, loops)
-  plain = ModelConfig(**{**TINY, "num_layers": cfg.executed_depth(loops)})
+  plain = ModelConfig(kernels="reference", **{**TINY, "num_layers": cfg.executed_depth(loops)})
   want = LoopedTransformer(plain).apply({"params": _unrolled_params(params, loops)}, x)
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
@@ -62,7 +63,7 @@ def test_more_loops_than_s_max_run_the_same_for_a_traced_and_a_python_s(loop_inj
   at_s_max = jax.jit(lambda p, x, s: model.apply({"params": p}, x, s))(params, x, jnp.int32(5))
   assert np.abs(np.asarray(traced) - np.asarray(at_s_max)).max() > 1e-3
   if not loop_inject:
-    plain = ModelConfig(**{**TINY, "num_layers": cfg.executed_depth(loops)})
+    plain = ModelConfig(kernels="reference", **{**TINY, "num_layers": cfg.executed_depth(loops)})
     want = LoopedTransformer(plain).apply({"params": _unrolled_params(params, loops)}, x)
     np.testing.assert_allclose(traced, want, rtol=2e-5, atol=2e-5)
 
@@ -76,7 +77,8 @@ def test_loop_gradient_equals_unrolled_gradient(loop_remat):
   # train=True (dropout 0): the training program, whose traced S needs no loop past S_max.
   loss = lambda m, p, *s: jnp.sum(jnp.sin(m.apply({"params": p}, x, *s, train=True)))
   got = jax.jit(jax.grad(lambda p, s: loss(model, p, s)))(params, jnp.int32(loops))
-  plain = LoopedTransformer(ModelConfig(**{**TINY, "num_layers": cfg.executed_depth(loops)}))
+  plain = LoopedTransformer(ModelConfig(kernels="reference",
+                                        **{**TINY, "num_layers": cfg.executed_depth(loops)}))
   want = jax.grad(lambda p: loss(plain, p))(_unrolled_params(params, loops))
   layers = want["head"]["scan"]["layer"]  # head layer 0, block copies 1-2, 3-4, 5-6, tail 7
   pick = lambda sl: jax.tree_util.tree_map(lambda a: a[sl], layers)
@@ -115,7 +117,7 @@ def test_loop_hiddens_follow_iterations():
 
 def test_param_counts_and_no_loop_axis():
   def n_params(**kw):
-    cfg = ModelConfig(**{**TINY, **kw})
+    cfg = ModelConfig(kernels="reference", **{**TINY, **kw})
     x = jnp.zeros((1, 8), jnp.int32)
     return count_params(LoopedTransformer(cfg).init(jax.random.PRNGKey(0), x, 1)["params"])
 
@@ -212,6 +214,6 @@ def test_bad_config_names_the_field(field, kw):
 def test_unknown_field_and_too_long_input():
   with pytest.raises(ValueError, match="unknown config field"):
     ModelConfig.from_dict({**TINY, "widht": 3})
-  cfg = ModelConfig(**TINY)
+  cfg = ModelConfig(kernels="reference", **TINY)
   with pytest.raises(ValueError, match="max_length"):
     LoopedTransformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 17), jnp.int32))

@@ -112,7 +112,7 @@ def _flat(variables):
 def test_mdlm_initialisation():
   """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch's default) for the linears and the embedding
   (fan_in = D for the V x D table), zeros for the output projection and every adaLN."""
-  cfg = ModelConfig(**TINY, **MDLM_INIT)
+  cfg = ModelConfig(kernels="reference", **TINY, **MDLM_INIT)
   d, f, c, key = cfg.width, cfg.mlp_dim, cfg.cond_dim, jax.random.PRNGKey(0)
   x, c_BxC = jnp.ones((1, 8, d)), jnp.ones((1, c))
   modules = {"block": (Block(cfg), (x, c_BxC, AttentionMask.from_segment_ids(None, 1, 8))),
@@ -132,7 +132,7 @@ def test_mdlm_initialisation():
     assert np.std(v) == pytest.approx(b / np.sqrt(3.0), rel=0.1), name  # uniform: bound/sqrt(3)
   zero = [k for k in flat if "adaln" in k or k.startswith("output/proj")]
   assert len(zero) == 6 and all(not np.any(flat[k]) for k in zero)
-  legacy = ModelConfig(**TINY)
+  legacy = ModelConfig(kernels="reference", **TINY)
   v = embedding_initializer(legacy.embed_init)(key, (legacy.vocab_size + 1, d))
   assert np.std(v) == pytest.approx(1.0, rel=0.1)
 
@@ -140,7 +140,7 @@ def test_mdlm_initialisation():
 def test_norm_eps_reaches_the_layer_norm():
   """On a row whose variance (2e-6) is comparable to eps, 1e-5 and 1e-6 give different norms."""
   x = jnp.asarray([[[1e-3, -1e-3, 2e-3, 0.0]]])
-  cfg = ModelConfig(**TINY, **MDLM_INIT)
+  cfg = ModelConfig(kernels="reference", **TINY, **MDLM_INIT)
   got = layer_norm(jnp.float32, "n", cfg.norm_eps).apply({"params": {"scale": jnp.ones(4)}}, x)
   x64 = np.asarray(x, np.float64)
   want = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
@@ -155,7 +155,7 @@ def test_mlp_dropout_placement():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, TINY["width"]))
   only_output = {}
   for hidden in (False, True):
-    mlp = Mlp(ModelConfig(**TINY, dropout=p, mlp_hidden_dropout=hidden))
+    mlp = Mlp(ModelConfig(kernels="reference", **TINY, dropout=p, mlp_hidden_dropout=hidden))
     params = mlp.init(jax.random.PRNGKey(1), x, train=False)
     det = np.asarray(mlp.apply(params, x, train=False))
     out = np.asarray(mlp.apply(params, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)}))

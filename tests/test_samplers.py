@@ -265,7 +265,8 @@ def test_run_loops_tau_zero_runs_max_and_huge_tau_runs_min():
 @pytest.fixture(scope="module")
 def tiny():
   from loopjax.model import LoopedTransformer, ModelConfig
-  cfg = ModelConfig(vocab_size=V, max_length=12, width=32, num_layers=3, num_heads=2,
+  cfg = ModelConfig(kernels="reference",
+                    vocab_size=V, max_length=12, width=32, num_layers=3, num_heads=2,
                     cond_dim=16, loop_start=1, loop_end=2, max_loops=3)
   model = LoopedTransformer(cfg)
   return model, random_params(model, 12)
@@ -318,7 +319,8 @@ def test_loop_embedding_refuses_s_beyond_s_max_and_cache_guard():
 
   from loopjax.inference.denoiser import make_sampler, resolve_policy
   from loopjax.model import LoopedTransformer, ModelConfig
-  cfg = ModelConfig(vocab_size=V, max_length=8, width=32, num_layers=3, num_heads=2,
+  cfg = ModelConfig(kernels="reference",
+                    vocab_size=V, max_length=8, width=32, num_layers=3, num_heads=2,
                     cond_dim=16, loop_start=1, loop_end=2, max_loops=3, loop_embedding=True)
   assert resolve_policy(cfg, "3").loops == 3
   with pytest.raises(ValueError, match="loop embedding"):

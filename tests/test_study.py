@@ -70,7 +70,8 @@ def test_reference_curve_is_read_as_its_running_minimum_and_end_slope():
 
 
 def test_ema_warmup_matches_mdlm_formula():
-  cfg = ModelConfig(vocab_size=9, max_length=8, width=16, num_layers=2, num_heads=2, cond_dim=8)
+  cfg = ModelConfig(kernels="reference",
+                    vocab_size=9, max_length=8, width=16, num_layers=2, num_heads=2, cond_dim=8)
   model = LoopedTransformer(cfg)
   t = base_config().train
   t.update(lr=1e-2, warmup_steps=0, steps=10)

@@ -24,7 +24,8 @@ from loopjax.model.config import MASKED_LOGIT
 from loopjax.parallel import mesh as mesh_lib
 
 V = TINY["vocab_size"]  # 9 (+ [MASK] = 9)
-PADDED = ModelConfig(**TINY, loop_start=1, loop_end=2, max_loops=3, vocab_multiple=8)
+PADDED = ModelConfig(kernels="reference",
+                     **TINY, loop_start=1, loop_end=2, max_loops=3, vocab_multiple=8)
 PLAIN = dataclasses.replace(PADDED, vocab_multiple=1)
 TOKENS = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, V)
 

@@ -16,7 +16,8 @@ from loopjax.evaluate.zero_shot import (corpus_batches, parse_corpus, read_corpu
                                         zero_shot_eval)
 from loopjax.model import LoopedTransformer, ModelConfig
 
-CFG = ModelConfig(vocab_size=257, max_length=32, width=32, num_layers=3, num_heads=2,
+CFG = ModelConfig(kernels="reference",
+                  vocab_size=257, max_length=32, width=32, num_layers=3, num_heads=2,
                   cond_dim=16, loop_start=1, loop_end=2, max_loops=3)
 
 

@@ -1,6 +1,6 @@
 """The study's runs: configs from the base config, training with a cache, scoring, study.json.
 
-Models (loopjax/train/variants.py, FLOP-matched to the MDM's budget B):
+Models (loopjax/config/variants.py, FLOP-matched to the MDM's budget B):
   mdm          the base MDM, trained mdm_extend x B (its checkpoints are shorter runs: the
                learning rate is constant after warm-up)
   loopmdm      block [1, 3) looped, S ~ U{1..12} (the paper's placement)

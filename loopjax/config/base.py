@@ -25,8 +25,6 @@ def base_config() -> ml_collections.ConfigDict:
   model = dataclasses.asdict(ModelConfig())
   model.pop("max_loops")  # derived from loops.train (S_max)
   model["vocab_size"] = 0  # 0: the data's vocabulary (tokenizer or built-in task)
-  # Chosen from the platform of the devices the step is compiled for (loopjax.model.kernels).
-  model["kernels"] = "auto"
   c.model = model
   c.loops = dict(
       train="fixed:1",  # S per step: fixed:S | uniform:LO:HI | table:p1,p2,...

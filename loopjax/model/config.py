@@ -96,9 +96,10 @@ class ModelConfig:
   # all-gathered) instead of replicated (block outputs all-reduced). No effect without tensor.
   sequence_parallel: bool = False
   # Kernel set computing the matmuls and attention (loopjax/model/kernels): reference,
-  # xla_cpu, cudnn, splash, or auto (chosen from the devices by `resolve_kernels` before the
-  # model runs).
-  kernels: str = "reference"
+  # xla_cpu, cudnn, splash, or auto: chosen from the platform of the devices the step is
+  # compiled for by `resolve_kernels` (the train step, `loopjax.load` and the loaders call it)
+  # before the model runs; a model applied with `auto` unresolved raises.
+  kernels: str = "auto"
   rope_base: float = 10000.0
   # Training loss: the output head's logits and their log-softmax are built this many positions
   # of the length at a time (rematerialised in the backward), never B x L x V at once. >= L
