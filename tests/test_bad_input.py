@@ -296,7 +296,6 @@ def test_large_loop_counts_warn_with_the_cost(caplog):
 
 def test_sample_warns_of_the_cost_before_it_compiles(assets, caplog, monkeypatch):
   from loopjax.cli import sample as sample_command
-  from loopjax.evaluate import sample_cli
   from loopjax.inference import generate
 
   class Stop(Exception):

@@ -50,7 +50,7 @@ def main(argv) -> int:
   check_counts(("--samples", a.samples, 1), ("--denoising-steps", a.denoising_steps, 0),
                ("--length", a.length, 0), ("--block-len", a.block_len, 0),
                ("--top-k", a.top_k, 0))
-  from loopjax.evaluate.sample_cli import run_sample  # jax and the model: only when sampling
+  from loopjax.evaluate.sampling import run_sample  # jax and the model: only when sampling
   _, report = run_sample(
       a.workdir, loops=a.loops, steps=a.denoising_steps, sampler=a.sampler, samples=a.samples,
       prompt=a.prompt, template=a.template, heldout=a.heldout, mask_char=a.mask_char,
