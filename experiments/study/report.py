@@ -277,7 +277,16 @@ def plots(r: dict, out_dir: str) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import LogLocator, NullFormatter
   os.makedirs(out_dir, exist_ok=True)
+  # One colour per model in both figures, in the order of r["models"].
+  colour = {m: f"C{k}" for k, m in enumerate(r["models"])}
+
+  def log_x(ax):  # decades labelled, minor ticks unlabelled (their labels overlap)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
   paths = []
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for k, (model, rows) in enumerate(r["summary"]["multiplier"].items()):
@@ -286,9 +295,9 @@ def plots(r: dict, out_dir: str) -> list[str]:
     lo = np.array([row["multiplier"]["min"] for row in rows])
     hi = np.array([row["multiplier"]["max"] for row in rows])
     ax.errorbar(x, g, yerr=[np.maximum(g - lo, 0), np.maximum(hi - g, 0)], marker="o",
-                capsize=3, label=name(r, model))
+                capsize=3, label=name(r, model), color=colour[model])
   ax.axhline(1.0, color="0.3", ls=":", lw=1)
-  ax.set_xscale("log")
+  log_x(ax)
   ax.set_yscale("log")
   ax.set_xlabel("training budget (FLOPs)")
   ax.set_ylabel("FLOP multiplier M vs the MDM")
@@ -303,9 +312,9 @@ def plots(r: dict, out_dir: str) -> list[str]:
   for model, m in r["models"].items():
     x = np.array([q["flops"] for q in m["seeds"][0]["curve"]])
     ys = np.array([[q["bits_per_byte"] for q in s["curve"]] for s in m["seeds"]])
-    ax.plot(x, ys.mean(0), marker="o", label=name(r, model))
-    ax.fill_between(x, ys.min(0), ys.max(0), alpha=0.2)
-  ax.set_xscale("log")
+    ax.plot(x, ys.mean(0), marker="o", label=name(r, model), color=colour[model])
+    ax.fill_between(x, ys.min(0), ys.max(0), alpha=0.2, color=colour[model])
+  log_x(ax)
   ax.set_xlabel("training FLOPs")
   ax.set_ylabel("held-out NELBO (bits/byte)")
   ax.legend(fontsize=7)
