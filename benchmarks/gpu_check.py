@@ -136,8 +136,10 @@ def check_attention(config, kernels, loops=3, batch=2):
       # The vocabulary's own columns (padding columns and [MASK] hold a constant -1e9-like
       # value that would swamp the comparison).
       return -jnp.mean(jnp.take_along_axis(lp, target[..., None], -1)), logits[..., :vocab]
-    fn = jax.jit(lambda p, s: jax.value_and_grad(loss, has_aux=True)(p, s))
-    (_, logits), grads = fn(params, jnp.int32(loops))  # S traced: the dynamic loop runs
+    # S as a Python int: the loop's scan of S_max iterations with its i < S condition, as in
+    # training (a traced S at inference adds a while loop past S_max, which has no gradient).
+    fn = jax.jit(lambda p: jax.value_and_grad(loss, has_aux=True)(p, loops))
+    (_, logits), grads = fn(params)
     return jax.block_until_ready((logits, grads))
 
   out = {"loops": loops, "length": length, "batch": batch, "kernels": kernels}

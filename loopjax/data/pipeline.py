@@ -170,6 +170,9 @@ class DataSpec:
 
   @property
   def vocab_size(self) -> int:
+    """The tokenizer's vocabulary, checked against a prepared corpus's manifest (a corpus
+    prepared with another tokenizer holds ids of another vocabulary)."""
+    self.manifest  # pylint: disable=pointless-statement
     return self.tokenizer.vocab_size
 
 
@@ -180,7 +183,7 @@ def tokenizer_for(data_cfg) -> Tokenizer:
 
 def data_vocab_size(data_cfg) -> int:
   """Token ids the data can produce are < this; the model's [MASK] id is this value."""
-  return tokenizer_for(data_cfg).vocab_size
+  return DataSpec.load(data_cfg).vocab_size
 
 
 def _data_seed(c: SimpleNamespace, seed: int) -> int:
