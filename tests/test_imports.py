@@ -46,7 +46,7 @@ _LAZY_COMMAND = ("each subcommand's libraries are imported when it runs, so `loo
 LAZY = {m: _LAZY_COMMAND for m in (
     "loopjax.cli.main", "loopjax.cli.sample", "loopjax.cli.eval", "loopjax.cli.analyze",
     "loopjax.cli.export", "loopjax.cli.memory", "loopjax.cli.prepare", "loopjax.cli.lm_eval",
-    "loopjax.cli.study")}
+    "loopjax.cli.study", "loopjax.cli.config")}
 LAZY["loopjax"] = ("the Python API is imported on first use, so `import loopjax` stays "
                   "cheap")
 

@@ -24,7 +24,7 @@ from loopjax.flops import (FLOP_CONVENTIONS, _depth,
                            expected_train_flops_per_step, forward_flops_per_token,
                            layer_flops_per_seq, matched_depth, matched_steps, param_counts,
                            train_flops_per_step)
-from loopjax.cli.config import CONFIG_HELP, OVERRIDES_EPILOG
+from loopjax.cli.config import CONFIG_HELP, OVERRIDES_EPILOG, parse_config_command
 from loopjax.config.load import split_config_args
 from loopjax.config.run import Run, resolve
 
@@ -111,11 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 def flops_main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   _, match_overrides, argv = split_config_args(argv, prefix="--match-config")
-  spec, overrides, rest = split_config_args(argv)
   parser = build_parser()
-  args = parser.parse_args(rest)
-  if spec is None:
-    parser.error("--config experiments/NAME.py[:VARIANT] is required")
+  spec, overrides, args = parse_config_command(parser, argv)
   if (match_overrides or args.same_overrides) and not args.match:
     parser.error("--match-config.KEY=VALUE and --same-overrides need --match B")
   if args.same_overrides:

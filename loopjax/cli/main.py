@@ -57,13 +57,10 @@ def train_parser():
 
 
 def _train(argv) -> int:
-  from loopjax.config.load import load_config, split_config_args
+  from loopjax.cli.config import parse_config_command
+  from loopjax.config.load import load_config
 
-  spec, overrides, rest = split_config_args(argv)
-  p = train_parser()
-  args = p.parse_args(rest)
-  if spec is None:
-    p.error("--config experiments/NAME.py[:VARIANT] is required")
+  spec, overrides, args = parse_config_command(train_parser(), argv)
   from loopjax import storage
   storage.check_client(args.workdir)  # a gs:// workdir without its client: named up front
   config = load_config(spec, overrides)  # overrides first, then the variant's derived values

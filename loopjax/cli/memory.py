@@ -7,8 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from loopjax.cli.config import CONFIG_HELP, OVERRIDES_EPILOG
-from loopjax.config.load import split_config_args
+from loopjax.cli.config import CONFIG_HELP, OVERRIDES_EPILOG, parse_config_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,11 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv) -> int:
-  spec, overrides, rest = split_config_args(argv)
-  p = build_parser()
-  args = p.parse_args(rest)
-  if spec is None:
-    p.error("--config experiments/NAME.py[:VARIANT] is required")
+  spec, overrides, args = parse_config_command(build_parser(), argv)
   from loopjax.parallel import topology as topology_lib  # jax and the step: only when compiling
   from loopjax.config.run import resolve
   from loopjax.train.memory import compile_devices, format_report, memory_report, parse_mesh

@@ -32,11 +32,10 @@ import warnings
 import numpy as np
 from safetensors.numpy import save_file
 
-from loopjax import flops, folders, storage
+from loopjax import flops, storage
 from loopjax.data import hf_datasets, shards, tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
-from loopjax.errors import UserError
 from loopjax.hf import MODEL_TYPE, TEMPLATES, hub, model_card, tokenizer_files
 from loopjax.io.export_format import (CONFIG, DTYPES, FORMAT, FORMAT_VERSION, TENSOR_NAMES,
                                       TOKENIZER_DIR, WEIGHTS, file_sha256, unstack_params)

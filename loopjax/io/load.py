@@ -10,7 +10,6 @@ and exports on any host. What a config or an export records stays the configured
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 

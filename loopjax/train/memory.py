@@ -16,7 +16,6 @@ may keep bfloat16 math in float32): a guide, not a guarantee. Use `--topology` f
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 import re
