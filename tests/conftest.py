@@ -1,15 +1,45 @@
-"""Shared pytest settings and fixtures: markers, a compilation cache for subprocesses, session
-runs."""
+"""Shared pytest settings and fixtures: fast compiler flags and one compilation cache for the
+whole session (this process, xdist workers and every subprocess), markers, session runs."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Tests compile afresh unless they ask for a cache (the fixtures below): `train.compile_cache=auto`
-# reads this variable, and an empty value turns the persistent cache off, here and in every
-# subprocess the tests start.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
+
+# The suite's programs are tiny and run a few steps, so compiling dominates: LLVM's expensive
+# passes buy nothing here. Appended to (not replacing) a caller's XLA_FLAGS, e.g. a fake device
+# count; read when the backend starts, which no test has done yet.
+FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if FAST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_XLA_FLAGS).strip()
+
+# One persistent compilation cache for the session: a program compiled once (a shared tiny
+# config, a model object rebuilt by a load, a subprocess repeating what another compiled) is read
+# back, not compiled again. Entries are keyed by the program, the devices, the compiler flags
+# and the jax version, so a hit is the executable that would have been compiled. A fresh folder
+# per session keeps other sessions' entries out; the pytest process that made it (the xdist
+# controller, whose environment the workers inherit) removes it at the end. Subprocesses inherit
+# it through the environment (`train.compile_cache=auto` reads JAX_COMPILATION_CACHE_DIR); a test
+# that times or counts compilation passes an empty value, which turns the cache off.
+SESSION_CACHE_ENV = "LOOPJAX_TEST_COMPILE_CACHE"
+_OWN_CACHE = SESSION_CACHE_ENV not in os.environ
+if _OWN_CACHE:
+  os.environ[SESSION_CACHE_ENV] = tempfile.mkdtemp(prefix="loopjax-test-jax-cache-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[SESSION_CACHE_ENV]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+import jax  # noqa: E402  (after the environment above, in case a plugin imported it first)
+
+jax.config.update("jax_compilation_cache_dir", os.environ[SESSION_CACHE_ENV])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ[SESSION_CACHE_ENV], ignore_errors=True)
 
 
 def pytest_configure(config):
@@ -34,36 +64,7 @@ def tiny_sudoku_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory):
-  """A JAX persistent compilation cache directory for this session's subprocesses.
-
-  Pass it as JAX_COMPILATION_CACHE_DIR to subprocesses that compile the same programs as one
-  another. Entries are keyed by the program, the compile options and flags, and the jax
-  version, so a hit is the executable the subprocess would have compiled; a fresh directory per
-  session keeps other sessions' entries out. Not for tests that time or count compilations.
-  """
-  return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture
-def in_process_compile_cache(compile_cache):
-  """Turns JAX's persistent compilation cache on in the pytest process for one test.
-
-  For a test that compiles the same programs many times through fresh model objects (each new
-  object misses jax's in-memory caches; the persistent cache is keyed by the program itself).
-  The previous settings are restored afterwards, so other tests compile as before.
-  """
-  import jax
-  from jax._src import compilation_cache  # reset_cache: the documented way to re-read settings
-
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  old = {name: getattr(jax.config, name) for name in names}
-  jax.config.update("jax_compilation_cache_dir", str(compile_cache / "in_process"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  compilation_cache.reset_cache()
-  try:
-    yield
-  finally:
-    for name, value in old.items():
-      jax.config.update(name, value)
-    compilation_cache.reset_cache()
+def compile_cache():
+  """The session's compilation cache folder (see above), for a subprocess given its own env."""
+  from pathlib import Path
+  return Path(os.environ[SESSION_CACHE_ENV])

@@ -153,7 +153,7 @@ def test_missing_corpus_says_how_to_get_it(tmp_path, capsys):
   assert not (tmp_path / "w" / "runs").exists()  # nothing trained or compiled
 
 
-def test_tiny_study_end_to_end_and_cached(tmp_path, in_process_compile_cache):
+def test_tiny_study_end_to_end_and_cached(tmp_path):
   _write_fortunes(tmp_path / "fort")
   w = str(tmp_path / "study")
   lines = []

@@ -304,8 +304,10 @@ def test_early_eval_reports_raw_beside_a_warming_up_ema(reference_run):
 
 
 def test_sigterm_during_compile_exits_at_once_with_one_line(tmp_path):
+  # The session's compilation cache off: a cached step would leave no compile to interrupt.
   proc = subprocess.Popen(_cmd(tmp_path, "--config.train.steps=5"), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, env=_env(), cwd=ROOT, text=True)
+                          stderr=subprocess.PIPE, env=dict(_env(), JAX_COMPILATION_CACHE_DIR=""),
+                          cwd=ROOT, text=True)
   lines = []
   try:
     for line in proc.stderr:
