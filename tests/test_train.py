@@ -1,7 +1,8 @@
 """The trainer end to end through the `loopjax train` command: exact resume after SIGKILL (one
-metrics row per step), clean stop on SIGTERM (also before the first step), bad inputs that fail
-clearly without touching existing checkpoints, damaged checkpoints skipped by every reader, and
-early evaluation of raw weights beside a warming-up EMA."""
+metrics row per step), clean stop on SIGTERM (also before the first step), a bad start as a
+process (exit 2, no traceback, existing checkpoints untouched), damaged checkpoints skipped by
+every reader, non-finite losses, and early evaluation of raw weights beside a warming-up EMA.
+What needs no process boundary (signals, exit status) runs `loopjax.cli.main` in this process."""
 
 import hashlib
 import json
@@ -14,6 +15,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import FAST_XLA_FLAGS
 from run_logs import logged_losses, logged_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,9 +35,9 @@ def _cmd(workdir, *extra):
 
 
 def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device, the same program in every run
-  env["JAX_PLATFORMS"] = "cpu"
+  # One CPU device and the session's compiler flags: every run here compiles the same programs
+  # as the others, and as this process, so the session's compilation cache serves them all.
+  env = dict(os.environ, XLA_FLAGS=FAST_XLA_FLAGS, JAX_PLATFORMS="cpu")
   return env
 
 
@@ -140,57 +142,20 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   assert os.path.exists(os.path.join(tmp_path, "checkpoints", str(steps[-1]), "state"))
 
 
-def _bad(tmp_path, reference_run, *extra):
-  """Runs a bad command against a copy of a workdir with checkpoints; returns stderr."""
+def test_a_bad_start_as_a_process_exits_2_and_leaves_the_checkpoints(tmp_path, reference_run):
+  """A real `loopjax train` with a model that does not match the workdir's checkpoints: exit
+  status 2, the error on stderr without a traceback, the checkpoints byte for byte as they were.
+  The other classes of bad input run in process (test_bad_input.py's table)."""
   import shutil
   ref_dir, _ = reference_run
   workdir = tmp_path / "run"
   shutil.copytree(ref_dir, workdir)
   before = _digest(workdir / "checkpoints")
-  proc = _run(workdir, *STEPS, *extra, timeout=120)
-  assert proc.returncode != 0, proc.stdout[-1000:]
+  proc = _run(workdir, *STEPS, "--config.model.width=64", timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "incompatible" in proc.stderr and "model.width" in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert _digest(workdir / "checkpoints") == before, "a failed start changed the checkpoints"
-  return proc.stderr
-
-
-def test_unknown_config_key(tmp_path, reference_run):
-  err = _bad(tmp_path, reference_run, "--config.train.stepz=3")
-  assert "stepz" in err
-
-
-def test_incompatible_model_in_workdir(tmp_path, reference_run):
-  err = _bad(tmp_path, reference_run, "--config.model.width=64")
-  assert "incompatible" in err and "model.width" in err
-
-
-def test_sequence_longer_than_model(tmp_path, reference_run):
-  err = _bad(tmp_path, reference_run, "--config.model.max_length=40")
-  assert "max_length" in err
-
-
-@pytest.mark.parametrize("content,needle", [(b"", "empty"), (b"ok\n\xff\xfe bad", "UTF-8")])
-def test_bad_text_files(tmp_path, reference_run, content, needle):
-  path = tmp_path / "corpus.txt"
-  path.write_bytes(content)
-  err = _bad(tmp_path, reference_run, "--config.data.source=text", "--config.data.seq_len=32",
-             f"--config.data.paths={path}")
-  assert needle in err and "corpus.txt" in err
-
-
-def test_token_id_over_vocabulary(tmp_path, reference_run):
-  path = tmp_path / "corpus.txt"
-  path.write_text("hello world\n\nanother document\n")
-  err = _bad(tmp_path, reference_run, "--config.data.source=text", "--config.data.seq_len=32",
-             f"--config.data.paths={path}", "--config.model.vocab_size=200")
-  assert "vocab_size" in err and "256" in err
-
-
-def test_missing_tfds_data_fails_fast(tmp_path, reference_run):
-  t0 = time.time()
-  err = _bad(tmp_path, reference_run, "--config.data.source=tfds",
-             f"--config.data.data_dir={tmp_path / 'nodata'}", "--config.data.seq_len=64")
-  assert time.time() - t0 < 60
-  assert "lm1b" in err and ("download_and_prepare" in err or "tfds build" in err), err[-2000:]
 
 
 def _damaged_copy(tmp_path, reference_run, damage=(-1,)):
@@ -223,11 +188,15 @@ def _cli(*argv):
   with contextlib.redirect_stderr(err):
     import logging
     handler = logging.StreamHandler(err)
-    logging.getLogger("loopjax").addHandler(handler)
+    logger = logging.getLogger("loopjax")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # what the command logs as a process (resumes, skips)
     try:
       code = cli.main(list(argv))
     finally:
-      logging.getLogger("loopjax").removeHandler(handler)
+      logger.removeHandler(handler)
+      logger.setLevel(level)
   return code, err.getvalue()
 
 
@@ -253,38 +222,42 @@ def test_a_damaged_explicit_step_or_all_damaged_checkpoints_is_a_one_line_error(
   assert code == 2 and "no readable checkpoint" in err and "Traceback" not in err, err[-2000:]
 
 
+def _train_here(workdir, *extra):
+  """`loopjax train` with the file's TINY config in this process: (exit code, stderr)."""
+  return _cli(*_cmd(workdir, *extra)[3:])
+
+
 def test_damaged_latest_checkpoint_is_skipped(tmp_path, reference_run):
   workdir, steps = _damaged_copy(tmp_path, reference_run)
-  proc = _run(workdir, "--config.train.steps=65", "--config.train.checkpoint_every=5")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f"checkpoint {steps[-1]}" in proc.stderr and "unreadable" in proc.stderr
-  assert f"resumed {workdir} at step {steps[-2]}" in proc.stderr
+  code, err = _train_here(workdir, "--config.train.steps=65", "--config.train.checkpoint_every=5")
+  assert code == 0, err[-3000:]
+  assert f"checkpoint {steps[-1]}" in err and "unreadable" in err
+  assert f"resumed {workdir} at step {steps[-2]}" in err
+
+
+NONFINITE = ["--config.train.steps=30", "--config.train.checkpoint_every=2",
+             "--config.train.lr=1e30", "--config.train.warmup_steps=0",
+             "--config.train.clip_norm=0"]
 
 
 def test_nonfinite_loss_stops_without_a_bad_checkpoint(tmp_path):
-  proc = _run(tmp_path, "--config.train.steps=30", "--config.train.checkpoint_every=2",
-              "--config.train.lr=1e30", "--config.train.warmup_steps=0",
-              "--config.train.clip_norm=0")
-  assert proc.returncode != 0
-  assert "non-finite" in proc.stderr and "on_nonfinite=skip" in proc.stderr
+  code, err = _train_here(tmp_path, *NONFINITE)
+  assert code != 0
+  assert "non-finite" in err and "on_nonfinite=skip" in err
   import re
-  bad_step = int(re.search(r"non-finite loss or gradient at step (\d+)", proc.stderr).group(1))
+  bad_step = int(re.search(r"non-finite loss or gradient at step (\d+)", err).group(1))
   assert all(s < bad_step for s in _ckpt_steps(tmp_path)), "a checkpoint was written at or "\
       "after the non-finite step"
-
 
 
 def test_skip_mode_stops_after_consecutive_skips_with_only_finite_checkpoints(tmp_path):
   from loopjax.io.load import load_run
   workdir = tmp_path / "skip"
-  skip = _run(workdir, "--config.train.steps=30", "--config.train.checkpoint_every=2",
-              "--config.train.lr=1e30", "--config.train.warmup_steps=0",
-              "--config.train.clip_norm=0", "--config.train.on_nonfinite=skip",
-              "--config.train.max_consecutive_skips=4")
-  assert skip.returncode != 0, skip.stderr[-2000:]
-  assert "train.max_consecutive_skips=4" in skip.stderr or "not finite" in skip.stderr, \
-      skip.stderr[-2000:]
-  assert "Traceback" not in skip.stderr, skip.stderr[-3000:]
+  code, err = _train_here(workdir, *NONFINITE, "--config.train.on_nonfinite=skip",
+                          "--config.train.max_consecutive_skips=4")
+  assert code != 0, err[-2000:]
+  assert "train.max_consecutive_skips=4" in err or "not finite" in err, err[-2000:]
+  assert "Traceback" not in err, err[-3000:]
   assert max(_ckpt_steps(workdir), default=0) < 30
   for step in _ckpt_steps(workdir):
     for params in ("raw", "ema"):
