@@ -15,35 +15,15 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import FAST_XLA_FLAGS
 from run_logs import logged_losses, logged_rows
+from train_process import train_cmd, train_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENT = os.path.join(ROOT, "experiments", "sudoku.py")
-TINY = ["--config.model.width=32", "--config.model.num_layers=3", "--config.model.num_heads=2",
-        "--config.model.cond_dim=16", "--config.model.vocab_size=257",
-        "--config.train.batch_size=4",
-        "--config.train.log_every=1", "--config.train.eval_every=1000",
-        "--config.train.eval_batches=1", "--config.train.eval_time_points=2",
-        "--config.eval.examples=4", "--config.loops.train=uniform:1:3",
-        "--config.train.async_checkpoints=False"]
-
-
-def _cmd(workdir, *extra):
-  return [sys.executable, "-m", "loopjax.cli", "train", "--config", EXPERIMENT,
-          "--workdir", str(workdir), *TINY, *extra]
-
-
-def _env():
-  # One CPU device and the session's compiler flags: every run here compiles the same programs
-  # as the others, and as this process, so the session's compilation cache serves them all.
-  env = dict(os.environ, XLA_FLAGS=FAST_XLA_FLAGS, JAX_PLATFORMS="cpu")
-  return env
 
 
 def _run(workdir, *extra, timeout=300):
-  return subprocess.run(_cmd(workdir, *extra), capture_output=True, text=True, timeout=timeout,
-                        env=_env(), cwd=ROOT)
+  return subprocess.run(train_cmd(workdir, *extra), capture_output=True, text=True,
+                        timeout=timeout, env=train_env(), cwd=ROOT)
 
 
 def _ckpt_steps(workdir):
@@ -101,8 +81,8 @@ def test_default_experiment_reports_accuracy(reference_run):
 
 def test_sigkill_then_resume_is_bitwise_identical(reference_run, tmp_path):
   ref_dir, _ = reference_run
-  proc = subprocess.Popen(_cmd(tmp_path, *STEPS), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
+  proc = subprocess.Popen(train_cmd(tmp_path, *STEPS), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, env=train_env(), cwd=ROOT)
   try:
     got_ckpt = _wait_for(lambda: any(s >= 10 for s in _ckpt_steps(tmp_path)), proc)
     proc.send_signal(signal.SIGKILL)
@@ -127,10 +107,10 @@ def test_sigkill_then_resume_is_bitwise_identical(reference_run, tmp_path):
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
-  proc = subprocess.Popen(_cmd(tmp_path, "--config.train.steps=100000",
-                               "--config.train.checkpoint_every=100000"),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT,
-                          text=True)
+  proc = subprocess.Popen(train_cmd(tmp_path, "--config.train.steps=100000",
+                                    "--config.train.checkpoint_every=100000"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=train_env(),
+                          cwd=ROOT, text=True)
   metrics = os.path.join(tmp_path, "metrics.jsonl")
   started = _wait_for(lambda: os.path.exists(metrics) and os.path.getsize(metrics) > 200, proc)
   proc.send_signal(signal.SIGTERM)
@@ -223,8 +203,8 @@ def test_a_damaged_explicit_step_or_all_damaged_checkpoints_is_a_one_line_error(
 
 
 def _train_here(workdir, *extra):
-  """`loopjax train` with the file's TINY config in this process: (exit code, stderr)."""
-  return _cli(*_cmd(workdir, *extra)[3:])
+  """`loopjax train` at the TINY size in this process: (exit code, stderr)."""
+  return _cli(*train_cmd(workdir, *extra)[3:])
 
 
 def test_damaged_latest_checkpoint_is_skipped(tmp_path, reference_run):
@@ -278,8 +258,9 @@ def test_early_eval_reports_raw_beside_a_warming_up_ema(reference_run):
 
 def test_sigterm_during_compile_exits_at_once_with_one_line(tmp_path):
   # The session's compilation cache off: a cached step would leave no compile to interrupt.
-  proc = subprocess.Popen(_cmd(tmp_path, "--config.train.steps=5"), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, env=dict(_env(), JAX_COMPILATION_CACHE_DIR=""),
+  proc = subprocess.Popen(train_cmd(tmp_path, "--config.train.steps=5"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=dict(train_env(), JAX_COMPILATION_CACHE_DIR=""),
                           cwd=ROOT, text=True)
   lines = []
   try:
