@@ -5,7 +5,6 @@ returns 2 and prints one `loopjax CMD: error: ...` line); one row also runs as a
 loopjax.cli` subprocess, where the process boundary (exit status, stderr) is what is checked.
 """
 
-import json
 import os
 import subprocess
 import sys
