@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import FAST_XLA_FLAGS
 
 from loopjax.cli import main
 from loopjax.cli.main import parsers
@@ -143,6 +144,7 @@ def test_a_cpu_command_prints_no_libtpu_lines(tiny_sudoku_run, tmp_path):
   pytest.importorskip("libtpu")
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
   env["PYTHONPATH"] = ROOT
+  env["XLA_FLAGS"] = FAST_XLA_FLAGS  # CPU compiler flags only: the session's, for its cache
   bare = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
                         capture_output=True, text=True, timeout=120)
   if not _libtpu_lines(bare.stderr):

@@ -15,6 +15,7 @@ import textwrap
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from loopjax import flops as F
@@ -191,20 +192,31 @@ def test_flop_conventions_by_hand():
                                                  512)
   assert steps("layers_only") == pytest.approx(1_000_000 * 12 / 23, rel=1e-12)
   n_layer = 4 * D * D + 2 * D * F_ + F_ + D + 6 * C * D + 6 * D + 2 * D
+  f_layer = 8 * L * D * D + 4 * L * L * D + 4 * L * D * F_ + 12 * C * D
   n = (V + 1) * D + (256 * C + C + C * C + C) + 12 * n_layer + (2 * C * D + 2 * D) + D + D * V + V
   assert steps("6nd") == pytest.approx(1_000_000 * n / (n + 5.5 * 2 * n_layer), rel=1e-12)
   assert F.train_flops_per_step_as(base, L, 512, None, "6nd") == 6 * n * 512 * L
-  # The three counts the paper's unstated F_base leaves open at the 1M-step budget
-  # (experiments/owt.py's vocabulary: GPT-2's 50257 tokens + EOS separator; unpadded, and
-  # padded to 128 as experiments/ trains it: the padded head columns are computed, so counted).
-  owt = {**PAPER, "vocab_size": 50258}
-  for multiple, want in ((1, [599_440, 521_739, 667_610]), (128, [599_500, 521_739, 667_701])):
-    cfg = {**owt, "vocab_multiple": multiple}
-    assert [round(F.matched_steps(ModelConfig(kernels="reference",
-                                              **cfg, loop_start=1, loop_end=3, max_loops=12),
-                                  "uniform:1:12", ModelConfig(kernels="reference",
-                                                              **cfg), None, 1_000_000, L, 512,
-                                  convention=c)) for c in F.FLOP_CONVENTIONS] == want
+  # The three counts the paper's unstated F_base leaves open at the 1M-step budget, for
+  # experiments/owt.py's vocabulary (GPT-2's 50257 tokens + EOS separator), unpadded and padded to
+  # 128 as experiments/ trains it: the padded head columns are computed, so counted, and the
+  # padded tables are parameters. Each against the same formulas written out here (float64).
+  V = 50258
+  for multiple in (1, 128):
+    v_out = -(-V // multiple) * multiple  # head columns
+    v_in = -(-(V + 1) // multiple) * multiple  # embedding rows: the tokens and [MASK]
+    f_base = 12 * f_layer + 2 * L * D * v_out + 2 * 256 * C + 2 * C * C + 4 * C * D
+    n = (v_in * D + (256 * C + C + C * C + C) + 12 * n_layer + (2 * C * D + 2 * D) + D
+         + D * v_out + v_out)
+    want = np.array([f_base / (f_base + 5.5 * 2 * f_layer), 12 / 23,
+                     n / (n + 5.5 * 2 * n_layer)], np.float64) * 1_000_000
+    cfg = {**PAPER, "vocab_size": V, "vocab_multiple": multiple}
+    got = [F.matched_steps(ModelConfig(kernels="reference", **cfg, loop_start=1, loop_end=3,
+                                       max_loops=12),
+                           "uniform:1:12", ModelConfig(kernels="reference", **cfg), None,
+                           1_000_000, L, 512, convention=c) for c in F.FLOP_CONVENTIONS]
+    assert list(F.FLOP_CONVENTIONS) == ["all_forward", "layers_only", "6nd"]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+  assert round(got[0]) == 599_500  # the steps experiments/owt.py's loopmdm trains
   with pytest.raises(ValueError, match="FLOP convention"):
     steps("kaplan")
 

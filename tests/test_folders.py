@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from side_effects import Compiles, snapshot
 
 from loopjax import folders
 from loopjax.io import export
@@ -30,18 +31,6 @@ SUDOKU = os.path.join(ROOT, "experiments", "sudoku.py")
 TINY = ["--config.model.width=16", "--config.model.num_layers=3", "--config.model.num_heads=2",
         "--config.model.cond_dim=8", "--config.train.batch_size=2", "--config.train.steps=1",
         "--config.variant.s_max=2"]
-
-
-def snapshot(path: str) -> dict:
-  """{relative path: bytes (files) or None (folders)} of everything under `path`."""
-  out = {}
-  for d, dirs, files in os.walk(path):
-    for name in dirs:
-      out[os.path.relpath(os.path.join(d, name), path)] = None
-    for name in files:
-      with open(os.path.join(d, name), "rb") as f:
-        out[os.path.relpath(os.path.join(d, name), path)] = f.read()
-  return out
 
 
 @pytest.fixture(scope="module")
@@ -137,23 +126,6 @@ def test_other_writers_refuse_too(kinds, argv, target, names, capsys, monkeypatc
   _refused([a.format(**kinds) for a in argv], kinds[target], capsys, names)
 
 
-class _Compiles:
-  """Counts XLA compilations while active (jax.monitoring's backend-compile events)."""
-
-  def __enter__(self):
-    self.events = []
-    self._fn = lambda event, duration, **kw: self.events.append(event)
-    jax.monitoring.register_event_duration_secs_listener(self._fn)
-    return self
-
-  def __exit__(self, *exc):
-    jax.monitoring.unregister_event_duration_listener(self._fn)
-
-  @property
-  def count(self):
-    return sum(e.endswith("backend_compile_duration") for e in self.events)
-
-
 @pytest.mark.parametrize("argv, names", [
     (["train", "--config", SUDOKU, "--workdir", "{tmp}/w", "--config.train.batch_size=0"],
      "train.batch_size must be >= 1, got 0"),
@@ -176,7 +148,7 @@ def test_bad_input_stops_before_any_compile(kinds, argv, names, tmp_path, capsys
   argv = [a.format(tmp=tmp_path, **kinds) for a in argv]
   capsys.readouterr()
   t0 = time.perf_counter()
-  with _Compiles() as compiles:
+  with Compiles() as compiles:
     rc = main(argv)
   seconds = time.perf_counter() - t0
   err = capsys.readouterr().err

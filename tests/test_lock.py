@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from train_process import train_cmd, train_env
 
 from loopjax.train import lock as lock_lib
 
@@ -55,18 +56,10 @@ def test_other_host_lock_is_stale_only_without_heartbeat(tmp_path):
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.model.width=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
-        "--config.model.cond_dim=16", "--config.train.batch_size=8",
-        "--config.loops.train=uniform:1:2", "--config.train.eval_every=100000",
-        "--config.train.eval_batches=1", "--config.train.eval_time_points=2",
-        "--config.train.log_every=1", "--config.train.checkpoint_every=2",
-        "--config.train.async_checkpoints=False"]
 
 
 def _train_cmd(workdir, steps):
-  return [sys.executable, "-m", "loopjax.cli", "train", "--config",
-          os.path.join(ROOT, "experiments", "sudoku.py"), "--workdir", str(workdir), *TINY,
-          f"--config.train.steps={steps}"]
+  return train_cmd(workdir, "--config.train.checkpoint_every=2", f"--config.train.steps={steps}")
 
 
 def _wait_for(predicate, timeout, what, proc):
@@ -79,7 +72,7 @@ def _wait_for(predicate, timeout, what, proc):
 
 def test_second_trainer_is_refused_and_a_killed_holder_is_taken_over(tmp_path):
   wd = tmp_path / "run"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = train_env()
   with open(tmp_path / "first.log", "w") as log:
     first = subprocess.Popen(_train_cmd(wd, 100000), stdout=log, stderr=subprocess.STDOUT,
                              env=env, cwd=ROOT)
@@ -116,7 +109,7 @@ def test_a_refused_multi_process_job_stops_on_every_process(tmp_path):
   first barrier for a peer that has already exited."""
   wd = tmp_path / "run"
   wd.mkdir()
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = train_env()
   with lock_lib.WorkdirLock(str(wd)):  # a live holder: this test process
     start = time.monotonic()
     r = subprocess.run(

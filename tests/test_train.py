@@ -1,47 +1,28 @@
 """The trainer end to end through the `loopjax train` command: exact resume after SIGKILL (one
-metrics row per step), clean stop on SIGTERM (also before the first step), bad inputs that fail
-clearly without touching existing checkpoints, damaged checkpoints skipped by every reader, and
-early evaluation of raw weights beside a warming-up EMA."""
+metrics row per step), clean stop on SIGTERM (also before the first step), a bad start as a
+process (exit 2, no traceback, existing checkpoints untouched), damaged checkpoints skipped by
+every reader, non-finite losses, and early evaluation of raw weights beside a warming-up EMA.
+What needs no process boundary (signals, exit status) runs `loopjax.cli.main` in this process."""
 
 import hashlib
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 from run_logs import logged_losses, logged_rows
+from train_process import train_cmd, train_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENT = os.path.join(ROOT, "experiments", "sudoku.py")
-TINY = ["--config.model.width=32", "--config.model.num_layers=3", "--config.model.num_heads=2",
-        "--config.model.cond_dim=16", "--config.model.vocab_size=257",
-        "--config.train.batch_size=4",
-        "--config.train.log_every=1", "--config.train.eval_every=1000",
-        "--config.train.eval_batches=1", "--config.train.eval_time_points=2",
-        "--config.eval.examples=4", "--config.loops.train=uniform:1:3",
-        "--config.train.async_checkpoints=False"]
-
-
-def _cmd(workdir, *extra):
-  return [sys.executable, "-m", "loopjax.cli", "train", "--config", EXPERIMENT,
-          "--workdir", str(workdir), *TINY, *extra]
-
-
-def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device, the same program in every run
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
 
 
 def _run(workdir, *extra, timeout=300):
-  return subprocess.run(_cmd(workdir, *extra), capture_output=True, text=True, timeout=timeout,
-                        env=_env(), cwd=ROOT)
+  return subprocess.run(train_cmd(workdir, *extra), capture_output=True, text=True,
+                        timeout=timeout, env=train_env(), cwd=ROOT)
 
 
 def _ckpt_steps(workdir):
@@ -99,8 +80,8 @@ def test_default_experiment_reports_accuracy(reference_run):
 
 def test_sigkill_then_resume_is_bitwise_identical(reference_run, tmp_path):
   ref_dir, _ = reference_run
-  proc = subprocess.Popen(_cmd(tmp_path, *STEPS), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
+  proc = subprocess.Popen(train_cmd(tmp_path, *STEPS), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, env=train_env(), cwd=ROOT)
   try:
     got_ckpt = _wait_for(lambda: any(s >= 10 for s in _ckpt_steps(tmp_path)), proc)
     proc.send_signal(signal.SIGKILL)
@@ -125,10 +106,10 @@ def test_sigkill_then_resume_is_bitwise_identical(reference_run, tmp_path):
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
-  proc = subprocess.Popen(_cmd(tmp_path, "--config.train.steps=100000",
-                               "--config.train.checkpoint_every=100000"),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT,
-                          text=True)
+  proc = subprocess.Popen(train_cmd(tmp_path, "--config.train.steps=100000",
+                                    "--config.train.checkpoint_every=100000"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=train_env(),
+                          cwd=ROOT, text=True)
   metrics = os.path.join(tmp_path, "metrics.jsonl")
   started = _wait_for(lambda: os.path.exists(metrics) and os.path.getsize(metrics) > 200, proc)
   proc.send_signal(signal.SIGTERM)
@@ -140,57 +121,20 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   assert os.path.exists(os.path.join(tmp_path, "checkpoints", str(steps[-1]), "state"))
 
 
-def _bad(tmp_path, reference_run, *extra):
-  """Runs a bad command against a copy of a workdir with checkpoints; returns stderr."""
+def test_a_bad_start_as_a_process_exits_2_and_leaves_the_checkpoints(tmp_path, reference_run):
+  """A real `loopjax train` with a model that does not match the workdir's checkpoints: exit
+  status 2, the error on stderr without a traceback, the checkpoints byte for byte as they were.
+  The other classes of bad input run in process (test_bad_input.py's table)."""
   import shutil
   ref_dir, _ = reference_run
   workdir = tmp_path / "run"
   shutil.copytree(ref_dir, workdir)
   before = _digest(workdir / "checkpoints")
-  proc = _run(workdir, *STEPS, *extra, timeout=120)
-  assert proc.returncode != 0, proc.stdout[-1000:]
+  proc = _run(workdir, *STEPS, "--config.model.width=64", timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "incompatible" in proc.stderr and "model.width" in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert _digest(workdir / "checkpoints") == before, "a failed start changed the checkpoints"
-  return proc.stderr
-
-
-def test_unknown_config_key(tmp_path, reference_run):
-  err = _bad(tmp_path, reference_run, "--config.train.stepz=3")
-  assert "stepz" in err
-
-
-def test_incompatible_model_in_workdir(tmp_path, reference_run):
-  err = _bad(tmp_path, reference_run, "--config.model.width=64")
-  assert "incompatible" in err and "model.width" in err
-
-
-def test_sequence_longer_than_model(tmp_path, reference_run):
-  err = _bad(tmp_path, reference_run, "--config.model.max_length=40")
-  assert "max_length" in err
-
-
-@pytest.mark.parametrize("content,needle", [(b"", "empty"), (b"ok\n\xff\xfe bad", "UTF-8")])
-def test_bad_text_files(tmp_path, reference_run, content, needle):
-  path = tmp_path / "corpus.txt"
-  path.write_bytes(content)
-  err = _bad(tmp_path, reference_run, "--config.data.source=text", "--config.data.seq_len=32",
-             f"--config.data.paths={path}")
-  assert needle in err and "corpus.txt" in err
-
-
-def test_token_id_over_vocabulary(tmp_path, reference_run):
-  path = tmp_path / "corpus.txt"
-  path.write_text("hello world\n\nanother document\n")
-  err = _bad(tmp_path, reference_run, "--config.data.source=text", "--config.data.seq_len=32",
-             f"--config.data.paths={path}", "--config.model.vocab_size=200")
-  assert "vocab_size" in err and "256" in err
-
-
-def test_missing_tfds_data_fails_fast(tmp_path, reference_run):
-  t0 = time.time()
-  err = _bad(tmp_path, reference_run, "--config.data.source=tfds",
-             f"--config.data.data_dir={tmp_path / 'nodata'}", "--config.data.seq_len=64")
-  assert time.time() - t0 < 60
-  assert "lm1b" in err and ("download_and_prepare" in err or "tfds build" in err), err[-2000:]
 
 
 def _damaged_copy(tmp_path, reference_run, damage=(-1,)):
@@ -223,11 +167,15 @@ def _cli(*argv):
   with contextlib.redirect_stderr(err):
     import logging
     handler = logging.StreamHandler(err)
-    logging.getLogger("loopjax").addHandler(handler)
+    logger = logging.getLogger("loopjax")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # what the command logs as a process (resumes, skips)
     try:
       code = cli.main(list(argv))
     finally:
-      logging.getLogger("loopjax").removeHandler(handler)
+      logger.removeHandler(handler)
+      logger.setLevel(level)
   return code, err.getvalue()
 
 
@@ -253,38 +201,42 @@ def test_a_damaged_explicit_step_or_all_damaged_checkpoints_is_a_one_line_error(
   assert code == 2 and "no readable checkpoint" in err and "Traceback" not in err, err[-2000:]
 
 
+def _train_here(workdir, *extra):
+  """`loopjax train` at the TINY size in this process: (exit code, stderr)."""
+  return _cli(*train_cmd(workdir, *extra)[3:])
+
+
 def test_damaged_latest_checkpoint_is_skipped(tmp_path, reference_run):
   workdir, steps = _damaged_copy(tmp_path, reference_run)
-  proc = _run(workdir, "--config.train.steps=65", "--config.train.checkpoint_every=5")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f"checkpoint {steps[-1]}" in proc.stderr and "unreadable" in proc.stderr
-  assert f"resumed {workdir} at step {steps[-2]}" in proc.stderr
+  code, err = _train_here(workdir, "--config.train.steps=65", "--config.train.checkpoint_every=5")
+  assert code == 0, err[-3000:]
+  assert f"checkpoint {steps[-1]}" in err and "unreadable" in err
+  assert f"resumed {workdir} at step {steps[-2]}" in err
+
+
+NONFINITE = ["--config.train.steps=30", "--config.train.checkpoint_every=2",
+             "--config.train.lr=1e30", "--config.train.warmup_steps=0",
+             "--config.train.clip_norm=0"]
 
 
 def test_nonfinite_loss_stops_without_a_bad_checkpoint(tmp_path):
-  proc = _run(tmp_path, "--config.train.steps=30", "--config.train.checkpoint_every=2",
-              "--config.train.lr=1e30", "--config.train.warmup_steps=0",
-              "--config.train.clip_norm=0")
-  assert proc.returncode != 0
-  assert "non-finite" in proc.stderr and "on_nonfinite=skip" in proc.stderr
+  code, err = _train_here(tmp_path, *NONFINITE)
+  assert code != 0
+  assert "non-finite" in err and "on_nonfinite=skip" in err
   import re
-  bad_step = int(re.search(r"non-finite loss or gradient at step (\d+)", proc.stderr).group(1))
+  bad_step = int(re.search(r"non-finite loss or gradient at step (\d+)", err).group(1))
   assert all(s < bad_step for s in _ckpt_steps(tmp_path)), "a checkpoint was written at or "\
       "after the non-finite step"
-
 
 
 def test_skip_mode_stops_after_consecutive_skips_with_only_finite_checkpoints(tmp_path):
   from loopjax.io.load import load_run
   workdir = tmp_path / "skip"
-  skip = _run(workdir, "--config.train.steps=30", "--config.train.checkpoint_every=2",
-              "--config.train.lr=1e30", "--config.train.warmup_steps=0",
-              "--config.train.clip_norm=0", "--config.train.on_nonfinite=skip",
-              "--config.train.max_consecutive_skips=4")
-  assert skip.returncode != 0, skip.stderr[-2000:]
-  assert "train.max_consecutive_skips=4" in skip.stderr or "not finite" in skip.stderr, \
-      skip.stderr[-2000:]
-  assert "Traceback" not in skip.stderr, skip.stderr[-3000:]
+  code, err = _train_here(workdir, *NONFINITE, "--config.train.on_nonfinite=skip",
+                          "--config.train.max_consecutive_skips=4")
+  assert code != 0, err[-2000:]
+  assert "train.max_consecutive_skips=4" in err or "not finite" in err, err[-2000:]
+  assert "Traceback" not in err, err[-3000:]
   assert max(_ckpt_steps(workdir), default=0) < 30
   for step in _ckpt_steps(workdir):
     for params in ("raw", "ema"):
@@ -305,8 +257,9 @@ def test_early_eval_reports_raw_beside_a_warming_up_ema(reference_run):
 
 def test_sigterm_during_compile_exits_at_once_with_one_line(tmp_path):
   # The session's compilation cache off: a cached step would leave no compile to interrupt.
-  proc = subprocess.Popen(_cmd(tmp_path, "--config.train.steps=5"), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, env=dict(_env(), JAX_COMPILATION_CACHE_DIR=""),
+  proc = subprocess.Popen(train_cmd(tmp_path, "--config.train.steps=5"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=dict(train_env(), JAX_COMPILATION_CACHE_DIR=""),
                           cwd=ROOT, text=True)
   lines = []
   try:

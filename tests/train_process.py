@@ -1,0 +1,29 @@
+"""The tiny `loopjax train` command line and environment of the tests that train in a process
+of its own (test_train, test_lock): one model, batch and set of compiler flags, so every such
+run compiles the same programs and the session's compilation cache serves all but the first."""
+
+import os
+import sys
+
+from conftest import FAST_XLA_FLAGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENT = os.path.join(ROOT, "experiments", "sudoku.py")
+TINY = ["--config.model.width=32", "--config.model.num_layers=3", "--config.model.num_heads=2",
+        "--config.model.cond_dim=16", "--config.model.vocab_size=257",
+        "--config.train.batch_size=4",
+        "--config.train.log_every=1", "--config.train.eval_every=1000",
+        "--config.train.eval_batches=1", "--config.train.eval_time_points=2",
+        "--config.eval.examples=4", "--config.loops.train=uniform:1:3",
+        "--config.train.async_checkpoints=False"]
+
+
+def train_cmd(workdir, *extra):
+  """`python -m loopjax.cli train` of the sudoku experiment at the TINY size."""
+  return [sys.executable, "-m", "loopjax.cli", "train", "--config", EXPERIMENT,
+          "--workdir", str(workdir), *TINY, *extra]
+
+
+def train_env():
+  """One CPU device and the session's compiler flags (those of the pytest process too)."""
+  return dict(os.environ, XLA_FLAGS=FAST_XLA_FLAGS, JAX_PLATFORMS="cpu")
