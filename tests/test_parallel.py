@@ -2,84 +2,51 @@
 that really are sharded, checkpoints that move between meshes, clear errors for bad meshes, and
 the per-device memory report.
 
-Multi-device cases run in subprocesses with 8 fake CPU devices (the pytest process has one). The
-expensive runs share one module fixture (a 1-device reference and an 8-device driver that trains
-on several meshes in turn, side by side; then a 2-process x 4-device job alone), the one-command
-checks share one 8-device process, and all share a persistent compilation cache, so the file
-stays within a few minutes on 2 cores. Every run has a deadline
-and a failure reports each process's exit code and the tail of its output.
+Multi-device cases run in subprocesses with 8 fake CPU devices (the pytest process has one). All
+share one module fixture: a 1-device reference and an 8-device driver, side by side, the driver
+training on several meshes in turn and then running the one-command checks; then a 2-process x
+4-device job alone. With the session's compilation cache the file stays within a few minutes on
+2 cores. Every run has a deadline and a failure reports each process's exit code and the tail of
+its output (tests/multiprocess.py).
 """
 
 import importlib.util
 import json
 import os
-import signal
-import subprocess
 import sys
 import textwrap
 import time
 from types import SimpleNamespace
 
+import multiprocess as mp
 import numpy as np
 import pytest
+from multiprocess import EXPERIMENT, ROOT
 from run_logs import logged_losses
 
 from loopjax.parallel import mesh as mesh_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENT = os.path.join(ROOT, "experiments", "sudoku.py")
-LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.py")
 STEPS, HALF = 6, 3
-# Constant LR after a 2-step warm-up, so a run stopped at HALF and resumed to STEPS follows the
-# same schedule as one that went straight to STEPS.
-# Layer 0, then layer 1 looped S ~ U{1, 2} times (the smallest model with every kind of stack).
-TINY = ["--config.model.width=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
-        "--config.model.cond_dim=16", "--config.train.batch_size=8",
-        "--config.loops.train=uniform:1:2", "--config.train.lr=2e-3",
-        "--config.train.lr_schedule=constant",
-        "--config.train.warmup_steps=2", "--config.train.log_every=1",
-        "--config.train.eval_every=1000", "--config.train.eval_batches=1",
-        "--config.train.eval_time_points=2", "--config.train.async_checkpoints=False",
-        f"--config.train.checkpoint_every={HALF}"]
+TINY = mp.TINY + [f"--config.train.checkpoint_every={HALF}"]
 # Float32 sums in another order (sharded reductions): equal to ~1e-6; a wrong batch slice,
 # a dropped gradient shard or a mis-restored optimizer moves the loss by 1e-2 or more.
 RTOL = 1e-5
-# Deadlines (s) for the reference and 8-device driver together, for each 2-process job and for
-# the commands' driver. They take 1-5 min on a 2-core machine loaded 5x over, and may take twice
-# that loaded 10x over; a hang fails with every process's log, not a stall. Each 2-process job
-# is stopped by the launcher at MP_TIMEOUT, well before its processes' own barrier and shutdown
-# timeouts (LOOPJAX_BARRIER_TIMEOUT, set below), so what every process did is reported.
-DRIVER_TIMEOUT, MP_TIMEOUT, CLI_TIMEOUT = 1200, 600, 600
-BARRIER_TIMEOUT = 1800
+# Deadline (s) for the reference and for the 8-device driver (the 2-process jobs have the
+# harness's): they take 1-5 min on a 2-core machine loaded 5x over.
+DRIVER_TIMEOUT = 1200
 
 
 def _mesh(d, f, t):
   return [f"--config.mesh.data={d}", f"--config.mesh.fsdp={f}", f"--config.mesh.tensor={t}"]
 
 
-def _env(cache, devices=None):
-  env = dict(os.environ)
-  # Cheaper LLVM code generation: these programs run a few tiny steps, compiling dominates.
-  flags = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
-  if devices:
-    flags.append(f"--xla_force_host_platform_device_count={devices}")
-  env["XLA_FLAGS"] = " ".join(flags)
-  env["JAX_PLATFORMS"] = "cpu"
-  # Shared by this file's subprocesses: the memory report, for one, compiles the very step the
-  # fsdp=8 training did. Entries are keyed by the program, its flags and the jax version.
-  env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  # libtpu (TPU ahead-of-time compiles) otherwise takes a machine-wide lock file, which a
-  # concurrent run holding it makes fail; no TPU is driven here.
-  env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
-  env["LOOPJAX_BARRIER_TIMEOUT"] = str(BARRIER_TIMEOUT)
-  return env
-
-
-# Trains each (name, workdir, overrides) in turn in one process; prints the shardings it ended with.
+# Trains each (name, workdir, overrides) of argv[2] in turn in one process and records the
+# shardings it ended with; then runs each `loopjax` command of argv[3] (a name: its argv) and
+# records its exit code and output (one JAX start-up for all of them).
 DRIVER = textwrap.dedent("""
-  import json, sys
+  import contextlib, io, json, sys, traceback
   import jax
+  from loopjax.cli import main
   from loopjax.config.load import load_config
   from loopjax.train.loop import train
   spec = lambda x: [a if a is None or isinstance(a, str) else list(a) for a in x.sharding.spec]
@@ -96,61 +63,27 @@ DRIVER = textwrap.dedent("""
                    for k, x in flat(st.params).items()},
         "mu": {k: spec(x) for k, x in flat(mu).items()},
         "ema": {k: spec(x) for k, x in flat(st.ema_params).items()}}
+  for name, argv in json.loads(sys.argv[3] if len(sys.argv) > 3 else "{}").items():
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+      try:
+        code = main(argv)
+      except SystemExit as e:
+        code = e.code
+      except Exception:  # a bug: reported as this command's result, the others still run
+        traceback.print_exc()
+        code = "traceback"
+    out[name] = dict(code=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
   print("RESULT " + json.dumps(out), flush=True)
 """)
 
-
-def _driver(tmp, cache, name, runs, devices, script=DRIVER, args=(EXPERIMENT,)):
-  """Starts a driver script; its output goes to a file (a pipe nobody reads yet could fill up)."""
-  log = open(tmp / f"{name}.log", "w+")
-  proc = subprocess.Popen([sys.executable, "-c", script, *args, json.dumps(runs)],
-                          env=_env(cache, devices), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-  proc.log, proc.name = log, name
-  return proc
-
-
-def _tail(text, lines=40):
-  return "\n".join(text.splitlines()[-lines:])
-
-
-def _result(proc, deadline):
-  """The driver's RESULT; fails with its exit code and last lines if it fails or overruns."""
-  try:
-    proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    proc.wait()
-  proc.log.seek(0)
-  out = proc.log.read()
-  proc.log.close()
-  if proc.returncode != 0:
-    what = "overran its deadline (killed)" if proc.returncode == -signal.SIGKILL else \
-        f"exited with code {proc.returncode}"
-    pytest.fail(f"driver {proc.name!r} {what}; its last lines:\n{_tail(out)}", pytrace=False)
-  line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT "):])
-
-
-def _launch(argv, env, timeout, log_path):
-  """Runs launch/local_multiprocess.py; fails with its summary (each process's code and tail)."""
-  start = time.monotonic()
-  proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, errors="replace")
-  try:
-    # The launcher stops its processes at its own --timeout; this is the backstop.
-    log, _ = proc.communicate(timeout=timeout + 60)
-  except subprocess.TimeoutExpired:
-    proc.send_signal(signal.SIGTERM)  # the launcher stops its process groups, then reports
-    try:
-      log, _ = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      log, _ = proc.communicate()
-  log_path.write_text(log + f"\n(wall {time.monotonic() - start:.0f} s)\n")
-  if proc.returncode != 0:
-    pytest.fail(f"2-process job exited with code {proc.returncode}:\n{log[-8000:]}",
-                pytrace=False)
-  return log
+BAD_MESHES = [
+    (_mesh(3, 1, 1), "has 3 devices but 8 are available"),
+    (_mesh(-1, 3, 1), "do not divide the 8 available devices"),
+    (_mesh(4, 2, 1) + ["--config.train.batch_size=12"],
+     "train.batch_size 12 must be divisible by the data-parallel size 8"),
+]
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
 def _losses(workdir):
@@ -159,38 +92,50 @@ def _losses(workdir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, compile_cache):
+def runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("parallel")
   w = lambda name: str(tmp / name)
   steps = lambda n: [f"--config.train.steps={n}"]
-  ref = _driver(tmp, compile_cache, "ref",
-                [["ref", w("ref"), TINY + steps(STEPS) + _mesh(1, 1, 1)]], None)
-  eight = _driver(tmp, compile_cache, "eight", [
-      ["m811", w("m811"), TINY + steps(STEPS) + _mesh(8, 1, 1)],
-      ["m181", w("m181"), TINY + steps(STEPS) + _mesh(1, 8, 1)],
-      ["m222", w("m222"), TINY + steps(STEPS) + _mesh(2, 2, 2)],
-      # Saved under fsdp=8, resumed under data=fsdp=tensor=2 (programs already compiled above).
-      ["moved_first", w("moved"), TINY + steps(HALF) + _mesh(1, 8, 1)],
-      ["moved", w("moved"), TINY + steps(STEPS) + _mesh(2, 2, 2)],
-  ], 8)
-  # Two processes x 4 devices: train to HALF (checkpoint), then a new job resumes to STEPS.
-  train = lambda n: [sys.executable, LAUNCH, "--num-processes", "2", "--devices-per-process",
-                     "4", "--timeout", str(MP_TIMEOUT), "--", "loopjax", "train", "--config",
-                     EXPERIMENT, "--workdir", w("mp"), *TINY, *steps(n), *_mesh(2, 2, 2)]
-  mp_log = ""
+  started = []
   try:
-    deadline = time.monotonic() + DRIVER_TIMEOUT
-    out = {**_result(ref, deadline), **_result(eight, deadline)}
+    plan = lambda *runs: json.dumps([list(r) for r in runs])
+    started.append(mp.driver("ref", tmp, DRIVER, EXPERIMENT,
+                             plan(["ref", w("ref"), TINY + steps(STEPS) + _mesh(1, 1, 1)]),
+                             timeout=DRIVER_TIMEOUT))
+    started.append(mp.driver("eight", tmp, DRIVER, EXPERIMENT, plan(
+        ["m811", w("m811"), TINY + steps(STEPS) + _mesh(8, 1, 1)],
+        ["m181", w("m181"), TINY + steps(STEPS) + _mesh(1, 8, 1)],
+        ["m222", w("m222"), TINY + steps(STEPS) + _mesh(2, 2, 2)],
+        # Saved under fsdp=8, resumed under data=fsdp=tensor=2 (programs already compiled above).
+        ["moved_first", w("moved"), TINY + steps(HALF) + _mesh(1, 8, 1)],
+        ["moved", w("moved"), TINY + steps(STEPS) + _mesh(2, 2, 2)],
+    ), json.dumps(_commands(tmp)), devices=8, timeout=DRIVER_TIMEOUT))
+    out = {**started[0].result(), **started[1].result()}
+    # Two processes x 4 devices: train to HALF (checkpoint), then a new job resumes to STEPS.
     # Alone, so that its processes, which meet at barriers and collectives, compete with as
     # little else as possible.
+    mp_log = ""
     for n in (HALF, STEPS):
-      mp_log += _launch(train(n), _env(compile_cache), MP_TIMEOUT, tmp / f"mp_to_{n}.log")
+      started.append(mp.job(f"mp_to_{n}", tmp, ["loopjax", "train", "--config", EXPERIMENT,
+                                                "--workdir", w("mp"), *TINY, *steps(n),
+                                                *_mesh(2, 2, 2)], devices=4))
+      mp_log += started[-1].output()
   finally:
-    for p in (ref, eight):
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  return SimpleNamespace(out=out, dir=w, mp_log=mp_log)
+    for p in started:
+      p.kill()
+  return SimpleNamespace(out=out, dir=w, mp_log=mp_log, tmp=tmp,
+                         **{name: SimpleNamespace(**out[name]) for name in _commands(tmp)})
+
+
+def _commands(tmp):
+  """The bad-mesh trainings and the memory reports, run after the 8-device trainings."""
+  runs = {f"bad{i}": ["train", "--config", EXPERIMENT, "--workdir", str(tmp / f"bad{i}"), *TINY,
+                      *extra] for i, (extra, _) in enumerate(BAD_MESHES)}
+  runs["memory"] = ["memory", "--config", EXPERIMENT, *TINY, "--mesh", "fsdp=8", "--json"]
+  if HAS_LIBTPU:  # an ahead-of-time compile for TPU devices, whatever this process's devices
+    runs["tpu_memory"] = ["memory", "--config", EXPERIMENT, *TINY, "--topology", "v5e:2x2",
+                          "--mesh", "fsdp=4", "--json"]
+  return runs
 
 
 def test_meshes_match_one_device_and_shard_weights(runs):
@@ -247,13 +192,6 @@ def test_two_processes_train_checkpoint_resume_like_one(runs):
                              err_msg="2 processes x 4 devices vs 1 process x 8 devices")
 
 
-def _load_launcher():
-  spec = importlib.util.spec_from_file_location("local_multiprocess", LAUNCH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 # A stand-in process for the launcher: argv ends with --process-id I (the launcher appends it).
 FAKE = textwrap.dedent("""
   import os, signal, sys, time
@@ -274,7 +212,7 @@ FAKE = textwrap.dedent("""
 
 
 def test_launcher_stops_peers_of_a_failed_process_and_says_who_did_what(tmp_path):
-  launcher = _load_launcher()
+  launcher = mp.load_launcher()
   for mode, code, timeout in (("fail", 3, 300), ("hang", 124, 20)):
     log = tmp_path / f"{mode}.log"
     with open(log, "w") as out:
@@ -309,72 +247,32 @@ FAILING = textwrap.dedent("""
 """)
 
 
-def test_a_failing_process_exits_at_once_with_its_error(tmp_path, compile_cache):
+def test_a_failing_process_exits_at_once_with_its_error(tmp_path):
   log = tmp_path / "job.log"
   with open(log, "w") as out:
     start = time.monotonic()
-    code = _load_launcher().launch([sys.executable, "-c", FAILING], 2, 1, timeout=MP_TIMEOUT,
-                                   env=_env(compile_cache), cwd=ROOT, grace=5, out=out)
+    code = mp.load_launcher().launch([sys.executable, "-c", FAILING], 2, 1,
+                                     timeout=mp.JOB_TIMEOUT, env=mp.env(), cwd=ROOT, grace=5,
+                                     out=out)
   text = log.read_text()
   # Not after JAX's shutdown timeout (BARRIER_TIMEOUT, longer than the launcher's, which would
   # have stopped the job with code 124): the failed process skips the shutdown barrier.
   assert code == 2, text
-  assert time.monotonic() - start < MP_TIMEOUT < BARRIER_TIMEOUT, text
+  assert time.monotonic() - start < mp.JOB_TIMEOUT < mp.BARRIER_TIMEOUT, text
   assert "[1] loopjax test: error: process 1 cannot go on" in text
   assert "process 1: exited with code 2;" in text
   # (JAX's preemption notifier catches SIGTERM, so the launcher may have to SIGKILL it.)
   assert "process 0: killed by SIG" in text and "(stopped after process 1 failed" in text
 
 
-# Runs `loopjax` commands in turn in one 8-device process (one JAX start-up for all of them);
-# prints each one's exit code and output.
-CLI_DRIVER = textwrap.dedent("""
-  import contextlib, io, json, sys, traceback
-  from loopjax.cli import main
-  out = []
-  for argv in json.loads(sys.argv[1]):
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-      try:
-        code = main(argv)
-      except SystemExit as e:
-        code = e.code
-      except Exception:  # a bug: reported as this command's result, the others still run
-        traceback.print_exc()
-        code = "traceback"
-    out.append(dict(code=code, stdout=stdout.getvalue(), stderr=stderr.getvalue()))
-  print("RESULT " + json.dumps(out), flush=True)
-""")
-
-BAD_MESHES = [
-    (_mesh(3, 1, 1), "has 3 devices but 8 are available"),
-    (_mesh(-1, 3, 1), "do not divide the 8 available devices"),
-    (_mesh(4, 2, 1) + ["--config.train.batch_size=12"],
-     "train.batch_size 12 must be divisible by the data-parallel size 8"),
-]
-
-
-@pytest.fixture(scope="module")
-def commands(tmp_path_factory, compile_cache):
-  """The bad-mesh trainings and the memory report, each command's result by name."""
-  tmp = tmp_path_factory.mktemp("commands")
-  runs = {f"bad{i}": ["train", "--config", EXPERIMENT, "--workdir", str(tmp / f"bad{i}"), *TINY,
-                      *extra] for i, (extra, _) in enumerate(BAD_MESHES)}
-  runs["memory"] = ["memory", "--config", EXPERIMENT, *TINY, "--mesh", "fsdp=8", "--json"]
-  proc = _driver(tmp, compile_cache, "commands", list(runs.values()), 8, script=CLI_DRIVER,
-                 args=())
-  out = _result(proc, time.monotonic() + CLI_TIMEOUT)
-  return SimpleNamespace(tmp=tmp, **{name: SimpleNamespace(**r) for name, r in zip(runs, out)})
-
-
 @pytest.mark.parametrize("case", range(len(BAD_MESHES)),
                          ids=["too_few_devices", "not_dividing", "batch_not_divisible"])
-def test_bad_mesh_or_batch_fails_before_anything_runs(commands, case):
-  r, message = getattr(commands, f"bad{case}"), BAD_MESHES[case][1]
+def test_bad_mesh_or_batch_fails_before_anything_runs(runs, case):
+  r, message = getattr(runs, f"bad{case}"), BAD_MESHES[case][1]
   assert r.code == 2, r.stderr[-2000:]
   assert message in r.stderr
   # Refused before the workdir, the data and any compilation.
-  assert not (commands.tmp / f"bad{case}").exists()
+  assert not (runs.tmp / f"bad{case}").exists()
 
 
 def test_mesh_shape_and_spec_fitting():
@@ -409,8 +307,8 @@ def test_hybrid_mesh_puts_dcn_axes_across_slices():
   assert [{d.process_index for d in row.ravel()} for row in grid] == [{0}, {1}]
 
 
-def test_memory_report_shows_fsdp_sharding(commands):
-  r = commands.memory
+def test_memory_report_shows_fsdp_sharding(runs):
+  r = runs.memory
   assert r.code == 0, r.stderr[-3000:]
   rep = json.loads(r.stdout.strip().splitlines()[-1])
   assert rep["num_devices"] == 8 and rep["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
@@ -422,14 +320,10 @@ def test_memory_report_shows_fsdp_sharding(commands):
   assert rep["temp"] > 0 and rep["total"] >= rep["params"] + rep["ema_params"] + rep["opt_state"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                    reason="TPU ahead-of-time compile needs the libtpu wheel")
-def test_memory_report_for_a_tpu_topology(compile_cache):
-  r = subprocess.run([sys.executable, "-m", "loopjax.cli", "memory", "--config", EXPERIMENT,
-                      *TINY, "--topology", "v5e:2x2", "--mesh", "fsdp=4", "--json"],
-                     capture_output=True, text=True, timeout=CLI_TIMEOUT, env=_env(compile_cache),
-                     cwd=ROOT)
-  assert r.returncode == 0, r.stderr[-3000:]
+@pytest.mark.skipif(not HAS_LIBTPU, reason="TPU ahead-of-time compile needs the libtpu wheel")
+def test_memory_report_for_a_tpu_topology(runs):
+  r = runs.tpu_memory
+  assert r.code == 0, r.stderr[-3000:]
   rep = json.loads(r.stdout.strip().splitlines()[-1])
   assert rep["device_kind"].startswith("TPU v5") and rep["num_devices"] == 4
   assert rep["fits"] and rep["device_memory"] == 16 * 1024 ** 3
