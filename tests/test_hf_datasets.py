@@ -4,7 +4,6 @@ the same documents as a plain file would; a missing column or an uncached Hub da
 fails in one line before any output is written. Nothing is downloaded."""
 
 import json
-import os
 
 import numpy as np
 import pytest
