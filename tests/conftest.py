@@ -66,16 +66,24 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def tiny_sudoku_run(tmp_path_factory):
-  """(workdir, what train returned, config) of a tiny Sudoku LoopMDM run of 3 steps, trained once
-  per session for the tests that export or load a real run."""
-  from loopjax.config.load import load_config
+  """(workdir, what train returned, config) of the tiny Sudoku LoopMDM run (tests/tiny.py),
+  trained once per session (per xdist worker) for the tests that load, sample, evaluate or export
+  a real run. Read-only: a test that writes into a run uses `tiny_sudoku_copy`."""
   from loopjax.train.loop import train
-  c = load_config(os.path.join(ROOT, "experiments", "sudoku.py") + ":loopmdm")
-  c.model.update(width=32, num_layers=3, num_heads=2, cond_dim=16)
-  c.train.update(steps=3, batch_size=4, log_every=1, eval_batches=1, eval_time_points=2,
-                 checkpoint_every=3, eval_every=1000, async_checkpoints=False)
+  from tiny import tiny_config
+  c = tiny_config()
   d = str(tmp_path_factory.mktemp("run") / "wd")
   return d, train(c, d), c
+
+
+@pytest.fixture(scope="module")
+def tiny_sudoku_copy(tiny_sudoku_run, tmp_path_factory):
+  """A copy of the shared tiny run's folder for one test module to write into (eval outputs,
+  edited configs), so the shared run stays as trained whatever order tests run in."""
+  from pathlib import Path
+  d = tmp_path_factory.mktemp("run_copy") / "wd"
+  shutil.copytree(tiny_sudoku_run[0], d)
+  return Path(d)
 
 
 @pytest.fixture(scope="session")

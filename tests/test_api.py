@@ -17,31 +17,23 @@ import pytest
 
 import loopjax
 from loopjax import reference
-from loopjax.cli import main as cli_main
 from loopjax.io.export import export_params, export_run
 from loopjax.io.load import read_run
+from tiny import STEPS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# ema_decay 0.5: the EMA of step 2 has averaged its horizon of 2 steps, so a clean load has
-# nothing to warn about.
-TINY = ["--config.model.width=32", "--config.model.num_layers=3", "--config.model.num_heads=2",
-        "--config.model.cond_dim=16", "--config.train.batch_size=2", "--config.train.steps=2",
-        "--config.train.eval_every=1000", "--config.train.ema_decay=0.5",
-        "--config.loops.train=uniform:1:3", "--config.train.checkpoint_every=2",
-        "--config.train.async_checkpoints=False", "--config.eval.examples=2"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("api") / "run")
-  assert cli_main(["train", "--config", os.path.join(ROOT, "experiments", "sudoku.py"),
-                   "--workdir", workdir, *TINY]) == 0
-  return workdir
+def run(tiny_sudoku_copy):
+  """A copy of the session's tiny Sudoku run (tests/tiny.py: S ~ U{1..3}, an EMA old enough to
+  load with no warning)."""
+  return str(tiny_sudoku_copy)
 
 
 @pytest.fixture(scope="module")
 def export(run, tmp_path_factory):
-  """An export of the run with random weights (a trained 2-step model is near the identity in
+  """An export of the run with random weights (a model trained a few steps is near the identity in
   every block, which would hide a wrong loop count)."""
   m = loopjax.load(run, params="raw")
   rng = np.random.default_rng(0)
@@ -49,7 +41,7 @@ def export(run, tmp_path_factory):
       lambda p: np.asarray(p) + rng.normal(0, 0.3, p.shape).astype(np.float32), m.params)
   out = str(tmp_path_factory.mktemp("api") / "export")
   export_params(out, read_run(run).model, params, run_config=m.config,
-                source={"params": "raw", "step": 2})
+                source={"params": "raw", "step": STEPS})
   return out
 
 

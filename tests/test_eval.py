@@ -2,9 +2,6 @@
 `loopjax eval` / `loopjax sample` end to end on a short-trained default (Sudoku) run."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,14 +11,6 @@ import pytest
 from loopjax.data.tokenizers import ByteTokenizer
 from loopjax.evaluate.gsm8k import (build_rows, decode_answer, extract_answer, gsm8k_accuracy,
                                     normalize_number, read_gsm8k)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.model.width=32", "--config.model.num_layers=3", "--config.model.num_heads=2",
-        "--config.model.cond_dim=16", "--config.train.batch_size=4", "--config.train.steps=2",
-        "--config.train.log_every=1", "--config.train.eval_every=1000",
-        "--config.train.eval_batches=1", "--config.train.eval_time_points=2",
-        "--config.eval.examples=2", "--config.loops.train=uniform:1:3",
-        "--config.train.checkpoint_every=2", "--config.train.async_checkpoints=False"]
 
 
 def random_params(model, length, scale=0.2, seed=0):
@@ -41,15 +30,6 @@ def _main(capsys, *args):
   out = capsys.readouterr()
   assert rc == 0, out.err[-3000:]
   return out.out
-
-
-def _cli(*args, timeout=400):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-m", "loopjax.cli", *args], capture_output=True,
-                        text=True, timeout=timeout, env=env, cwd=ROOT)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
 
 
 # ------------------------------------------------------------------ GSM8K format
@@ -204,11 +184,9 @@ def test_heldout_nelbo_matches_the_model_forward():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("run")
-  _cli("train", "--config", os.path.join(ROOT, "experiments", "sudoku.py"), "--workdir",
-       str(workdir), *TINY)
-  return workdir
+def trained(tiny_sudoku_copy):
+  """A copy of the session's tiny Sudoku run (S ~ U{1..3}), which these tests write into."""
+  return tiny_sudoku_copy
 
 
 def test_eval_writes_json_and_plots(trained, tmp_path, capsys):

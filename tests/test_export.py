@@ -306,7 +306,8 @@ def test_export_is_atomic(exported, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def trained(tiny_sudoku_run):
-  """(workdir, what train returned, config) of a tiny Sudoku LoopMDM run of 3 steps."""
+  """(workdir, what train returned, config) of the tiny Sudoku LoopMDM run of 3 steps
+  (tests/tiny.py: layer 1 of 3 looped, S ~ U{1..3})."""
   return tiny_sudoku_run
 
 
@@ -344,7 +345,7 @@ def test_cli_export_of_a_trained_run(workdir, tmp_path, capsys):
   assert f"unique parameters:                      {rep['unique_params']:,}" in printed
   assert f"{rep['non_looped_same_depth_params']:,}" in printed
   assert conf["weights"]["params"] == "raw" and conf["weights"]["step"] == 3
-  assert conf["loop"]["default_loops"] == 6 and rep["executed_depth"] == 3 + 5
+  assert conf["loop"]["default_loops"] == 3 and rep["executed_depth"] == 3 + 2
   assert conf["tokenizer"]["type"] == "chars" and conf["training_config"]["data"]["source"] == \
       "sudoku"
   # Workdir and export load through the same entry point and give the same logits.
@@ -353,7 +354,7 @@ def test_cli_export_of_a_trained_run(workdir, tmp_path, capsys):
   assert run_model.cfg == exp_model.cfg and run_cfg.source.kind == "workdir"
   assert exp_cfg.diffusion.schedule == run_cfg.diffusion.schedule
   tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 81), 0, 10)
-  fn = jax.jit(lambda p: exp_model.apply({"params": p}, tokens, 6))  # the same model (cfg ==)
+  fn = jax.jit(lambda p: exp_model.apply({"params": p}, tokens, 3))  # the same model (cfg ==)
   a, b = fn(run_params), fn(exp_params)
   diff = float(jnp.abs(a - b).max())
   cfg, w = ref.load(out)

@@ -11,15 +11,16 @@ from loopjax.config.load import load_config
 from loopjax.evaluate.sweep import run_eval
 from loopjax.train.loop import train
 from loopjax.io.load import load_model_dir
+from tiny import MODEL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.model.width=32", "--config.model.num_layers=3", "--config.model.num_heads=2",
-        "--config.model.cond_dim=16", "--config.model.vocab_size=0", "--config.model.dtype=float32",
+# The suite's tiny model (tests/tiny.py) on GSM8K-style rows of bytes.
+TINY = [*MODEL, "--config.model.vocab_size=0", "--config.model.dtype=float32",
         "--config.data.tokenizer=byte", "--config.data.seq_len=64", "--config.data.answer_len=32",
-        "--config.data.eval_examples=4", "--config.loops.train=uniform:1:3",
-        "--config.train.batch_size=4", "--config.train.eval_batches=1",
-        "--config.train.eval_time_points=2", "--config.train.async_checkpoints=False",
-        "--config.train.log_every=1", "--config.train.warmup_steps=0"]
+        "--config.data.eval_examples=4", "--config.train.batch_size=4",
+        "--config.train.eval_batches=1", "--config.train.eval_time_points=2",
+        "--config.train.async_checkpoints=False", "--config.train.log_every=1",
+        "--config.train.warmup_steps=0"]
 
 
 def _config(pairs, *extra):

@@ -283,7 +283,7 @@ def test_model_card_and_no_absolute_paths(trained_export, tmp_path_factory):
   rep, (a, b), train_cfg = conf["parameter_report"], conf["loop"]["block"], \
       conf["training_config"]["train"]
   assert f"| unique parameters | {rep['unique_params']:,} |" in card
-  assert f"Layers [{a}, {b}) of 3 form the looped block" in card and "default S = 6" in card
+  assert f"Layers [{a}, {b}) of 3 form the looped block" in card and "default S = 3" in card
   seen = 3 * train_cfg["batch_size"] * 81  # steps x batch x seq_len
   assert f"| tokens seen | {seen:,} |" in card and "| data | sudoku |" in card
   assert re.search(r"\| training FLOPs \(analytic, 3x forward\) \| [0-9.e+]+ \|", card)

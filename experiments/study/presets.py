@@ -27,10 +27,13 @@ PRESETS = {
                 ema_decay=0.999, eval_rows=256, eval_batch=32, time_points=32,
                 loop_sweep=(1, 2, 6, 12, 24), taus=(0.05, 0.01), attention_rows=32,
                 corpus=DEFAULT_CORPUS),
+    # Every branch at the fewest programs and checkpoints: two lrs (a choice), two seeds (the
+    # per-seed pairing), an MDM curve of 4 checkpoints (3 for its end slope), and loop counts 1,
+    # S_max and beyond it (each claim's path).
     "tiny": dict(model=dict(width=16, num_layers=4, num_heads=2, cond_dim=8),
                  seq_len=32, batch_size=4, baseline_steps=32, warmup_steps=2, mdm_extend=2,
-                 units=4, lrs=(1e-3, 3e-3), lr_seed=100, seeds=(0, 1), ema_decay=0.9,
-                 eval_rows=8, eval_batch=2, time_points=4, loop_sweep=(1, 2, 3, 6),
+                 units=2, lrs=(1e-3, 3e-3), lr_seed=100, seeds=(0, 1), ema_decay=0.9,
+                 eval_rows=8, eval_batch=2, time_points=4, loop_sweep=(1, 3, 6),
                  taus=(0.05,), attention_rows=2, corpus=None, block=(1, 3), s_max=3,
                  ablation_s_max=2),
 }
