@@ -25,7 +25,7 @@ transformers = pytest.importorskip(
 import transformers.dynamic_module_utils  # noqa: E402  (its module cache is redirected below)
 
 from test_export import CONFIGS, _random_params, _run_config  # noqa: E402
-from loopjax.io import export, export_format, load  # noqa: E402
+from loopjax.io import export, load  # noqa: E402
 from loopjax.cli import export as export_command  # noqa: E402
 from loopjax.data import CharTokenizer, ByteTokenizer  # noqa: E402
 from loopjax.loops import LoopPolicy  # noqa: E402
