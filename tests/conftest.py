@@ -49,7 +49,11 @@ def pytest_unconfigure(config):
 # The files that take longest, longest first: they start first, so the two xdist workers
 # (`--dist loadfile`, files handed out in collection order) finish close together. Unlisted
 # files follow in their usual order.
-HEAVY_FILES = ()
+HEAVY_FILES = ("test_parallel.py", "test_study.py", "test_preemption.py", "test_train.py",
+               "test_gcs.py", "test_prepare.py", "test_tpu_compile.py", "test_model.py",
+               "test_gpu_check.py", "test_kernels.py", "test_lock.py", "test_writers.py",
+               "test_samplers.py", "test_eval.py", "test_trainer.py", "test_loop_comm.py",
+               "test_bf16.py", "test_hf_export.py", "test_api.py", "test_resolve.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -16,9 +16,9 @@ import sys
 import time
 import urllib.request
 
-import multiprocess as mp
+import multihost as mp
 import pytest
-from multiprocess import EXPERIMENT, ROOT
+from multihost import EXPERIMENT, ROOT
 
 from loopjax import storage
 

@@ -7,7 +7,7 @@ share one module fixture: a 1-device reference and an 8-device driver, side by s
 training on several meshes in turn and then running the one-command checks; then a 2-process x
 4-device job alone. With the session's compilation cache the file stays within a few minutes on
 2 cores. Every run has a deadline and a failure reports each process's exit code and the tail of
-its output (tests/multiprocess.py).
+its output (tests/multihost.py).
 """
 
 import importlib.util
@@ -18,10 +18,10 @@ import textwrap
 import time
 from types import SimpleNamespace
 
-import multiprocess as mp
+import multihost as mp
 import numpy as np
 import pytest
-from multiprocess import EXPERIMENT, ROOT
+from multihost import EXPERIMENT, ROOT
 from run_logs import logged_losses
 
 from loopjax.parallel import mesh as mesh_lib

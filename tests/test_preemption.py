@@ -22,10 +22,10 @@ import signal
 import time
 from types import SimpleNamespace
 
-import multiprocess as mp
+import multihost as mp
 import numpy as np
 import pytest
-from multiprocess import EXPERIMENT
+from multihost import EXPERIMENT
 from run_logs import logged_losses, logged_rows
 
 STEPS = 200

@@ -2,7 +2,8 @@
 through launch/local_multiprocess.py, one-process driver scripts, and failure reports.
 
 Every started process has a deadline and writes its output to a file (a pipe nobody reads yet
-could fill up). A failure or an overrun fails the test with the exit code and the tail of the
+could fill up). (Not named `multiprocess`: `datasets` imports the PyPI package of that name, which a
+module here would shadow, tests/ being on sys.path.) A failure or an overrun fails the test with the exit code and the tail of the
 output: a driver's own last lines; a job's log, which ends with the launcher's summary of each
 process (its exit code or why it was stopped, and its last lines).
 """
