@@ -95,8 +95,10 @@ def run_study(workdir: str, *, preset: str = "cpu", corpus: str | None = None,
   tp = p["time_points"]
   train_path = split["paths"]["train"]
 
-  def trained(model, lr, seed, extend):
+  def trained(model, lr, seed, extend, curve=True):
     c = run_config(p, model, lr=lr, seed=seed, train_path=train_path, extend=extend)
+    if not curve:  # a learning-rate trial is scored at its end only: no other checkpoint
+      c.train.update(checkpoint_every=c.train.steps, keep_checkpoints=1)
     d = os.path.join(workdir, "runs", model, f"lr{lr:g}_seed{seed}" + (
         f"_x{extend}" if extend > 1 else ""))
     failed = os.path.join(d, "study_diverged.txt")
@@ -135,7 +137,7 @@ def run_study(workdir: str, *, preset: str = "cpu", corpus: str | None = None,
   for model in MODELS:
     sweep = []
     for lr in p["lrs"]:
-      c, d, bad = trained(model, lr, p["lr_seed"], 1)
+      c, d, bad = trained(model, lr, p["lr_seed"], 1, curve=False)
       v = float("inf") if bad else point(c, d, c.train.steps)["bits_per_byte"]
       sweep.append(dict(lr=lr, bits_per_byte=v, diverged=bad))
     best = min(sweep, key=lambda r: r["bits_per_byte"])
