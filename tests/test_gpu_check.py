@@ -45,8 +45,8 @@ def test_smoke_runs_the_paper_step_and_checks_attention_through_the_loop(tmp_pat
 def test_the_watchdog_stops_it_before_the_deadline_with_its_json_written(tmp_path):
   # One phase far longer than the deadline allows, whatever the compilation cache holds: the
   # watchdog, not the end of the work, must end the process.
-  run, r, seconds = _run(tmp_path, "--phases", "loopmdm", "--steps", "2000", "--deadline-s", "30",
-                         "--margin-s", "5", timeout=120)
+  run, r, seconds = _run(tmp_path, "--phases", "loopmdm", "--steps", "2000", "--deadline-s", "20",
+                         "--margin-s", "2", timeout=120)
   assert run.returncode == 3, run.stdout[-2000:] + run.stderr[-2000:]
-  assert r["status"].startswith("stopped by the watchdog") and seconds < 40
+  assert r["status"].startswith("stopped by the watchdog") and seconds < 30
   assert "machine" in r  # written before the first phase
