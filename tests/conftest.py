@@ -88,10 +88,3 @@ def tiny_sudoku_copy(tiny_sudoku_run, tmp_path_factory):
   d = tmp_path_factory.mktemp("run_copy") / "wd"
   shutil.copytree(tiny_sudoku_run[0], d)
   return Path(d)
-
-
-@pytest.fixture(scope="session")
-def compile_cache():
-  """The session's compilation cache folder (see above), for a subprocess given its own env."""
-  from pathlib import Path
-  return Path(os.environ[SESSION_CACHE_ENV])

@@ -6,21 +6,19 @@ import os
 import sys
 
 from conftest import FAST_XLA_FLAGS
+from tiny import MODEL, SUDOKU
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENT = os.path.join(ROOT, "experiments", "sudoku.py")
-TINY = ["--config.model.width=32", "--config.model.num_layers=3", "--config.model.num_heads=2",
-        "--config.model.cond_dim=16", "--config.model.vocab_size=257",
-        "--config.train.batch_size=4",
-        "--config.train.log_every=1", "--config.train.eval_every=1000",
-        "--config.train.eval_batches=1", "--config.train.eval_time_points=2",
-        "--config.eval.examples=4", "--config.loops.train=uniform:1:3",
-        "--config.train.async_checkpoints=False"]
+# The suite's tiny model (tests/tiny.py) with a byte-sized vocabulary and these runs' own
+# training keys.
+TINY = MODEL + ["--config.model.vocab_size=257", "--config.train.batch_size=4",
+                "--config.train.log_every=1", "--config.train.eval_every=1000",
+                "--config.train.eval_batches=1", "--config.train.eval_time_points=2",
+                "--config.eval.examples=4", "--config.train.async_checkpoints=False"]
 
 
 def train_cmd(workdir, *extra):
   """`python -m loopjax.cli train` of the sudoku experiment at the TINY size."""
-  return [sys.executable, "-m", "loopjax.cli", "train", "--config", EXPERIMENT,
+  return [sys.executable, "-m", "loopjax.cli", "train", "--config", SUDOKU,
           "--workdir", str(workdir), *TINY, *extra]
 
 
