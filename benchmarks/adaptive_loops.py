@@ -90,24 +90,24 @@ def main(argv=None):
 
   from common import kernel_set, machine, write_json
   from loopjax.loops import time_table
-  from loopjax.inference.denoiser import resolve_policy
   from loopjax.loops import split_specs as parse_loops
   from loopjax.evaluate.tasks import default_steps, heldout_batches
   from loopjax.io.load import load_model_dir
 
-  config, model, params = load_model_dir(args.workdir)
+  loaded = load_model_dir(args.workdir)
+  config, model, params = loaded.config, loaded.model, loaded.params
   cfg, source = model.cfg, config.data.source
   s_max = cfg.max_loops
   specs = (parse_loops([args.policies]) if args.policies
            else [str(s_max), "2", "adaptive:0.1", "adaptive:0.03"])
   if str(s_max) not in specs:
     specs.insert(0, str(s_max))
-  batches = heldout_batches(config.data, args.examples, batch_size=args.batch,
+  batches = heldout_batches(loaded.data, args.examples, batch_size=args.batch,
                             seed=int(config.get("train", {}).get("seed", 0)) + 1)
   steps = default_steps(batches)
   load0 = load_average()
 
-  policies = {s: resolve_policy(cfg, s) for s in specs}
+  policies = {s: loaded.policy(s) for s in specs}
   results, calibrated = {}, False
   for s, pol in list(policies.items()):  # compile + warm; derive the calibrated schedule
     outs, _, _ = decode(model, params, batches, pol, steps)
@@ -116,7 +116,7 @@ def main(argv=None):
       calibrated = True
       loops_TxB = np.concatenate([np.asarray(o["loops_TxB"]) for o in outs], axis=1)
       spec = time_table(loops_TxB, args.bins)
-      policies[spec] = resolve_policy(cfg, spec)
+      policies[spec] = loaded.policy(spec)
       results[spec] = dict(calibrated_on=s)
       outs, _, _ = decode(model, params, batches, policies[spec], steps)
       results[spec].update(summarize(cfg, batches, outs, source))

@@ -9,7 +9,9 @@
 
 Every loop count runs through the inference driver (`loopjax.inference.denoiser`): the looped
 block is applied by a loop whose length is a run-time number, so a Python int and a traced S
-follow the same rule and run exactly S iterations.
+follow the same rule and run exactly S iterations. A Python int or a `loops=` spec becomes the
+model's LoopPolicy in one place, `Loaded.policy` (loopjax.io.load), once per call; the tokenizer
+is the load's, read once.
 """
 
 from __future__ import annotations
@@ -20,29 +22,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopjax.data import tokenizer_for
 from loopjax.diffusion import eval_time_grid, make_schedule, metrics_from_nelbo, nelbo_on_grid
-from loopjax.inference.denoiser import make_denoiser, memo, resolve_policy
+from loopjax.inference.denoiser import make_denoiser, memo
 from loopjax.inference.generate import Generation, default_steps, generate, prompt_rows
-from loopjax.io.load import load_model_dir
+from loopjax.io.load import Loaded, load_model_dir
 from loopjax.loops import FixedLoops
 
 
 def load(path: str, *, step: int | str | None = None, params: str | None = None) -> "Model":
   """The model of a training run (its newest readable checkpoint, or `step`: an int or "best")
   or of an export folder. params: "ema" (a run's default) or "raw"; an export holds one kind."""
-  config, model, tree = load_model_dir(path, params=params, step=step)
-  return Model(config, model, tree)
+  return Model(load_model_dir(path, params=params, step=step))
 
 
 @dataclasses.dataclass(eq=False)
 class Model:
-  """A loaded model: `config` (the run's config, or the export's), `module` (the Flax
-  LoopedTransformer; `model_config` = its ModelConfig), `params` (its weights)."""
+  """A loaded model over its `Loaded` (loopjax.io.load): `config` (the run's config, or the
+  export's), `module` (the Flax LoopedTransformer; `model_config` = its ModelConfig), `params`
+  (its weights), `tokenizer` (the load's, read once)."""
 
-  config: object
-  module: object
-  params: object
+  loaded: Loaded
+
+  @property
+  def config(self):
+    return self.loaded.config
+
+  @property
+  def module(self):
+    return self.loaded.model
+
+  @property
+  def params(self):
+    return self.loaded.params
 
   @property
   def model_config(self):
@@ -50,9 +61,7 @@ class Model:
 
   @property
   def tokenizer(self):
-    if "_tokenizer" not in self.__dict__:
-      self.__dict__["_tokenizer"] = tokenizer_for(self.config.data)
-    return self.__dict__["_tokenizer"]
+    return self.loaded.tokenizer
 
   def _loops(self, loops):
     """(min, max, tau) loop arguments of a fixed S: a Python int is checked here, a traced one
@@ -62,7 +71,7 @@ class Model:
     if isinstance(loops, (int, np.integer)):
       if loops < 1:  # an int is S itself here, not the `--loops` word 0 = S_max
         raise ValueError(f"loops={loops}: S must be >= 1 (None for S_max of training)")
-      resolve_policy(self.model_config, FixedLoops(loops=int(loops)))  # loop-embedding limit
+      self.loaded.policy(int(loops))  # the loop-embedding limit, as every `loops=` value
     s = jnp.asarray(loops, jnp.int32)
     return s, s, jnp.float32(0.0)
 
@@ -135,7 +144,7 @@ class Model:
     length = length or int(self.config.data.seq_len)
     x = prompt_rows(self.tokenizer, cfg.mask_id, n, length, prompt=prompt, template=template,
                     mask_char=mask_char)
-    policy = resolve_policy(cfg, cfg.max_loops if loops is None else loops)
+    policy = self.loaded.policy(cfg.max_loops if loops is None else loops)
     return generate(self.module, self.params, self.config, self.tokenizer, x, loops=policy,
                     steps=steps or default_steps(x, cfg.mask_id), sampler=sampler,
                     block_len=block_len, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -309,14 +309,14 @@ def test_debug_re_raises(tmp_path, monkeypatch):
 
 
 def test_loops_zero_and_max_mean_s_max_everywhere():
-  from loopjax.evaluate.loop_cost import parse_loops_arg
+  from loopjax.loops import LoopPolicy
 
-  got = [parse_loops_arg(s, 6) for s in ("0", "max", " MAX ", "3", "fixed:9", "adaptive:0.1")]
+  got = [LoopPolicy.parse(s, 6) for s in ("0", "max", " MAX ", "3", "fixed:9", "adaptive:0.1")]
   assert [str(p) for p in got] == ["6", "6", "6", "3", "fixed:9", "adaptive:0.1"]
   assert [p.loops for p in got[:5]] == [6, 6, 6, 3, 9] and got[5].max_loops == 6
   for bad in ("-1", "fixed:-2"):
     with pytest.raises(ValueError, match="S must be >= 1"):
-      parse_loops_arg(bad, 6)
+      LoopPolicy.parse(bad, 6)
 
 
 def test_large_loop_counts_warn_with_the_cost(caplog):

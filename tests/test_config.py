@@ -9,8 +9,8 @@ import pytest
 
 from loopjax import flops as F
 from loopjax.loops import LoopPolicy
-from loopjax.inference.denoiser import loop_args, resolve_policy
-from loopjax.loops import LoopDistribution, split_specs
+from loopjax.inference.denoiser import loop_args
+from loopjax.loops import LoopDistribution, resolve_policy, split_specs
 from loopjax.model import ModelConfig
 from loopjax.config.base import model_config
 from loopjax.config.load import load_config, split_config_args

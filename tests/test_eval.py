@@ -11,6 +11,7 @@ import pytest
 from loopjax.data.tokenizers import ByteTokenizer
 from loopjax.evaluate.gsm8k import (build_rows, decode_answer, extract_answer, gsm8k_accuracy,
                                     normalize_number, read_gsm8k)
+from loopjax.loops import resolve_policy
 
 
 def random_params(model, length, scale=0.2, seed=0):
@@ -77,7 +78,8 @@ def test_gsm8k_accuracy_runs_on_a_byte_model(tmp_path):
   params = random_params(model, 24)
   exs = [{"question": "1+1", "gold": "2"}, {"question": "2+2", "gold": "4"},
          {"question": "3+3", "gold": "6"}]
-  out = gsm8k_accuracy(model, params, ByteTokenizer(), exs, seq_len=24, loops="adaptive:0.5",
+  out = gsm8k_accuracy(model, params, ByteTokenizer(), exs, seq_len=24,
+                       loops=resolve_policy(cfg, "adaptive:0.5"),
                        answer_len=4, steps=4, batch_size=2, template="{question}=")
   assert out["examples"] == 3 and len(out["samples"]) == 3
   # The score is the one of the generations it shows (all 3 are shown).
@@ -114,7 +116,8 @@ def test_gsm8k_accuracy_of_a_constant_answer(monkeypatch):
   monkeypatch.setattr(gsm8k_lib, "make_sampler", lambda *a, **k: _filling_sampler(fill))
   golds = ["4", "7", "4", "44", "40"]
   exs = [{"question": f"q{i}", "gold": g} for i, g in enumerate(golds)]
-  out = gsm8k_lib.gsm8k_accuracy(LoopedTransformer(cfg), {}, tok, exs, seq_len=16, loops=1,
+  out = gsm8k_lib.gsm8k_accuracy(LoopedTransformer(cfg), {}, tok, exs, seq_len=16,
+                                 loops=resolve_policy(cfg, 1),
                                  answer_len=4, steps=4, batch_size=2, template="{question}=")
   assert out["examples"] == 5
   assert out["exact_match"] == pytest.approx(2 / 5)
@@ -139,7 +142,7 @@ def test_sudoku_task_accuracy_of_an_oracle_and_a_constant_predictor(monkeypatch)
   from loopjax.evaluate import tasks
   use = lambda sampler: monkeypatch.setattr(tasks, "make_sampler", lambda *a, **k: sampler)
   use(oracle)
-  acc = task_accuracy(model, solution, [batch], source="sudoku", loops=1)
+  acc = task_accuracy(model, solution, [batch], source="sudoku", loops=resolve_policy(cfg, 1))
   assert (acc["cell_accuracy"], acc["board_accuracy"], acc["exact_board_accuracy"]) == (1, 1, 1)
   assert acc["examples"] == 6 and acc["nfe"] == 1
   blanks = np.asarray(batch["loss_mask"], bool)
@@ -147,7 +150,7 @@ def test_sudoku_task_accuracy_of_an_oracle_and_a_constant_predictor(monkeypatch)
   for d in (0, 4):
     const = _filling_sampler(lambda _, x, d=d: jnp.where(x == cfg.mask_id, d, x))
     use(const)
-    acc = task_accuracy(model, {}, [batch], source="sudoku", loops=1)
+    acc = task_accuracy(model, {}, [batch], source="sudoku", loops=resolve_policy(cfg, 1))
     assert acc["cell_accuracy"] == pytest.approx(np.mean(batch["tokens"][blanks] == d))
     assert acc["board_accuracy"] == 0.0 and acc["exact_board_accuracy"] == 0.0
 
@@ -169,7 +172,8 @@ def test_heldout_nelbo_matches_the_model_forward():
   params = random_params(model, 81)
   batch = make_eval_batches(default_data_config(), batch_size=2, num_batches=1, seed=0)
   sched = Schedule("linear")
-  got = heldout_nelbo(model, params, batch, schedule=sched, loops=2, time_points=2)
+  got = heldout_nelbo(model, params, batch, schedule=sched, loops=resolve_policy(cfg, 2),
+                      time_points=2)
   b = batch[0]
   ref = jax.jit(lambda p: nelbo_on_grid(
       lambda x, t: model.apply({"params": p}, x, 2, t), jax.random.PRNGKey(0),
@@ -257,20 +261,30 @@ def test_sample_and_eval_accept_an_exported_folder(trained, tmp_path, capsys):
 
 
 def test_eval_and_sample_parse_each_loops_value_once(trained, monkeypatch, capsys):
-  # A counting spy on the one `--loops` parser: every value is parsed once at the command line
-  # and the parsed policy travels down to the model calls (no re-parsing of its string).
+  # Counting spies on the one `--loops` parser, on the resolve step (`resolve_policy`, behind
+  # `Loaded.policy`) and on the Sudoku tokenizer's constructor (what `DataSpec.tokenizer`
+  # reads): every value is parsed and resolved once, when the command receives it, and the
+  # resolved policy travels down to the model calls; each command reads its tokenizer once.
+  from loopjax import loops
+  from loopjax.data import sudoku
   from loopjax.loops import LoopPolicy
+  from test_resolve import _spy
   parses, parse = [], LoopPolicy.parse.__func__
   monkeypatch.setattr(LoopPolicy, "parse", classmethod(
       lambda cls, spec, s_max=None: parses.append(str(spec)) or parse(cls, spec, s_max)))
+  resolves = _spy(monkeypatch, loops, "resolve_policy")
+  tokenizer_reads = _spy(monkeypatch, sudoku, "sudoku_tokenizer")
   _main(capsys, "eval", "--workdir", str(trained), "--loops", "1,max", "--loops",
         "adaptive:0.05:1:4", "--examples", "2", "--batch-size", "2", "--nelbo-batches", "1",
         "--time-points", "2", "--steps", "4", "--out", str(trained / "spy"))
   assert parses == ["1", "max", "adaptive:0.05:1:4"]
+  assert [str(a[1]) for a in resolves] == ["1", "max", "adaptive:0.05:1:4"]
+  assert len(tokenizer_reads) == 1, tokenizer_reads
   like = json.loads((trained / "spy" / "eval" / "likelihood.json").read_text())["rows"]
   assert [r["loops"] for r in like] == [1, 3, "adaptive:0.05:1:4"]
-  parses.clear()
+  parses.clear(), resolves.clear(), tokenizer_reads.clear()
   stdout = _main(capsys, "sample", "--workdir", str(trained), "--num", "2", "--loops", "5",
                  "--steps", "4", "--out", str(trained / "spy"))
-  assert parses == ["5"]
+  assert parses == ["5"] and [str(a[1]) for a in resolves] == ["5"]
+  assert len(tokenizer_reads) == 1, tokenizer_reads
   assert json.loads(stdout.strip().splitlines()[-1])["loops_mean"] == 5.0  # S > S_max runs

@@ -167,11 +167,11 @@ def test_tensor_names_and_config(exported):
       "tokenizer/tokenizer.json"]
   assert os.path.isfile(os.path.join(d, "tokenizer", "tokenizer.json"))
   # load_model_dir: a run-shaped config whose tokenizer is the copied file.
-  config, model, _ = load.load_model_dir(d)
+  loaded = load.load_model_dir(d)
+  config = loaded.config
   assert config.data.tokenizer == f"hf:{os.path.join(d, 'tokenizer', 'tokenizer.json')}"
   assert config.source.kind == "export" and config.source.step == 7
-  from loopjax.data import tokenizer_for
-  assert tokenizer_for(config.data).encode("a b") == [3, 4]
+  assert loaded.tokenizer.encode("a b") == [3, 4]
   with pytest.raises(ValueError, match="holds params='ema'"):
     load.load_model_dir(d, params="raw")
 
@@ -207,7 +207,8 @@ def test_bfloat16_export(exported, tmp_path):
   assert jax.tree_util.tree_leaves(load.load_export(d, param_dtype=None)[1])[0].dtype == \
       jnp.bfloat16
   # No training config was given: load_model_dir returns what the folder has.
-  config, model, _ = load.load_model_dir(d)
+  loaded = load.load_model_dir(d)
+  config, model = loaded.config, loaded.model
   assert config.loops.train is None and config.model.width == 32 and not config.diffusion.keys()
   assert config.source.kind == "export" and model.cfg.max_loops == 3
 
@@ -349,8 +350,9 @@ def test_cli_export_of_a_trained_run(workdir, tmp_path, capsys):
   assert conf["tokenizer"]["type"] == "chars" and conf["training_config"]["data"]["source"] == \
       "sudoku"
   # Workdir and export load through the same entry point and give the same logits.
-  run_cfg, run_model, run_params = load.load_model_dir(workdir, params="raw")
-  exp_cfg, exp_model, exp_params = load.load_model_dir(out)
+  run_loaded, exp_loaded = load.load_model_dir(workdir, params="raw"), load.load_model_dir(out)
+  run_cfg, run_model, run_params = run_loaded.config, run_loaded.model, run_loaded.params
+  exp_cfg, exp_model, exp_params = exp_loaded.config, exp_loaded.model, exp_loaded.params
   assert run_model.cfg == exp_model.cfg and run_cfg.source.kind == "workdir"
   assert exp_cfg.diffusion.schedule == run_cfg.diffusion.schedule
   tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 81), 0, 10)

@@ -44,7 +44,7 @@ def test_init_from_starts_from_the_source_weights(pretrained):
   # lr 0: no update moves the weights, so the fine-tuned run must end on the source's EMA.
   out = train(_config(pairs, "--config.train.steps=2", "--config.train.lr=0.0",
                       f"--config.train.init_from={tmp / 'pre'}"), str(tmp / "ft"))
-  _, _, source = load_model_dir(str(tmp / "pre"))
+  source = load_model_dir(str(tmp / "pre")).params
   got = jax.device_get(out["state"].params)
   jax.tree_util.tree_map(np.testing.assert_array_equal, got, jax.device_get(source))
   assert np.isfinite(out["metrics"]["loss"])

@@ -265,7 +265,8 @@ def trained_export(tiny_sudoku_run, tmp_path_factory):
 
 def test_trained_run_export_loads_in_transformers(trained_export):
   _, out = trained_export
-  _, model, params = load.load_model_dir(out)
+  loaded = load.load_model_dir(out)
+  model, params = loaded.model, loaded.params
   # At the default S (the loop counts are covered on random weights above).
   _check_loops(model, params, out, "trained", random_weights=False, factors=(1,))
   tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True,
@@ -360,7 +361,8 @@ def test_sample_equals_loopjax_token_for_token(exported, case):
   S = 1, S_max, 2 S_max and adaptive loops, temperature with top-k / top-p, semi-AR blocks, a
   prompt kept."""
   from loopjax.diffusion import make_schedule
-  from loopjax.inference.denoiser import loop_args, make_sampler, resolve_policy
+  from loopjax.inference.denoiser import loop_args, make_sampler
+  from loopjax.loops import resolve_policy
   name, method, steps, mult, final_step, n_prompt, opts = (*case, {})[:7]
   model, params, d = exported[name]
   cfg = model.cfg

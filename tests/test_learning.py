@@ -21,6 +21,7 @@ from loopjax.data import make_eval_batches
 from loopjax.diffusion import make_schedule
 from loopjax.evaluate.likelihood import heldout_nelbo
 from loopjax.evaluate.tasks import task_accuracy
+from loopjax.loops import resolve_policy
 from loopjax.train.loop import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,9 +56,11 @@ def test_short_run_learns_sudoku(tmp_path):
       jax.random.PRNGKey(config.train.seed), jnp.zeros((1, 81), jnp.int32), 1)["params"])
   batches = make_eval_batches(config.data, batch_size=64, num_batches=1, seed=1)
   nelbo = lambda p: heldout_nelbo(model, p, batches, schedule=make_schedule(config.diffusion),
-                                  loops=1, time_points=4)["nats_per_token"]
+                                  loops=resolve_policy(model.cfg, 1),
+                                  time_points=4)["nats_per_token"]
   before, after = nelbo(init), nelbo(trained)
-  acc = task_accuracy(model, trained, batches, source="sudoku", loops=1)
+  acc = task_accuracy(model, trained, batches, source="sudoku",
+                      loops=resolve_policy(model.cfg, 1))
   seen = (f"held-out NELBO {before:.3f} -> {after:.3f} nats (log 9 = {UNIFORM_NATS:.3f}), "
           f"trainer's held-out {out['metrics']['eval_nats_per_token']:.3f}, cell accuracy "
           f"{acc['cell_accuracy']:.3f} (chance {CHANCE:.3f})")

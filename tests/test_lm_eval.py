@@ -119,7 +119,7 @@ def test_loglikelihood_is_the_conditional_nelbo(export_dir):
     scored = (pos >= len(c)) & (pos < len(c) + len(x))
     batch = stack_rows([make_row(tokens, fixed=~scored, loss_mask=scored,
                                  segment_ids=(pos < len(c) + len(x)).astype(np.int32))])
-    ref = heldout_nelbo(lm.model, lm.params, [batch], schedule=schedule, loops=2,
+    ref = heldout_nelbo(lm.model, lm.params, [batch], schedule=schedule, loops=lm.policy,
                         time_points=3, seed=5)
     assert ref["tokens"] == len(x)
     np.testing.assert_allclose(ll, -ref["nats_per_token"] * ref["tokens"], rtol=2e-5)

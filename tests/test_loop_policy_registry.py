@@ -10,8 +10,8 @@ import pytest
 
 from loopjax import loops
 from loopjax.loops import policies
-from loopjax.inference.denoiser import (cache_valid, loop_args, make_denoiser, make_sampler,
-                                        resolve_policy)
+from loopjax.inference.denoiser import cache_valid, loop_args, make_denoiser, make_sampler
+from loopjax.loops import resolve_policy
 from loopjax.evaluate.labels import policy_label
 
 V, MASK = 7, 7

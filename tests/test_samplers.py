@@ -283,7 +283,8 @@ def random_params(model, length, scale=0.2, seed=0):
 
 
 def test_adaptive_tau_zero_equals_fixed_s_max_and_huge_tau_runs_minimum(tiny):
-  from loopjax.inference.denoiser import compiled_policy, loop_args, make_denoiser, resolve_policy
+  from loopjax.inference.denoiser import compiled_policy, loop_args, make_denoiser
+  from loopjax.loops import resolve_policy
   model, params = tiny
   x = jnp.asarray(np.where(np.random.default_rng(0).random((4, 12)) < 0.5, MASK,
                            np.random.default_rng(1).integers(0, V, (4, 12))), jnp.int32)
@@ -317,7 +318,8 @@ def test_adaptive_tau_zero_equals_fixed_s_max_and_huge_tau_runs_minimum(tiny):
 def test_loop_embedding_refuses_s_beyond_s_max_and_cache_guard():
   import dataclasses
 
-  from loopjax.inference.denoiser import make_sampler, resolve_policy
+  from loopjax.inference.denoiser import make_sampler
+  from loopjax.loops import resolve_policy
   from loopjax.model import LoopedTransformer, ModelConfig
   cfg = ModelConfig(kernels="reference",
                     vocab_size=V, max_length=8, width=32, num_layers=3, num_heads=2,

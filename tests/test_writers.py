@@ -74,8 +74,8 @@ def test_evaluated_checkpoints_carry_their_nelbo_and_step_best_reads_the_lowest(
   evaluated = {s: rows[s]["eval_nats_per_token"] for s in (2, 4, 6, 8)}
   lowest = min(evaluated, key=evaluated.get)
   assert kept == sorted({8, lowest})
-  config, _, _ = load_model_dir(resumed_run, step="best")
-  assert config.source["step"] == lowest
+  loaded = load_model_dir(resumed_run, step="best")
+  assert loaded.config.source["step"] == lowest
 
 
 def test_export_step_best_on_the_command_line(resumed_run, tmp_path, capsys):

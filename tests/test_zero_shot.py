@@ -14,6 +14,7 @@ from loopjax.diffusion import Schedule
 from loopjax.evaluate.likelihood import heldout_nelbo
 from loopjax.evaluate.zero_shot import (corpus_batches, parse_corpus, read_corpus, run_layout,
                                         zero_shot_eval)
+from loopjax.loops import resolve_policy
 from loopjax.model import LoopedTransformer, ModelConfig
 
 CFG = ModelConfig(kernels="reference",
@@ -87,7 +88,7 @@ def tiny():
   params = random_params(model, CFG.max_length, scale=0.5)
   score = lambda batches, loops=2: heldout_nelbo(
       model, params, [_content_fixed(b) for b in batches], schedule=Schedule("linear"),
-      loops=loops, time_points=(1.0,))
+      loops=resolve_policy(model.cfg, loops), time_points=(1.0,))
   return model, params, score
 
 
@@ -120,7 +121,8 @@ def test_zero_shot_scores_the_full_corpus_into_a_corpus_by_s_table(tiny, tmp_pat
   config = ml_collections.ConfigDict({"data": {"source": "text", "packing": True,
                                                "seq_len": CFG.max_length}})
   lines = []
-  zs = zero_shot_eval(model, params, config, [f"ptb={ptb}", str(plain)], [1, 3],
+  zs = zero_shot_eval(model, params, config, [f"ptb={ptb}", str(plain)],
+                      [resolve_policy(CFG, 1), resolve_policy(CFG, 3)],
                       schedule=Schedule("linear"), tokenizer=ByteTokenizer(), batch_size=1,
                       time_points=(1.0,), log=lines.append)
   assert zs["layout"] == "document"
@@ -136,7 +138,8 @@ def test_zero_shot_scores_the_full_corpus_into_a_corpus_by_s_table(tiny, tmp_pat
   assert zs["rows"][0]["ppl_bound"] != zs["rows"][1]["ppl_bound"]  # S = 1 and 3 differ
   assert any(ln.startswith("corpus ptb") for ln in lines) and "zero-shot" in lines[-3]
   # --corpus-rows caps the rows scored
-  capped = zero_shot_eval(model, params, config, [f"ptb={ptb}"], [1], schedule=Schedule(
+  capped = zero_shot_eval(model, params, config, [f"ptb={ptb}"], [resolve_policy(CFG, 1)],
+                          schedule=Schedule(
       "linear"), tokenizer=ByteTokenizer(), batch_size=1, time_points=(1.0,), max_rows=2,
       log=lines.append)
   assert capped["rows"][0]["tokens"] == 2 * CFG.max_length
@@ -151,7 +154,8 @@ def test_corpus_rows_log_names_the_rows_scored_not_the_padded_batches(tiny, tmp_
   config = ml_collections.ConfigDict({"data": {"source": "text", "packing": True,
                                                "seq_len": CFG.max_length}})
   lines = []
-  zs = zero_shot_eval(model, params, config, [str(doc)], [1], schedule=Schedule("linear"),
+  zs = zero_shot_eval(model, params, config, [str(doc)], [resolve_policy(CFG, 1)],
+                      schedule=Schedule("linear"),
                       tokenizer=ByteTokenizer(), batch_size=4, time_points=(1.0,), max_rows=2,
                       log=lines.append)
   assert zs["rows"][0]["tokens"] == 2 * CFG.max_length

@@ -7,6 +7,7 @@ same noise. Results are cached in JSON files next to the run, keyed by what they
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -17,12 +18,11 @@ import numpy as np
 
 from loopjax.diffusion import eval_time_grid, make_schedule, mask_tokens
 from loopjax.evaluate.attention import attention_profile
-from loopjax.inference.denoiser import (compiled_policy, loop_args, make_denoiser, memo,
-                                       resolve_policy)
+from loopjax.inference.denoiser import compiled_policy, loop_args, make_denoiser, memo
 from loopjax.evaluate.intervals import weighted_mean_se
 from loopjax.evaluate.likelihood import heldout_nelbo
 from loopjax.flops import forward_flops_per_seq
-from loopjax.io.load import load_run
+from loopjax.io.load import load_model_dir
 
 EVAL_SEED = 1234  # the Monte-Carlo draws of every held-out score; no training seed enters
 
@@ -31,10 +31,11 @@ _MODELS: dict = {}
 
 
 def _load(run_dir: str, **kw):
-  """load_run, with one model object per architecture: the evaluation programs, memoised per
-  model object, then compile once for all checkpoints and seeds of a model."""
-  run, model, tree, step = load_run(run_dir, **kw)
-  return run.config, _MODELS.setdefault(model.cfg, model), tree, step
+  """The run's Loaded (load_model_dir), with one model object per architecture: the evaluation
+  programs, memoised per model object, then compile once for all checkpoints and seeds of a
+  model."""
+  loaded = load_model_dir(run_dir, **kw)
+  return dataclasses.replace(loaded, model=_MODELS.setdefault(loaded.model.cfg, loaded.model))
 
 
 class Counter:
@@ -59,9 +60,10 @@ def cached(path: str, key: dict, compute):
 
 
 def nelbo_per_batch(model, params, batches, *, schedule, loops, time_points: int) -> dict:
-  """Held-out bits per byte, batch by batch (batch k draws with seed EVAL_SEED + k, as one
-  heldout_nelbo call over all batches would): the token-weighted mean, its standard error over
-  batches, and the per-batch values, from which paired differences get their own error."""
+  """Held-out bits per byte at the resolved LoopPolicy `loops` (`Loaded.policy`), batch by batch
+  (batch k draws with seed EVAL_SEED + k, as one heldout_nelbo call over all batches would): the
+  token-weighted mean, its standard error over batches, and the per-batch values, from which
+  paired differences get their own error."""
   vals, tokens = [], []
   for k, b in enumerate(batches):
     out = heldout_nelbo(model, params, [b], schedule=schedule, loops=loops,
@@ -76,10 +78,12 @@ def score_checkpoint(run_dir: str, step: int, batches, *, time_points: int, para
                      loops=0) -> dict:
   """Held-out bits per byte of one checkpoint (EMA or raw weights) at `loops` (0: S_max)."""
   def compute():
-    config, model, tree, _ = _load(run_dir, step=step, params=params)
-    s = loops or (model.cfg.max_loops if model.cfg.looped else 1)
-    return nelbo_per_batch(model, tree, batches, schedule=make_schedule(config.diffusion),
-                           loops=s, time_points=time_points)
+    loaded = _load(run_dir, step=step, params=params)
+    cfg = loaded.model.cfg
+    s = loops or (cfg.max_loops if cfg.looped else 1)
+    return nelbo_per_batch(loaded.model, loaded.params, batches,
+                           schedule=make_schedule(loaded.config.diffusion),
+                           loops=loaded.policy(s), time_points=time_points)
 
   key = dict(step=step, params=params, loops=loops, time_points=time_points,
              rows=sum(len(b["tokens"]) for b in batches), batches=len(batches))
@@ -113,17 +117,18 @@ def loop_sweep(run_dir: str, batches, *, time_points: int, specs: list[str]) -> 
   sequence and as the batch executed them), executed forward FLOPs per sequence, and the wall
   time of scoring (after a first, compiling pass)."""
   def compute():
-    config, model, tree, _ = _load(run_dir)
-    schedule = make_schedule(config.diffusion)
+    loaded = _load(run_dir)
+    model, tree = loaded.model, loaded.params
+    schedule = make_schedule(loaded.config.diffusion)
     length = int(np.shape(batches[0]["tokens"])[1])
     rows = []
     for spec in specs:
-      kw = dict(schedule=schedule, loops=spec, time_points=time_points)
+      policy = loaded.policy(spec)  # parsed and resolved once for all of this spec's scores
+      kw = dict(schedule=schedule, loops=policy, time_points=time_points)
       nelbo_per_batch(model, tree, batches[:1], **kw)  # compile
       t0 = time.perf_counter()
       out = nelbo_per_batch(model, tree, batches, **kw)
       seconds = time.perf_counter() - t0
-      policy = resolve_policy(model.cfg, spec)
       fn = _executed_loops_fn(model, policy)
       per_seq, executed = [], []
       grid = np.asarray(eval_time_grid(time_points, schedule.eps))
@@ -149,9 +154,10 @@ def loop_sweep(run_dir: str, batches, *, time_points: int, specs: list[str]) -> 
 def attention(run_dir: str, batches, *, loops_list, time_points: int) -> list[dict]:
   """Masked->masked attention share of the final iteration of the looped block, per S."""
   def compute():
-    config, model, tree, _ = _load(run_dir)
-    prof = attention_profile(model, tree, batches, loops_list=loops_list,
-                             time_points=time_points, schedule=make_schedule(config.diffusion),
+    loaded = _load(run_dir)
+    prof = attention_profile(loaded.model, loaded.params, batches, loops_list=loops_list,
+                             time_points=time_points,
+                             schedule=make_schedule(loaded.config.diffusion),
                              seed=EVAL_SEED)
     return [dict(loops=r["loops"], final_iteration_share=r["final_iteration_share"],
                  mean_share=r["mean_share"], chance=r["chance"]) for r in prof["per_loops"]]

@@ -30,7 +30,7 @@ import numpy as np
 from loopjax.data import make_eval_batches
 from loopjax.diffusion import eval_time_grid, make_schedule, mask_tokens
 from loopjax.evaluate import plots
-from loopjax.evaluate.loop_cost import default_sweep, parse_loops_arg, warn_loop_cost
+from loopjax.evaluate.loop_cost import default_sweep, warn_loop_cost
 from loopjax.evaluate.outputs import claim_output_dir, output_dir
 from loopjax.model import LoopedTransformer
 from loopjax.io.load import load_model_dir
@@ -203,10 +203,11 @@ def analyze_attention(workdir: str, *, loops: str = "", examples: int = 16,
   list of fixed S; empty: `default_sweep`); writes eval/attention.json and plots under
   `output_dir(workdir, out)`, prints one line per S; returns (result, json path, plot paths)."""
   claim_output_dir(workdir, out)
-  config, model, weights = load_model_dir(workdir, params=params, step=step)
+  loaded = load_model_dir(workdir, params=params, step=step)
+  config, model, weights = loaded.config, loaded.model, loaded.params
   cfg = model.cfg
   if loops:
-    loops_list = list(dict.fromkeys(_fixed_loops(parse_loops_arg(s, cfg.max_loops))
+    loops_list = list(dict.fromkeys(_fixed_loops(loaded.policy(s))
                                     for s in loops.split(",") if s.strip()))
   else:
     loops_list = default_sweep(cfg.max_loops, cfg.looped)
@@ -215,7 +216,7 @@ def analyze_attention(workdir: str, *, loops: str = "", examples: int = 16,
   warn_loop_cost(cfg, max(loops_list), length=config.data.seq_len,
                  calls=time_points, samples=examples)
   batch = min(examples, 8)
-  batches = make_eval_batches(config.data, batch_size=batch,
+  batches = make_eval_batches(loaded.data, batch_size=batch,
                               num_batches=max(examples // batch, 1),
                               seed=int(config.get("train", {}).get("seed", 0)) + 2)
   result = attention_profile(model, weights, batches, loops_list=loops_list,

@@ -2,7 +2,8 @@
 and its own options, with a check of those options that runs before any model loads.
 
 Adding an evaluation is one `@register(NAME, check=...)` function here: it reads what it needs
-from the `Sweep` (model, weights, config, loop specs, denoising steps, sampler settings), writes
+from the `Sweep` (the loaded model: its weights, config, data and tokenizer; the loop policies,
+resolved by `Loaded.policy`; denoising steps, sampler settings), writes
 its eval/NAME.json through `sweep.write` and its plots, and returns the rows that go into
 summary.json under NAME (None: nothing to report for this run, e.g. no built-in task).
 `run_eval` (sweep.py) runs the requested ones in registration order.
@@ -15,7 +16,7 @@ import json
 import os
 from typing import Any, Callable
 
-from loopjax.data import make_eval_batches, tokenizer_for
+from loopjax.data import make_eval_batches
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.evaluate import plots, tables
@@ -66,12 +67,11 @@ def checked_options(requested: dict) -> dict:
 
 @dataclasses.dataclass
 class Sweep:
-  """What every evaluation of one `run_eval` shares."""
+  """What every evaluation of one `run_eval` shares: the `Loaded` model (loopjax.io.load) and
+  `specs`, its loop policies (LoopPolicy objects, resolved once by `loaded.policy`)."""
   workdir: str
   out_dir: str
-  config: Any
-  model: Any
-  weights: Any
+  loaded: Any
   specs: list
   steps: list
   method: str
@@ -82,6 +82,18 @@ class Sweep:
   step: Any
   header: dict
   plots: list = dataclasses.field(default_factory=list)
+
+  @property
+  def config(self):
+    return self.loaded.config
+
+  @property
+  def model(self):
+    return self.loaded.model
+
+  @property
+  def weights(self):
+    return self.loaded.params
 
   @property
   def cfg(self):
@@ -112,7 +124,7 @@ def log(msg: str) -> None:
 def likelihood(sw: Sweep, o: dict):
   """Held-out NELBO, bits/token and perplexity bound per loop policy (likelihood.json)."""
   schedule = make_schedule(sw.config.diffusion)
-  batches = make_eval_batches(sw.config.data, batch_size=sw.batch_size,
+  batches = make_eval_batches(sw.loaded.data, batch_size=sw.batch_size,
                               num_batches=o["batches"], seed=sw.eval_seed)
   rows = []
   for s in sw.specs:
@@ -134,7 +146,7 @@ def tasks(sw: Sweep, o: dict):
   source = sw.config.data.source
   if source not in ("sudoku", "arithmetic"):
     return None
-  batches = heldout_batches(sw.config.data, o["examples"], seed=sw.eval_seed,
+  batches = heldout_batches(sw.loaded.data, o["examples"], seed=sw.eval_seed,
                             batch_size=sw.batch_size)
   rows = []
   for n_steps in sw.steps:
@@ -159,7 +171,7 @@ def _check_gsm8k(o: dict) -> dict:
 def gsm8k(sw: Sweep, o: dict):
   """GSM8K-format JSONL exact match per denoising steps x loop policy."""
   config, exs = sw.config, o["examples"]
-  tok = tokenizer_for(config.data)
+  tok = sw.loaded.tokenizer
   # A model fine-tuned on prompt_answer data is asked in its training layout.
   tuned = config.data.get("source") == "prompt_answer"
   template = config.data.get("prompt_template") if tuned else None
@@ -191,7 +203,7 @@ def zero_shot(sw: Sweep, o: dict):
   """Perplexity bound on local corpora, corpus x loop policy."""
   zs = zero_shot_eval(sw.model, sw.weights, sw.config, o["corpus"], sw.specs,
                       schedule=make_schedule(sw.config.diffusion),
-                      tokenizer=tokenizer_for(sw.config.data), batch_size=sw.batch_size,
+                      tokenizer=sw.loaded.tokenizer, batch_size=sw.batch_size,
                       time_points=o["time_points"], max_rows=o["rows"], layout=o["layout"],
                       seed=sw.seed, log=log)
   sw.write("zero_shot.json", {**sw.header, **zs})
@@ -212,7 +224,7 @@ def gen_ppl(sw: Sweep, o: dict):
   """Generative perplexity under a local judge LM and unigram entropy, per S x steps."""
   judge = load_judge(o["judge"], device=o["device"])
   return gen_ppl_sweep(
-      sw.model, sw.weights, sw.config, judge, specs=sw.specs, steps=sw.steps,
+      sw.loaded, judge, specs=sw.specs, steps=sw.steps,
       samples=o["samples"], method=o["method"], batch_size=sw.batch_size, prompt=o["prompt"],
       seed=sw.seed, sampler_kw={**sw.sampler_kw, **sampler_endpoint(sw.config.diffusion)},
       judge_batch_size=o["batch_size"], workdir=sw.out_dir, header=sw.header, log=log)
@@ -230,7 +242,7 @@ def lm_eval(sw: Sweep, o: dict):
   """lm-evaluation-harness tasks with the "loopjax" model at every loop policy."""
   kw = sw.sampler_kw
   rows = run_lm_eval(sw.workdir, loops=sw.specs, tasks=o["tasks"], args=o["args"],
-                     include_path=o["include_path"], data=o["data"],
+                     include_path=o["include_path"], data=o["data"], loaded=sw.loaded,
                      tasks_dir=os.path.join(sw.out_dir, "eval", "lm_eval_tasks"), model_args={
       "params": sw.params, "step": sw.step, "seed": sw.seed, "batch_size": sw.batch_size,
       "sampler": sw.method, "steps": sw.steps[0], "time_grid": o["time_grid"],

@@ -15,6 +15,7 @@ import jax
 from loopjax import storage
 from loopjax.evaluate.plots import plot_quality_vs_loops
 from loopjax.evaluate.tasks import heldout_batches, primary_metric, task_accuracy
+from loopjax.loops import resolve_policy
 
 # What guessing scores: a uniform digit per blank cell; an answer field of several digits.
 CHANCE = {"cell_accuracy": 1 / 9, "board_accuracy": 0.0, "exact_match": 0.0}
@@ -40,8 +41,10 @@ def report_task_accuracy(config, out: dict, workdir: str) -> dict | None:
                           else state.params)
   batches = heldout_batches(config.data, int(config.eval.examples), seed=config.train.seed + 1)
   own = int(config.loops.eval or cfg.max_loops)
-  rows = [dict(task_accuracy(model, params, batches, source=source, loops=s,
-                             steps=config.eval.steps), loops=s)
+  # The trained model in memory, not a load: its loop counts are resolved here, the way
+  # `Loaded.policy` resolves a loaded model's.
+  rows = [dict(task_accuracy(model, params, batches, source=source,
+                             loops=resolve_policy(cfg, s), steps=config.eval.steps), loops=s)
           for s in report_loops(cfg.max_loops, cfg.looped, own)]
   head = next(r for r in rows if r["loops"] == own)
   metrics = [k for k in head if k in CHANCE or k.endswith("accuracy")]

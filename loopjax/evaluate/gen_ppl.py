@@ -37,11 +37,10 @@ import time
 
 import numpy as np
 
-from loopjax.data import tokenizer_for
 from loopjax.diffusion import make_schedule
 from loopjax.errors import UserError
 from loopjax.evaluate import tables
-from loopjax.inference.denoiser import make_sampler, resolve_policy
+from loopjax.inference.denoiser import make_sampler, require_policy
 from loopjax.inference.generate import prompt_rows, run_sampler
 from loopjax.hf import hub
 
@@ -207,23 +206,27 @@ def split_documents(tokenizer, ids):
   return [tokenizer.decode(d) for d in docs]
 
 
-def gen_ppl_sweep(model, params, config, judge: Judge, *, specs, steps, samples: int,
+def gen_ppl_sweep(loaded, judge: Judge, *, specs, steps, samples: int,
                   method: str = "ancestral", batch_size: int = 64, prompt: str | None = None,
                   seed: int = 0, sampler_kw: dict | None = None, judge_batch_size: int = 8,
                   workdir: str | None = None, header: dict | None = None, log=print) -> list:
   """One row per (steps, policy): judge perplexity, unigram entropy, loops and compute.
+
+  loaded: the model (loopjax.io.load.Loaded: model, weights, config, tokenizer); specs: its loop
+  policies, each a LoopPolicy resolved by `loaded.policy`.
 
   Writes WORKDIR/eval/gen_ppl.json ({**header, judge, rows}) and gen_ppl_samples.jsonl (one
   line per sample: cell, text, judge perplexity, entropy, token ids) when `workdir` is given.
   """
   if samples < 1:
     raise ValueError(f"--samples must be >= 1, got {samples}")
-  cfg, tok = model.cfg, tokenizer_for(config.data)
+  model, params, config, tok = loaded.model, loaded.params, loaded.config, loaded.tokenizer
+  cfg = model.cfg
   length = int(config.data.seq_len)
   bs = min(batch_size, samples)
   x_BxL = prompt_rows(tok, cfg.mask_id, bs, length, prompt=prompt, length_name="data.seq_len")
   prompt_len = int((x_BxL[0] != cfg.mask_id).sum())
-  policies = [resolve_policy(cfg, s) for s in specs]
+  policies = [require_policy(s) for s in specs]
   schedule = make_schedule(config.diffusion)
   rows, lines = [], []
   for n_steps in steps:

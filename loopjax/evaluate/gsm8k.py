@@ -24,7 +24,7 @@ import re
 import numpy as np
 
 from loopjax.data.corpus import jsonl_objects
-from loopjax.inference.denoiser import make_sampler, resolve_policy
+from loopjax.inference.denoiser import make_sampler, require_policy
 from loopjax.inference.generate import run_sampler
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
@@ -109,9 +109,10 @@ def gsm8k_accuracy(model, params, tokenizer, examples, *, seq_len: int, loops,
                    answer_len: int = 64, steps: int = 64, method: str = "confidence",
                    batch_size: int = 8, template: str = DEFAULT_TEMPLATE, seed: int = 0,
                    keep: int = 5, **sampler_kw) -> dict:
-  """Exact match of generated answers; plus loops, model calls, FLOPs and time (as tasks.py)."""
+  """Exact match of generated answers; plus loops, model calls, FLOPs and time (as tasks.py).
+  loops: a LoopPolicy resolved for the model (`Loaded.policy`)."""
   cfg = model.cfg
-  policy = resolve_policy(cfg, loops)
+  policy = require_policy(loops)
   fn = make_sampler(model, policy, steps=steps, method=method, **sampler_kw)
   hits, stats, shown, seconds = [], [], [], 0.0
   padded = examples + examples[-1:] * (-len(examples) % batch_size)  # one compiled shape

@@ -104,10 +104,13 @@ def parse_kv(text: str | None) -> dict:
 
 def run_lm_eval(workdir: str, tasks: str, *, loops, args: str | None = None,
                 include_path: str | None = None, model_args: dict | None = None,
-                data: dict | None = None, tasks_dir: str | None = None) -> list[dict]:
+                data: dict | None = None, tasks_dir: str | None = None,
+                loaded=None) -> list[dict]:
   """One lm-eval run per loop policy; rows {loops, results, higher_is_better, n-samples,
   versions, model_args} as JSON-ready dicts. data: {name: file} of the shipped tasks, whose
-  filled-in task files go to `tasks_dir`."""
+  filled-in task files go to `tasks_dir`. loaded: the model of `workdir` already loaded
+  (loopjax.io.load.Loaded), handed to the "loopjax" model with each policy of `loops` as
+  resolved, so lm-eval neither loads it again nor re-parses a policy."""
   check_lm_eval(tasks, include_path, data)
   shipped = check_shipped_tasks(tasks, data or {})
   if shipped:
@@ -135,7 +138,8 @@ def run_lm_eval(workdir: str, tasks: str, *, loops, args: str | None = None,
   rows = []
   for spec in loops:
     margs = {**(model_args or {}), **extra, "workdir": workdir, "loops": str(spec)}
-    res = lm_eval.simple_evaluate(model="loopjax", model_args=margs, tasks=names,
+    given = margs if loaded is None else {**margs, "loaded": loaded, "loops": spec}
+    res = lm_eval.simple_evaluate(model="loopjax", model_args=given, tasks=names,
                                   task_manager=manager, **evaluate_kw)
     keep = {k: res.get(k) for k in ("results", "groups", "higher_is_better", "n-samples",
                                     "versions", "n-shot")}

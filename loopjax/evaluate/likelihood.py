@@ -19,7 +19,7 @@ import numpy as np
 
 from loopjax.diffusion import eval_time_grid, metrics_from_nelbo, nelbo_on_grid
 from loopjax.inference.denoiser import (compiled_policy, loop_args, make_denoiser, memo,
-                                       resolve_policy)
+                                       require_policy)
 from loopjax.evaluate.intervals import weighted_mean_se
 from loopjax.flops import forward_flops_per_seq
 
@@ -53,14 +53,15 @@ def _build_nelbo_fn(model, schedule, policy, time_points):
 
 def heldout_nelbo(model, params, batches, *, schedule, loops, time_points: int = 8,
                   seed: int = 0, nelbo_fn=None) -> dict:
-  """NELBO metrics over `batches` at loop policy `loops` (int or spec).
+  """NELBO metrics over `batches` at loop policy `loops` (a LoopPolicy resolved for the model:
+  `Loaded.policy`).
 
   Returns nats_per_token, bits_per_token, ppl_bound, their standard errors over batches
   (`nats_per_token_se`, `bits_per_token_se`; None for one batch), tokens (scored) and forward
   FLOPs per sequence at this S (fixed policies; None for adaptive / scheduled ones).
   """
   cfg = model.cfg
-  policy = resolve_policy(cfg, loops)
+  policy = require_policy(loops)
   fn = nelbo_fn or make_nelbo_fn(model, schedule, policy, time_points)
   total, count, per_batch = 0.0, 0.0, []
   for k, b in enumerate(batches):

@@ -19,6 +19,9 @@ model_args (comma separated, lm-eval's syntax):
   steps=N           denoising steps of generate_until (0: one per generated token)
   sampler=confidence|ancestral, block_len=N, temperature=T   the sampler (loopjax.diffusion)
   max_gen_toks=N    generated positions when a task does not say (at most half a row)
+From Python (`loopjax eval --lm-eval`, through lm-eval's dict model_args), `loaded=` an already
+loaded model (loopjax.io.load.Loaded) stands for workdir/params/step, and `loops=` may be a
+LoopPolicy it resolved.
 
 loglikelihood is `conditional_loglik` (the continuation's conditional NELBO; its is_greedy is
 the single-step argmax reading documented there); loglikelihood_rolling sums it over lm-eval's
@@ -40,15 +43,15 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from loopjax.data import tokenizer_for
 from loopjax.data.tokenizers import bos_id, fill_id
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.evaluate.conditional import check_estimator, conditional_loglik
-from loopjax.inference.denoiser import make_sampler, resolve_policy
+from loopjax.inference.denoiser import make_sampler
 from loopjax.inference.generate import run_sampler
 from loopjax.evaluate.gsm8k import build_rows, decode_answer
 from loopjax.io.load import load_model_dir
+from loopjax.loops import LoopPolicy
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +60,12 @@ log = logging.getLogger(__name__)
 class LoopjaxLM(TemplateLM):
   """lm-eval's LM interface over a loopjax model folder at one loop policy."""
 
-  def __init__(self, workdir: str, loops=None, time_grid: int = 0, mc_samples: int = 0,
-               seed: int = 0, params: str | None = None, step: int | None = None,
-               batch_size=16, steps: int = 0, sampler: str = "confidence", block_len: int = 0,
-               temperature: float | None = None, max_gen_toks: int = 256, **unused):
+  def __init__(self, workdir: str | None = None, loops=None, time_grid: int = 0,
+               mc_samples: int = 0, seed: int = 0, params: str | None = None,
+               step: int | None = None, batch_size=16, steps: int = 0,
+               sampler: str = "confidence", block_len: int = 0,
+               temperature: float | None = None, max_gen_toks: int = 256, loaded=None,
+               **unused):
     super().__init__()
     for k in ("max_batch_size", "device"):  # lm-eval's generic arguments: JAX places the model
       unused.pop(k, None)
@@ -70,12 +75,20 @@ class LoopjaxLM(TemplateLM):
     self.time_grid = time_grid if time_grid or mc_samples else 16
     self.mc_samples = mc_samples
     check_estimator(self.time_grid, self.mc_samples)
-    self.config, self.model, self.params = _load(str(workdir), params, step)
+    if loaded is None:
+      if not workdir:
+        raise ValueError("loopjax model: model_args needs workdir=DIR")
+      loaded = _load(str(workdir), params, step)
+    self.loaded = loaded
+    self.config, self.model, self.params = loaded.config, loaded.model, loaded.params
     cfg = self.model.cfg
-    spec = cfg.max_loops if loops in (None, "") else str(loops).replace(";", ",")
-    self.policy = resolve_policy(cfg, spec)
+    if isinstance(loops, LoopPolicy):  # resolved by the caller's `loaded.policy`
+      self.policy = loops
+    else:  # a model_args string (';' for ',' in schedule tables): parsed and resolved once here
+      self.policy = loaded.policy(cfg.max_loops if loops in (None, "")
+                                  else str(loops).replace(";", ","))
     self.schedule = make_schedule(self.config.diffusion)
-    self.tok = tokenizer_for(self.config.data)
+    self.tok = loaded.tokenizer
     self.seq_len = int(self.config.data.get("seq_len") or cfg.max_length)
     self.pad_id, self.seed = fill_id(self.tok), int(seed)
     bs = str(batch_size)
@@ -203,8 +216,9 @@ _LOADED: dict = {}
 
 
 def _load(workdir: str, params, step):
-  """load_model_dir, kept per folder and checkpoint: one model object per process, so every loop
-  policy reuses its compiled programs (their cache is keyed by the model)."""
+  """load_model_dir (a Loaded), kept per folder and checkpoint: one model object and one
+  tokenizer per process, so every loop policy reuses its compiled programs (their cache is keyed
+  by the model)."""
   key = (os.path.abspath(workdir), params, step)
   if key not in _LOADED:
     _LOADED[key] = load_model_dir(workdir, params=params, step=step)

@@ -1,8 +1,9 @@
 """Loop counts as commands give them, and what a large one costs.
 
-`--loops`: every command parses a loop count once, with `LoopPolicy.parse` (`parse_loops_arg`):
-`0` or `max` is S_max, the largest S of training (the model's default); `N >= 1` is S = N (S >
-S_max included); a negative S is an error; policies (`adaptive:...`, `time:...`, `mask:...`).
+`--loops`: every command turns each value once into a LoopPolicy of the loaded model
+(`loopjax.io.load.Loaded.policy`: `LoopPolicy.parse`, then resolved for the model): `0` or
+`max` is S_max, the largest S of training (the model's default); `N >= 1` is S = N (S > S_max
+included); a negative S is an error; policies (`adaptive:...`, `time:...`, `mask:...`).
 
 A loop count above `loop_bound(S_max)` = min(8 * S_max, 256) logs a warning with the estimated
 inference FLOPs per sample and a lower bound on the time at the device's peak, before anything
@@ -17,16 +18,10 @@ import logging
 import jax
 
 from loopjax.flops import inference_flops_per_sample, peak_flops_per_device
-from loopjax.loops import LoopPolicy
 
 log = logging.getLogger("loopjax")
 
 LOOP_WARN_FACTOR, LOOP_WARN_LIMIT = 8, 256
-
-
-def parse_loops_arg(spec, s_max: int) -> LoopPolicy:
-  """One `--loops` value parsed (loopjax.loops.LoopPolicy.parse; `0` / `max` = S_max)."""
-  return LoopPolicy.parse(spec, s_max)
 
 
 def default_sweep(s_max: int, looped: bool = True) -> list[int]:

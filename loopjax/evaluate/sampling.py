@@ -16,11 +16,10 @@ import time
 
 import numpy as np
 
-from loopjax.data import make_eval_batches, tokenizer_for
-from loopjax.evaluate.loop_cost import parse_loops_arg, warn_loop_cost
+from loopjax.data import make_eval_batches
+from loopjax.evaluate.loop_cost import warn_loop_cost
 from loopjax.evaluate.outputs import claim_output_dir, output_dir
 from loopjax.evaluate.tasks import score
-from loopjax.inference.denoiser import resolve_policy
 from loopjax.inference.generate import default_steps, generate, prompt_rows
 from loopjax.io.load import load_model_dir
 
@@ -41,14 +40,15 @@ def run_sample(workdir: str, *, loops="max", steps: int = 0, sampler: str = "anc
   samples/sample_<time>.json under `output_dir(workdir, out)`; returns (texts, report)."""
   claim_output_dir(workdir, out)
   # A training workdir or a `loopjax export` folder.
-  config, model, weights = load_model_dir(workdir, params=params, step=step)
+  loaded = load_model_dir(workdir, params=params, step=step)
+  config, model, weights = loaded.config, loaded.model, loaded.params
   ckpt = config.source.get("step") or 0
-  cfg, tok = model.cfg, tokenizer_for(config.data)
-  policy = resolve_policy(cfg, parse_loops_arg(loops, cfg.max_loops))
+  cfg, tok = model.cfg, loaded.tokenizer
+  policy = loaded.policy(loops)  # the `--loops` value, parsed and resolved once
   length = length or config.data.seq_len
   batch = None
   if heldout:
-    batch = make_eval_batches(config.data, batch_size=samples, num_batches=1,
+    batch = make_eval_batches(loaded.data, batch_size=samples, num_batches=1,
                               seed=int(config.get("train", {}).get("seed", 0)) + 1)[0]
     x = np.where(batch["loss_mask"], cfg.mask_id, batch["tokens"])
   else:

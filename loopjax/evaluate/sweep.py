@@ -25,9 +25,8 @@ import time
 
 import jax
 
-from loopjax.evaluate.loop_cost import default_sweep, parse_loops_arg, warn_loop_cost
+from loopjax.evaluate.loop_cost import default_sweep, warn_loop_cost
 from loopjax.evaluate.outputs import claim_output_dir
-from loopjax.inference.denoiser import resolve_policy
 from loopjax.evaluate.evaluations import Sweep, checked_options
 from loopjax.io.load import load_model_dir
 from loopjax.loops import split_specs
@@ -52,21 +51,22 @@ def run_eval(workdir: str, evaluations: dict, *, loops=None, steps=(0,),
   workdir_out = claim_output_dir(workdir, out)
   options = checked_options(evaluations)
   # A training workdir or a `loopjax export` folder.
-  config, model, weights = load_model_dir(workdir, step=step, params=params)
-  cfg = model.cfg
+  loaded = load_model_dir(workdir, step=step, params=params)
+  config, cfg = loaded.config, loaded.model.cfg
   loops = loops or [",".join(map(str, default_sweep(cfg.max_loops, cfg.looped)))]
-  specs = [parse_loops_arg(s, cfg.max_loops) for s in split_specs(loops)]  # LoopPolicy, once
+  # Each `--loops` value parsed and resolved once, before any work: a policy this model cannot
+  # run fails here, and the evaluations receive the resolved LoopPolicy objects.
+  specs = [loaded.policy(s) for s in split_specs(loops)]
   samples = options["tasks"][1]["examples"] if "tasks" in options else 1
-  for s in specs:  # fail (or warn of the cost) before any work on a policy this model cannot run
-    warn_loop_cost(cfg, resolve_policy(cfg, s).largest, length=config.data.seq_len,
+  for s in specs:  # warn of the cost before anything compiles
+    warn_loop_cost(cfg, s.largest, length=config.data.seq_len,
                    calls=max(steps, default=0) or config.data.seq_len, samples=samples)
   summary = {"workdir": os.path.abspath(workdir),
              "checkpoint_step": int(config.source.get("step") or 0),
              "params": config.source.get("params"), "s_max": cfg.max_loops,
              "source": config.data.source, "loops": [p.label for p in specs], "machine": machine(),
              "command": command}
-  sweep = Sweep(workdir=workdir, out_dir=workdir_out, config=config, model=model,
-                weights=weights, specs=specs, steps=list(steps), method=method,
+  sweep = Sweep(workdir=workdir, out_dir=workdir_out, loaded=loaded, specs=specs, steps=list(steps), method=method,
                 batch_size=batch_size, seed=seed, sampler_kw=dict(sampler_kw or {}),
                 params=params, step=step, header=dict(summary))
   for name, (evaluation, opts) in options.items():  # registration order

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from loopjax.data import arithmetic_exact_match, make_eval_batches, sudoku_accuracy
-from loopjax.inference.denoiser import make_sampler, resolve_policy
+from loopjax.inference.denoiser import make_sampler, require_policy
 from loopjax.inference.generate import run_sampler
 
 
@@ -53,15 +53,15 @@ def task_accuracy(model, params, batches, *, source: str, loops, steps: int = 0,
                   top_p: float = 1.0, block_len: int = 0, seed: int = 0) -> dict:
   """Decodes every scored position of the held-out batches and scores the result.
 
-  loops: S (int), or a `--loops` spec ("adaptive:0.01", "time:2:8", ...). steps = 0 commits one
-  token per step.
+  loops: a LoopPolicy resolved for the model (`Loaded.policy`). steps = 0 commits one token per
+  step.
   Returns the task metrics plus loops_mean / loops_max / nfe / flops_per_sample (per sequence),
   executed_loops (per sampler run) / executed_loops_mean (per model call) /
   executed_flops_per_sample (batch-executed FLOPs / rows), batch_size and seconds. Batches are
   weighted by their rows.
   """
   cfg = model.cfg
-  policy = resolve_policy(cfg, loops)
+  policy = require_policy(loops)
   n_steps = steps or default_steps(batches)
   fn = make_sampler(model, policy, steps=n_steps, method=method, schedule=schedule,
                     block_len=block_len, temperature=temperature, top_k=top_k, top_p=top_p)

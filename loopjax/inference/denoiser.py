@@ -15,21 +15,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopjax.loops import LoopPolicy, batch_loops, run_loops
+from loopjax.loops import LoopPolicy, batch_loops
 from loopjax.diffusion.samplers import sample
 from loopjax.flops import inference_flops_per_sample
 
 
-def resolve_policy(cfg, loops) -> LoopPolicy:
-  """A LoopPolicy for this model from an int, a spec string or a policy; validated against cfg.
-  Idempotent: a resolved policy comes back equal."""
-  policy = loops if isinstance(loops, LoopPolicy) else LoopPolicy.parse(str(loops), cfg.max_loops)
-  policy = policy.resolve(cfg.max_loops)
-  if cfg.looped and cfg.loop_embedding and policy.largest > cfg.max_loops:
-    raise ValueError(f"loops {policy.spec or policy.largest}: this model has a learned loop "
-                     f"embedding with {cfg.max_loops} rows (S_max), so it cannot run S > "
-                     f"{cfg.max_loops} iterations")
-  return policy
+def require_policy(loops) -> LoopPolicy:
+  """`loops` itself when it is a LoopPolicy: the inference driver and the evaluations take a
+  policy already resolved for the model, never a spec to parse."""
+  if not isinstance(loops, LoopPolicy):
+    raise TypeError(f"loops={loops!r}: pass a LoopPolicy resolved for the model, "
+                    "`loaded.policy(spec)` of a loaded model (loopjax.io.load.Loaded), or "
+                    "`loopjax.loops.resolve_policy(model.cfg, spec)` for a bare model")
+  return loops
 
 
 def cache_valid(cfg, policy: LoopPolicy) -> bool:

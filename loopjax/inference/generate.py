@@ -1,10 +1,11 @@
 """The sampling driver: prompts as rows of token ids, one call of the sampler, decoded text.
 
 `loopjax sample` and the Python API (`loopjax.load(DIR).sample`) both run it on a model loaded
-from a run or an export (`loopjax.io.load.load_model_dir`):
+from a run or an export (`loaded = loopjax.io.load.load_model_dir(DIR)`):
 
-    x = prompt_rows(tok, cfg.mask_id, num, length, prompt="The")   # or template=..., or rows
-    out = generate(model, params, config, tok, x, loops=policy, steps=default_steps(x, mask_id))
+    x = prompt_rows(loaded.tokenizer, cfg.mask_id, num, length, prompt="The")  # or template=...
+    out = generate(loaded.model, loaded.params, loaded.config, loaded.tokenizer, x,
+                   loops=loaded.policy("max"), steps=default_steps(x, mask_id))
 
 A prompt is a fixed prefix and the rest of the row is generated; a template is infilling: every
 `mask_char` is one position to fill and the rest never changes.
@@ -21,7 +22,8 @@ import numpy as np
 
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
-from loopjax.inference.denoiser import generation_stats, loop_args, make_sampler, timed
+from loopjax.inference.denoiser import (generation_stats, loop_args, make_sampler,
+                                       require_policy, timed)
 
 
 def encode_template(tokenizer, template: str, mask_char: str, mask_id: int) -> np.ndarray:
@@ -82,9 +84,10 @@ def generate(model, params, config, tokenizer, x_BxL, *, loops, steps: int,
              top_p: float = 1.0, seed: int = 0, segment_ids_BxL=None) -> Generation:
   """Fills the [MASK] positions of `x_BxL` with the sampler.
 
-  loops: a resolved LoopPolicy (`denoiser.resolve_policy`); steps: denoising steps (>= 1);
+  loops: a LoopPolicy resolved for the model (`Loaded.policy`); steps: denoising steps (>= 1);
   config: the run's (or export's) config, for the noise schedule and the sampler's endpoint.
   """
+  require_policy(loops)
   if x_BxL.shape[1] > model.cfg.max_length:
     raise ValueError(f"rows of {x_BxL.shape[1]} tokens exceed model.max_length "
                      f"{model.cfg.max_length}")

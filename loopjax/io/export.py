@@ -33,7 +33,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from loopjax import flops, storage
-from loopjax.data import hf_datasets, shards, tokenizer_for
+from loopjax.data import DataSpec, hf_datasets, shards
 from loopjax.diffusion import make_schedule
 from loopjax.diffusion.samplers import sampler_endpoint
 from loopjax.hf import MODEL_TYPE, TEMPLATES, hub, model_card, tokenizer_files
@@ -142,13 +142,15 @@ def _hf_fields(cfg, dtype: str) -> dict:
           "tie_word_embeddings": False, "dtype": dtype}
 
 
-def export_params(out: str, cfg, params, *, run_config=None, dtype: str = "float32",
-                  source: dict | None = None, overwrite: bool = False,
+def export_params(out: str, cfg, params, *, run_config=None, data: DataSpec | None = None,
+                  dtype: str = "float32", source: dict | None = None, overwrite: bool = False,
                   eval_summary: dict | None = None, card: dict | None = None) -> dict:
   """Writes OUT from a ModelConfig and its stacked params; returns the config.json written.
 
   run_config: the run's ConfigDict (tokenizer, noise schedule, loop distribution, training
-  settings); without it those entries are null and no tokenizer is written. source: recorded
+  settings); without it those entries are null and no tokenizer is written. data: the run's
+  DataSpec when the caller holds one (a loaded run's, whose tokenizer is already read; default:
+  one made from run_config.data). source: recorded
   under "weights" (params, step). eval_summary: the run's eval/summary.json, tabled in README.md
   and its model-index. card: the card's license / language / datasets (model_card.card_data).
   """
@@ -159,7 +161,7 @@ def export_params(out: str, cfg, params, *, run_config=None, dtype: str = "float
              for k, v in unstack_params(cfg, params).items()}
   tok, tokenizer, files, schedule, sampling, run = None, None, [], None, None, run_config
   if run is not None:
-    tok = tokenizer_for(run.data)
+    tok = (data or DataSpec.load(run.data)).tokenizer
     files = list(tok.files())
     tokenizer = relative_paths({**tok.describe(), "files": [
         f"{TOKENIZER_DIR}/{os.path.basename(f)}" for f in files]})
@@ -275,10 +277,10 @@ def export_run(workdir: str, out: str, *, params: str = "ema", dtype: str = "flo
   path = storage.join(workdir, "eval", "summary.json")
   if storage.isfile(path):
     summary = json.loads(storage.read_text(path))
-  return export_params(out, cfg, tree, run_config=config, dtype=dtype, overwrite=overwrite,
-                       source={"params": params, "step": int(got),
-                               "workdir": storage.basename(storage.resolve(workdir))},
-                       eval_summary=summary, card=card)
+  source = {"params": params, "step": int(got),
+            "workdir": storage.basename(storage.resolve(workdir))}
+  return export_params(out, cfg, tree, run_config=config, data=run.data, dtype=dtype,
+                       overwrite=overwrite, source=source, eval_summary=summary, card=card)
 
 
 # ------------------------------------------------------------------------------------------------

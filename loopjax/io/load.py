@@ -1,6 +1,11 @@
 """Trained weights in: a model and its parameters from a run's workdir (`config.json` and Orbax
 checkpoints, `loopjax.io.checkpoints`) or from an export folder (`loopjax.io.export_format`).
 
+`load_model_dir` returns one `Loaded` for either: the config, the model and its weights, the
+data spec whose tokenizer is read once for the whole load, and `Loaded.policy`, where a `--loops`
+value becomes the LoopPolicy of this model (parsed and resolved once; evaluations take it
+resolved).
+
 The model's kernel set is decided here, at load time, from this process's devices (`runnable`):
 `auto` resolves for them, and a set bound to other devices (splash off TPU, cudnn off GPU) falls
 back to the reference with one info line, so a run trained on an accelerator samples, evaluates
@@ -10,8 +15,10 @@ and exports on any host. What a config or an export records stays the configured
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +27,9 @@ from flax import traverse_util
 
 from loopjax import config as config_lib
 from loopjax import ema, storage
+from loopjax.data import DataSpec
 from loopjax.io import checkpoints
+from loopjax.loops import LoopPolicy, resolve_policy
 from loopjax.io.export_format import (CONFIG, DTYPES, WEIGHTS,
                                       abstract_params, check_tensors, file_sha256, is_export,
                                       read_export_config, read_tensors, restack)
@@ -146,19 +155,63 @@ def warn_young_ema(path: str, step, decay, *, fix: str, warmup: bool = False) ->
 # ------------------------------------------------------------------------------------------------
 # Either.
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Loaded:
+  """A model loaded from a training workdir or an export folder: what sample, eval, analyze,
+  lm-eval and the Python API receive.
+
+  config: an ml_collections.ConfigDict shaped like a run's config (`model`, `loops.train`,
+  `diffusion`, `data`, ...) with `config.source` = {kind: "workdir"|"export", path, params,
+  step}; model: a LoopedTransformer whose `model.cfg` is the authoritative architecture
+  (resolved vocab size, max_loops = S_max = default S, kernels resolved for this host); params:
+  the stacked Flax tree for `model.apply({"params": p}, tokens, loops, t, segment_ids)`;
+  run: a workdir's resolved Run (`read_run`), None for an export.
+
+  `data` is the load's one DataSpec (a workdir's `run.data`; for an export, made from
+  `config.data` on first use) and `tokenizer` its tokenizer, read once and kept. `policy(loops)`
+  turns a `--loops` value (int, spec string or LoopPolicy) into a LoopPolicy resolved for this
+  model: the command line and the API call it once per value, and the evaluations take what it
+  returns.
+  """
+
+  config: Any
+  model: Any
+  params: Any
+  run: config_lib.Run | None = None
+
+  def __repr__(self) -> str:
+    s = self.source
+    return (f"Loaded({s.get('kind')} {s.get('path')}, params={s.get('params')}, "
+            f"step={s.get('step')})")
+
+  @property
+  def source(self) -> dict:
+    return self.config.source
+
+  @functools.cached_property
+  def data(self) -> DataSpec:
+    return self.run.data if self.run is not None else DataSpec.load(self.config.data)
+
+  @property
+  def tokenizer(self):
+    return self.data.tokenizer
+
+  def policy(self, loops) -> LoopPolicy:
+    """`loops` (an int S, a `--loops` spec such as "max" or "adaptive:0.01", or a LoopPolicy)
+    parsed with this model's S_max, defaults filled in and checked against its loop-embedding
+    table (`loopjax.loops.resolve_policy`)."""
+    return resolve_policy(self.model.cfg, loops)
+
+
 def load_model_dir(path: str, *, params: str | None = None, step: int | None = None,
                    param_dtype: str | None = "float32", verify_checksum: bool = True,
-                   runtime: dict | None = None):
-  """(config_like, model, params) from a training workdir or an exported folder.
+                   runtime: dict | None = None) -> Loaded:
+  """The `Loaded` model of a training workdir or an exported folder.
 
-  model: a LoopedTransformer; `model.cfg` is the authoritative architecture (resolved vocab size,
-  max_loops = S_max = default S). params: the stacked Flax tree for `model.apply({"params": p},
-  tokens, loops, t, segment_ids)`. config_like: an ml_collections.ConfigDict shaped like a run's
-  config (`model`, `loops.train`, `diffusion`, `data`, ...): for a workdir, the run's config; for
-  an export, its `training_config` with `data.tokenizer` pointing at the copied tokenizer file (so
-  `loopjax.data.tokenizer_for(config_like.data)` works), or, when the export has no training
-  config, only `model`, `loops` (train None), `diffusion` and `data.seq_len`/`data.tokenizer`.
-  Both get `config_like.source` = {kind: "workdir"|"export", path, params, step}.
+  For a workdir, `config` is the run's config and `run` its resolved Run (whose DataSpec is the
+  load's `data`); for an export, `config` is its `training_config` with `data.tokenizer` pointing
+  at the copied tokenizer file, or, when the export has no training config, only `model`,
+  `loops` (train None), `diffusion` and `data.seq_len`/`data.tokenizer`.
   params/step: which checkpoint of a workdir ("ema" default); for an export they must match what
   was exported (or be None). param_dtype, verify_checksum (exports only), runtime: see load_export.
   """
@@ -168,7 +221,7 @@ def load_model_dir(path: str, *, params: str | None = None, step: int | None = N
     model = LoopedTransformer(with_runtime(model.cfg, runtime))
     config.source = {"kind": "workdir", "path": storage.resolve(path),
                      "params": params or "ema", "step": int(got)}
-    return config, model, tree
+    return Loaded(config, model, tree, run)
   model, tree, exp = load_export(path, param_dtype=param_dtype, verify_checksum=verify_checksum,
                                  runtime=runtime)
   w = exp.get("weights", {})
@@ -191,4 +244,4 @@ def load_model_dir(path: str, *, params: str | None = None, step: int | None = N
     warn_young_ema(path, w.get("step"), train.get("ema_decay"),
                    warmup=bool(train.get("ema_warmup")),
                    fix="export the run again with --params raw for the optimizer's weights")
-  return config, model, tree
+  return Loaded(config, model, tree)

@@ -43,5 +43,6 @@ adaptive run spent per denoising step into such a schedule.
 
 from loopjax.loops.executor import batch_loops, relative_change, run_loops, time_table
 from loopjax.loops.policies import (S_MAX_WORDS, AdaptiveLoops, FixedLoops, LoopPolicy,
-                                    PolicyArgError, ScheduledLoops, register, split_specs)
+                                    PolicyArgError, ScheduledLoops, register, resolve_policy,
+                                    split_specs)
 from loopjax.loops.training import LoopDistribution

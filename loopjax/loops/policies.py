@@ -142,6 +142,20 @@ class LoopPolicy:
                      jnp.broadcast_to(hi_B, b), tau)
 
 
+def resolve_policy(cfg, loops) -> LoopPolicy:
+  """A LoopPolicy for the model of ModelConfig `cfg` from an int, a spec string or a policy:
+  parsed (`LoopPolicy.parse`, with cfg's S_max), defaults filled (`resolve`), and checked
+  against a learned loop-embedding table (no row beyond S_max). Idempotent: a resolved policy
+  comes back equal. A loaded model's `Loaded.policy` is the library's entry to it."""
+  policy = loops if isinstance(loops, LoopPolicy) else LoopPolicy.parse(str(loops), cfg.max_loops)
+  policy = policy.resolve(cfg.max_loops)
+  if cfg.looped and cfg.loop_embedding and policy.largest > cfg.max_loops:
+    raise ValueError(f"loops {policy.spec or policy.largest}: this model has a learned loop "
+                     f"embedding with {cfg.max_loops} rows (S_max), so it cannot run S > "
+                     f"{cfg.max_loops} iterations")
+  return policy
+
+
 class PolicyArgError(ValueError):
   """A spec of a known prefix with the wrong form."""
 

@@ -148,7 +148,7 @@ def init_from(state, shardings, path: str):
   if not storage.exists(path):
     raise FileNotFoundError(f"train.init_from: {path!r} does not exist (want a run workdir or "
                             "a `loopjax export` folder)")
-  _, _, source = load_model_dir(path)
+  source = load_model_dir(path).params
   diff = param_shape_diff(source, state.params)
   if diff:
     raise ValueError(f"train.init_from: the weights in {path} do not fit this model (e.g. "
