@@ -117,6 +117,31 @@ def test_sample_keeps_the_prompt_and_reports_loops(export):
   assert m.tokenizer.decode(m.tokenizer.encode("987")) == "987"
 
 
+@pytest.mark.parametrize("which", ["run", "export"])
+def test_a_load_reads_its_tokenizer_once_and_resolves_each_loops_value_once(which, run, export,
+                                                                            monkeypatch):
+  # Counting spies on the Sudoku tokenizer's constructor (what `DataSpec.tokenizer` reads), on
+  # the one `--loops` parser and on the resolve step behind `Loaded.policy`: the load reads its
+  # tokenizer once for all its samples, and each `loops=` value is parsed and resolved once.
+  from loopjax import loops
+  from loopjax.data import sudoku
+  from loopjax.loops import LoopPolicy
+  from test_resolve import _spy
+  tokenizer_reads = _spy(monkeypatch, sudoku, "sudoku_tokenizer")
+  resolves = _spy(monkeypatch, loops, "resolve_policy")
+  parses, parse = [], LoopPolicy.parse.__func__
+  monkeypatch.setattr(LoopPolicy, "parse", classmethod(
+      lambda cls, spec, s_max=None: parses.append(str(spec)) or parse(cls, spec, s_max)))
+  m = loopjax.load({"run": run, "export": export}[which])
+  first = m.sample(2, loops=4, steps=4)
+  second = m.sample(1, loops="adaptive:0.05:1:4", steps=4, prompt="12")
+  assert len(first) == 2 and len(second) == 1 and second.texts[0].startswith("12")
+  assert parses == ["4", "adaptive:0.05:1:4"]
+  assert [str(a[1]) for a in resolves] == ["4", "adaptive:0.05:1:4"]
+  assert len(tokenizer_reads) == 1, tokenizer_reads
+  assert m.tokenizer is m.loaded.tokenizer is m.loaded.data.tokenizer
+
+
 def test_an_export_records_the_configured_kernels(run, tmp_path):
   """The run says `auto`; this CPU host resolves it to another set, which the export must not
   record (kernels are chosen where the export is loaded)."""
