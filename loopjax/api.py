@@ -6,6 +6,7 @@
     m.nelbo(tokens_BxL, loops=8)               # nats and bits per token (per_sequence=True: rows)
     print(m.sample(2, loops=4, steps=16, prompt="..."))  # decoded texts; .tokens, .stats
     m.tokenizer, m.config, m.model_config
+    m.loaded                                   # loopjax.io.load.Loaded (data, policy(spec))
 
 Every loop count runs through the inference driver (`loopjax.inference.denoiser`): the looped
 block is applied by a loop whose length is a run-time number, so a Python int and a traced S

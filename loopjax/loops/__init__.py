@@ -24,6 +24,9 @@ many loops run at each denoising step and is parsed from one spec string (the `-
 Each form is one class (`FixedLoops`, `AdaptiveLoops`, `ScheduledLoops`) registered under its
 prefix; `LoopPolicy.parse` dispatches on the prefix, and everything downstream (the denoiser,
 the likelihood, legends) calls the policy's methods, so a new policy is one registered class.
+`resolve_policy(cfg, spec)` binds a spec to one model (its S_max fills the defaults; a learned
+loop-embedding table refuses S > S_max); a loaded model's `Loaded.policy` (loopjax.io.load) is
+the library's one call of it, made once per `--loops` value.
 
 `run_loops` is the executor every policy shares: a `lax.while_loop` over single iterations that
 continues while any sequence is active, with finished sequences frozen by `jnp.where`. So the work
