@@ -25,8 +25,9 @@ Each form is one class (`FixedLoops`, `AdaptiveLoops`, `ScheduledLoops`) registe
 prefix; `LoopPolicy.parse` dispatches on the prefix, and everything downstream (the denoiser,
 the likelihood, legends) calls the policy's methods, so a new policy is one registered class.
 `resolve_policy(cfg, spec)` binds a spec to one model (its S_max fills the defaults; a learned
-loop-embedding table refuses S > S_max); a loaded model's `Loaded.policy` (loopjax.io.load) is
-the library's one call of it, made once per `--loops` value.
+loop-embedding table refuses S > S_max). A loaded model's `Loaded.policy` (loopjax.io.load)
+calls it once per `--loops` value; the evaluations take the policy it returns. The one other
+caller is the end-of-training report, for the model still in memory (evaluate/final.py).
 
 `run_loops` is the executor every policy shares: a `lax.while_loop` over single iterations that
 continues while any sequence is active, with finished sequences frozen by `jnp.where`. So the work
