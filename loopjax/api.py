@@ -43,26 +43,11 @@ class Model:
   (its weights), `tokenizer` (the load's, read once)."""
 
   loaded: Loaded
-
-  @property
-  def config(self):
-    return self.loaded.config
-
-  @property
-  def module(self):
-    return self.loaded.model
-
-  @property
-  def params(self):
-    return self.loaded.params
-
-  @property
-  def model_config(self):
-    return self.module.cfg
-
-  @property
-  def tokenizer(self):
-    return self.loaded.tokenizer
+  config = property(lambda self: self.loaded.config)
+  module = property(lambda self: self.loaded.model)
+  params = property(lambda self: self.loaded.params)
+  tokenizer = property(lambda self: self.loaded.tokenizer)
+  model_config = property(lambda self: self.module.cfg)
 
   def _loops(self, loops):
     """(min, max, tau) loop arguments of a fixed S: a Python int is checked here, a traced one

@@ -84,24 +84,12 @@ class Sweep:
   plots: list = dataclasses.field(default_factory=list)
 
   @property
-  def config(self):
-    return self.loaded.config
-
-  @property
-  def model(self):
-    return self.loaded.model
-
-  @property
-  def weights(self):
-    return self.loaded.params
-
-  @property
   def cfg(self):
-    return self.model.cfg
+    return self.loaded.model.cfg
 
   @property
   def eval_seed(self) -> int:
-    return int(self.config.get("train", {}).get("seed", 0)) + 1
+    return int(self.loaded.config.get("train", {}).get("seed", 0)) + 1
 
   def write(self, name: str, obj) -> str:
     path = os.path.join(self.out_dir, "eval", name)
@@ -123,12 +111,12 @@ def log(msg: str) -> None:
 @register("likelihood", batches=2, time_points=8)
 def likelihood(sw: Sweep, o: dict):
   """Held-out NELBO, bits/token and perplexity bound per loop policy (likelihood.json)."""
-  schedule = make_schedule(sw.config.diffusion)
+  schedule = make_schedule(sw.loaded.config.diffusion)
   batches = make_eval_batches(sw.loaded.data, batch_size=sw.batch_size,
                               num_batches=o["batches"], seed=sw.eval_seed)
   rows = []
   for s in sw.specs:
-    row = heldout_nelbo(sw.model, sw.weights, batches, schedule=schedule, loops=s,
+    row = heldout_nelbo(sw.loaded.model, sw.loaded.params, batches, schedule=schedule, loops=s,
                         time_points=o["time_points"], seed=sw.seed)
     rows.append(row)
     log(f"nelbo  S={s:<14} bits/token {row['bits_per_token']:.4f}  "
@@ -143,7 +131,7 @@ def likelihood(sw: Sweep, o: dict):
 @register("tasks", examples=128)
 def tasks(sw: Sweep, o: dict):
   """Built-in task accuracy (Sudoku, arithmetic) per denoising steps x loop policy."""
-  source = sw.config.data.source
+  source = sw.loaded.config.data.source
   if source not in ("sudoku", "arithmetic"):
     return None
   batches = heldout_batches(sw.loaded.data, o["examples"], seed=sw.eval_seed,
@@ -151,8 +139,8 @@ def tasks(sw: Sweep, o: dict):
   rows = []
   for n_steps in sw.steps:
     for s in sw.specs:
-      row = task_accuracy(sw.model, sw.weights, batches, source=source, loops=s, steps=n_steps,
-                          method=sw.method, seed=sw.seed, **sw.sampler_kw)
+      row = task_accuracy(sw.loaded.model, sw.loaded.params, batches, source=source, loops=s,
+                          steps=n_steps, method=sw.method, seed=sw.seed, **sw.sampler_kw)
       rows.append(row)
       accs = "  ".join(f"{k} {v:.4f}" for k, v in row.items()
                        if k.endswith(("accuracy", "exact_match")))
@@ -170,7 +158,7 @@ def _check_gsm8k(o: dict) -> dict:
 @register("gsm8k", check=_check_gsm8k, file=None, limit=0, answer_len=None, examples=None)
 def gsm8k(sw: Sweep, o: dict):
   """GSM8K-format JSONL exact match per denoising steps x loop policy."""
-  config, exs = sw.config, o["examples"]
+  config, exs = sw.loaded.config, o["examples"]
   tok = sw.loaded.tokenizer
   # A model fine-tuned on prompt_answer data is asked in its training layout.
   tuned = config.data.get("source") == "prompt_answer"
@@ -179,8 +167,9 @@ def gsm8k(sw: Sweep, o: dict):
   rows = []
   for n_steps in sw.steps:
     for s in sw.specs:
-      row = gsm8k_accuracy(sw.model, sw.weights, tok, exs, seq_len=config.data.seq_len, loops=s,
-                           answer_len=answer_len, steps=n_steps or answer_len, method=sw.method,
+      row = gsm8k_accuracy(sw.loaded.model, sw.loaded.params, tok, exs,
+                           seq_len=config.data.seq_len, loops=s, answer_len=answer_len,
+                           steps=n_steps or answer_len, method=sw.method,
                            batch_size=min(sw.batch_size, len(exs)), seed=sw.seed,
                            **({"template": template} if template else {}), **sw.sampler_kw)
       rows.append(row)
@@ -201,8 +190,8 @@ def _check_zero_shot(o: dict) -> dict:
 @register("zero_shot", check=_check_zero_shot, corpus=(), rows=0, layout="auto", time_points=8)
 def zero_shot(sw: Sweep, o: dict):
   """Perplexity bound on local corpora, corpus x loop policy."""
-  zs = zero_shot_eval(sw.model, sw.weights, sw.config, o["corpus"], sw.specs,
-                      schedule=make_schedule(sw.config.diffusion),
+  zs = zero_shot_eval(sw.loaded.model, sw.loaded.params, sw.loaded.config, o["corpus"], sw.specs,
+                      schedule=make_schedule(sw.loaded.config.diffusion),
                       tokenizer=sw.loaded.tokenizer, batch_size=sw.batch_size,
                       time_points=o["time_points"], max_rows=o["rows"], layout=o["layout"],
                       seed=sw.seed, log=log)
@@ -226,7 +215,7 @@ def gen_ppl(sw: Sweep, o: dict):
   return gen_ppl_sweep(
       sw.loaded, judge, specs=sw.specs, steps=sw.steps,
       samples=o["samples"], method=o["method"], batch_size=sw.batch_size, prompt=o["prompt"],
-      seed=sw.seed, sampler_kw={**sw.sampler_kw, **sampler_endpoint(sw.config.diffusion)},
+      seed=sw.seed, sampler_kw={**sw.sampler_kw, **sampler_endpoint(sw.loaded.config.diffusion)},
       judge_batch_size=o["batch_size"], workdir=sw.out_dir, header=sw.header, log=log)
 
 
