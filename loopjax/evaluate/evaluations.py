@@ -26,6 +26,7 @@ from loopjax.evaluate.harness import check_lm_eval, parse_task_data, run_lm_eval
 from loopjax.evaluate.likelihood import heldout_nelbo
 from loopjax.evaluate.tasks import heldout_batches, task_accuracy
 from loopjax.evaluate.zero_shot import parse_corpus, zero_shot_eval
+from loopjax.io.load import Loaded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +72,7 @@ class Sweep:
   `specs`, its loop policies (LoopPolicy objects, resolved once by `loaded.policy`)."""
   workdir: str
   out_dir: str
-  loaded: Any
+  loaded: Loaded
   specs: list
   steps: list
   method: str
