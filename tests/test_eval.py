@@ -155,6 +155,25 @@ def test_sudoku_task_accuracy_of_an_oracle_and_a_constant_predictor(monkeypatch)
     assert acc["board_accuracy"] == 0.0 and acc["exact_board_accuracy"] == 0.0
 
 
+def test_evaluations_take_a_resolved_policy_not_a_spec():
+  """A `--loops` value becomes a LoopPolicy once, where it is received (`Loaded.policy`); an
+  evaluation or the sampling driver given the raw value says where to resolve it."""
+  from loopjax.diffusion import Schedule
+  from loopjax.evaluate.likelihood import heldout_nelbo
+  from loopjax.evaluate.tasks import task_accuracy
+  from loopjax.inference.generate import generate
+  from loopjax.model import LoopedTransformer, ModelConfig
+  model = LoopedTransformer(ModelConfig(kernels="reference", vocab_size=9, max_length=81,
+                                        width=32, num_layers=1, num_heads=2, cond_dim=16))
+  x = np.zeros((1, 81), np.int32)
+  for call in (lambda: heldout_nelbo(model, {}, [], schedule=Schedule("linear"), loops=2),
+               lambda: task_accuracy(model, {}, [], source="sudoku", loops="max"),
+               lambda: gsm8k_accuracy(model, {}, ByteTokenizer(), [], seq_len=81, loops=1),
+               lambda: generate(model, {}, None, None, x, loops="adaptive:0.1", steps=1)):
+    with pytest.raises(TypeError, match=r"loaded\.policy\(spec\)"):
+      call()
+
+
 # ------------------------------------------------------------------ likelihood
 
 
