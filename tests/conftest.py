@@ -10,9 +10,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The suite's programs are tiny and run a few steps, so compiling dominates: LLVM's expensive
-# passes buy nothing here. Appended to (not replacing) a caller's XLA_FLAGS, e.g. a fake device
-# count; read when the backend starts, which no test has done yet.
-FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# passes buy nothing here, and XLA:CPU's older loop emitters generate far less code to compile
+# per fusion than its MLIR fusion emitters (the same math, run a few steps). Appended to (not
+# replacing) a caller's XLA_FLAGS, e.g. a fake device count; read when the backend starts, which
+# no test has done yet.
+FAST_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                  "--xla_cpu_use_fusion_emitters=false")
 if FAST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_XLA_FLAGS).strip()
 
@@ -30,6 +33,11 @@ if _OWN_CACHE:
   os.environ[SESSION_CACHE_ENV] = tempfile.mkdtemp(prefix="loopjax-test-jax-cache-")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[SESSION_CACHE_ENV]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+# Tests are CPU-only: no process of the session initialises an accelerator plugin by probing for
+# one (libtpu then reads XLA_FLAGS only where a test compiles for a TPU topology, through
+# loopjax.parallel.topology).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # libtpu (the TPU ahead-of-time compile checks) otherwise takes a machine-wide lock that a second
 # worker or subprocess loading it would fail on; no TPU is driven here.

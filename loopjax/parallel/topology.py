@@ -12,6 +12,7 @@ built, and a process compiles with one generation's flags only.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -31,16 +32,43 @@ def tpu_topology_devices(name: str, num_slices: int = 1) -> list:
                      "pip install -e '.[tpu]'")
   global _loaded_flags
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies  # loads libtpu: only when a topology is asked for
-  if not _libtpu_initialized():
-    _loaded_flags = os.environ.get("LIBTPU_INIT_ARGS", "")
+  with _cpu_flags_hidden():
+    from jax.experimental import topologies  # loads libtpu: only when a topology is asked for
+    first = not _libtpu_initialized()
+    if first:
+      _loaded_flags = os.environ.get("LIBTPU_INIT_ARGS", "")
+    try:
+      kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+      devices = list(topologies.get_topology_desc(name, "tpu", **kwargs).devices)
+    except Exception as e:
+      raise ValueError(f"cannot build TPU topology {name!r}: {type(e).__name__}: "
+                       f"{str(e).strip().splitlines()[-1][:300]} (is the `libtpu` wheel that "
+                       "matches this jax installed? names look like v5e:2x4, v4:2x2x1)") from e
+    if first:  # libtpu reads XLA_FLAGS at its first compile: make that one now, in the window
+      import jax  # pylint: disable=g-import-not-at-top
+      import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+      from jax.sharding import SingleDeviceSharding  # pylint: disable=g-import-not-at-top
+      one = jax.ShapeDtypeStruct((), jnp.int32, sharding=SingleDeviceSharding(devices[0]))
+      jax.jit(lambda x: x + 1).lower(one).compile()
+  return devices
+
+
+@contextlib.contextmanager
+def _cpu_flags_hidden():
+  """XLA_FLAGS without XLA:CPU's own flags (`--xla_cpu_*`) until libtpu has read them. libtpu
+  parses XLA_FLAGS with its own copy of XLA's flag table, once, at its first compile, and aborts
+  the process on a name it does not know, which includes XLA:CPU flags newer than its XLA; they
+  never apply to a TPU compile. The CPU backend parses XLA_FLAGS once, at its own start, and
+  keeps what it read."""
+  flags = os.environ.get("XLA_FLAGS")
+  if flags is None or _libtpu_initialized():
+    yield
+    return
+  os.environ["XLA_FLAGS"] = " ".join(f for f in flags.split() if not f.startswith("--xla_cpu_"))
   try:
-    kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
-    return list(topologies.get_topology_desc(name, "tpu", **kwargs).devices)
-  except Exception as e:
-    raise ValueError(f"cannot build TPU topology {name!r}: {type(e).__name__}: "
-                     f"{str(e).strip().splitlines()[-1][:300]} (is the `libtpu` wheel that "
-                     "matches this jax installed? names look like v5e:2x4, v4:2x2x1)") from e
+    yield
+  finally:
+    os.environ["XLA_FLAGS"] = flags
 
 
 def _libtpu_initialized() -> bool:
