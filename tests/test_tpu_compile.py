@@ -72,6 +72,9 @@ SMALLEST = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:
 
 def test_every_generation_compiles_with_its_flags_from_the_table():
   assert set(SMALLEST) == set(xla_flags.TPU_FLAGS)
+  # The processes inherit the suite's XLA:CPU flags, which libtpu's flag parser does not know
+  # and would abort on: loopjax.parallel.topology keeps them from it.
+  assert "--xla_cpu_use_fusion_emitters=false" in os.environ["XLA_FLAGS"]
   for gen, topology in SMALLEST.items():
     run = _memory_cli(topology)
     assert run.returncode == 0, f"{gen} flags do not compile:\n{run.stderr[-2000:]}"
