@@ -75,8 +75,8 @@ def test_every_generation_compiles_with_its_flags_from_the_table():
   # The processes inherit the suite's XLA:CPU flags, which libtpu's flag parser does not know
   # and would abort on: loopjax.parallel.topology keeps them from it.
   assert "--xla_cpu_use_fusion_emitters=false" in os.environ["XLA_FLAGS"]
-  for gen, topology in SMALLEST.items():
-    run = _memory_cli(topology)
+  for gen, name in SMALLEST.items():
+    run = _memory_cli(name)
     assert run.returncode == 0, f"{gen} flags do not compile:\n{run.stderr[-2000:]}"
     r = json.loads(run.stdout.strip().splitlines()[-1])
     assert r["libtpu_init_args"] == xla_flags.flag_string(gen)
