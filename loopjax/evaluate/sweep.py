@@ -66,7 +66,8 @@ def run_eval(workdir: str, evaluations: dict, *, loops=None, steps=(0,),
              "params": config.source.get("params"), "s_max": cfg.max_loops,
              "source": config.data.source, "loops": [p.label for p in specs], "machine": machine(),
              "command": command}
-  sweep = Sweep(workdir=workdir, out_dir=workdir_out, loaded=loaded, specs=specs, steps=list(steps), method=method,
+  sweep = Sweep(workdir=workdir, out_dir=workdir_out, loaded=loaded, specs=specs,
+                steps=list(steps), method=method,
                 batch_size=batch_size, seed=seed, sampler_kw=dict(sampler_kw or {}),
                 params=params, step=step, header=dict(summary))
   for name, (evaluation, opts) in options.items():  # registration order

@@ -32,9 +32,9 @@ def tpu_topology_devices(name: str, num_slices: int = 1) -> list:
                      "pip install -e '.[tpu]'")
   global _loaded_flags
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  with _cpu_flags_hidden():
+  first = not _libtpu_initialized()  # this call loads libtpu and makes its first compile
+  with _cpu_flags_hidden() if first else contextlib.nullcontext():
     from jax.experimental import topologies  # loads libtpu: only when a topology is asked for
-    first = not _libtpu_initialized()
     if first:
       _loaded_flags = os.environ.get("LIBTPU_INIT_ARGS", "")
     try:
@@ -55,13 +55,13 @@ def tpu_topology_devices(name: str, num_slices: int = 1) -> list:
 
 @contextlib.contextmanager
 def _cpu_flags_hidden():
-  """XLA_FLAGS without XLA:CPU's own flags (`--xla_cpu_*`) until libtpu has read them. libtpu
-  parses XLA_FLAGS with its own copy of XLA's flag table, once, at its first compile, and aborts
-  the process on a name it does not know, which includes XLA:CPU flags newer than its XLA; they
-  never apply to a TPU compile. The CPU backend parses XLA_FLAGS once, at its own start, and
-  keeps what it read."""
+  """XLA_FLAGS without XLA:CPU's own flags (`--xla_cpu_*`) while libtpu loads and compiles
+  first. libtpu parses XLA_FLAGS with its own copy of XLA's flag table, once, at its first
+  compile, and aborts the process on a name it does not know, which includes XLA:CPU flags newer
+  than its XLA; they never apply to a TPU compile. The CPU backend parses XLA_FLAGS once, at its
+  own start, and keeps what it read."""
   flags = os.environ.get("XLA_FLAGS")
-  if flags is None or _libtpu_initialized():
+  if flags is None:
     yield
     return
   os.environ["XLA_FLAGS"] = " ".join(f for f in flags.split() if not f.startswith("--xla_cpu_"))
